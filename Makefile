@@ -1,0 +1,35 @@
+# The one entry point: `make test` is what CI runs.
+SHELL := /bin/bash
+CARGO ?= cargo
+KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
+
+.PHONY: all build test lint unit integration crds check-crds cluster-up cluster-down demo bench clean
+
+all: build
+
+build:
+	$(CARGO) build --all-targets
+
+## Everything CI checks: format, lint, unit tests, and the integration tests against the real
+## local control plane (started if it is not up).
+test: lint cluster-up
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --all-targets --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Regenerate crds/ from the Rust types.
+crds:
+	$(CARGO) run --quiet -- crd > crds/templatecache.io.yaml
+
+## Start the local control plane (idempotent); writes .cluster/kubeconfig.
+cluster-up:
+	hack/cluster.sh up
+
+## Stop only what cluster-up started.
+cluster-down:
+	hack/cluster.sh down
+
+clean: cluster-down
+	rm -rf .cluster target

@@ -1,0 +1,40 @@
+//! The API types: the contract with users, scripts and other controllers.
+
+// `printcolumn(... type_ = "integer" ...)` repeats by design in the derive attributes.
+#![allow(clippy::duplicated_attributes)]
+
+pub mod names;
+pub mod references;
+mod staging_store;
+mod template_cache;
+
+pub use staging_store::*;
+pub use template_cache::*;
+
+use kube::CustomResourceExt;
+
+/// Both CRDs as one multi-document YAML stream, the content of `crds/`.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for crd in [TemplateCache::crd(), StagingStore::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `crds/` is what users and the Helm chart install: it must be exactly what the types say.
+    #[test]
+    fn crds_folder_matches_the_rust_types() {
+        let committed = include_str!("../../crds/templatecache.io.yaml");
+        let generated = crds_yaml().expect("render CRDs");
+        assert!(
+            committed == generated,
+            "crds/templatecache.io.yaml is stale: run `make crds` and commit the result"
+        );
+    }
+}

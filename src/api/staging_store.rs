@@ -1,0 +1,140 @@
+//! `StagingStore`: the shared volume that holds caches (CloudStack's NFS secondary staging store).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Desired state of a StagingStore: its volume, its size and when to evict.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "templatecache.io",
+    version = "v1alpha1",
+    kind = "StagingStore",
+    status = "StagingStoreStatus",
+    shortname = "sst",
+    category = "templatecache",
+    doc = "A shared volume that holds staged template caches, with LRU eviction of unreferenced ones.",
+    printcolumn(name = "Capacity", type_ = "string", json_path = ".spec.capacity"),
+    printcolumn(name = "Used", type_ = "integer", json_path = ".status.usedBytes"),
+    printcolumn(name = "Caches", type_ = "integer", json_path = ".status.caches"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StagingStoreSpec {
+    /// The volume that holds the caches. Immutable: moving a store would strand its data.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.volume is immutable"))]
+    pub volume: StoreVolume,
+    /// Size of the store as a Kubernetes quantity, e.g. `500Gi`.
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("spec.capacity must be a positive quantity such as 500Gi"))]
+    #[schemars(length(min = 1, max = 64))]
+    pub capacity: String,
+    /// When to evict unreferenced caches.
+    #[serde(default)]
+    pub eviction: EvictionPolicy,
+}
+
+/// Exactly one of `nfs`, `hostPath` or `persistentVolumeClaim`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("(has(self.nfs) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) == 1").message("exactly one of spec.volume.nfs, spec.volume.hostPath or spec.volume.persistentVolumeClaim must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct StoreVolume {
+    /// An NFS export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<NfsVolume>,
+    /// A directory on the node (single-node and test clusters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathVolume>,
+    /// A ReadWriteMany PersistentVolumeClaim; a claim of this name must exist in every namespace
+    /// whose caches use the store (copy Jobs and Pods mount it from their own namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PvcVolume>,
+}
+
+/// An NFS export.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NfsVolume {
+    /// Host name or address of the NFS server.
+    #[schemars(length(min = 1, max = 253))]
+    pub server: String,
+    /// Exported path, absolute.
+    #[schemars(length(min = 1, max = 4096), regex(pattern = r"^/"))]
+    pub path: String,
+}
+
+/// A directory on the node.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct HostPathVolume {
+    /// Absolute path of the directory.
+    #[schemars(length(min = 1, max = 4096), regex(pattern = r"^/"))]
+    #[x_kube(validation = Rule::new("!self.split('/').exists(s, s == '..')").message("spec.volume.hostPath.path must not contain '..'"))]
+    pub path: String,
+}
+
+/// A PersistentVolumeClaim.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcVolume {
+    /// Name of the claim.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+}
+
+/// When unreferenced Ready caches are evicted, least recently referenced first.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.lowWatermarkPercent < self.highWatermarkPercent").message("spec.eviction.lowWatermarkPercent must be below spec.eviction.highWatermarkPercent"))]
+#[serde(rename_all = "camelCase")]
+pub struct EvictionPolicy {
+    /// Eviction starts when usage passes this share of the capacity.
+    #[serde(default = "default_high_watermark")]
+    #[schemars(range(min = 1, max = 100))]
+    pub high_watermark_percent: u8,
+    /// Eviction stops when usage falls under this share of the capacity.
+    #[serde(default = "default_low_watermark")]
+    #[schemars(range(min = 0, max = 99))]
+    pub low_watermark_percent: u8,
+    /// A cache unreferenced for less than this is never evicted.
+    #[serde(default = "default_min_unused_seconds")]
+    #[schemars(range(min = 0))]
+    pub min_unused_seconds: u64,
+}
+
+impl Default for EvictionPolicy {
+    fn default() -> Self {
+        Self {
+            high_watermark_percent: default_high_watermark(),
+            low_watermark_percent: default_low_watermark(),
+            min_unused_seconds: default_min_unused_seconds(),
+        }
+    }
+}
+
+fn default_high_watermark() -> u8 {
+    85
+}
+
+fn default_low_watermark() -> u8 {
+    70
+}
+
+fn default_min_unused_seconds() -> u64 {
+    600
+}
+
+/// Observed state of a StagingStore.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StagingStoreStatus {
+    /// Bytes used by the caches recorded in this store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<u64>,
+    /// Number of caches with data in this store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caches: Option<u32>,
+    /// Conditions in Kubernetes' conventions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,221 @@
+//! `TemplateCache`: one staged copy of one template in one StagingStore (contract in DESIGN.md).
+//!
+//! The validation here is enforced by the API server (OpenAPI schema plus CEL rules), so a bad
+//! spec is refused at `kubectl apply` time with a message that names the field, and the operator
+//! never has to handle it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired state of a TemplateCache: where the template comes from and where it is staged.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "templatecache.io",
+    version = "v1alpha1",
+    kind = "TemplateCache",
+    namespaced,
+    status = "TemplateCacheStatus",
+    shortname = "tc",
+    category = "templatecache",
+    doc = "A staged copy of a large template (VM image, dataset), copied exactly once and shared by reference.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Refs", type_ = "integer", json_path = ".status.refCount"),
+    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.percent", description = "Percent of the template copied"),
+    printcolumn(name = "Store", type_ = "string", json_path = ".status.store"),
+    printcolumn(name = "Attempt", type_ = "integer", json_path = ".status.attempt", priority = 1),
+    printcolumn(name = "Size", type_ = "integer", json_path = ".status.size", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 52").message("metadata.name must be at most 52 characters, so that the copy Job name <name>-copy-<attempt> stays a valid label value")
+)]
+#[x_kube(validation = Rule::new("!has(oldSelf.checksum) || (has(self.checksum) && self.checksum == oldSelf.checksum)").message("spec.checksum is immutable once set").field_path(".checksum"))]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateCacheSpec {
+    /// Where the template is copied from. Immutable: a different source is a different cache.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.source is immutable"))]
+    pub source: TemplateSource,
+
+    /// Expected digest of the template, `sha256:<64 lowercase hex>`. When set, a copy whose digest
+    /// differs fails and never becomes Ready. Immutable once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^sha256:[0-9a-f]{64}$"))]
+    pub checksum: Option<String>,
+
+    /// The StagingStore that holds the copy; the operator's default store when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.storeRef is immutable"))]
+    pub store_ref: Option<StoreRef>,
+}
+
+/// Exactly one of `http` or `s3`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.http) != has(self.s3)").message("exactly one of spec.source.http or spec.source.s3 must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateSource {
+    /// Copy from an http(s) URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSource>,
+    /// Copy from an object in an S3-compatible store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Source>,
+}
+
+/// A template served over http(s).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSource {
+    /// The template's URL; only `http://` and `https://` are accepted.
+    #[schemars(
+        length(min = 8, max = 2048),
+        regex(pattern = r"^https?://[^\s/?#]+[^\s]*$")
+    )]
+    pub url: String,
+    /// Secret with `username` and `password` (basic auth) or `token` (bearer), in the cache's
+    /// namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+}
+
+/// A template stored as an object in an S3-compatible bucket.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Source {
+    /// Bucket name, as S3 names buckets.
+    #[schemars(
+        length(min = 3, max = 63),
+        regex(pattern = r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
+    )]
+    pub bucket: String,
+    /// Object key. Must not be empty.
+    #[schemars(length(min = 1, max = 1024))]
+    pub key: String,
+    /// Endpoint of an S3-compatible service, `http(s)://host[:port]`; AWS when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s/?#]+/?$"))]
+    pub endpoint: Option<String>,
+    /// Region; `us-east-1` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub region: Option<String>,
+    /// How the bucket is addressed: `Path` (`endpoint/bucket/key`, the default, what MinIO and
+    /// most on-premise stores expect) or `VirtualHost` (`bucket.endpoint/key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addressing_style: Option<AddressingStyle>,
+    /// Secret with `accessKeyId` and `secretAccessKey`, in the cache's namespace. Anonymous
+    /// access when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+}
+
+/// How an S3 bucket is addressed.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AddressingStyle {
+    /// `endpoint/bucket/key`.
+    #[default]
+    Path,
+    /// `bucket.endpoint/key`.
+    VirtualHost,
+}
+
+/// A Secret in the cache's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A StagingStore, by name (StagingStores are cluster-scoped).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StoreRef {
+    /// The StagingStore's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Where a cache is in its life. The phase is derived from the copy Job and the data each
+/// reconcile; it is a summary for people, the conditions carry the detail.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Waiting for a copy to start.
+    #[default]
+    Pending,
+    /// A copy Job is running.
+    Copying,
+    /// The copy is complete and verified; consumers may read it.
+    Ready,
+    /// The last attempt failed and no retry is left (or one is waiting out its backoff).
+    Failed,
+    /// The data was evicted to free space; a new reference copies it again.
+    Evicted,
+    /// The cache is being deleted and waits for its last reference to go.
+    Deleting,
+}
+
+/// Copy progress and outcome, as reported by the data mover of one attempt. The data mover owns
+/// this field; the controller reads it to record the result of a finished attempt.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// The attempt this report belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Bytes written to the staging store so far.
+    pub bytes_copied: u64,
+    /// Size of the template, when the source announced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+    /// `bytesCopied / totalBytes` as a whole percentage, e.g. `42%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<String>,
+    /// Digest of the finished copy, `sha256:<hex>`; set once the copy is complete and in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// One-line reason the copy failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Observed state of a TemplateCache.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateCacheStatus {
+    /// Summary of where the cache is in its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Number of references (reference finalizers) the cache holds. Never negative.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ref_count: Option<u32>,
+    /// Name of the copy Job of the current attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// Current copy attempt, from 1. Written with a resourceVersion precondition, so exactly one
+    /// reconciler starts each attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// The StagingStore that holds the copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// Where the finished copy lives inside the store: `<namespace>/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Size of the finished copy in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Digest the copy actually had, `sha256:<hex>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// Progress of the running copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// Last time the set of references changed while it was not empty; drives LRU eviction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_referenced: Option<Time>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Conditions in Kubernetes' conventions; `Ready` is the one to wait on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

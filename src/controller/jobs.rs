@@ -1,0 +1,289 @@
+//! The Jobs the operator runs: `<cache>-copy-<attempt>` (the data mover) and
+//! `<cache>-remove-<attempt>` (removes a copy's data from its store).
+//!
+//! Names are deterministic so a second create for the same attempt can only ever meet the first
+//! Job: there is no way to have two copy Jobs for one attempt. Jobs are owned by their cache, run
+//! once (`backoffLimit: 0`, retries are new attempts decided by the controller), and meet the
+//! `restricted` Pod Security Standard.
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::Resource;
+use serde_json::{Value, json};
+
+use crate::api::names::{JOB_ATTEMPT_LABEL, JOB_CACHE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
+use crate::api::{AddressingStyle, StagingStore, StoreVolume, TemplateCache, TemplateSource};
+
+/// Where copy and remove Jobs mount the store.
+pub const STORE_MOUNT: &str = "/store";
+
+/// Label on operator Jobs saying what they do: `copy` or `remove`.
+pub const JOB_OPERATION_LABEL: &str = "templatecache.io/operation";
+
+/// How the operator's Jobs run: image and identity.
+#[derive(Clone, Debug)]
+pub struct JobSettings {
+    /// Image that contains the `templatecache` binary.
+    pub image: String,
+    /// ServiceAccount of the Jobs' pods; the namespace's default when unset.
+    pub service_account: Option<String>,
+}
+
+/// What a Job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Copy,
+    Remove,
+}
+
+impl Operation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Operation::Copy => "copy",
+            Operation::Remove => "remove",
+        }
+    }
+}
+
+/// `<cache>-copy-<attempt>` or `<cache>-remove-<attempt>`.
+pub fn job_name(cache: &str, operation: Operation, attempt: u32) -> String {
+    format!("{cache}-{}-{attempt}", operation.as_str())
+}
+
+/// `<namespace>/<name>`: where a cache's copy lives inside its store.
+pub fn data_path(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// The outcome of a Job, read from its conditions the way `kubectl wait` does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobState {
+    Missing,
+    Running,
+    Succeeded,
+    Failed {
+        message: String,
+        at: Option<k8s_openapi::jiff::Timestamp>,
+    },
+}
+
+impl JobState {
+    pub fn of(job: Option<&Job>) -> Self {
+        let Some(job) = job else {
+            return JobState::Missing;
+        };
+        let conditions = job
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_deref())
+            .unwrap_or_default();
+        let is_true = |type_: &str| {
+            conditions
+                .iter()
+                .find(|c| c.type_ == type_ && c.status == "True")
+        };
+        if is_true("Complete").is_some() {
+            return JobState::Succeeded;
+        }
+        match is_true("Failed") {
+            Some(c) => JobState::Failed {
+                message: c
+                    .message
+                    .clone()
+                    .or_else(|| c.reason.clone())
+                    .unwrap_or_else(|| "the Job failed".to_owned()),
+                at: c.last_transition_time.as_ref().map(|t| t.0),
+            },
+            None => JobState::Running,
+        }
+    }
+}
+
+/// The copy Job of `attempt`.
+pub fn copy_job(
+    cache: &TemplateCache,
+    store: &StagingStore,
+    attempt: u32,
+    settings: &JobSettings,
+) -> Result<Job, serde_json::Error> {
+    let mut args = vec![
+        "copy".to_owned(),
+        format!("--cache={}", cache_key(cache)),
+        format!("--attempt={attempt}"),
+        format!("--dest={STORE_MOUNT}/{}", cache_key(cache)),
+    ];
+    args.extend(source_args(&cache.spec.source));
+    if let Some(checksum) = &cache.spec.checksum {
+        args.push(format!("--checksum={checksum}"));
+    }
+    let env = credential_env(&cache.spec.source);
+    build_job(cache, store, Operation::Copy, attempt, args, env, settings)
+}
+
+/// The Job that removes the data of `attempt` (final file and any partial file).
+pub fn remove_job(
+    cache: &TemplateCache,
+    store: &StagingStore,
+    attempt: u32,
+    settings: &JobSettings,
+) -> Result<Job, serde_json::Error> {
+    let args = vec![
+        "remove".to_owned(),
+        format!("--dest={STORE_MOUNT}/{}", cache_key(cache)),
+    ];
+    build_job(
+        cache,
+        store,
+        Operation::Remove,
+        attempt,
+        args,
+        vec![],
+        settings,
+    )
+}
+
+fn cache_key(cache: &TemplateCache) -> String {
+    data_path(
+        cache.metadata.namespace.as_deref().unwrap_or_default(),
+        cache.metadata.name.as_deref().unwrap_or_default(),
+    )
+}
+
+fn source_args(source: &TemplateSource) -> Vec<String> {
+    let mut args = vec![];
+    if let Some(http) = &source.http {
+        args.push(format!("--http-url={}", http.url));
+    }
+    if let Some(s3) = &source.s3 {
+        args.push(format!("--s3-bucket={}", s3.bucket));
+        args.push(format!("--s3-key={}", s3.key));
+        if let Some(endpoint) = &s3.endpoint {
+            args.push(format!("--s3-endpoint={endpoint}"));
+        }
+        if let Some(region) = &s3.region {
+            args.push(format!("--s3-region={region}"));
+        }
+        if s3.addressing_style == Some(AddressingStyle::VirtualHost) {
+            args.push("--s3-virtual-host".to_owned());
+        }
+    }
+    args
+}
+
+/// Credentials reach the data mover only as environment variables from the Secret the spec
+/// names: never in arguments, logs or status.
+fn credential_env(source: &TemplateSource) -> Vec<Value> {
+    let from_secret = |var: &str, secret: &str, key: &str| json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": true}}});
+    let mut env = vec![];
+    if let Some(secret) = source.http.as_ref().and_then(|h| h.secret_ref.as_ref()) {
+        env.push(from_secret(
+            "TEMPLATECACHE_HTTP_USERNAME",
+            &secret.name,
+            "username",
+        ));
+        env.push(from_secret(
+            "TEMPLATECACHE_HTTP_PASSWORD",
+            &secret.name,
+            "password",
+        ));
+        env.push(from_secret(
+            "TEMPLATECACHE_HTTP_TOKEN",
+            &secret.name,
+            "token",
+        ));
+    }
+    if let Some(secret) = source.s3.as_ref().and_then(|s| s.secret_ref.as_ref()) {
+        env.push(from_secret(
+            "AWS_ACCESS_KEY_ID",
+            &secret.name,
+            "accessKeyId",
+        ));
+        env.push(from_secret(
+            "AWS_SECRET_ACCESS_KEY",
+            &secret.name,
+            "secretAccessKey",
+        ));
+        env.push(from_secret(
+            "AWS_SESSION_TOKEN",
+            &secret.name,
+            "sessionToken",
+        ));
+    }
+    env
+}
+
+/// The pod volume for a store.
+pub fn store_volume(volume: &StoreVolume) -> Value {
+    if let Some(nfs) = &volume.nfs {
+        json!({"name": "store", "nfs": {"server": nfs.server, "path": nfs.path}})
+    } else if let Some(host) = &volume.host_path {
+        json!({"name": "store", "hostPath": {"path": host.path, "type": "DirectoryOrCreate"}})
+    } else if let Some(pvc) = &volume.persistent_volume_claim {
+        json!({"name": "store", "persistentVolumeClaim": {"claimName": pvc.claim_name}})
+    } else {
+        json!({"name": "store", "emptyDir": {}})
+    }
+}
+
+fn build_job(
+    cache: &TemplateCache,
+    store: &StagingStore,
+    operation: Operation,
+    attempt: u32,
+    args: Vec<String>,
+    env: Vec<Value>,
+    settings: &JobSettings,
+) -> Result<Job, serde_json::Error> {
+    let name = cache.metadata.name.as_deref().unwrap_or_default();
+    let labels = json!({
+        MANAGED_BY_LABEL: MANAGED_BY,
+        JOB_CACHE_LABEL: name,
+        JOB_ATTEMPT_LABEL: attempt.to_string(),
+        JOB_OPERATION_LABEL: operation.as_str(),
+    });
+    let owner = cache.controller_owner_ref(&());
+    serde_json::from_value(json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name, operation, attempt),
+            "namespace": cache.metadata.namespace,
+            "labels": labels,
+            "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": settings.service_account,
+                    "automountServiceAccountToken": operation == Operation::Copy,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "fsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"}
+                    },
+                    "containers": [{
+                        "name": operation.as_str(),
+                        "image": settings.image,
+                        "args": args,
+                        "env": env,
+                        "volumeMounts": [{"name": "store", "mountPath": STORE_MOUNT}],
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]}
+                        },
+                        "resources": {
+                            "requests": {"cpu": "100m", "memory": "64Mi"},
+                            "limits": {"memory": "128Mi"}
+                        }
+                    }],
+                    "volumes": [store_volume(&store.spec.volume)]
+                }
+            }
+        }
+    }))
+}

@@ -1,0 +1,305 @@
+//! The TemplateCache state machine as a pure function: from what is observed (the cache, its
+//! references, its store, the Job of its current attempt) to the status it should have and the
+//! one step that gets it there. No I/O here, so every transition is unit-tested.
+//!
+//! ```text
+//! Pending ──(win attempt N)──▶ Copying ──▶ Ready
+//!                                 │
+//!                                 ▼
+//!                              Failed ──(backoff elapsed, N < limit)──▶ Copying (attempt N+1)
+//!                                 └──(N = limit)──▶ Failed (RetriesExhausted, final)
+//! ```
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::{Phase, Progress, StagingStore, TemplateCache, TemplateCacheStatus};
+use crate::controller::conditions::{READY, condition, set_condition};
+use crate::controller::jobs::{JobState, Operation, data_path, job_name};
+
+/// How failed copies are retried.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Wait after the first failure; doubles after each further one.
+    pub base_delay: Duration,
+    /// Longest wait between attempts.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            base_delay: Duration::from_secs(10),
+            max_delay: Duration::from_secs(600),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Wait after attempt `attempt` (from 1) failed.
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+        self.base_delay.saturating_mul(factor).min(self.max_delay)
+    }
+}
+
+/// Reasons of the Ready condition; each names a state a user can act on.
+pub mod reason {
+    pub const COPYING: &str = "Copying";
+    pub const COPIED: &str = "Copied";
+    pub const COPY_FAILED: &str = "CopyFailed";
+    pub const RETRIES_EXHAUSTED: &str = "RetriesExhausted";
+    pub const STORE_NOT_FOUND: &str = "StoreNotFound";
+    pub const DELETING: &str = "Deleting";
+}
+
+/// What the reconciler saw.
+pub struct Observed<'a> {
+    pub cache: &'a TemplateCache,
+    pub references: u32,
+    pub store_name: &'a str,
+    pub store: Option<&'a StagingStore>,
+    /// State of the copy Job of `status.attempt`.
+    pub job: JobState,
+    pub now: Timestamp,
+}
+
+/// The one write that moves the cache on.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Only record the status (when it differs).
+    Record,
+    /// Win the transition to this attempt with a resourceVersion precondition, then apply its Job.
+    StartAttempt(u32),
+    /// The current attempt's Job is missing (a crash between the two writes): apply it.
+    EnsureJob(u32),
+}
+
+/// The status the cache should have, the step to take, and when to look again.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub status: TemplateCacheStatus,
+    pub step: Step,
+    pub requeue_after: Option<Duration>,
+}
+
+/// Decides the next step for a cache that is not being deleted.
+pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
+    let cache = observed.cache;
+    let current = cache.status.clone().unwrap_or_default();
+    let mut status = common_status(observed, &current);
+    let attempt = current.attempt.unwrap_or(0);
+    let generation = cache.metadata.generation;
+
+    if observed.store.is_none() {
+        status.phase = Some(Phase::Pending);
+        let message = format!("StagingStore {} does not exist", observed.store_name);
+        set_ready(
+            &mut status,
+            false,
+            reason::STORE_NOT_FOUND,
+            message,
+            generation,
+        );
+        return record(status, Some(Duration::from_secs(30)));
+    }
+    if attempt == 0 {
+        return start_attempt(status, cache, 1);
+    }
+    // A Ready copy stays Ready whatever happens to its finished Job.
+    if current.phase == Some(Phase::Ready) {
+        return record(status, None);
+    }
+    match &observed.job {
+        JobState::Missing => {
+            copying(&mut status, cache, attempt);
+            Plan {
+                status,
+                step: Step::EnsureJob(attempt),
+                requeue_after: None,
+            }
+        }
+        JobState::Running => {
+            copying(&mut status, cache, attempt);
+            record(status, None)
+        }
+        JobState::Succeeded => succeeded(status, cache, attempt, observed, policy),
+        JobState::Failed { message, at } => {
+            let message = report_of(&current, attempt)
+                .and_then(|r| r.error.clone())
+                .unwrap_or_else(|| message.clone());
+            failed(status, cache, attempt, message, *at, observed.now, policy)
+        }
+    }
+}
+
+/// Status for a cache being deleted: it waits for its references to go.
+pub fn deleting_status(observed: &Observed) -> TemplateCacheStatus {
+    let current = observed.cache.status.clone().unwrap_or_default();
+    let mut status = common_status(observed, &current);
+    status.phase = Some(Phase::Deleting);
+    let message = match observed.references {
+        0 => "removing the cached data".to_owned(),
+        n => format!("waiting for {n} reference(s) to be released"),
+    };
+    let generation = observed.cache.metadata.generation;
+    set_ready(&mut status, false, reason::DELETING, message, generation);
+    status
+}
+
+/// Fields every reconcile refreshes: the reference count (derived from the finalizers), when
+/// the references last changed, the store and the path.
+fn common_status(observed: &Observed, current: &TemplateCacheStatus) -> TemplateCacheStatus {
+    let cache = observed.cache;
+    let mut status = current.clone();
+    let refs = observed.references;
+    if current.ref_count.unwrap_or(0) != refs {
+        status.last_referenced = Some(Time(observed.now));
+    }
+    status.ref_count = Some(refs);
+    status.observed_generation = cache.metadata.generation;
+    status.store = Some(observed.store_name.to_owned());
+    status.path = Some(data_path(
+        cache.metadata.namespace.as_deref().unwrap_or_default(),
+        cache.metadata.name.as_deref().unwrap_or_default(),
+    ));
+    status
+}
+
+fn record(status: TemplateCacheStatus, requeue_after: Option<Duration>) -> Plan {
+    Plan {
+        status,
+        step: Step::Record,
+        requeue_after,
+    }
+}
+
+fn start_attempt(mut status: TemplateCacheStatus, cache: &TemplateCache, attempt: u32) -> Plan {
+    status.attempt = Some(attempt);
+    status.progress = None;
+    status.size = None;
+    status.checksum = None;
+    copying(&mut status, cache, attempt);
+    Plan {
+        status,
+        step: Step::StartAttempt(attempt),
+        requeue_after: None,
+    }
+}
+
+fn copying(status: &mut TemplateCacheStatus, cache: &TemplateCache, attempt: u32) {
+    let name = cache.metadata.name.as_deref().unwrap_or_default();
+    let job = job_name(name, Operation::Copy, attempt);
+    status.phase = Some(Phase::Copying);
+    let message = format!("attempt {attempt}: Job {job} is copying the template");
+    status.job_name = Some(job);
+    set_ready(
+        status,
+        false,
+        reason::COPYING,
+        message,
+        cache.metadata.generation,
+    );
+}
+
+fn succeeded(
+    mut status: TemplateCacheStatus,
+    cache: &TemplateCache,
+    attempt: u32,
+    observed: &Observed,
+    policy: &RetryPolicy,
+) -> Plan {
+    let report = report_of(&status, attempt).cloned().unwrap_or_default();
+    let verified = match (&report.checksum, &cache.spec.checksum) {
+        (None, _) => Err("the copy Job succeeded but reported no checksum".to_owned()),
+        (Some(got), Some(want)) if got != want => Err(format!(
+            "checksum mismatch: expected {want}, the copy has {got}"
+        )),
+        (Some(got), _) => Ok(got.clone()),
+    };
+    match verified {
+        Ok(checksum) => {
+            status.phase = Some(Phase::Ready);
+            status.size = Some(report.bytes_copied);
+            let message = format!("copied {} bytes, {checksum}", report.bytes_copied);
+            status.checksum = Some(checksum);
+            let generation = cache.metadata.generation;
+            set_ready(&mut status, true, reason::COPIED, message, generation);
+            record(status, None)
+        }
+        Err(message) => failed(
+            status,
+            cache,
+            attempt,
+            message,
+            Some(observed.now),
+            observed.now,
+            policy,
+        ),
+    }
+}
+
+fn failed(
+    mut status: TemplateCacheStatus,
+    cache: &TemplateCache,
+    attempt: u32,
+    message: String,
+    failed_at: Option<Timestamp>,
+    now: Timestamp,
+    policy: &RetryPolicy,
+) -> Plan {
+    let generation = cache.metadata.generation;
+    status.phase = Some(Phase::Failed);
+    if attempt >= policy.max_attempts {
+        let limit = policy.max_attempts;
+        let message = format!("attempt {attempt} of {limit} failed: {message}; no retry left");
+        set_ready(
+            &mut status,
+            false,
+            reason::RETRIES_EXHAUSTED,
+            message,
+            generation,
+        );
+        return record(status, None);
+    }
+    let due = failed_at.unwrap_or(now) + policy.delay_after(attempt);
+    let wait = now.duration_until(due);
+    if wait.is_negative() || wait.is_zero() {
+        return start_attempt(status, cache, attempt + 1);
+    }
+    let wait = Duration::try_from(wait).unwrap_or_default();
+    // An absolute time keeps the message, and so the status, the same on every reconcile.
+    let message = format!(
+        "attempt {attempt} failed: {message}; attempt {} starts at {}",
+        attempt + 1,
+        due.round(k8s_openapi::jiff::Unit::Second).unwrap_or(due)
+    );
+    set_ready(&mut status, false, reason::COPY_FAILED, message, generation);
+    record(status, Some(wait))
+}
+
+/// The data mover's report, if it belongs to `attempt`.
+fn report_of(status: &TemplateCacheStatus, attempt: u32) -> Option<&Progress> {
+    status
+        .progress
+        .as_ref()
+        .filter(|p| p.attempt == Some(attempt))
+}
+
+fn set_ready(
+    status: &mut TemplateCacheStatus,
+    ready: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) {
+    set_condition(
+        &mut status.conditions,
+        condition(READY, ready, reason, message, generation),
+    );
+}

@@ -1,0 +1,311 @@
+//! The TemplateCache reconciler: reads what is, asks [`lifecycle::plan`] what should be, and
+//! writes the difference.
+//!
+//! Exactly one copy Job per attempt, under any concurrency: the status write that starts attempt
+//! N carries the resourceVersion the decision was made on, so of several reconcilers (a stale
+//! reflector, a second operator) only the one that saw the latest object wins; the Job name
+//! `<cache>-copy-<N>` is deterministic, so even a repeated apply meets the one Job; and a Job that
+//! seems missing is re-applied only after a fresh read confirms the attempt is still current.
+
+pub mod lifecycle;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use tracing::{debug, info};
+
+use self::lifecycle::{Observed, Plan, Step};
+use super::jobs::{self, JobState, Operation};
+use super::{Context, Error};
+use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
+use crate::api::references::count_references;
+use crate::api::{StagingStore, TemplateCache, TemplateCacheStatus};
+
+/// Reconciles one TemplateCache. Public so tests can drive it with a deliberately stale object.
+pub async fn reconcile(cache: Arc<TemplateCache>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = cache.namespace().ok_or(Error::MissingNamespace)?;
+    let caches: Api<TemplateCache> = Api::namespaced(ctx.client.clone(), &namespace);
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    if cache.metadata.deletion_timestamp.is_some() {
+        return finalize(&cache, &caches, &jobs, &ctx).await;
+    }
+    if !cache.finalizers().iter().any(|f| f == CLEANUP_FINALIZER) {
+        add_cleanup_finalizer(&caches, &cache).await?;
+        return Ok(Action::await_change());
+    }
+
+    let store_name = ctx.store_name_of(&cache);
+    let store = ctx.stores().get_opt(&store_name).await?;
+    let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
+    let job = current_copy_job(&jobs, &cache, attempt).await?;
+    let observed = Observed {
+        cache: &cache,
+        references: count_references(cache.finalizers()),
+        store_name: &store_name,
+        store: store.as_ref(),
+        job: JobState::of(job.as_ref()),
+        now: Timestamp::now(),
+    };
+    let plan = lifecycle::plan(&observed, &ctx.config.retry);
+    execute(&plan, &cache, store.as_ref(), &caches, &jobs, &ctx).await?;
+    Ok(plan
+        .requeue_after
+        .map_or_else(Action::await_change, Action::requeue))
+}
+
+async fn execute(
+    plan: &Plan,
+    cache: &TemplateCache,
+    store: Option<&StagingStore>,
+    caches: &Api<TemplateCache>,
+    jobs: &Api<Job>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    match (&plan.step, store) {
+        (Step::Record, _) | (_, None) => write_status(caches, cache, &plan.status).await,
+        (Step::StartAttempt(attempt), Some(store)) => {
+            win_attempt(caches, cache, &plan.status).await?;
+            info!(attempt, "won the transition; applying the copy Job");
+            apply_job(
+                jobs,
+                jobs::copy_job(cache, store, *attempt, &ctx.config.jobs)?,
+            )
+            .await
+        }
+        (Step::EnsureJob(attempt), Some(store)) => {
+            let fresh = caches.get(&cache.name_any()).await?;
+            let fresh_attempt = fresh.status.as_ref().and_then(|s| s.attempt);
+            if fresh_attempt != Some(*attempt) || fresh.metadata.deletion_timestamp.is_some() {
+                return Err(Error::Conflict(cache.name_any()));
+            }
+            info!(
+                attempt,
+                "the copy Job of the current attempt is missing; applying it"
+            );
+            apply_job(
+                jobs,
+                jobs::copy_job(&fresh, store, *attempt, &ctx.config.jobs)?,
+            )
+            .await?;
+            write_status(caches, &fresh, &plan.status).await
+        }
+    }
+}
+
+/// The copy Job of `attempt`, read from the API server (never from a cache: whether it exists
+/// decides whether one is created).
+async fn current_copy_job(
+    jobs: &Api<Job>,
+    cache: &TemplateCache,
+    attempt: u32,
+) -> Result<Option<Job>, Error> {
+    if attempt == 0 {
+        return Ok(None);
+    }
+    let name = jobs::job_name(&cache.name_any(), Operation::Copy, attempt);
+    Ok(jobs.get_opt(&name).await?)
+}
+
+/// Deleting: hold the cache until its last reference is released, then remove its data with a
+/// remove Job and let it go.
+async fn finalize(
+    cache: &TemplateCache,
+    caches: &Api<TemplateCache>,
+    jobs: &Api<Job>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    if !cache.finalizers().iter().any(|f| f == CLEANUP_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let store_name = ctx.store_name_of(cache);
+    let store = ctx.stores().get_opt(&store_name).await?;
+    let references = count_references(cache.finalizers());
+    let observed = Observed {
+        cache,
+        references,
+        store_name: &store_name,
+        store: store.as_ref(),
+        job: JobState::Missing,
+        now: Timestamp::now(),
+    };
+    write_status(caches, cache, &lifecycle::deleting_status(&observed)).await?;
+    if references > 0 {
+        return Ok(Action::await_change());
+    }
+    let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
+    let Some(store) = store.filter(|_| attempt > 0) else {
+        // Nothing was ever copied, or the store is gone with its data: nothing to remove.
+        remove_cleanup_finalizer(caches, cache).await?;
+        return Ok(Action::await_change());
+    };
+    let copy_job = current_copy_job(jobs, cache, attempt).await?;
+    if JobState::of(copy_job.as_ref()) == JobState::Running {
+        // Stop the copy first, so it cannot write after the data is removed.
+        let name = jobs::job_name(&cache.name_any(), Operation::Copy, attempt);
+        jobs.delete(&name, &DeleteParams::background()).await?;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let remove_name = jobs::job_name(&cache.name_any(), Operation::Remove, attempt);
+    match JobState::of(jobs.get_opt(&remove_name).await?.as_ref()) {
+        JobState::Missing => {
+            let job = jobs::remove_job(cache, &store, attempt, &ctx.config.jobs)?;
+            apply_job(jobs, job).await?;
+            Ok(Action::await_change())
+        }
+        JobState::Running => Ok(Action::await_change()),
+        JobState::Succeeded => {
+            info!("data removed; releasing the cache");
+            remove_cleanup_finalizer(caches, cache).await?;
+            Ok(Action::await_change())
+        }
+        JobState::Failed { message, .. } => Err(Error::CleanupFailed(remove_name, message)),
+    }
+}
+
+/// Writes the fields of `desired` that differ from the cache's status; nothing when none do.
+/// The data mover's `progress` is left alone unless a new attempt clears it.
+async fn write_status(
+    caches: &Api<TemplateCache>,
+    cache: &TemplateCache,
+    desired: &TemplateCacheStatus,
+) -> Result<(), Error> {
+    let current = cache.status.clone().unwrap_or_default();
+    let mut diff = status_diff(&current, desired)?;
+    diff.remove("progress");
+    if diff.is_empty() {
+        return Ok(());
+    }
+    debug!(?diff, "recording status");
+    let patch = json!({"status": diff});
+    caches
+        .patch_status(
+            &cache.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The transition that starts an attempt, written only if the cache is still at the
+/// resourceVersion the decision was made on. A stale reader gets a conflict, not a second Job.
+async fn win_attempt(
+    caches: &Api<TemplateCache>,
+    cache: &TemplateCache,
+    desired: &TemplateCacheStatus,
+) -> Result<(), Error> {
+    let current = cache.status.clone().unwrap_or_default();
+    let diff = status_diff(&current, desired)?;
+    let patch = json!({
+        "metadata": {"resourceVersion": cache.resource_version()},
+        "status": diff,
+    });
+    let result = caches
+        .patch_status(
+            &cache.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await;
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            Err(Error::Conflict(cache.name_any()))
+        }
+        other => other.map(drop).map_err(Error::from),
+    }
+}
+
+/// Top-level status fields that differ, with `null` for fields to clear.
+fn status_diff(
+    current: &TemplateCacheStatus,
+    desired: &TemplateCacheStatus,
+) -> Result<serde_json::Map<String, Value>, Error> {
+    let Value::Object(current) = serde_json::to_value(current)? else {
+        return Ok(Default::default());
+    };
+    let Value::Object(desired) = serde_json::to_value(desired)? else {
+        return Ok(Default::default());
+    };
+    let mut diff = serde_json::Map::new();
+    for (key, value) in &desired {
+        if current.get(key) != Some(value) {
+            diff.insert(key.clone(), value.clone());
+        }
+    }
+    for key in current.keys() {
+        if !desired.contains_key(key) {
+            diff.insert(key.clone(), Value::Null);
+        }
+    }
+    Ok(diff)
+}
+
+/// Creates or updates a Job by server-side apply; its deterministic name makes a repeat harmless.
+async fn apply_job(jobs: &Api<Job>, job: Job) -> Result<(), Error> {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let params = PatchParams::apply(OPERATOR_MANAGER).force();
+    jobs.patch(&name, &params, &Patch::Apply(&job)).await?;
+    Ok(())
+}
+
+async fn add_cleanup_finalizer(
+    caches: &Api<TemplateCache>,
+    cache: &TemplateCache,
+) -> Result<(), Error> {
+    // `test` on the whole list: if anyone changed it since we read it, we read again.
+    let patch: json_patch::Patch = serde_json::from_value(match &cache.metadata.finalizers {
+        Some(list) => json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": list},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": CLEANUP_FINALIZER},
+        ]),
+        None => json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": cache.resource_version()},
+            {"op": "add", "path": "/metadata/finalizers", "value": [CLEANUP_FINALIZER]},
+        ]),
+    })?;
+    patch_finalizers(caches, cache, patch).await
+}
+
+async fn remove_cleanup_finalizer(
+    caches: &Api<TemplateCache>,
+    cache: &TemplateCache,
+) -> Result<(), Error> {
+    let finalizers = cache.finalizers();
+    let Some(index) = finalizers.iter().position(|f| f == CLEANUP_FINALIZER) else {
+        return Ok(());
+    };
+    let path = format!("/metadata/finalizers/{index}");
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": path, "value": CLEANUP_FINALIZER},
+        {"op": "remove", "path": path},
+    ]))?;
+    patch_finalizers(caches, cache, patch).await
+}
+
+async fn patch_finalizers(
+    caches: &Api<TemplateCache>,
+    cache: &TemplateCache,
+    patch: json_patch::Patch,
+) -> Result<(), Error> {
+    let result = caches
+        .patch(
+            &cache.name_any(),
+            &PatchParams::default(),
+            &Patch::<()>::Json(patch),
+        )
+        .await;
+    match result {
+        // A failed `test` (422) or a vanished object means our view was stale: look again.
+        Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => {
+            Err(Error::Conflict(cache.name_any()))
+        }
+        other => other.map(drop).map_err(Error::from),
+    }
+}

@@ -1,0 +1,262 @@
+//! The API server itself refuses invalid TemplateCaches and StagingStores, with a message that
+//! names the offending field (OpenAPI schema and CEL rules from the CRDs in `crds/`).
+
+mod support;
+
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::{Api, Resource};
+use serde_json::{Value, json};
+use support::TestNamespace;
+use templatecache::api::{StagingStore, TemplateCache};
+
+fn cache(name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .expect("cache literal")
+}
+
+fn store(name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "templatecache.io/v1alpha1", "kind": "StagingStore",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .expect("store literal")
+}
+
+fn http(url: &str) -> Value {
+    json!({"http": {"url": url}})
+}
+
+/// Asserts the API server refused `result` with status 422 and a message containing every
+/// fragment of `expected`.
+fn assert_refused(case: &str, result: kube::Result<DynamicObject>, expected: &[&str]) {
+    let err = match result {
+        Ok(_) => panic!("{case}: the API server accepted an invalid object"),
+        Err(kube::Error::Api(status)) => status,
+        Err(other) => panic!("{case}: unexpected error kind: {other}"),
+    };
+    assert_eq!(err.code, 422, "{case}: expected 422 Invalid, got {err:?}");
+    for fragment in expected {
+        assert!(
+            err.message.contains(fragment),
+            "{case}: message does not name `{fragment}`: {}",
+            err.message
+        );
+    }
+    println!("refused ({case}): {}", err.message);
+}
+
+#[tokio::test]
+async fn invalid_template_caches_are_refused_with_the_field_named() {
+    let ns = TestNamespace::new("invalid-tc").await;
+    let ar = ApiResource::erase::<TemplateCache>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
+    let pp = PostParams::default();
+    let s3 = json!({"bucket": "templates", "key": "ubuntu.qcow2"});
+
+    let cases: Vec<(&str, DynamicObject, Vec<&str>)> = vec![
+        (
+            "two sources",
+            cache(
+                "two",
+                json!({"source": {"http": {"url": "http://a.example/x"}, "s3": s3}}),
+            ),
+            vec![
+                "spec.source",
+                "exactly one of spec.source.http or spec.source.s3",
+            ],
+        ),
+        (
+            "empty source",
+            cache("none", json!({"source": {}})),
+            vec!["spec.source", "exactly one of"],
+        ),
+        (
+            "missing source",
+            cache("missing", json!({})),
+            vec!["spec.source", "Required value"],
+        ),
+        (
+            "non-http URL",
+            cache("ftp", json!({"source": http("ftp://a.example/x.qcow2")})),
+            vec!["spec.source.http.url"],
+        ),
+        (
+            "file URL",
+            cache("file", json!({"source": http("file:///etc/passwd")})),
+            vec!["spec.source.http.url"],
+        ),
+        (
+            "malformed checksum",
+            cache(
+                "sum",
+                json!({"source": http("https://a.example/x"), "checksum": "md5:abc"}),
+            ),
+            vec!["spec.checksum"],
+        ),
+        (
+            "empty bucket",
+            cache(
+                "bucket",
+                json!({"source": {"s3": {"bucket": "", "key": "k"}}}),
+            ),
+            vec!["spec.source.s3.bucket"],
+        ),
+        (
+            "empty key",
+            cache(
+                "key",
+                json!({"source": {"s3": {"bucket": "templates", "key": ""}}}),
+            ),
+            vec!["spec.source.s3.key"],
+        ),
+        (
+            "non-http S3 endpoint",
+            cache(
+                "endpoint",
+                json!({"source": {"s3": {"bucket": "templates", "key": "k", "endpoint": "gopher://x"}}}),
+            ),
+            vec!["spec.source.s3.endpoint"],
+        ),
+        (
+            "name too long for its Job names",
+            cache(
+                &"n".repeat(53),
+                json!({"source": http("https://a.example/x")}),
+            ),
+            vec!["metadata.name", "52"],
+        ),
+    ];
+    for (case, obj, expected) in cases {
+        assert_refused(case, api.create(&pp, &obj).await, &expected);
+    }
+
+    // Immutable fields: create a valid cache, then try to change them.
+    let valid = cache(
+        "valid",
+        json!({"source": http("https://a.example/x"), "checksum": format!("sha256:{}", "a".repeat(64))}),
+    );
+    api.create(&pp, &valid)
+        .await
+        .expect("a valid cache is accepted");
+    let patch = |spec: Value| Patch::Merge(json!({"spec": spec}));
+    let params = PatchParams::default();
+    assert_refused(
+        "changing spec.source",
+        api.patch(
+            "valid",
+            &params,
+            &patch(json!({"source": http("https://b.example/y")})),
+        )
+        .await,
+        &["spec.source", "immutable"],
+    );
+    assert_refused(
+        "changing spec.checksum",
+        api.patch(
+            "valid",
+            &params,
+            &patch(json!({"checksum": format!("sha256:{}", "b".repeat(64))})),
+        )
+        .await,
+        &["spec.checksum", "immutable"],
+    );
+    assert_refused(
+        "removing spec.checksum",
+        api.patch("valid", &params, &patch(json!({"checksum": null})))
+            .await,
+        &["spec.checksum", "immutable"],
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn invalid_staging_stores_are_refused_with_the_field_named() {
+    let client = support::client().await;
+    let ar = ApiResource::erase::<StagingStore>(&());
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let pp = PostParams::default();
+    let suffix = std::process::id();
+    let name = |n: &str| format!("invalid-{n}-{suffix}");
+    let host = json!({"hostPath": {"path": "/var/lib/staging"}});
+
+    let cases: Vec<(&str, DynamicObject, Vec<&str>)> = vec![
+        (
+            "watermarks out of order",
+            store(
+                &name("wm"),
+                json!({"volume": host, "capacity": "10Gi",
+                       "eviction": {"highWatermarkPercent": 60, "lowWatermarkPercent": 80}}),
+            ),
+            vec!["spec.eviction", "lowWatermarkPercent must be below"],
+        ),
+        (
+            "watermark above 100",
+            store(
+                &name("wm100"),
+                json!({"volume": host, "capacity": "10Gi",
+                       "eviction": {"highWatermarkPercent": 150, "lowWatermarkPercent": 80}}),
+            ),
+            vec!["spec.eviction.highWatermarkPercent"],
+        ),
+        (
+            "two volumes",
+            store(
+                &name("two"),
+                json!({"volume": {"hostPath": {"path": "/a"}, "nfs": {"server": "n", "path": "/b"}},
+                       "capacity": "10Gi"}),
+            ),
+            vec!["spec.volume", "exactly one of"],
+        ),
+        (
+            "capacity is not a quantity",
+            store(&name("cap"), json!({"volume": host, "capacity": "lots"})),
+            vec!["spec.capacity"],
+        ),
+        (
+            "relative hostPath",
+            store(
+                &name("rel"),
+                json!({"volume": {"hostPath": {"path": "data"}}, "capacity": "1Gi"}),
+            ),
+            vec!["spec.volume.hostPath.path"],
+        ),
+        (
+            "hostPath escaping with ..",
+            store(
+                &name("dots"),
+                json!({"volume": {"hostPath": {"path": "/srv/../etc"}}, "capacity": "1Gi"}),
+            ),
+            vec!["spec.volume.hostPath.path", ".."],
+        ),
+    ];
+    for (case, obj, expected) in cases {
+        assert_refused(case, api.create(&pp, &obj).await, &expected);
+    }
+
+    let valid = store(&name("ok"), json!({"volume": host, "capacity": "10Gi"}));
+    let created = api
+        .create(&pp, &valid)
+        .await
+        .expect("a valid store is accepted");
+    let eviction = &created.data["spec"]["eviction"];
+    assert_eq!(eviction["highWatermarkPercent"], 85, "defaults are applied");
+    assert_refused(
+        "changing spec.volume",
+        api.patch(
+            &name("ok"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"volume": {"hostPath": {"path": "/elsewhere"}}}})),
+        )
+        .await,
+        &["spec.volume", "immutable"],
+    );
+    let _ = api
+        .delete(
+            created.meta().name.as_deref().unwrap_or_default(),
+            &Default::default(),
+        )
+        .await;
+}
