@@ -7,6 +7,7 @@
 //! - [`copy`]: the data mover a copy Job runs; knows nothing of controllers.
 
 pub mod api;
+pub mod client;
 pub mod controller;
 pub mod copy;
 pub mod runtime;

@@ -122,3 +122,6 @@ impl TestNamespace {
             .await;
     }
 }
+
+pub mod jobs;
+pub mod operator;

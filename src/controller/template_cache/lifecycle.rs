@@ -303,3 +303,132 @@ fn set_ready(
         condition(READY, ready, reason, message, generation),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{StagingStoreSpec, TemplateCacheSpec};
+    use serde_json::json;
+
+    fn cache(status: serde_json::Value) -> TemplateCache {
+        let mut cache = TemplateCache::new(
+            "img",
+            serde_json::from_value::<TemplateCacheSpec>(
+                json!({"source": {"http": {"url": "http://example/x"}}}),
+            )
+            .unwrap(),
+        );
+        cache.metadata.namespace = Some("ns".into());
+        cache.metadata.generation = Some(1);
+        cache.status = serde_json::from_value(status).unwrap();
+        cache
+    }
+
+    fn store() -> StagingStore {
+        let spec: StagingStoreSpec = serde_json::from_value(
+            json!({"volume": {"hostPath": {"path": "/s"}}, "capacity": "1Gi"}),
+        )
+        .unwrap();
+        StagingStore::new("s", spec)
+    }
+
+    fn plan_for(cache: &TemplateCache, job: JobState, store: Option<&StagingStore>) -> Plan {
+        let observed = Observed {
+            cache,
+            references: 2,
+            store_name: "s",
+            store,
+            job,
+            now: Timestamp::now(),
+        };
+        plan(&observed, &RetryPolicy::default())
+    }
+
+    #[test]
+    fn a_new_cache_starts_attempt_one() {
+        let p = plan_for(&cache(json!(null)), JobState::Missing, Some(&store()));
+        assert_eq!(p.step, Step::StartAttempt(1));
+        assert_eq!(p.status.phase, Some(Phase::Copying));
+        assert_eq!(p.status.job_name.as_deref(), Some("img-copy-1"));
+        assert_eq!(p.status.ref_count, Some(2));
+    }
+
+    #[test]
+    fn a_missing_store_waits_with_a_clear_condition() {
+        let p = plan_for(&cache(json!(null)), JobState::Missing, None);
+        assert_eq!(p.step, Step::Record);
+        assert_eq!(p.status.conditions[0].reason, reason::STORE_NOT_FOUND);
+    }
+
+    #[test]
+    fn a_missing_job_of_the_current_attempt_is_recreated_not_a_new_attempt() {
+        let c = cache(json!({"attempt": 2, "phase": "Copying"}));
+        assert_eq!(
+            plan_for(&c, JobState::Missing, Some(&store())).step,
+            Step::EnsureJob(2)
+        );
+    }
+
+    #[test]
+    fn a_succeeded_job_with_its_report_makes_the_cache_ready() {
+        let sum = format!("sha256:{}", "a".repeat(64));
+        let c = cache(json!({"attempt": 1, "phase": "Copying",
+            "progress": {"attempt": 1, "bytesCopied": 10, "checksum": sum}}));
+        let p = plan_for(&c, JobState::Succeeded, Some(&store()));
+        assert_eq!(p.status.phase, Some(Phase::Ready));
+        assert_eq!(p.status.size, Some(10));
+        assert_eq!(p.status.checksum.as_deref(), Some(&*sum));
+    }
+
+    #[test]
+    fn a_report_of_an_older_attempt_does_not_count() {
+        let sum = format!("sha256:{}", "a".repeat(64));
+        let c = cache(json!({"attempt": 2, "phase": "Copying",
+            "progress": {"attempt": 1, "bytesCopied": 10, "checksum": sum}}));
+        let p = plan_for(&c, JobState::Succeeded, Some(&store()));
+        assert_ne!(p.status.phase, Some(Phase::Ready));
+    }
+
+    #[test]
+    fn a_failed_attempt_waits_out_its_backoff_then_starts_the_next() {
+        let c = cache(json!({"attempt": 1, "phase": "Copying"}));
+        let just_now = JobState::Failed {
+            message: "503".into(),
+            at: Some(Timestamp::now()),
+        };
+        let p = plan_for(&c, just_now, Some(&store()));
+        assert_eq!(p.step, Step::Record);
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        assert!(p.requeue_after.is_some());
+        let long_ago = JobState::Failed {
+            message: "503".into(),
+            at: Some(Timestamp::UNIX_EPOCH),
+        };
+        assert_eq!(
+            plan_for(&c, long_ago, Some(&store())).step,
+            Step::StartAttempt(2)
+        );
+    }
+
+    #[test]
+    fn the_last_failed_attempt_is_final() {
+        let c = cache(json!({"attempt": 5, "phase": "Copying"}));
+        let failed = JobState::Failed {
+            message: "404 Not Found".into(),
+            at: Some(Timestamp::UNIX_EPOCH),
+        };
+        let p = plan_for(&c, failed, Some(&store()));
+        assert_eq!(p.step, Step::Record);
+        let ready = &p.status.conditions[0];
+        assert_eq!(ready.reason, reason::RETRIES_EXHAUSTED);
+        assert!(ready.message.contains("404 Not Found"));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy.delay_after(1), Duration::from_secs(10));
+        assert_eq!(policy.delay_after(3), Duration::from_secs(40));
+        assert_eq!(policy.delay_after(30), Duration::from_secs(600));
+    }
+}

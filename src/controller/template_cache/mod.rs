@@ -44,13 +44,14 @@ pub async fn reconcile(cache: Arc<TemplateCache>, ctx: Arc<Context>) -> Result<A
     let store_name = ctx.store_name_of(&cache);
     let store = ctx.stores().get_opt(&store_name).await?;
     let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
-    let job = current_copy_job(&jobs, &cache, attempt).await?;
+    let job = JobState::of(current_copy_job(&jobs, &cache, attempt).await?.as_ref());
+    let cache = read_report_if_missing(&caches, cache, attempt, &job).await?;
     let observed = Observed {
         cache: &cache,
         references: count_references(cache.finalizers()),
         store_name: &store_name,
         store: store.as_ref(),
-        job: JobState::of(job.as_ref()),
+        job,
         now: Timestamp::now(),
     };
     let plan = lifecycle::plan(&observed, &ctx.config.retry);
@@ -97,6 +98,27 @@ async fn execute(
             write_status(caches, &fresh, &plan.status).await
         }
     }
+}
+
+/// The data mover writes its report into the cache before its Job finishes, but the watch that
+/// brought the finished Job may be ahead of the one that brings the cache. Deciding on a finished
+/// Job without its report would record a false failure, so read the cache afresh first.
+async fn read_report_if_missing(
+    caches: &Api<TemplateCache>,
+    cache: Arc<TemplateCache>,
+    attempt: u32,
+    job: &JobState,
+) -> Result<Arc<TemplateCache>, Error> {
+    let finished = matches!(job, JobState::Succeeded | JobState::Failed { .. });
+    let has_report = cache
+        .status
+        .as_ref()
+        .and_then(|s| s.progress.as_ref())
+        .is_some_and(|p| p.attempt == Some(attempt));
+    if !finished || has_report {
+        return Ok(cache);
+    }
+    Ok(Arc::new(caches.get(&cache.name_any()).await?))
 }
 
 /// The copy Job of `attempt`, read from the API server (never from a cache: whether it exists

@@ -1,0 +1,122 @@
+//! Finishing copy Jobs from a test the way the Job controller and the data mover would: the
+//! mover's report goes into the cache's `status.progress`, the outcome into the Job's status with
+//! the conditions Kubernetes' Job status validation requires.
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::wait::await_condition;
+use kube::{Api, Client};
+use serde_json::json;
+use templatecache::api::TemplateCache;
+
+/// The outcome a test gives a Job.
+pub enum Outcome<'a> {
+    Succeeded { bytes: u64, checksum: &'a str },
+    Failed { error: &'a str },
+}
+
+/// Waits for the Job `name` to exist and returns it.
+pub async fn wait_for_job(client: &Client, namespace: &str, name: &str) -> Job {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let found = tokio::time::timeout(
+        Duration::from_secs(60),
+        await_condition(jobs, name, |job: Option<&Job>| job.is_some()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("Job {namespace}/{name} did not appear within 60s"))
+    .expect("watch Job");
+    found.expect("Job exists")
+}
+
+/// All Jobs in the namespace labelled for `cache`.
+pub async fn jobs_of(client: &Client, namespace: &str, cache: &str) -> Vec<Job> {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("templatecache.io/cache={cache}");
+    jobs.list(&ListParams::default().labels(&selector))
+        .await
+        .expect("list Jobs")
+        .items
+}
+
+/// Finishes copy attempt `attempt` of `cache` with `outcome`.
+pub async fn finish_copy(
+    client: &Client,
+    namespace: &str,
+    cache: &str,
+    attempt: u32,
+    outcome: Outcome<'_>,
+) {
+    let caches: Api<TemplateCache> = Api::namespaced(client.clone(), namespace);
+    let report = match outcome {
+        Outcome::Succeeded { bytes, checksum } => json!({
+            "attempt": attempt, "bytesCopied": bytes, "totalBytes": bytes,
+            "percent": "100%", "checksum": checksum
+        }),
+        Outcome::Failed { error } => json!({"attempt": attempt, "bytesCopied": 0, "error": error}),
+    };
+    caches
+        .patch_status(
+            cache,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"progress": report}})),
+        )
+        .await
+        .expect("write the mover's report");
+    let succeeded = matches!(outcome, Outcome::Succeeded { .. });
+    let job = format!("{cache}-copy-{attempt}");
+    finish_job(client, namespace, &job, succeeded).await;
+}
+
+/// Writes a terminal Job status as the Job controller does.
+pub async fn finish_job(client: &Client, namespace: &str, job: &str, succeeded: bool) {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let now = Timestamp::now().to_string();
+    let condition = |type_: &str, reason: &str| {
+        json!({"type": type_, "status": "True", "reason": reason, "message": reason,
+               "lastProbeTime": now, "lastTransitionTime": now})
+    };
+    let status = if succeeded {
+        json!({
+            "startTime": now, "completionTime": now, "active": 0, "succeeded": 1, "ready": 0,
+            "conditions": [condition("SuccessCriteriaMet", "CompletionsReached"),
+                           condition("Complete", "CompletionsReached")]
+        })
+    } else {
+        json!({
+            "startTime": now, "active": 0, "failed": 1, "ready": 0,
+            "conditions": [condition("FailureTarget", "BackoffLimitExceeded"),
+                           condition("Failed", "BackoffLimitExceeded")]
+        })
+    };
+    jobs.patch_status(
+        job,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("write status of Job {job}: {e}"));
+}
+
+/// Waits until `cache` satisfies `condition`, returning it.
+pub async fn wait_for_cache(
+    client: &Client,
+    namespace: &str,
+    cache: &str,
+    what: &str,
+    condition: impl Fn(&TemplateCache) -> bool,
+) -> TemplateCache {
+    let caches: Api<TemplateCache> = Api::namespaced(client.clone(), namespace);
+    let found = tokio::time::timeout(
+        Duration::from_secs(60),
+        await_condition(caches, cache, move |c: Option<&TemplateCache>| {
+            c.is_some_and(&condition)
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("TemplateCache {namespace}/{cache} never became {what}"))
+    .expect("watch TemplateCache");
+    found.expect("cache exists")
+}

@@ -1,0 +1,94 @@
+//! The operator, run in-process against the test's namespace, with a hostPath StagingStore of
+//! its own.
+
+use std::time::Duration;
+
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use templatecache::api::StagingStore;
+use templatecache::controller::jobs::JobSettings;
+use templatecache::controller::template_cache::lifecycle::RetryPolicy;
+use templatecache::controller::{self, Config};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running operator; [`Operator::stop`] shuts it down gracefully.
+pub struct Operator {
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+/// Operator settings for a test: its namespace, its store, fast retries.
+pub fn config(namespace: &str, store: &str) -> Config {
+    Config {
+        namespace: Some(namespace.to_owned()),
+        default_store: store.to_owned(),
+        jobs: JobSettings {
+            image: "templatecache:test".to_owned(),
+            service_account: None,
+        },
+        retry: RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(2),
+        },
+        concurrency: 16,
+    }
+}
+
+impl Operator {
+    /// Starts an operator with its own client.
+    pub async fn start(config: Config) -> Self {
+        let client = super::client().await;
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(controller::run(client, config, async {
+            let _ = rx.await;
+        }));
+        Self {
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+/// A hostPath StagingStore over a fresh temporary folder; deleted with [`TestStore::delete`].
+pub struct TestStore {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    client: Client,
+}
+
+impl TestStore {
+    pub async fn new(client: &Client, name: &str, capacity: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temporary store folder");
+        let store: StagingStore = serde_json::from_value(json!({
+            "apiVersion": "templatecache.io/v1alpha1", "kind": "StagingStore",
+            "metadata": {"name": name},
+            "spec": {"volume": {"hostPath": {"path": dir.path()}}, "capacity": capacity}
+        }))
+        .expect("store literal");
+        Api::<StagingStore>::all(client.clone())
+            .create(&PostParams::default(), &store)
+            .await
+            .expect("create StagingStore");
+        Self {
+            name: name.to_owned(),
+            dir,
+            client: client.clone(),
+        }
+    }
+
+    pub async fn delete(self) {
+        let _ = Api::<StagingStore>::all(self.client.clone())
+            .delete(&self.name, &DeleteParams::default())
+            .await;
+    }
+}

@@ -1,0 +1,347 @@
+//! The TemplateCache controller against a real API server: one Job per attempt whatever the
+//! concurrency, retries with a new Job, a final Failed that waiters see, and deletion held by
+//! references.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::api::{DeleteParams, PostParams};
+use serde_json::json;
+use support::TestNamespace;
+use support::jobs::{Outcome, finish_copy, finish_job, jobs_of, wait_for_cache, wait_for_job};
+use support::operator::{Operator, TestStore, config};
+use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
+use templatecache::client::{self, CacheRequest, ClientError};
+use templatecache::controller::template_cache::{self, lifecycle::reason};
+use templatecache::controller::{Context, Error, conditions};
+
+const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+fn spec() -> TemplateCacheSpec {
+    serde_json::from_value(json!({"source": {"http": {"url": "http://127.0.0.1:9/disk.qcow2"}}}))
+        .expect("spec literal")
+}
+
+fn phase(cache: &TemplateCache) -> Option<Phase> {
+    cache.status.as_ref().and_then(|s| s.phase)
+}
+
+fn ready_reason(cache: &TemplateCache) -> Option<String> {
+    let status = cache.status.as_ref()?;
+    conditions::find(&status.conditions, conditions::READY).map(|c| c.reason.clone())
+}
+
+async fn create_cache(ns: &TestNamespace, name: &str) -> TemplateCache {
+    ns.api::<TemplateCache>()
+        .create(&PostParams::default(), &TemplateCache::new(name, spec()))
+        .await
+        .expect("create cache")
+}
+
+#[tokio::test]
+async fn a_cache_is_copied_once_and_becomes_ready() {
+    let ns = TestNamespace::new("lifecycle").await;
+    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
+    let operator = Operator::start(config(&ns.name, &store.name)).await;
+
+    create_cache(&ns, "ubuntu").await;
+    let job = wait_for_job(&ns.client, &ns.name, "ubuntu-copy-1").await;
+    let owner = &job.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("TemplateCache", "ubuntu")
+    );
+    let copying = wait_for_cache(&ns.client, &ns.name, "ubuntu", "Copying", |c| {
+        phase(c) == Some(Phase::Copying)
+    })
+    .await;
+    assert_eq!(copying.finalizers(), ["templatecache.io/cleanup"]);
+
+    let outcome = Outcome::Succeeded {
+        bytes: 4,
+        checksum: CHECKSUM,
+    };
+    finish_copy(&ns.client, &ns.name, "ubuntu", 1, outcome).await;
+    let ready = wait_for_cache(&ns.client, &ns.name, "ubuntu", "Ready", |c| {
+        phase(c) == Some(Phase::Ready)
+    })
+    .await;
+    let status = ready.status.expect("status");
+    assert_eq!(status.size, Some(4));
+    assert_eq!(status.checksum.as_deref(), Some(CHECKSUM));
+    assert_eq!(
+        status.path.as_deref(),
+        Some(&*format!("{}/ubuntu", ns.name))
+    );
+    assert_eq!(ready_reason_of(&status.conditions), Some("Copied"));
+    assert_eq!(jobs_of(&ns.client, &ns.name, "ubuntu").await.len(), 1);
+
+    operator.stop().await;
+    store.delete().await;
+    ns.delete().await;
+}
+
+fn ready_reason_of(
+    conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> Option<&str> {
+    conditions::find(conds, conditions::READY).map(|c| c.reason.as_str())
+}
+
+/// kube-runtime's reflector may hand the reconciler an old object. Reconciling that old object
+/// after the attempt has started must be refused by the API server (resourceVersion
+/// precondition), not start a second Job.
+#[tokio::test]
+async fn a_reconciler_with_a_stale_object_never_starts_a_second_job() {
+    let ns = TestNamespace::new("stale").await;
+    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
+    let cfg = config(&ns.name, &store.name);
+    let caches = ns.api::<TemplateCache>();
+    let ctx = Arc::new(Context {
+        client: ns.client.clone(),
+        config: cfg.clone(),
+    });
+
+    create_cache(&ns, "stale").await;
+    // First reconcile adds the cleanup finalizer; keep the object as it was right after that.
+    template_cache::reconcile(Arc::new(caches.get("stale").await.unwrap()), ctx.clone())
+        .await
+        .expect("add finalizer");
+    let before_attempt = Arc::new(caches.get("stale").await.unwrap());
+    assert_eq!(phase(&before_attempt), None);
+
+    // A fresh reconcile starts attempt 1.
+    template_cache::reconcile(before_attempt.clone(), ctx.clone())
+        .await
+        .expect("start attempt 1");
+    wait_for_job(&ns.client, &ns.name, "stale-copy-1").await;
+
+    // The stale object would also start attempt 1: the precondition refuses it.
+    for _ in 0..5 {
+        let result = template_cache::reconcile(before_attempt.clone(), ctx.clone()).await;
+        assert!(
+            matches!(result, Err(Error::Conflict(_))),
+            "stale reconcile must conflict, got {result:?}"
+        );
+    }
+    // Fail attempt 1; a reconcile of the now stale Copying object must not start attempt 2
+    // twice either.
+    finish_copy(
+        &ns.client,
+        &ns.name,
+        "stale",
+        1,
+        Outcome::Failed { error: "boom" },
+    )
+    .await;
+    let copying_1 = Arc::new(caches.get("stale").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await; // past the 200ms backoff
+    template_cache::reconcile(copying_1.clone(), ctx.clone())
+        .await
+        .expect("start attempt 2");
+    let again = template_cache::reconcile(copying_1, ctx.clone()).await;
+    assert!(matches!(again, Err(Error::Conflict(_))), "got {again:?}");
+
+    let names: Vec<String> = jobs_of(&ns.client, &ns.name, "stale")
+        .await
+        .iter()
+        .map(|j| j.name_any())
+        .collect();
+    assert_eq!(names.len(), 2, "one Job per attempt: {names:?}");
+    assert!(
+        names.contains(&"stale-copy-1".to_owned()) && names.contains(&"stale-copy-2".to_owned())
+    );
+    store.delete().await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn two_operators_at_once_still_create_one_job_per_attempt() {
+    let ns = TestNamespace::new("two-operators").await;
+    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
+    let first = Operator::start(config(&ns.name, &store.name)).await;
+    let second = Operator::start(config(&ns.name, &store.name)).await;
+
+    let names: Vec<String> = (0..20).map(|i| format!("twin-{i}")).collect();
+    futures::future::join_all(names.iter().map(|n| create_cache(&ns, n))).await;
+    for name in &names {
+        wait_for_job(&ns.client, &ns.name, &format!("{name}-copy-1")).await;
+    }
+    // Fail every first attempt: both operators race to start attempt 2.
+    for name in &names {
+        finish_copy(
+            &ns.client,
+            &ns.name,
+            name,
+            1,
+            Outcome::Failed { error: "flaky" },
+        )
+        .await;
+    }
+    for name in &names {
+        wait_for_job(&ns.client, &ns.name, &format!("{name}-copy-2")).await;
+        let outcome = Outcome::Succeeded {
+            bytes: 4,
+            checksum: CHECKSUM,
+        };
+        finish_copy(&ns.client, &ns.name, name, 2, outcome).await;
+    }
+    for name in &names {
+        wait_for_cache(&ns.client, &ns.name, name, "Ready", |c| {
+            phase(c) == Some(Phase::Ready)
+        })
+        .await;
+    }
+    // Give both operators time to act on anything they still would.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for name in &names {
+        let mut jobs: Vec<String> = jobs_of(&ns.client, &ns.name, name)
+            .await
+            .iter()
+            .map(|j| j.name_any())
+            .collect();
+        jobs.sort();
+        assert_eq!(jobs, [format!("{name}-copy-1"), format!("{name}-copy-2")]);
+    }
+    first.stop().await;
+    second.stop().await;
+    store.delete().await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn failed_copies_retry_as_new_attempts_then_fail_for_good_and_waiters_see_it() {
+    let ns = TestNamespace::new("retries").await;
+    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
+    let cfg = config(&ns.name, &store.name); // 3 attempts
+    let operator = Operator::start(cfg).await;
+
+    let request = CacheRequest {
+        namespace: ns.name.clone(),
+        name: "flaky".into(),
+        spec: Some(spec()),
+    };
+    let reference = client::acquire(ns.client.clone(), &request, "waiter")
+        .await
+        .expect("acquire");
+    let waiter = tokio::spawn({
+        let reference = reference.clone();
+        async move { reference.wait_ready(Duration::from_secs(60)).await }
+    });
+
+    for attempt in 1..=3 {
+        wait_for_job(&ns.client, &ns.name, &format!("flaky-copy-{attempt}")).await;
+        let error = format!("HTTP 503 from source on attempt {attempt}");
+        finish_copy(
+            &ns.client,
+            &ns.name,
+            "flaky",
+            attempt,
+            Outcome::Failed { error: &error },
+        )
+        .await;
+    }
+    let failed = wait_for_cache(&ns.client, &ns.name, "flaky", "Failed for good", |c| {
+        ready_reason(c).as_deref() == Some(reason::RETRIES_EXHAUSTED)
+    })
+    .await;
+    assert_eq!(phase(&failed), Some(Phase::Failed));
+    let status = failed.status.as_ref().expect("status");
+    let ready = conditions::find(&status.conditions, conditions::READY).expect("Ready condition");
+    assert_eq!(ready.status, "False");
+    assert!(
+        ready.message.contains("attempt 3 of 3") && ready.message.contains("HTTP 503"),
+        "clear message: {}",
+        ready.message
+    );
+    assert_eq!(jobs_of(&ns.client, &ns.name, "flaky").await.len(), 3);
+
+    let waited = waiter.await.expect("waiter task");
+    assert!(
+        matches!(&waited, Err(ClientError::CopyFailed { message, .. }) if message.contains("HTTP 503")),
+        "the waiter sees the failure: {waited:?}"
+    );
+    reference.release().await.expect("release");
+    operator.stop().await;
+    store.delete().await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_referenced_cache_stays_until_its_last_release_then_its_data_is_removed() {
+    let ns = TestNamespace::new("deleting").await;
+    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
+    let operator = Operator::start(config(&ns.name, &store.name)).await;
+    let request = CacheRequest {
+        namespace: ns.name.clone(),
+        name: "held".into(),
+        spec: Some(spec()),
+    };
+    let a = client::acquire(ns.client.clone(), &request, "consumer-a")
+        .await
+        .unwrap();
+    let b = client::acquire(ns.client.clone(), &request, "consumer-b")
+        .await
+        .unwrap();
+    wait_for_job(&ns.client, &ns.name, "held-copy-1").await;
+    let outcome = Outcome::Succeeded {
+        bytes: 4,
+        checksum: CHECKSUM,
+    };
+    finish_copy(&ns.client, &ns.name, "held", 1, outcome).await;
+    wait_for_cache(&ns.client, &ns.name, "held", "Ready", |c| {
+        phase(c) == Some(Phase::Ready)
+    })
+    .await;
+
+    let caches = ns.api::<TemplateCache>();
+    caches
+        .delete("held", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let deleting = wait_for_cache(&ns.client, &ns.name, "held", "Deleting", |c| {
+        phase(c) == Some(Phase::Deleting)
+    })
+    .await;
+    assert_eq!(deleting.status.as_ref().and_then(|s| s.ref_count), Some(2));
+    // A cache going away takes no new references.
+    let late = client::acquire(ns.client.clone(), &request, "latecomer").await;
+    assert!(
+        matches!(late, Err(ClientError::Deleting(_))),
+        "got {late:?}"
+    );
+
+    a.release().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let still = caches
+        .get("held")
+        .await
+        .expect("still there with one reference");
+    assert_eq!(still.status.as_ref().and_then(|s| s.ref_count), Some(1));
+    assert!(
+        jobs_of(&ns.client, &ns.name, "held")
+            .await
+            .iter()
+            .all(|j| j.name_any() != "held-remove-1")
+    );
+
+    b.release().await.unwrap();
+    wait_for_job(&ns.client, &ns.name, "held-remove-1").await;
+    assert!(
+        caches.get_opt("held").await.unwrap().is_some(),
+        "held until the data is removed"
+    );
+    finish_job(&ns.client, &ns.name, "held-remove-1", true).await;
+    let gone = tokio::time::timeout(Duration::from_secs(30), async {
+        while caches.get_opt("held").await.unwrap().is_some() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "the cache is gone once its data is removed");
+    operator.stop().await;
+    store.delete().await;
+    ns.delete().await;
+}
