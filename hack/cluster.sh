@@ -98,8 +98,7 @@ start_apiserver() {
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
-    --endpoint-reconciler-type none \
-    --max-requests-inflight 1000 --max-mutating-requests-inflight 500
+    --endpoint-reconciler-type none
 }
 
 start_controller_manager() {

@@ -12,16 +12,15 @@
 //!   held, is a no-op.
 //!
 //! Patch strategy (numbers in `docs/design-notes.md`): an entry is added with a JSON patch
-//! `add /metadata/finalizers/-`, which the API server applies to the latest object, so concurrent
-//! acquirers never conflict and never lose each other's entries: one write per acquire, about
-//! 40 bytes per reference. An entry is removed with `test` + `remove` at its index, retried when
-//! a concurrent change moved it.
+//! `test /metadata/resourceVersion` + `add /metadata/finalizers/-`, about 40 bytes per reference,
+//! and removed with `test` + `remove` at its index. A write that meets a concurrent change fails
+//! at once (nothing is lost, nothing is half-applied) and is retried after a jittered
+//! exponential pause, so a storm of acquirers spreads out instead of making the API server
+//! retry every patch against every other.
 
 use std::time::Duration;
 
-use futures::TryStreamExt;
-use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::api::{GetParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
@@ -48,13 +47,11 @@ pub enum ClientError {
     #[error("TemplateCache {0} was not Ready within {1:?}")]
     Timeout(String, Duration),
     #[error(
-        "releasing from TemplateCache {0} met a concurrent change {1} times in a row; try again"
+        "TemplateCache {0} met a concurrent change or a transient error {1} times in a row; try again later"
     )]
-    ReleaseContended(String, u32),
+    Contended(String, u32),
     #[error("Kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
-    #[error("watching TemplateCache {0} failed: {1}")]
-    Watch(String, watcher::Error),
 }
 
 /// The cache to acquire: its namespace and name, and the spec to create it with if it does not
@@ -75,8 +72,9 @@ pub struct Reference {
     consumer_id: String,
 }
 
-/// How often a release retries when concurrent changes keep moving its entry.
-const MAX_RELEASE_ROUNDS: u32 = 200;
+/// Rounds an acquire or release retries through concurrent changes and transient errors (with
+/// the backoff's 2 s cap, about two minutes).
+const MAX_ROUNDS: u32 = 64;
 
 /// Adds the consumer's reference to the cache, creating the cache first if it does not exist.
 pub async fn acquire(
@@ -91,36 +89,37 @@ pub async fn acquire(
         name: request.name.clone(),
         consumer_id: consumer_id.to_owned(),
     };
-    loop {
-        let Some(cache) = api.get_opt(&request.name).await? else {
-            let spec = request
-                .spec
-                .clone()
-                .ok_or_else(|| ClientError::NotFound(request.name.clone()))?;
-            match create_with_reference(&api, &request.name, spec, &entry).await {
-                Ok(()) => return Ok(reference),
-                // Another acquirer created it first: add our entry to theirs.
-                Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => continue,
-                Err(e) => return Err(e.into()),
-            }
-        };
-        check_acquirable(&cache, request)?;
-        if cache.finalizers().contains(&entry) {
-            return Ok(reference);
-        }
-        match append_reference(&api, &cache, &entry).await {
+    for round in 0..MAX_ROUNDS {
+        match try_acquire(&api, request, &entry).await {
             Ok(()) => return Ok(reference),
-            // The object changed shape under us (finalizers list created, object replaced).
-            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
-                if cache.metadata.deletion_timestamp.is_some() {
-                    return Err(ClientError::Deleting(request.name.clone()));
-                }
-                continue;
+            Err(ClientError::Kube(e)) if is_retriable(&e) => {
+                tokio::time::sleep(backoff(round)).await;
             }
-            Err(kube::Error::Api(s)) if s.code == 404 => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
+    Err(ClientError::Contended(request.name.clone(), MAX_ROUNDS))
+}
+
+/// One read-then-write round of [`acquire`].
+async fn try_acquire(
+    api: &Api<TemplateCache>,
+    request: &CacheRequest,
+    entry: &str,
+) -> Result<(), ClientError> {
+    let Some(cache) = api.get_opt(&request.name).await? else {
+        let spec = request
+            .spec
+            .clone()
+            .ok_or_else(|| ClientError::NotFound(request.name.clone()))?;
+        // Losing the race to create (AlreadyExists, a 409) is retried as an append.
+        return Ok(create_with_reference(api, &request.name, spec, entry).await?);
+    };
+    check_acquirable(&cache, request)?;
+    if cache.finalizers().iter().any(|f| f == entry) {
+        return Ok(());
+    }
+    Ok(append_reference(api, &cache, entry).await?)
 }
 
 /// Removes the consumer's reference from the cache. A no-op when it holds none, or when the cache
@@ -133,35 +132,44 @@ pub async fn release(
 ) -> Result<(), ClientError> {
     let entry = consumer_reference(consumer_id)?;
     let api: Api<TemplateCache> = Api::namespaced(client, namespace);
-    for round in 0..MAX_RELEASE_ROUNDS {
-        let Some(cache) = api.get_opt(name).await? else {
-            return Ok(());
-        };
-        let indices: Vec<usize> = cache
-            .finalizers()
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| **f == entry)
-            .map(|(i, _)| i)
-            .collect();
-        if indices.is_empty() {
-            return Ok(());
-        }
-        match remove_entries(&api, name, &entry, &indices).await {
+    for round in 0..MAX_ROUNDS {
+        match try_release(&api, name, &entry).await {
             Ok(()) => return Ok(()),
-            // Our entry moved (a concurrent release or acquire): read again, after a short,
-            // spread-out pause so a storm of releases does not retry in lockstep.
-            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
-                tokio::time::sleep(jitter(round)).await;
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(e) if is_retriable(&e) => tokio::time::sleep(backoff(round)).await,
             Err(e) => return Err(e.into()),
         }
     }
-    Err(ClientError::ReleaseContended(
-        name.to_owned(),
-        MAX_RELEASE_ROUNDS,
-    ))
+    Err(ClientError::Contended(name.to_owned(), MAX_ROUNDS))
+}
+
+/// One read-then-write round of [`release`].
+async fn try_release(api: &Api<TemplateCache>, name: &str, entry: &str) -> kube::Result<()> {
+    let Some(cache) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let indices: Vec<usize> = (cache.finalizers().iter().enumerate())
+        .filter(|(_, f)| *f == entry)
+        .map(|(i, _)| i)
+        .collect();
+    if indices.is_empty() {
+        return Ok(());
+    }
+    match remove_entries(api, &cache, entry, &indices).await {
+        // Gone between our read and our write: nothing left to release.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other,
+    }
+}
+
+/// Errors worth another round: a concurrent change (409 Conflict or AlreadyExists, 422 from a
+/// failed `test`), the object vanishing between read and write (404), the API server shedding
+/// load (429) or failing transiently (5xx), and a dropped connection.
+fn is_retriable(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(s) => matches!(s.code, 404 | 409 | 422 | 429 | 500 | 503 | 504),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
 }
 
 impl Reference {
@@ -190,19 +198,27 @@ impl Reference {
         .await
     }
 
+    /// Polls the API server's watch cache (a `resourceVersion=0` read) with a growing, jittered
+    /// interval. A watch would be the usual choice, but every acquire rewrites the object, so N
+    /// waiters watching one cache receive N full copies of it each: N² bytes for an acquire
+    /// storm. Polling costs each waiter one small read per interval instead.
     async fn watch_until_settled(&self) -> Result<TemplateCache, ClientError> {
-        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let mut stream = std::pin::pin!(watcher(self.api.clone(), config).applied_objects());
-        while let Some(cache) = stream
-            .try_next()
-            .await
-            .map_err(|e| ClientError::Watch(self.name.clone(), e))?
-        {
+        let mut interval = Duration::from_millis(200);
+        loop {
+            let cache = match self.api.get_with(&self.name, &GetParams::any()).await {
+                Ok(cache) => cache,
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    return Err(ClientError::Deleted(self.name.clone()));
+                }
+                Err(e) => return Err(e.into()),
+            };
             if let Some(result) = settled(cache) {
                 return result;
             }
+            let jitter = Duration::from_millis(random_below(200));
+            tokio::time::sleep(interval + jitter).await;
+            interval = (interval * 3 / 2).min(Duration::from_secs(2));
         }
-        Err(ClientError::Deleted(self.name.clone()))
     }
 }
 
@@ -249,9 +265,9 @@ async fn create_with_reference(
     api.create(&PostParams::default(), &cache).await.map(drop)
 }
 
-/// Appends `entry`; the server applies the patch to the latest object, so concurrent appends
-/// all land. When the object has no finalizer list yet, it is created under a resourceVersion
-/// test instead.
+/// Appends `entry`. The server applies the append to the latest object, so concurrent appends
+/// all land and none is lost; the one case that fails is an object with no finalizer list yet,
+/// which is created under a resourceVersion test instead.
 async fn append_reference(
     api: &Api<TemplateCache>,
     cache: &TemplateCache,
@@ -267,10 +283,11 @@ async fn append_reference(
     json_patch(api, &cache.name_any(), ops).await
 }
 
-/// Removes `entry` at each of `indices`, testing each first so a moved list fails cleanly.
+/// Removes `entry` at each of `indices`, testing each first, so a list that a concurrent release
+/// shifted fails cleanly (422) and is read again.
 async fn remove_entries(
     api: &Api<TemplateCache>,
-    name: &str,
+    cache: &TemplateCache,
     entry: &str,
     indices: &[usize],
 ) -> Result<(), kube::Error> {
@@ -281,7 +298,7 @@ async fn remove_entries(
         ops.push(json!({"op": "test", "path": path, "value": entry}));
         ops.push(json!({"op": "remove", "path": path}));
     }
-    json_patch(api, name, serde_json::Value::Array(ops)).await
+    json_patch(api, &cache.name_any(), serde_json::Value::Array(ops)).await
 }
 
 async fn json_patch(
@@ -295,12 +312,15 @@ async fn json_patch(
         .map(drop)
 }
 
-/// A pause that grows with the round and is spread by the clock's nanoseconds.
-fn jitter(round: u32) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let cap_ms = 5 + 5 * u64::from(round.min(20));
-    Duration::from_millis(u64::from(nanos) % cap_ms)
+/// Exponential backoff with full jitter (a uniform pause up to 10 ms × 2^round, capped at 2 s):
+/// contending writers spread out instead of retrying in lockstep.
+fn backoff(round: u32) -> Duration {
+    let cap_ms = 10u64.saturating_mul(1 << round.min(8)).min(2_000);
+    Duration::from_millis(random_below(cap_ms + 1))
+}
+
+/// A cheap, well-spread random number below `bound` (std's hasher is randomly seeded).
+fn random_below(bound: u64) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::Instant::now()) % bound.max(1)
 }

@@ -49,11 +49,14 @@ pub fn ensure_cluster() {
         let mut up = Command::new(repo_root().join("hack/cluster.sh"));
         up.arg("up");
         run_checked(up, "hack/cluster.sh up");
-        let mut apply = kubectl();
-        apply
-            .args(["apply", "--server-side", "--force-conflicts", "-f"])
-            .arg(repo_root().join("crds"));
-        run_checked(apply, "kubectl apply crds");
+        // The CRDs and the API priority and fairness settings a user installs with the chart.
+        for manifests in ["crds", "config/flowcontrol.yaml"] {
+            let mut apply = kubectl();
+            apply
+                .args(["apply", "--server-side", "--force-conflicts", "-f"])
+                .arg(repo_root().join(manifests));
+            run_checked(apply, &format!("kubectl apply {manifests}"));
+        }
         let mut wait = kubectl();
         wait.args([
             "wait",
@@ -123,5 +126,6 @@ impl TestNamespace {
     }
 }
 
+pub mod consumer;
 pub mod jobs;
 pub mod operator;

@@ -216,28 +216,39 @@ async fn write_status(
     Ok(())
 }
 
-/// The transition that starts an attempt, written only if the cache is still at the
-/// resourceVersion the decision was made on. A stale reader gets a conflict, not a second Job.
+/// The transition that starts an attempt, written only if no one has started another attempt
+/// since the decision was made: a JSON patch that tests `status.attempt` against the value the
+/// decision saw, then replaces the status. A stale reader fails the test (422) instead of
+/// starting a second Job. The test is on the attempt, not the whole object's resourceVersion, so
+/// a storm of reference writes cannot starve the transition.
 async fn win_attempt(
     caches: &Api<TemplateCache>,
     cache: &TemplateCache,
     desired: &TemplateCacheStatus,
 ) -> Result<(), Error> {
-    let current = cache.status.clone().unwrap_or_default();
-    let diff = status_diff(&current, desired)?;
-    let patch = json!({
-        "metadata": {"resourceVersion": cache.resource_version()},
-        "status": diff,
-    });
+    let mut status = desired.clone();
+    status.progress = None;
+    let ops = match &cache.status {
+        // `test` against null passes only while the field is absent.
+        Some(current) => json!([
+            {"op": "test", "path": "/status/attempt", "value": current.attempt},
+            {"op": "add", "path": "/status", "value": status},
+        ]),
+        None => json!([
+            {"op": "test", "path": "/status", "value": null},
+            {"op": "add", "path": "/status", "value": status},
+        ]),
+    };
+    let patch: json_patch::Patch = serde_json::from_value(ops)?;
     let result = caches
         .patch_status(
             &cache.name_any(),
             &PatchParams::default(),
-            &Patch::Merge(&patch),
+            &Patch::<()>::Json(patch),
         )
         .await;
     match result {
-        Err(kube::Error::Api(status)) if status.code == 409 => {
+        Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => {
             Err(Error::Conflict(cache.name_any()))
         }
         other => other.map(drop).map_err(Error::from),
@@ -277,14 +288,14 @@ async fn apply_job(jobs: &Api<Job>, job: Job) -> Result<(), Error> {
     Ok(())
 }
 
+/// Appends the cleanup finalizer. Like a reference, it is appended without a `test` of the list:
+/// the server applies the append to the latest object, so an acquire storm cannot starve it.
 async fn add_cleanup_finalizer(
     caches: &Api<TemplateCache>,
     cache: &TemplateCache,
 ) -> Result<(), Error> {
-    // `test` on the whole list: if anyone changed it since we read it, we read again.
     let patch: json_patch::Patch = serde_json::from_value(match &cache.metadata.finalizers {
-        Some(list) => json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": list},
+        Some(_) => json!([
             {"op": "add", "path": "/metadata/finalizers/-", "value": CLEANUP_FINALIZER},
         ]),
         None => json!([
@@ -295,19 +306,28 @@ async fn add_cleanup_finalizer(
     patch_finalizers(caches, cache, patch).await
 }
 
+/// Removes every copy of the cleanup finalizer, each at its index under a `test`, so a list that
+/// moved meanwhile fails cleanly and is read again.
 async fn remove_cleanup_finalizer(
     caches: &Api<TemplateCache>,
     cache: &TemplateCache,
 ) -> Result<(), Error> {
-    let finalizers = cache.finalizers();
-    let Some(index) = finalizers.iter().position(|f| f == CLEANUP_FINALIZER) else {
+    let mut ops = vec![];
+    for (index, _) in cache
+        .finalizers()
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, f)| *f == CLEANUP_FINALIZER)
+    {
+        let path = format!("/metadata/finalizers/{index}");
+        ops.push(json!({"op": "test", "path": path, "value": CLEANUP_FINALIZER}));
+        ops.push(json!({"op": "remove", "path": path}));
+    }
+    if ops.is_empty() {
         return Ok(());
-    };
-    let path = format!("/metadata/finalizers/{index}");
-    let patch: json_patch::Patch = serde_json::from_value(json!([
-        {"op": "test", "path": path, "value": CLEANUP_FINALIZER},
-        {"op": "remove", "path": path},
-    ]))?;
+    }
+    let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops))?;
     patch_finalizers(caches, cache, patch).await
 }
 
