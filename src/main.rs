@@ -86,6 +86,7 @@ async fn main() -> ExitCode {
         Command::Run(args) => run(args).await,
         Command::Copy(args) => templatecache::copy::run_copy(args)
             .await
+            .map(|done| println!("copied {} bytes, {}", done.bytes, done.checksum))
             .map_err(|e| e.to_string()),
         Command::Remove(args) => templatecache::copy::run_remove(args)
             .await

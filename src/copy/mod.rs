@@ -1,26 +1,77 @@
 //! The data mover: what a copy Job runs. It knows nothing of controllers; it copies one template
 //! into one path of a staging store and reports to the cache's status.
+//!
+//! A reader never sees a half copy: bytes go to `<dest>.partial-<attempt>`, are hashed on the
+//! way, verified against the expected checksum, fsynced, and renamed into place (then the
+//! folder is fsynced so the rename survives a crash). Every failure removes the partial file.
+
+mod report;
+mod source;
+mod transfer;
 
 use std::path::{Path, PathBuf};
+
+pub use transfer::Transferred;
 
 /// Failures of the data mover, each a single line a user can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     #[error("invalid arguments: {0}")]
     InvalidArguments(String),
+    #[error("{0} does not exist (404 Not Found)")]
+    NotFound(String),
+    #[error("{0} refused our credentials (check the secretRef)")]
+    AuthRefused(String),
+    #[error("reading {0} failed: {1}")]
+    Source(String, String),
+    #[error("{0} changed size or content during the copy")]
+    SourceChanged(String),
+    #[error("{source_name} ended after {got} of {expected} bytes: {cause}")]
+    Truncated {
+        source_name: String,
+        got: u64,
+        expected: u64,
+        cause: String,
+    },
+    #[error("checksum mismatch: expected {expected}, the source has {actual}")]
+    ChecksumMismatch { expected: String, actual: String },
+    #[error("the staging store is full: {0} does not fit")]
+    StoreFull(PathBuf),
     #[error("cannot write {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the copy is in place but its report could not be written: {0}")]
+    Report(String),
+}
+
+impl CopyError {
+    fn from_source(display: &str, error: object_store::Error) -> Self {
+        match error {
+            object_store::Error::NotFound { .. } => CopyError::NotFound(display.to_owned()),
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => {
+                CopyError::AuthRefused(display.to_owned())
+            }
+            object_store::Error::Precondition { .. } => {
+                CopyError::SourceChanged(display.to_owned())
+            }
+            other => CopyError::Source(display.to_owned(), one_line(&other.to_string())),
+        }
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Arguments of `templatecache copy`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CopyArgs {
-    /// The cache to report to, `<namespace>/<name>`.
+    /// The cache to report to, `<namespace>/<name>`; no reports when unset (benchmarks).
     #[arg(long)]
-    pub cache: String,
+    pub cache: Option<String>,
     /// The attempt this copy belongs to.
     #[arg(long)]
     pub attempt: u32,
@@ -58,14 +109,70 @@ pub struct RemoveArgs {
     pub dest: PathBuf,
 }
 
-/// Copies the template. Not yet the real mover: it validates its arguments and writes a marker.
-pub async fn run_copy(args: CopyArgs) -> Result<(), CopyError> {
-    if args.http_url.is_none() && args.s3_bucket.is_none() {
-        return Err(CopyError::InvalidArguments(
-            "one of --http-url or --s3-bucket is required".into(),
-        ));
+/// Copies the template into place and reports the outcome.
+pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
+    let source = source::open(&args)?;
+    let mut reporter = report::Reporter::connect(args.cache.as_deref(), args.attempt)
+        .await
+        .map_err(CopyError::InvalidArguments)?;
+    let partial = partial_path(&args.dest, args.attempt)?;
+    let mut copied = 0;
+    let result = copy_into_place(&args, &source, &partial, async |bytes, total| {
+        copied = bytes;
+        reporter.progress(bytes, total).await;
+    })
+    .await;
+    match result {
+        Ok(done) => {
+            reporter
+                .succeeded(done.bytes, &done.checksum)
+                .await
+                .map_err(|e| CopyError::Report(e.to_string()))?;
+            Ok(done)
+        }
+        Err(error) => {
+            remove_if_present(&partial).await?;
+            reporter.failed(copied, &error.to_string()).await;
+            Err(error)
+        }
     }
-    write_file(&args.dest, b"placeholder").await
+}
+
+async fn copy_into_place(
+    args: &CopyArgs,
+    source: &source::Source,
+    partial: &Path,
+    progress: impl AsyncFnMut(u64, Option<u64>),
+) -> Result<Transferred, CopyError> {
+    let dir = args.dest.parent().unwrap_or(Path::new("."));
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| io_error(dir, e))?;
+    let done = transfer::transfer(source, partial, progress).await?;
+    if let Some(expected) = &args.checksum
+        && *expected != done.checksum
+    {
+        return Err(CopyError::ChecksumMismatch {
+            expected: expected.clone(),
+            actual: done.checksum,
+        });
+    }
+    tokio::fs::rename(partial, &args.dest)
+        .await
+        .map_err(|e| io_error(&args.dest, e))?;
+    let folder = tokio::fs::File::open(dir)
+        .await
+        .map_err(|e| io_error(dir, e))?;
+    folder.sync_all().await.map_err(|e| io_error(dir, e))?;
+    Ok(done)
+}
+
+/// `<dest>.partial-<attempt>`.
+fn partial_path(dest: &Path, attempt: u32) -> Result<PathBuf, CopyError> {
+    let name = dest.file_name().ok_or_else(|| {
+        CopyError::InvalidArguments(format!("--dest {} has no file name", dest.display()))
+    })?;
+    Ok(dest.with_file_name(format!("{}.partial-{attempt}", name.to_string_lossy())))
 }
 
 /// Removes a cache's data: the final file and every partial file of any attempt.
@@ -96,18 +203,10 @@ async fn remove_if_present(path: &Path) -> Result<(), CopyError> {
     }
 }
 
-async fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CopyError> {
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| io_error(dir, e))?;
-    }
-    tokio::fs::write(path, bytes)
-        .await
-        .map_err(|e| io_error(path, e))
-}
-
 fn io_error(path: &Path, source: std::io::Error) -> CopyError {
+    if source.kind() == std::io::ErrorKind::StorageFull {
+        return CopyError::StoreFull(path.to_owned());
+    }
     CopyError::Io {
         path: path.to_owned(),
         source,

@@ -1,0 +1,50 @@
+//! Acquire a TemplateCache from an in-cluster controller, wait for the copy, use it, release it.
+//!
+//!     KUBECONFIG=.cluster/kubeconfig cargo run --example acquire -- <namespace> <name> <url>
+//!
+//! The consumer id is the caller's choice; a stable one (the UID of the object the reference is
+//! for) makes acquire and release idempotent across restarts.
+
+use std::time::Duration;
+
+use templatecache::api::{HttpSource, TemplateCacheSpec, TemplateSource};
+use templatecache::client::{self, CacheRequest};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let (Some(namespace), Some(name), Some(url)) = (args.next(), args.next(), args.next()) else {
+        return Err("usage: acquire <namespace> <name> <http-url>".into());
+    };
+    let request = CacheRequest {
+        namespace,
+        name,
+        // Created with this spec if it does not exist yet; refused if it exists with another.
+        spec: Some(TemplateCacheSpec {
+            source: TemplateSource {
+                http: Some(HttpSource {
+                    url,
+                    secret_ref: None,
+                }),
+                s3: None,
+            },
+            checksum: None,
+            store_ref: None,
+        }),
+    };
+    let kube = kube::Client::try_default().await?;
+    let reference = client::acquire(kube.clone(), &request, "example-consumer").await?;
+    println!("holding a reference on {}", reference.name());
+
+    let cache = reference.wait_ready(Duration::from_secs(600)).await?;
+    let status = cache.status.unwrap_or_default();
+    println!(
+        "ready: {} bytes at <store>/{}",
+        status.size.unwrap_or(0),
+        status.path.unwrap_or_default()
+    );
+
+    reference.release().await?;
+    println!("released");
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! Progress and outcome of a copy, written into the cache's `status.progress` (the field the data
+//! mover owns). Progress is written at most every two seconds, and a failure to write it never
+//! fails the copy; the final report is retried, since the controller needs it to mark Ready.
+
+use std::time::{Duration, Instant};
+
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+use tracing::warn;
+
+use crate::api::TemplateCache;
+use crate::api::names::COPY_MANAGER;
+
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Writes reports for one attempt of one cache; does nothing when there is no cache to report to.
+pub struct Reporter {
+    target: Option<(Api<TemplateCache>, String)>,
+    attempt: u32,
+    last: Option<Instant>,
+}
+
+impl Reporter {
+    /// Reports to `<namespace>/<name>` with the in-cluster (or KUBECONFIG) credentials.
+    pub async fn connect(cache: Option<&str>, attempt: u32) -> Result<Self, String> {
+        let target = match cache {
+            None => None,
+            Some(key) => {
+                let (namespace, name) = key
+                    .split_once('/')
+                    .ok_or_else(|| format!("--cache {key}: expected <namespace>/<name>"))?;
+                let client = kube::Client::try_default().await.map_err(|e| {
+                    format!("cannot reach the Kubernetes API to report progress: {e}")
+                })?;
+                Some((Api::namespaced(client, namespace), name.to_owned()))
+            }
+        };
+        Ok(Self {
+            target,
+            attempt,
+            last: None,
+        })
+    }
+
+    /// Reports progress if the last report is old enough.
+    pub async fn progress(&mut self, bytes: u64, total: Option<u64>) {
+        if self.last.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let report = json!({
+            "attempt": self.attempt, "bytesCopied": bytes, "totalBytes": total,
+            "percent": percent(bytes, total), "checksum": null, "error": null,
+        });
+        if let Err(e) = self.write(report).await {
+            warn!("could not report progress (the copy goes on): {e}");
+        }
+    }
+
+    /// The final report of a copy that is in place.
+    pub async fn succeeded(&self, bytes: u64, checksum: &str) -> Result<(), kube::Error> {
+        let report = json!({
+            "attempt": self.attempt, "bytesCopied": bytes, "totalBytes": bytes,
+            "percent": "100%", "checksum": checksum, "error": null,
+        });
+        let mut result = self.write(report.clone()).await;
+        for pause in [1, 2, 4, 8] {
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(pause)).await;
+            result = self.write(report.clone()).await;
+        }
+        result
+    }
+
+    /// The one-line reason the copy failed.
+    pub async fn failed(&self, bytes: u64, error: &str) {
+        let report = json!({"attempt": self.attempt, "bytesCopied": bytes, "error": error, "checksum": null});
+        if let Err(e) = self.write(report).await {
+            warn!("could not report the failure: {e}");
+        }
+    }
+
+    async fn write(&self, report: serde_json::Value) -> Result<(), kube::Error> {
+        let Some((api, name)) = &self.target else {
+            return Ok(());
+        };
+        let patch = json!({"status": {"progress": report}});
+        let params = PatchParams {
+            field_manager: Some(COPY_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        api.patch_status(name, &params, &Patch::Merge(&patch))
+            .await
+            .map(drop)
+    }
+}
+
+/// `42%`, when the total is known.
+fn percent(bytes: u64, total: Option<u64>) -> Option<String> {
+    let total = total.filter(|t| *t > 0)?;
+    Some(format!("{}%", bytes.saturating_mul(100) / total))
+}

@@ -1,0 +1,152 @@
+//! Where a template comes from: an `object_store` client and the object's path, built from the
+//! copy Job's arguments and the credentials in its environment.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use http::{HeaderMap, HeaderValue, header::AUTHORIZATION};
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use object_store::http::HttpBuilder;
+use object_store::path::Path;
+use object_store::{ClientOptions, RetryConfig};
+
+use super::{CopyArgs, CopyError};
+
+/// Environment variables the copy Job fills from the cache's Secret (never from arguments).
+pub const HTTP_USERNAME: &str = "TEMPLATECACHE_HTTP_USERNAME";
+pub const HTTP_PASSWORD: &str = "TEMPLATECACHE_HTTP_PASSWORD";
+pub const HTTP_TOKEN: &str = "TEMPLATECACHE_HTTP_TOKEN";
+
+/// A readable object.
+pub struct Source {
+    pub store: Arc<dyn ObjectStore>,
+    pub path: Path,
+    /// For messages: the URL or `s3://bucket/key`, never credentials.
+    pub display: String,
+}
+
+/// Builds the source the arguments name.
+pub fn open(args: &CopyArgs) -> Result<Source, CopyError> {
+    match (&args.http_url, &args.s3_bucket, &args.s3_key) {
+        (Some(url), None, None) => open_http(url),
+        (None, Some(bucket), Some(key)) => open_s3(args, bucket, key),
+        _ => Err(CopyError::InvalidArguments(
+            "give either --http-url, or --s3-bucket with --s3-key".into(),
+        )),
+    }
+}
+
+fn client_options() -> ClientOptions {
+    // Timeouts for a stalled peer, not for a large body: the body is streamed.
+    ClientOptions::new()
+        .with_connect_timeout(std::time::Duration::from_secs(10))
+        .with_timeout_disabled()
+        .with_allow_http(true)
+}
+
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        max_retries: 4,
+        retry_timeout: std::time::Duration::from_secs(60),
+        ..RetryConfig::default()
+    }
+}
+
+fn open_http(url: &str) -> Result<Source, CopyError> {
+    let parsed = url::Url::parse(url)
+        .map_err(|e| CopyError::InvalidArguments(format!("--http-url {url}: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(CopyError::InvalidArguments(format!(
+            "--http-url {url}: only http and https are supported"
+        )));
+    }
+    let base = parsed[..url::Position::BeforePath].to_owned();
+    let path = Path::from_url_path(parsed.path())
+        .map_err(|e| CopyError::InvalidArguments(format!("--http-url {url}: {e}")))?;
+    let mut options = client_options();
+    if let Some(header) = http_authorization()? {
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, header);
+        options = options.with_default_headers(headers);
+    }
+    let store = HttpBuilder::new()
+        .with_url(base)
+        .with_client_options(options)
+        .with_retry(retry_config())
+        .build()
+        .map_err(|e| CopyError::InvalidArguments(format!("--http-url {url}: {e}")))?;
+    let mut display = parsed.clone();
+    let _ = display.set_password(None);
+    let _ = display.set_username("");
+    Ok(Source {
+        store: Arc::new(store),
+        path,
+        display: display.to_string(),
+    })
+}
+
+/// `Bearer <token>` or `Basic <user:password>` from the environment, when given.
+fn http_authorization() -> Result<Option<HeaderValue>, CopyError> {
+    let env = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let value = if let Some(token) = env(HTTP_TOKEN) {
+        format!("Bearer {token}")
+    } else if let Some(user) = env(HTTP_USERNAME) {
+        let pair = format!("{user}:{}", env(HTTP_PASSWORD).unwrap_or_default());
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    } else {
+        return Ok(None);
+    };
+    let mut header = HeaderValue::from_str(&value).map_err(|_| {
+        CopyError::InvalidArguments(
+            "the credentials Secret holds characters a header cannot carry".into(),
+        )
+    })?;
+    header.set_sensitive(true);
+    Ok(Some(header))
+}
+
+fn open_s3(args: &CopyArgs, bucket: &str, key: &str) -> Result<Source, CopyError> {
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region(args.s3_region.as_deref().unwrap_or("us-east-1"))
+        .with_virtual_hosted_style_request(args.s3_virtual_host)
+        .with_client_options(client_options())
+        .with_retry(retry_config());
+    if let Some(endpoint) = &args.s3_endpoint {
+        builder = builder.with_endpoint(endpoint).with_allow_http(true);
+    }
+    match (
+        std::env::var("AWS_ACCESS_KEY_ID")
+            .ok()
+            .filter(|v| !v.is_empty()),
+        std::env::var("AWS_SECRET_ACCESS_KEY")
+            .ok()
+            .filter(|v| !v.is_empty()),
+    ) {
+        (Some(id), Some(secret)) => {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret);
+            if let Ok(token) = std::env::var("AWS_SESSION_TOKEN")
+                && !token.is_empty()
+            {
+                builder = builder.with_token(token);
+            }
+        }
+        _ => builder = builder.with_skip_signature(true),
+    }
+    let store = builder
+        .build()
+        .map_err(|e| CopyError::InvalidArguments(format!("s3://{bucket}/{key}: {e}")))?;
+    let path = Path::parse(key)
+        .map_err(|e| CopyError::InvalidArguments(format!("--s3-key {key}: {e}")))?;
+    Ok(Source {
+        store: Arc::new(store),
+        path,
+        display: format!("s3://{bucket}/{key}"),
+    })
+}
