@@ -45,11 +45,19 @@ pub async fn transfer(
             if_match: expected.as_ref().and_then(|(_, etag)| etag.clone()),
             ..GetOptions::default()
         };
-        let result = source
-            .store
-            .get_opts(&source.path, options)
-            .await
-            .map_err(|e| CopyError::from_source(&source.display, e))?;
+        let result = match source.store.get_opts(&source.path, options).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotSupported { .. }) if written > 0 => {
+                return Err(CopyError::Truncated {
+                    source_name: source.display.clone(),
+                    got: written,
+                    expected: expected.map_or(0, |(size, _)| size),
+                    cause: "the connection broke and the source cannot resume (no range requests)"
+                        .into(),
+                });
+            }
+            Err(e) => return Err(CopyError::from_source(&source.display, e)),
+        };
         let size = result.meta.size;
         match &expected {
             None => expected = Some((size, result.meta.e_tag.clone())),
@@ -91,7 +99,7 @@ pub async fn transfer(
             });
         }
         resumes += 1;
-        tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(resumes))).await;
+        tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(resumes))).await;
     }
     out.flush().await.map_err(|e| io_error(partial, e))?;
     let file = out.into_inner();

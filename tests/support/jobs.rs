@@ -5,12 +5,14 @@
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, Client};
 use serde_json::json;
 use templatecache::api::TemplateCache;
+
+#[path = "../../dev/local_executor/job_status.rs"]
+mod job_status;
 
 /// The outcome a test gives a Job.
 pub enum Outcome<'a> {
@@ -73,31 +75,10 @@ pub async fn finish_copy(
 /// Writes a terminal Job status as the Job controller does.
 pub async fn finish_job(client: &Client, namespace: &str, job: &str, succeeded: bool) {
     let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
-    let now = Timestamp::now().to_string();
-    let condition = |type_: &str, reason: &str| {
-        json!({"type": type_, "status": "True", "reason": reason, "message": reason,
-               "lastProbeTime": now, "lastTransitionTime": now})
-    };
-    let status = if succeeded {
-        json!({
-            "startTime": now, "completionTime": now, "active": 0, "succeeded": 1, "ready": 0,
-            "conditions": [condition("SuccessCriteriaMet", "CompletionsReached"),
-                           condition("Complete", "CompletionsReached")]
-        })
-    } else {
-        json!({
-            "startTime": now, "active": 0, "failed": 1, "ready": 0,
-            "conditions": [condition("FailureTarget", "BackoffLimitExceeded"),
-                           condition("Failed", "BackoffLimitExceeded")]
-        })
-    };
-    jobs.patch_status(
-        job,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": status})),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("write status of Job {job}: {e}"));
+    let current = jobs.get(job).await.expect("read Job");
+    job_status::mark_finished(&jobs, &current, succeeded, "finished by the test")
+        .await
+        .unwrap_or_else(|e| panic!("write status of Job {job}: {e}"));
 }
 
 /// Waits until `cache` satisfies `condition`, returning it.

@@ -127,5 +127,7 @@ impl TestNamespace {
 }
 
 pub mod consumer;
+pub mod executor;
+pub mod http_server;
 pub mod jobs;
 pub mod operator;

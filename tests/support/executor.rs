@@ -1,0 +1,28 @@
+//! The local Job executor (dev/local_executor), run as a process for one test namespace.
+
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+
+/// A running executor; killed when dropped.
+pub struct Executor {
+    _child: Child,
+}
+
+impl Executor {
+    pub fn start(namespace: &str) -> Self {
+        super::ensure_cluster();
+        let child = Command::new(env!("CARGO_BIN_EXE_templatecache-local-executor"))
+            .arg("--templatecache")
+            .arg(env!("CARGO_BIN_EXE_templatecache"))
+            .arg("--namespace")
+            .arg(namespace)
+            .env("KUBECONFIG", super::kubeconfig_path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the local Job executor");
+        Self { _child: child }
+    }
+}

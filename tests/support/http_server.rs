@@ -1,0 +1,151 @@
+//! A real HTTP server on loopback serving a folder (with Range support, from tower-http), plus
+//! routes that misbehave the ways a real source does: a body cut short, a slow body, and a
+//! file behind basic auth.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tower_http::services::ServeDir;
+
+/// A server over a temporary folder; stops when dropped.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Credentials of the `/private/` route.
+pub const USER: &str = "reader";
+pub const PASSWORD: &str = "s3cret";
+
+impl HttpServer {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("server folder");
+        let root = dir.path().to_owned();
+        let app = Router::new()
+            .route("/truncated/{file}", get(truncated))
+            .route("/flaky/{file}", get(flaky))
+            .route("/slow/{file}", get(slow))
+            .route("/private/{file}", get(private))
+            .fallback_service(ServeDir::new(&root))
+            .with_state(root);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("address");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, dir, task }
+    }
+
+    /// Writes `bytes` as `name` in the served folder.
+    pub fn put(&self, name: &str, bytes: &[u8]) {
+        std::fs::write(self.dir.path().join(name), bytes).expect("write served file");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/{path}", self.addr)
+    }
+}
+
+type Root = State<std::path::PathBuf>;
+
+fn read(root: &std::path::Path, file: &str) -> Option<Vec<u8>> {
+    std::fs::read(root.join(file)).ok()
+}
+
+/// Announces the whole file, sends half, then breaks the connection; ignores Range headers, so
+/// the copy cannot resume: a source that never delivers the whole file.
+async fn truncated(State(root): Root, Path(file): Path<String>) -> Response {
+    let Some(bytes) = read(&root, &file) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    cut_short(&bytes, bytes.len())
+}
+
+/// Breaks the first, whole-file response halfway, like a flaky link, and serves Range requests
+/// in full: a copy that resumes gets every byte.
+async fn flaky(State(root): Root, Path(file): Path<String>, headers: HeaderMap) -> Response {
+    let Some(bytes) = read(&root, &file) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let range_start = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse::<usize>().ok());
+    let Some(start) = range_start.filter(|s| *s < bytes.len()) else {
+        return cut_short(&bytes, bytes.len());
+    };
+    let range = format!("bytes {start}-{}/{}", bytes.len() - 1, bytes.len());
+    Response::builder()
+        .status(StatusCode::PARTIAL_CONTENT)
+        .header(header::CONTENT_RANGE, range)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .body(Body::from(bytes[start..].to_vec()))
+        .expect("response")
+}
+
+fn cut_short(bytes: &[u8], announced: usize) -> Response {
+    let half = bytes[..bytes.len() / 2].to_vec();
+    let stream = futures::stream::iter([Ok::<_, std::io::Error>(half)]).chain(
+        futures::stream::once(async { Err(std::io::Error::other("connection reset")) }),
+    );
+    Response::builder()
+        .header(header::CONTENT_LENGTH, announced)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .body(Body::from_stream(stream))
+        .expect("response")
+}
+
+/// Sends the file in 64 KiB pieces, 50 ms apart.
+async fn slow(State(root): Root, Path(file): Path<String>) -> Response {
+    let Some(bytes) = read(&root, &file) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let len = bytes.len();
+    let chunks: Vec<Vec<u8>> = bytes.chunks(64 << 10).map(<[u8]>::to_vec).collect();
+    let stream = futures::stream::iter(chunks).then(|chunk| async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok::<_, std::io::Error>(chunk)
+    });
+    Response::builder()
+        .header(header::CONTENT_LENGTH, len)
+        .body(Body::from_stream(stream))
+        .expect("response")
+}
+
+/// Serves the file only with the right basic-auth credentials.
+async fn private(State(root): Root, Path(file): Path<String>, headers: HeaderMap) -> Response {
+    use base64::Engine;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
+    );
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if given != Some(expected.as_str()) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match read(&root, &file) {
+        Some(bytes) => bytes.into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+use futures::StreamExt;
