@@ -151,6 +151,45 @@ async fn an_http_template_is_copied_byte_for_byte_and_verified() {
 }
 
 #[tokio::test]
+async fn an_s3_template_is_copied_with_credentials_from_a_secret_and_a_wrong_key_is_refused() {
+    use support::s3_server::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
+    let s3 = S3Server::start().await;
+    let bytes = random_bytes(3 << 20);
+    s3.put("images/ubuntu.qcow2", bytes.clone()).await;
+    let rig = Rig::new("e2e-s3", 1).await;
+    for (name, secret) in [("s3-creds", SECRET_KEY), ("s3-wrong", "not-the-secret")] {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "stringData": {"accessKeyId": ACCESS_KEY, "secretAccessKey": secret}
+        }))
+        .expect("secret literal");
+        rig.ns.api::<Secret>().create(&PostParams::default(), &secret).await.expect("secret");
+    }
+    let source = |secret: &str| {
+        json!({"s3": {"bucket": BUCKET, "key": "images/ubuntu.qcow2", "endpoint": s3.endpoint,
+                      "secretRef": {"name": secret}}})
+    };
+    rig.create("ubuntu", json!({"source": source("s3-creds"), "checksum": sha256(&bytes)})).await;
+    rig.create("refused", json!({"source": source("s3-wrong")})).await;
+
+    let cache = rig.settled("ubuntu").await;
+    let status = cache.status.clone().expect("status");
+    assert_eq!(status.phase, Some(Phase::Ready), "{}", ready_message(&cache));
+    assert_eq!(status.size, Some(bytes.len() as u64));
+    assert_eq!(status.checksum.as_deref(), Some(&*sha256(&bytes)));
+    assert_eq!(std::fs::read(rig.data("ubuntu")).expect("copied file"), bytes);
+
+    let refused = rig.settled("refused").await;
+    let message = ready_message(&refused);
+    assert_eq!(refused.status.as_ref().and_then(|s| s.phase), Some(Phase::Failed));
+    assert!(message.contains("refused our credentials"), "{message}");
+    assert!(!message.contains("not-the-secret"), "no secret in the status");
+    assert!(!rig.data("refused").exists());
+    assert_eq!(rig.files(), ["ubuntu"], "no partial file left");
+    rig.stop().await;
+}
+
+#[tokio::test]
 async fn a_broken_transfer_resumes_with_a_range_request() {
     let server = HttpServer::start().await;
     let bytes = random_bytes(2 << 20);

@@ -131,3 +131,4 @@ pub mod executor;
 pub mod http_server;
 pub mod jobs;
 pub mod operator;
+pub mod s3_server;
