@@ -33,3 +33,10 @@ cluster-down:
 
 clean: cluster-down
 	rm -rf .cluster target
+
+## CLOUDSTACK-7539's parallel deployment on the local control plane, with real bytes.
+demo: cluster-up
+	.cluster/kubectl --kubeconfig .cluster/kubeconfig apply --server-side -f crds/ -f config/flowcontrol.yaml >/dev/null
+	.cluster/kubectl --kubeconfig .cluster/kubeconfig wait --for=condition=Established crd/templatecaches.templatecache.io >/dev/null
+	$(CARGO) build --quiet --bins --example demo
+	KUBECONFIG=$(KUBECONFIG_LOCAL) target/debug/examples/demo

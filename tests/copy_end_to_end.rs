@@ -163,27 +163,50 @@ async fn an_s3_template_is_copied_with_credentials_from_a_secret_and_a_wrong_key
             "stringData": {"accessKeyId": ACCESS_KEY, "secretAccessKey": secret}
         }))
         .expect("secret literal");
-        rig.ns.api::<Secret>().create(&PostParams::default(), &secret).await.expect("secret");
+        rig.ns
+            .api::<Secret>()
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("secret");
     }
     let source = |secret: &str| {
         json!({"s3": {"bucket": BUCKET, "key": "images/ubuntu.qcow2", "endpoint": s3.endpoint,
                       "secretRef": {"name": secret}}})
     };
-    rig.create("ubuntu", json!({"source": source("s3-creds"), "checksum": sha256(&bytes)})).await;
-    rig.create("refused", json!({"source": source("s3-wrong")})).await;
+    rig.create(
+        "ubuntu",
+        json!({"source": source("s3-creds"), "checksum": sha256(&bytes)}),
+    )
+    .await;
+    rig.create("refused", json!({"source": source("s3-wrong")}))
+        .await;
 
     let cache = rig.settled("ubuntu").await;
     let status = cache.status.clone().expect("status");
-    assert_eq!(status.phase, Some(Phase::Ready), "{}", ready_message(&cache));
+    assert_eq!(
+        status.phase,
+        Some(Phase::Ready),
+        "{}",
+        ready_message(&cache)
+    );
     assert_eq!(status.size, Some(bytes.len() as u64));
     assert_eq!(status.checksum.as_deref(), Some(&*sha256(&bytes)));
-    assert_eq!(std::fs::read(rig.data("ubuntu")).expect("copied file"), bytes);
+    assert_eq!(
+        std::fs::read(rig.data("ubuntu")).expect("copied file"),
+        bytes
+    );
 
     let refused = rig.settled("refused").await;
     let message = ready_message(&refused);
-    assert_eq!(refused.status.as_ref().and_then(|s| s.phase), Some(Phase::Failed));
+    assert_eq!(
+        refused.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Failed)
+    );
     assert!(message.contains("refused our credentials"), "{message}");
-    assert!(!message.contains("not-the-secret"), "no secret in the status");
+    assert!(
+        !message.contains("not-the-secret"),
+        "no secret in the status"
+    );
     assert!(!rig.data("refused").exists());
     assert_eq!(rig.files(), ["ubuntu"], "no partial file left");
     rig.stop().await;

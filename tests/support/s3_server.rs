@@ -5,9 +5,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::process::{Child, Command};
 
 pub const ACCESS_KEY: &str = "templatecache-test";
@@ -26,8 +26,15 @@ impl S3Server {
         let build = std::process::Command::new(super::repo_root().join("hack/s3/build.sh"))
             .output()
             .expect("run hack/s3/build.sh");
-        assert!(build.status.success(), "{}", String::from_utf8_lossy(&build.stderr));
-        let binary = String::from_utf8(build.stdout).expect("path").trim().to_owned();
+        assert!(
+            build.status.success(),
+            "{}",
+            String::from_utf8_lossy(&build.stderr)
+        );
+        let binary = String::from_utf8(build.stdout)
+            .expect("path")
+            .trim()
+            .to_owned();
         let dir = tempfile::tempdir().expect("S3 folder");
         std::fs::create_dir(dir.path().join(BUCKET)).expect("bucket folder");
         let port = free_port();
@@ -44,7 +51,10 @@ impl S3Server {
             .expect("start versitygw");
         let endpoint = format!("http://127.0.0.1:{port}");
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
