@@ -40,3 +40,7 @@ demo: cluster-up
 	.cluster/kubectl --kubeconfig .cluster/kubeconfig wait --for=condition=Established crd/templatecaches.templatecache.io >/dev/null
 	$(CARGO) build --quiet --bins --example demo
 	KUBECONFIG=$(KUBECONFIG_LOCAL) target/debug/examples/demo
+
+## Benchmarks; tables go to docs/benchmarks.md.
+bench:
+	hack/bench-mover.sh

@@ -116,10 +116,23 @@ impl TestNamespace {
         Api::namespaced(self.client.clone(), &self.name)
     }
 
-    /// Deletes the namespace (its objects go with it). Finalizers on caches are the operator's to
-    /// drop, so a test that leaves referenced caches behind leaves a Terminating namespace: that
-    /// is harmless on a throwaway cluster.
+    /// Deletes the namespace and its objects. The test's operator is stopped by now, so the
+    /// caches' finalizers (references and cleanup) are dropped here: otherwise every finished
+    /// test would leave a namespace stuck Terminating that the namespace controller retries
+    /// forever, loading the shared API server for the tests after it.
     pub async fn delete(self) {
+        let caches: Api<templatecache::api::TemplateCache> =
+            Api::namespaced(self.client.clone(), &self.name);
+        let drop_finalizers =
+            kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}}));
+        if let Ok(list) = caches.list(&Default::default()).await {
+            for cache in list {
+                let name = cache.metadata.name.unwrap_or_default();
+                let _ = caches
+                    .patch(&name, &Default::default(), &drop_finalizers)
+                    .await;
+            }
+        }
         let _ = Api::<Namespace>::all(self.client.clone())
             .delete(&self.name, &DeleteParams::background())
             .await;
