@@ -112,9 +112,22 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    controller::run(client, args.into_config(), shutdown).await;
+    controller::run(client, args.into_config(), shutdown_signal()).await;
     Ok(())
+}
+
+/// Resolves on SIGTERM (what the kubelet sends) or Ctrl-C, so in-flight reconciles finish.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -133,6 +133,13 @@ async fn concurrent_acquirers_share_one_copy(n: usize) {
     })
     .await;
     assert_eq!(ready.status.and_then(|s| s.ref_count), Some(n as u32));
+    let writes: u32 = references.iter().map(|r| r.write_requests()).sum();
+    let per_acquire = f64::from(writes) / n as f64;
+    println!("N={n}: {writes} write requests for {n} acquires ({per_acquire:.2} per acquire)");
+    assert!(
+        per_acquire <= 1.5,
+        "at most 1.5 writes per acquire, got {per_acquire:.2}"
+    );
     let all_caches = caches.list(&Default::default()).await.expect("list caches");
     assert_eq!(all_caches.items.len(), 1, "exactly one TemplateCache");
     assert_eq!(

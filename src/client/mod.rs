@@ -70,11 +70,17 @@ pub struct Reference {
     api: Api<TemplateCache>,
     name: String,
     consumer_id: String,
+    write_requests: u32,
 }
 
-/// Rounds an acquire or release retries through concurrent changes and transient errors (with
-/// the backoff's 2 s cap, about two minutes).
+/// Rounds an acquire retries through transient errors (with the backoff's 2 s cap, about two
+/// minutes). Appends do not conflict, so this is rarely reached.
 const MAX_ROUNDS: u32 = 64;
+
+/// Rounds a release retries. Removal is by index under a `test`, and in a storm of releases
+/// every removal below ours shifts our index, so a release may need many rounds (measured with
+/// 500 simultaneous releases: some needed more than 64).
+const MAX_RELEASE_ROUNDS: u32 = 512;
 
 /// Adds the consumer's reference to the cache, creating the cache first if it does not exist.
 pub async fn acquire(
@@ -84,13 +90,14 @@ pub async fn acquire(
 ) -> Result<Reference, ClientError> {
     let entry = consumer_reference(consumer_id)?;
     let api: Api<TemplateCache> = Api::namespaced(client, &request.namespace);
-    let reference = Reference {
+    let mut reference = Reference {
         api: api.clone(),
         name: request.name.clone(),
         consumer_id: consumer_id.to_owned(),
+        write_requests: 0,
     };
     for round in 0..MAX_ROUNDS {
-        match try_acquire(&api, request, &entry).await {
+        match try_acquire(&api, request, &entry, &mut reference.write_requests).await {
             Ok(()) => return Ok(reference),
             Err(ClientError::Kube(e)) if is_retriable(&e) => {
                 tokio::time::sleep(backoff(round)).await;
@@ -106,20 +113,38 @@ async fn try_acquire(
     api: &Api<TemplateCache>,
     request: &CacheRequest,
     entry: &str,
+    write_requests: &mut u32,
 ) -> Result<(), ClientError> {
-    let Some(cache) = api.get_opt(&request.name).await? else {
+    let Some(cache) = find_or_wait_for_creator(api, &request.name).await? else {
         let spec = request
             .spec
             .clone()
             .ok_or_else(|| ClientError::NotFound(request.name.clone()))?;
         // Losing the race to create (AlreadyExists, a 409) is retried as an append.
+        *write_requests += 1;
         return Ok(create_with_reference(api, &request.name, spec, entry).await?);
     };
     check_acquirable(&cache, request)?;
     if cache.finalizers().iter().any(|f| f == entry) {
         return Ok(());
     }
+    *write_requests += 1;
     Ok(append_reference(api, &cache, entry).await?)
+}
+
+/// Reads the cache; when it does not exist, reads once more after a random pause of up to
+/// 500 ms. When many consumers ask for a new template at the same moment, one of them creates it
+/// during that pause and the rest append to it, instead of all sending a create that all but one
+/// lose (measured: 1.9 write requests per acquire for 500 acquirers without the pause).
+async fn find_or_wait_for_creator(
+    api: &Api<TemplateCache>,
+    name: &str,
+) -> kube::Result<Option<TemplateCache>> {
+    if let Some(cache) = api.get_opt(name).await? {
+        return Ok(Some(cache));
+    }
+    tokio::time::sleep(Duration::from_millis(random_below(500))).await;
+    api.get_opt(name).await
 }
 
 /// Removes the consumer's reference from the cache. A no-op when it holds none, or when the cache
@@ -132,14 +157,14 @@ pub async fn release(
 ) -> Result<(), ClientError> {
     let entry = consumer_reference(consumer_id)?;
     let api: Api<TemplateCache> = Api::namespaced(client, namespace);
-    for round in 0..MAX_ROUNDS {
+    for round in 0..MAX_RELEASE_ROUNDS {
         match try_release(&api, name, &entry).await {
             Ok(()) => return Ok(()),
             Err(e) if is_retriable(&e) => tokio::time::sleep(backoff(round)).await,
             Err(e) => return Err(e.into()),
         }
     }
-    Err(ClientError::Contended(name.to_owned(), MAX_ROUNDS))
+    Err(ClientError::Contended(name.to_owned(), MAX_RELEASE_ROUNDS))
 }
 
 /// One read-then-write round of [`release`].
@@ -178,6 +203,12 @@ impl Reference {
         &self.name
     }
 
+    /// Write requests (creates and patches, failed ones included) the acquire that made this
+    /// reference sent: the cost of an acquire under contention.
+    pub fn write_requests(&self) -> u32 {
+        self.write_requests
+    }
+
     /// Waits until the cache is Ready and returns it; fails when the operator has given up on the
     /// copy, when the cache is deleted, or after `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<TemplateCache, ClientError> {
@@ -207,8 +238,13 @@ impl Reference {
         loop {
             let cache = match self.api.get_with(&self.name, &GetParams::any()).await {
                 Ok(cache) => cache,
+                // The watch cache may not have seen a cache created a moment ago: only a
+                // quorum read can say it is gone.
                 Err(kube::Error::Api(s)) if s.code == 404 => {
-                    return Err(ClientError::Deleted(self.name.clone()));
+                    match self.api.get_opt(&self.name).await? {
+                        Some(cache) => cache,
+                        None => return Err(ClientError::Deleted(self.name.clone())),
+                    }
                 }
                 Err(e) => return Err(e.into()),
             };

@@ -90,14 +90,16 @@ pub async fn wait_for_cache(
     condition: impl Fn(&TemplateCache) -> bool,
 ) -> TemplateCache {
     let caches: Api<TemplateCache> = Api::namespaced(client.clone(), namespace);
+    // A bound to report a hang, not a performance claim: storms of 500 clients on 2 cores can
+    // take minutes.
     let found = tokio::time::timeout(
-        Duration::from_secs(60),
+        Duration::from_secs(240),
         await_condition(caches, cache, move |c: Option<&TemplateCache>| {
             c.is_some_and(&condition)
         }),
     )
     .await
-    .unwrap_or_else(|_| panic!("TemplateCache {namespace}/{cache} never became {what}"))
+    .unwrap_or_else(|_| panic!("TemplateCache {namespace}/{cache} did not become {what} within 240s"))
     .expect("watch TemplateCache");
     found.expect("cache exists")
 }
