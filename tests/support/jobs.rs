@@ -99,7 +99,9 @@ pub async fn wait_for_cache(
         }),
     )
     .await
-    .unwrap_or_else(|_| panic!("TemplateCache {namespace}/{cache} did not become {what} within 240s"))
+    .unwrap_or_else(|_| {
+        panic!("TemplateCache {namespace}/{cache} did not become {what} within 240s")
+    })
     .expect("watch TemplateCache");
     found.expect("cache exists")
 }
