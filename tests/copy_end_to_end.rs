@@ -87,6 +87,22 @@ impl Rig {
         .await
     }
 
+    /// Asserts the cache is Ready, records the source's size and digest, and its file in the
+    /// store is byte-identical to `source`.
+    async fn assert_copied(&self, name: &str, source: &[u8]) {
+        let cache = self.settled(name).await;
+        let status = cache.status.clone().expect("status");
+        assert_eq!(
+            status.phase,
+            Some(Phase::Ready),
+            "{}",
+            ready_message(&cache)
+        );
+        assert_eq!(status.size, Some(source.len() as u64));
+        assert_eq!(status.checksum.as_deref(), Some(&*sha256(source)));
+        assert_eq!(std::fs::read(self.data(name)).expect("copied file"), source);
+    }
+
     async fn stop(self) {
         self.operator.stop().await;
         self.store.delete().await;
@@ -135,17 +151,7 @@ async fn an_http_template_is_copied_byte_for_byte_and_verified() {
     let spec =
         json!({"source": {"http": {"url": server.url("disk.qcow2")}}, "checksum": sha256(&bytes)});
     rig.create("disk", spec).await;
-    let cache = rig.settled("disk").await;
-    let status = cache.status.clone().expect("status");
-    assert_eq!(
-        status.phase,
-        Some(Phase::Ready),
-        "{}",
-        ready_message(&cache)
-    );
-    assert_eq!(status.size, Some(bytes.len() as u64));
-    assert_eq!(status.checksum.as_deref(), Some(&*sha256(&bytes)));
-    assert_eq!(std::fs::read(rig.data("disk")).expect("copied file"), bytes);
+    rig.assert_copied("disk", &bytes).await;
     assert_eq!(rig.files(), ["disk"], "no partial file left");
     rig.stop().await;
 }
@@ -181,20 +187,7 @@ async fn an_s3_template_is_copied_with_credentials_from_a_secret_and_a_wrong_key
     rig.create("refused", json!({"source": source("s3-wrong")}))
         .await;
 
-    let cache = rig.settled("ubuntu").await;
-    let status = cache.status.clone().expect("status");
-    assert_eq!(
-        status.phase,
-        Some(Phase::Ready),
-        "{}",
-        ready_message(&cache)
-    );
-    assert_eq!(status.size, Some(bytes.len() as u64));
-    assert_eq!(status.checksum.as_deref(), Some(&*sha256(&bytes)));
-    assert_eq!(
-        std::fs::read(rig.data("ubuntu")).expect("copied file"),
-        bytes
-    );
+    rig.assert_copied("ubuntu", &bytes).await;
 
     let refused = rig.settled("refused").await;
     let message = ready_message(&refused);
