@@ -18,7 +18,6 @@ use serde_json::json;
 use templatecache::api::{StagingStore, TemplateCache, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest};
 use templatecache::controller::jobs::JobSettings;
-use templatecache::controller::template_cache::lifecycle::RetryPolicy;
 use templatecache::controller::{self, Config};
 
 const CONSUMERS: usize = 50;
@@ -64,8 +63,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             image: "templatecache:dev".into(),
             service_account: None,
         },
-        retry: RetryPolicy::default(),
-        concurrency: 16,
+        ..Config::default()
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let operator = tokio::spawn(controller::run(client.clone(), config, async {

@@ -56,6 +56,13 @@ struct RunArgs {
     /// Caches reconciled at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
+    /// Seconds between checks of a cache's Pod references for Pods that are gone (a backstop
+    /// for missed deletion events).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    reference_sweep_seconds: u64,
+    /// Name of this replica in Events and the leader Lease.
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
 }
 
 impl RunArgs {
@@ -73,6 +80,8 @@ impl RunArgs {
                 ..RetryPolicy::default()
             },
             concurrency: self.concurrency,
+            reference_sweep: Duration::from_secs(self.reference_sweep_seconds),
+            instance: self.instance,
         }
     }
 }

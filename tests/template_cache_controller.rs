@@ -99,10 +99,7 @@ async fn a_reconciler_with_a_stale_object_never_starts_a_second_job() {
     let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
     let cfg = config(&ns.name, &store.name);
     let caches = ns.api::<TemplateCache>();
-    let ctx = Arc::new(Context {
-        client: ns.client.clone(),
-        config: cfg.clone(),
-    });
+    let ctx = Arc::new(Context::new(ns.client.clone(), cfg.clone()));
 
     create_cache(&ns, "stale").await;
     // First reconcile adds the cleanup finalizer; keep the object as it was right after that.

@@ -37,6 +37,56 @@ pub struct StagingStoreSpec {
     pub eviction: EvictionPolicy,
 }
 
+impl StagingStoreSpec {
+    /// `capacity` in bytes; `None` for a quantity that is not a whole number of bytes below
+    /// 2^64 (the API server has already refused anything that is not a quantity).
+    pub fn capacity_bytes(&self) -> Option<u64> {
+        quantity_bytes(&self.capacity)
+    }
+}
+
+/// A Kubernetes quantity (`500Gi`, `1.5G`, `1e9`, `1024`) in bytes, rounded down.
+pub fn quantity_bytes(quantity: &str) -> Option<u64> {
+    let quantity = quantity.trim();
+    let split = quantity
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+        .unwrap_or(quantity.len());
+    let (number, suffix) = quantity.split_at(split);
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let multiplier: u128 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "Ei" => 1 << 60,
+        "k" => 10u128.pow(3),
+        "M" => 10u128.pow(6),
+        "G" => 10u128.pow(9),
+        "T" => 10u128.pow(12),
+        "P" => 10u128.pow(15),
+        "E" => 10u128.pow(18),
+        exponent if exponent.starts_with(['e', 'E']) => {
+            10u128.checked_pow(exponent[1..].parse().ok()?)?
+        }
+        _ => return None,
+    };
+    let mut bytes = whole.checked_mul(multiplier)?;
+    if !fraction.is_empty() {
+        let digits = u32::try_from(fraction.len()).ok()?;
+        let fraction: u128 = fraction.parse().ok()?;
+        bytes =
+            bytes.checked_add(fraction.checked_mul(multiplier)? / 10u128.checked_pow(digits)?)?;
+    }
+    u64::try_from(bytes).ok()
+}
+
 /// Exactly one of `nfs`, `hostPath` or `persistentVolumeClaim`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("(has(self.nfs) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) == 1").message("exactly one of spec.volume.nfs, spec.volume.hostPath or spec.volume.persistentVolumeClaim must be set"))]
@@ -137,4 +187,22 @@ pub struct StagingStoreStatus {
     /// Conditions in Kubernetes' conventions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantity_bytes;
+
+    #[test]
+    fn quantities_convert_to_bytes() {
+        assert_eq!(quantity_bytes("500Gi"), Some(500 << 30));
+        assert_eq!(quantity_bytes("3Mi"), Some(3 << 20));
+        assert_eq!(quantity_bytes("1.5G"), Some(1_500_000_000));
+        assert_eq!(quantity_bytes("1e3"), Some(1000));
+        assert_eq!(quantity_bytes("1024"), Some(1024));
+        assert_eq!(quantity_bytes("0.5Ki"), Some(512));
+        assert_eq!(quantity_bytes("100m"), None);
+        assert_eq!(quantity_bytes("lots"), None);
+        assert_eq!(quantity_bytes("20Ei"), None);
+    }
 }

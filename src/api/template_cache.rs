@@ -177,6 +177,25 @@ pub struct Progress {
     pub error: Option<String>,
 }
 
+/// Whether a copy may take room in its store. The data mover asks (it reports the template's
+/// size in `progress.totalBytes` before writing) and waits; the StagingStore controller, which
+/// alone sees every cache of the store, grants the room or says why it cannot. So two copies can
+/// never both count on the same free bytes, and a store is never filled past its capacity.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageAdmission {
+    /// The attempt this answer belongs to.
+    pub attempt: u32,
+    /// True once the room is reserved; the copy may start.
+    pub admitted: bool,
+    /// Bytes reserved (or asked for, when not admitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// Why the room cannot be granted yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// Observed state of a TemplateCache.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -209,6 +228,10 @@ pub struct TemplateCacheStatus {
     /// Progress of the running copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// Room for the current attempt's copy in the store, granted or refused by the StagingStore
+    /// controller; the data mover writes nothing before it is granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageAdmission>,
     /// Last time the set of references changed while it was not empty; drives LRU eviction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_referenced: Option<Time>,

@@ -129,7 +129,8 @@ async fn try_acquire(
         return Ok(());
     }
     *write_requests += 1;
-    Ok(append_reference(api, &cache, entry).await?)
+    append_reference(api, &cache, entry).await?;
+    Ok(())
 }
 
 /// Reads the cache; when it does not exist, reads once more after a random pause of up to
@@ -157,14 +158,55 @@ pub async fn release(
 ) -> Result<(), ClientError> {
     let entry = consumer_reference(consumer_id)?;
     let api: Api<TemplateCache> = Api::namespaced(client, namespace);
+    remove_entry(&api, name, &entry).await
+}
+
+/// Removes every copy of the finalizer `entry` from the cache: a no-op when it holds none or is
+/// gone. How the operator drops a Pod's reference too, so there is one way to release.
+pub(crate) async fn remove_entry(
+    api: &Api<TemplateCache>,
+    name: &str,
+    entry: &str,
+) -> Result<(), ClientError> {
     for round in 0..MAX_RELEASE_ROUNDS {
-        match try_release(&api, name, &entry).await {
+        match try_release(api, name, entry).await {
             Ok(()) => return Ok(()),
             Err(e) if is_retriable(&e) => tokio::time::sleep(backoff(round)).await,
             Err(e) => return Err(e.into()),
         }
     }
     Err(ClientError::Contended(name.to_owned(), MAX_RELEASE_ROUNDS))
+}
+
+/// Adds the finalizer `entry` to an existing cache unless it is there: how the operator takes a
+/// reference for a Pod. Unlike [`acquire`] it never creates the cache.
+///
+/// Returns the cache as read with the entry in place, so what it says (Ready or not) already
+/// holds under the reference.
+pub(crate) async fn add_entry(
+    api: &Api<TemplateCache>,
+    name: &str,
+    entry: &str,
+) -> Result<TemplateCache, ClientError> {
+    for round in 0..MAX_ROUNDS {
+        let result = match api.get_opt(name).await {
+            Ok(None) => return Err(ClientError::NotFound(name.to_owned())),
+            Ok(Some(cache)) if cache.metadata.deletion_timestamp.is_some() => {
+                return Err(ClientError::Deleting(name.to_owned()));
+            }
+            Ok(Some(cache)) if cache.finalizers().iter().any(|f| f == entry) => {
+                return Ok(cache);
+            }
+            Ok(Some(cache)) => append_reference(api, &cache, entry).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(cache) => return Ok(cache),
+            Err(e) if is_retriable(&e) => tokio::time::sleep(backoff(round)).await,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ClientError::Contended(name.to_owned(), MAX_ROUNDS))
 }
 
 /// One read-then-write round of [`release`].
@@ -308,7 +350,7 @@ async fn append_reference(
     api: &Api<TemplateCache>,
     cache: &TemplateCache,
     entry: &str,
-) -> Result<(), kube::Error> {
+) -> Result<TemplateCache, kube::Error> {
     let ops = match &cache.metadata.finalizers {
         Some(_) => json!([{"op": "add", "path": "/metadata/finalizers/-", "value": entry}]),
         None => json!([
@@ -334,18 +376,19 @@ async fn remove_entries(
         ops.push(json!({"op": "test", "path": path, "value": entry}));
         ops.push(json!({"op": "remove", "path": path}));
     }
-    json_patch(api, &cache.name_any(), serde_json::Value::Array(ops)).await
+    json_patch(api, &cache.name_any(), serde_json::Value::Array(ops))
+        .await
+        .map(drop)
 }
 
 async fn json_patch(
     api: &Api<TemplateCache>,
     name: &str,
     ops: serde_json::Value,
-) -> Result<(), kube::Error> {
+) -> Result<TemplateCache, kube::Error> {
     let patch: json_patch::Patch = serde_json::from_value(ops).map_err(kube::Error::SerdeError)?;
     api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
         .await
-        .map(drop)
 }
 
 /// Exponential backoff with full jitter (a uniform pause up to 10 ms × 2^round, capped at 2 s):

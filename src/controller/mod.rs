@@ -1,21 +1,29 @@
 //! The controllers of `templatecache run`, one module per reconciler, sharing one [`Context`].
 
 pub mod conditions;
+pub mod events;
 pub mod jobs;
+pub mod pod_gate;
+pub mod reference_gc;
+pub mod staging_store;
 pub mod template_cache;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::names::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::api::names::{MANAGED_BY, MANAGED_BY_LABEL, POD_CACHE_LABEL};
 use crate::api::{StagingStore, TemplateCache};
+use crate::client::ClientError;
+use events::Events;
 use jobs::JobSettings;
 use template_cache::lifecycle::RetryPolicy;
 
@@ -32,6 +40,10 @@ pub enum Error {
     Manifest(#[from] serde_json::Error),
     #[error("Job {0} failed to remove the cached data: {1}")]
     CleanupFailed(String, String),
+    #[error("cannot change a reference: {0}")]
+    Reference(#[from] ClientError),
+    #[error("StagingStore {0}: capacity {1} is not a whole number of bytes")]
+    InvalidCapacity(String, String),
 }
 
 /// Settings of `templatecache run`.
@@ -47,15 +59,51 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Caches reconciled at once.
     pub concurrency: u16,
+    /// How often a cache holding Pod references is checked for Pods that are gone, in case a
+    /// deletion event was missed.
+    pub reference_sweep: Duration,
+    /// Name of this replica in Events (the Pod name in a cluster).
+    pub instance: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            default_store: "default".to_owned(),
+            jobs: JobSettings {
+                image: concat!(
+                    "ghcr.io/templatecache/templatecache:",
+                    env!("CARGO_PKG_VERSION")
+                )
+                .to_owned(),
+                service_account: None,
+            },
+            retry: RetryPolicy::default(),
+            concurrency: 16,
+            reference_sweep: Duration::from_secs(60),
+            instance: None,
+        }
+    }
 }
 
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
     pub config: Config,
+    pub events: Events,
 }
 
 impl Context {
+    pub fn new(client: Client, config: Config) -> Self {
+        let events = Events::new(client.clone(), config.instance.clone());
+        Self {
+            client,
+            config,
+            events,
+        }
+    }
+
     /// The StagingStore a cache lives in: its `storeRef`, else the operator's default.
     pub fn store_name_of(&self, cache: &TemplateCache) -> String {
         cache
@@ -69,7 +117,7 @@ impl Context {
         Api::all(self.client.clone())
     }
 
-    fn scoped<K>(&self) -> Api<K>
+    pub fn scoped<K>(&self) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
         <K as kube::Resource>::DynamicType: Default,
@@ -87,7 +135,22 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let ctx = Arc::new(Context { client, config });
+    let ctx = Arc::new(Context::new(client, config));
+    let shutdown = shutdown.shared();
+    futures::join!(
+        run_template_caches(ctx.clone(), shutdown.clone()),
+        run_pod_gate(ctx.clone(), shutdown.clone()),
+        run_staging_stores(ctx, shutdown),
+    );
+    info!("controllers stopped");
+}
+
+/// The TemplateCache controller: owns the copy and remove Jobs, and hears of labelled Pods so
+/// a Pod's deletion releases its reference at once.
+async fn run_template_caches(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let jobs_selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
     let controller_config = ControllerConfig::default().concurrency(ctx.config.concurrency);
     Controller::new(ctx.scoped::<TemplateCache>(), watcher::Config::default())
@@ -95,6 +158,10 @@ pub async fn run(
             ctx.scoped::<Job>(),
             watcher::Config::default().labels(&jobs_selector),
         )
+        .watches(ctx.scoped::<Pod>(), labelled_pods(), |pod| {
+            let name = pod.labels().get(POD_CACHE_LABEL)?;
+            Some(ObjectRef::new(name).within(&pod.namespace()?))
+        })
         .with_config(controller_config)
         .graceful_shutdown_on(shutdown)
         .run(template_cache::reconcile, error_policy, ctx)
@@ -104,15 +171,72 @@ pub async fn run(
             }
         })
         .await;
-    info!("controllers stopped");
+}
+
+/// The Pod-gate controller: only Pods with the cache label (a server-side selector, never all
+/// Pods), and again whenever their cache changes.
+async fn run_pod_gate(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let controller = Controller::new(ctx.scoped::<Pod>(), labelled_pods());
+    let pods = controller.store();
+    controller
+        .watches(
+            ctx.scoped::<TemplateCache>(),
+            watcher::Config::default(),
+            move |cache| pod_gate::pods_of(&pods, &cache),
+        )
+        .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(pod_gate::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!("pod gate: {e}");
+            }
+        })
+        .await;
+}
+
+/// The StagingStore controller: looks at a store whenever one of its caches changes.
+async fn run_staging_stores(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let default_store = ctx.config.default_store.clone();
+    Controller::new(ctx.stores(), watcher::Config::default())
+        .watches(
+            ctx.scoped::<TemplateCache>(),
+            watcher::Config::default(),
+            move |cache| {
+                let store = cache
+                    .spec
+                    .store_ref
+                    .as_ref()
+                    .map_or_else(|| default_store.clone(), |s| s.name.clone());
+                Some(ObjectRef::<StagingStore>::new(&store))
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(staging_store::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!("staging store: {e}");
+            }
+        })
+        .await;
+}
+
+fn labelled_pods() -> watcher::Config {
+    watcher::Config::default().labels(POD_CACHE_LABEL)
 }
 
 /// Conflicts are expected under concurrency and retried at once; other errors back off.
-fn error_policy(cache: Arc<TemplateCache>, error: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy<K: ResourceExt>(object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
     match error {
         Error::Conflict(_) => Action::requeue(Duration::from_millis(200)),
         _ => {
-            warn!(cache = %cache.name_any(), "reconcile failed: {error}");
+            warn!(object = %object.name_any(), "reconcile failed: {error}");
             Action::requeue(Duration::from_secs(5))
         }
     }

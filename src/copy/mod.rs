@@ -44,6 +44,8 @@ pub enum CopyError {
     },
     #[error("the copy is in place but its report could not be written: {0}")]
     Report(String),
+    #[error("stopped before copying: {0}")]
+    Superseded(String),
 }
 
 impl CopyError {
@@ -117,10 +119,16 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
         .map_err(CopyError::InvalidArguments)?;
     let partial = partial_path(&args.dest, args.attempt)?;
     let mut copied = 0;
-    let result = copy_into_place(&args, &source, &partial, async |bytes, total| {
-        copied = bytes;
-        reporter.progress(bytes, total).await;
-    })
+    let result = async {
+        // Nothing is written before the store has reserved the room (see StorageAdmission).
+        let size = source.size().await?;
+        reporter.wait_for_room(size).await?;
+        copy_into_place(&args, &source, &partial, async |bytes, total| {
+            copied = bytes;
+            reporter.progress(bytes, total).await;
+        })
+        .await
+    }
     .await;
     match result {
         Ok(done) => {

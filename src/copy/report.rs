@@ -7,12 +7,16 @@ use std::time::{Duration, Instant};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::api::TemplateCache;
+use super::CopyError;
 use crate::api::names::COPY_MANAGER;
+use crate::api::{StorageAdmission, TemplateCache};
 
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How often a copy waiting for room looks at its cache.
+const ROOM_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Writes reports for one attempt of one cache; does nothing when there is no cache to report to.
 pub struct Reporter {
@@ -41,6 +45,61 @@ impl Reporter {
             attempt,
             last: None,
         })
+    }
+
+    /// Asks the cache's store for `bytes` of room (by reporting the size before any byte is
+    /// copied) and waits until the StagingStore controller grants it. Fails if the cache moves on
+    /// to another attempt or is deleted meanwhile; returns at once when there is no cache.
+    pub async fn wait_for_room(&mut self, bytes: u64) -> Result<(), CopyError> {
+        let Some((api, name)) = self.target.clone() else {
+            return Ok(());
+        };
+        let request = json!({
+            "attempt": self.attempt, "bytesCopied": 0, "totalBytes": bytes,
+            "percent": percent(0, Some(bytes)), "checksum": null, "error": null,
+        });
+        let mut last_answer = None;
+        let mut requested = false;
+        loop {
+            if !requested {
+                requested = self.write(request.clone()).await.is_ok();
+                self.last = Some(Instant::now());
+            }
+            match api.get(&name).await {
+                Ok(cache) => {
+                    let answer = self.room_answer(&cache)?;
+                    if answer.as_ref().is_some_and(|a| a.admitted) {
+                        return Ok(());
+                    }
+                    let message = answer.and_then(|a| a.message);
+                    if message.is_some() && message != last_answer {
+                        info!(
+                            "waiting for room: {}",
+                            message.as_deref().unwrap_or_default()
+                        );
+                        last_answer = message;
+                    }
+                }
+                Err(e) => warn!("cannot read the cache while waiting for room: {e}"),
+            }
+            tokio::time::sleep(ROOM_POLL_INTERVAL).await;
+        }
+    }
+
+    /// The store's answer for this attempt, or why waiting is pointless.
+    fn room_answer(&self, cache: &TemplateCache) -> Result<Option<StorageAdmission>, CopyError> {
+        if cache.metadata.deletion_timestamp.is_some() {
+            return Err(CopyError::Superseded("the cache is being deleted".into()));
+        }
+        let status = cache.status.clone().unwrap_or_default();
+        if status.attempt != Some(self.attempt) {
+            return Err(CopyError::Superseded(format!(
+                "the cache is at attempt {}, not {}",
+                status.attempt.unwrap_or(0),
+                self.attempt
+            )));
+        }
+        Ok(status.storage.filter(|s| s.attempt == self.attempt))
     }
 
     /// Reports progress if the last report is old enough.

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use base64::Engine;
 use http::{HeaderMap, HeaderValue, header::AUTHORIZATION};
-use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 use object_store::http::HttpBuilder;
 use object_store::path::Path;
 use object_store::{ClientOptions, RetryConfig};
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::{CopyArgs, CopyError};
 
@@ -24,6 +24,17 @@ pub struct Source {
     pub path: Path,
     /// For messages: the URL or `s3://bucket/key`, never credentials.
     pub display: String,
+}
+
+impl Source {
+    /// The object's size, from a HEAD request: what the copy asks its store to reserve.
+    pub async fn size(&self) -> Result<u64, CopyError> {
+        self.store
+            .head(&self.path)
+            .await
+            .map(|meta| meta.size)
+            .map_err(|e| CopyError::from_source(&self.display, e))
+    }
 }
 
 /// Builds the source the arguments name.

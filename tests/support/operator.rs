@@ -33,7 +33,8 @@ pub fn config(namespace: &str, store: &str) -> Config {
             base_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(2),
         },
-        concurrency: 16,
+        instance: Some(format!("test-{namespace}")),
+        ..Config::default()
     }
 }
 

@@ -8,7 +8,13 @@
 //!                                 ▼
 //!                              Failed ──(backoff elapsed, N < limit)──▶ Copying (attempt N+1)
 //!                                 └──(N = limit)──▶ Failed (RetriesExhausted, final)
+//!
+//! Ready ──(StagingStore controller evicts)──▶ Evicted ──(remove Job done, a reference)──▶
+//!                                              Copying (attempt N+1)
 //! ```
+//!
+//! An evicted cache is copied again only after its remove Job has finished, so the removal can
+//! never delete the new copy.
 
 use std::time::Duration;
 
@@ -56,6 +62,9 @@ pub mod reason {
     pub const RETRIES_EXHAUSTED: &str = "RetriesExhausted";
     pub const STORE_NOT_FOUND: &str = "StoreNotFound";
     pub const DELETING: &str = "Deleting";
+    pub const STORE_FULL: &str = "StoreFull";
+    pub const EVICTED: &str = "Evicted";
+    pub const EVICTION_FAILED: &str = "EvictionFailed";
 }
 
 /// What the reconciler saw.
@@ -66,6 +75,8 @@ pub struct Observed<'a> {
     pub store: Option<&'a StagingStore>,
     /// State of the copy Job of `status.attempt`.
     pub job: JobState,
+    /// State of the remove Job of `status.attempt` (looked up only for an evicted cache).
+    pub removal: JobState,
     pub now: Timestamp,
 }
 
@@ -78,6 +89,8 @@ pub enum Step {
     StartAttempt(u32),
     /// The current attempt's Job is missing (a crash between the two writes): apply it.
     EnsureJob(u32),
+    /// The cache was evicted: apply the remove Job of this attempt.
+    RemoveData(u32),
 }
 
 /// The status the cache should have, the step to take, and when to look again.
@@ -108,6 +121,9 @@ pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
         );
         return record(status, Some(Duration::from_secs(30)));
     }
+    if current.phase == Some(Phase::Evicted) {
+        return evicted(status, observed, attempt);
+    }
     if attempt == 0 {
         return start_attempt(status, cache, 1);
     }
@@ -118,6 +134,7 @@ pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
     match &observed.job {
         JobState::Missing => {
             copying(&mut status, cache, attempt);
+            waiting_for_room(&mut status, generation, attempt);
             Plan {
                 status,
                 step: Step::EnsureJob(attempt),
@@ -126,6 +143,7 @@ pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
         }
         JobState::Running => {
             copying(&mut status, cache, attempt);
+            waiting_for_room(&mut status, generation, attempt);
             record(status, None)
         }
         JobState::Succeeded => succeeded(status, cache, attempt, observed, policy),
@@ -182,6 +200,7 @@ fn record(status: TemplateCacheStatus, requeue_after: Option<Duration>) -> Plan 
 fn start_attempt(mut status: TemplateCacheStatus, cache: &TemplateCache, attempt: u32) -> Plan {
     status.attempt = Some(attempt);
     status.progress = None;
+    status.storage = None;
     status.size = None;
     status.checksum = None;
     copying(&mut status, cache, attempt);
@@ -205,6 +224,65 @@ fn copying(status: &mut TemplateCacheStatus, cache: &TemplateCache, attempt: u32
         message,
         cache.metadata.generation,
     );
+}
+
+/// A copy whose store has refused it room (for now) is Pending, with the store's reason.
+fn waiting_for_room(status: &mut TemplateCacheStatus, generation: Option<i64>, attempt: u32) {
+    let refused = status
+        .storage
+        .as_ref()
+        .filter(|s| s.attempt == attempt && !s.admitted)
+        .and_then(|s| s.message.clone());
+    if let Some(message) = refused {
+        status.phase = Some(Phase::Pending);
+        set_ready(status, false, reason::STORE_FULL, message, generation);
+    }
+}
+
+/// Evicted: remove the data with the attempt's remove Job; once it is gone, a reference starts
+/// the next attempt.
+fn evicted(mut status: TemplateCacheStatus, observed: &Observed, attempt: u32) -> Plan {
+    let cache = observed.cache;
+    let generation = cache.metadata.generation;
+    let store = observed.store_name;
+    let removing = format!("evicted from StagingStore {store} to free space; removing the data");
+    match &observed.removal {
+        JobState::Missing if status.size.is_some() => {
+            set_ready(&mut status, false, reason::EVICTED, removing, generation);
+            Plan {
+                status,
+                step: Step::RemoveData(attempt),
+                requeue_after: None,
+            }
+        }
+        JobState::Running => {
+            set_ready(&mut status, false, reason::EVICTED, removing, generation);
+            record(status, None)
+        }
+        JobState::Failed { message, .. } => {
+            let message = format!("removing the evicted data failed: {message}");
+            set_ready(
+                &mut status,
+                false,
+                reason::EVICTION_FAILED,
+                message,
+                generation,
+            );
+            record(status, None)
+        }
+        JobState::Succeeded | JobState::Missing => {
+            status.size = None;
+            status.checksum = None;
+            if observed.references > 0 {
+                return start_attempt(status, cache, attempt + 1);
+            }
+            let message = format!(
+                "evicted from StagingStore {store} to free space; a new reference copies it again"
+            );
+            set_ready(&mut status, false, reason::EVICTED, message, generation);
+            record(status, None)
+        }
+    }
 }
 
 fn succeeded(
@@ -339,6 +417,7 @@ mod tests {
             store_name: "s",
             store,
             job,
+            removal: JobState::Missing,
             now: Timestamp::now(),
         };
         plan(&observed, &RetryPolicy::default())
@@ -422,6 +501,65 @@ mod tests {
         let ready = &p.status.conditions[0];
         assert_eq!(ready.reason, reason::RETRIES_EXHAUSTED);
         assert!(ready.message.contains("404 Not Found"));
+    }
+
+    #[test]
+    fn a_copy_refused_room_is_pending_with_the_stores_reason() {
+        let c = cache(json!({"attempt": 1, "phase": "Copying",
+            "storage": {"attempt": 1, "admitted": false, "message": "no room"}}));
+        let p = plan_for(&c, JobState::Running, Some(&store()));
+        assert_eq!(p.status.phase, Some(Phase::Pending));
+        assert_eq!(p.status.conditions[0].reason, reason::STORE_FULL);
+        let stale = cache(json!({"attempt": 2, "phase": "Copying",
+            "storage": {"attempt": 1, "admitted": false, "message": "no room"}}));
+        let p = plan_for(&stale, JobState::Running, Some(&store()));
+        assert_eq!(p.status.phase, Some(Phase::Copying));
+    }
+
+    #[test]
+    fn an_evicted_cache_is_copied_again_only_after_its_data_is_removed() {
+        let c = cache(json!({"attempt": 3, "phase": "Evicted", "size": 10}));
+        let observe = |removal| Observed {
+            cache: &c,
+            references: 1,
+            store_name: "s",
+            store: None,
+            job: JobState::Succeeded,
+            removal,
+            now: Timestamp::now(),
+        };
+        let s = store();
+        let with_store = |removal| {
+            let mut o = observe(removal);
+            o.store = Some(&s);
+            plan(&o, &RetryPolicy::default())
+        };
+        assert_eq!(with_store(JobState::Missing).step, Step::RemoveData(3));
+        let running = with_store(JobState::Running);
+        assert_eq!(running.step, Step::Record);
+        assert_eq!(running.status.phase, Some(Phase::Evicted));
+        let removed = with_store(JobState::Succeeded);
+        assert_eq!(removed.step, Step::StartAttempt(4));
+        assert_eq!(removed.status.size, None);
+    }
+
+    #[test]
+    fn an_unreferenced_evicted_cache_stays_evicted() {
+        let c = cache(json!({"attempt": 1, "phase": "Evicted"}));
+        let s = store();
+        let observed = Observed {
+            cache: &c,
+            references: 0,
+            store_name: "s",
+            store: Some(&s),
+            job: JobState::Succeeded,
+            removal: JobState::Succeeded,
+            now: Timestamp::now(),
+        };
+        let p = plan(&observed, &RetryPolicy::default());
+        assert_eq!(p.step, Step::Record);
+        assert_eq!(p.status.phase, Some(Phase::Evicted));
+        assert_eq!(p.status.conditions[0].reason, reason::EVICTED);
     }
 
     #[test]

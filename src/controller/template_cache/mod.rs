@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -22,43 +23,69 @@ use tracing::{debug, info};
 
 use self::lifecycle::{Observed, Plan, Step};
 use super::jobs::{self, JobState, Operation};
-use super::{Context, Error};
+use super::{Context, Error, reference_gc};
 use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
-use crate::api::references::count_references;
-use crate::api::{StagingStore, TemplateCache, TemplateCacheStatus};
+use crate::api::references::{count_references, pod_uid_of};
+use crate::api::{Phase, StagingStore, TemplateCache, TemplateCacheStatus};
 
 /// Reconciles one TemplateCache. Public so tests can drive it with a deliberately stale object.
 pub async fn reconcile(cache: Arc<TemplateCache>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = cache.namespace().ok_or(Error::MissingNamespace)?;
     let caches: Api<TemplateCache> = Api::namespaced(ctx.client.clone(), &namespace);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    if cache.metadata.deletion_timestamp.is_some() {
-        return finalize(&cache, &caches, &jobs, &ctx).await;
-    }
-    if !cache.finalizers().iter().any(|f| f == CLEANUP_FINALIZER) {
-        add_cleanup_finalizer(&caches, &cache).await?;
+    if reference_gc::collect(&cache, &caches, &pods).await? > 0 {
+        // The removal changed the cache; its watch event brings it back with the new list.
         return Ok(Action::await_change());
+    }
+    let holds_pod_references = cache.finalizers().iter().any(|f| pod_uid_of(f).is_some());
+    let requeue = if cache.metadata.deletion_timestamp.is_some() {
+        finalize(&cache, &caches, &jobs, &ctx).await?
+    } else {
+        reconcile_live(cache, &caches, &jobs, &ctx).await?
+    };
+    // Pod references bring the cache back after the sweep interval, so a Pod deletion the
+    // watch missed still releases its reference.
+    let sweep = holds_pod_references.then_some(ctx.config.reference_sweep);
+    Ok(match requeue.into_iter().chain(sweep).min() {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
+    })
+}
+
+async fn reconcile_live(
+    cache: Arc<TemplateCache>,
+    caches: &Api<TemplateCache>,
+    jobs: &Api<Job>,
+    ctx: &Context,
+) -> Result<Option<Duration>, Error> {
+    if !cache.finalizers().iter().any(|f| f == CLEANUP_FINALIZER) {
+        add_cleanup_finalizer(caches, &cache).await?;
+        return Ok(None);
     }
 
     let store_name = ctx.store_name_of(&cache);
     let store = ctx.stores().get_opt(&store_name).await?;
     let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
-    let job = JobState::of(current_copy_job(&jobs, &cache, attempt).await?.as_ref());
-    let cache = read_report_if_missing(&caches, cache, attempt, &job).await?;
+    let job = JobState::of(current_copy_job(jobs, &cache, attempt).await?.as_ref());
+    let cache = read_report_if_missing(caches, cache, attempt, &job).await?;
+    let removal = match cache.status.as_ref().and_then(|s| s.phase) {
+        Some(Phase::Evicted) => JobState::of(removal_job(jobs, &cache, attempt).await?.as_ref()),
+        _ => JobState::Missing,
+    };
     let observed = Observed {
         cache: &cache,
         references: count_references(cache.finalizers()),
         store_name: &store_name,
         store: store.as_ref(),
         job,
+        removal,
         now: Timestamp::now(),
     };
     let plan = lifecycle::plan(&observed, &ctx.config.retry);
-    execute(&plan, &cache, store.as_ref(), &caches, &jobs, &ctx).await?;
-    Ok(plan
-        .requeue_after
-        .map_or_else(Action::await_change, Action::requeue))
+    execute(&plan, &cache, store.as_ref(), caches, jobs, ctx).await?;
+    Ok(plan.requeue_after)
 }
 
 async fn execute(
@@ -79,6 +106,15 @@ async fn execute(
                 jobs::copy_job(cache, store, *attempt, &ctx.config.jobs)?,
             )
             .await
+        }
+        (Step::RemoveData(attempt), Some(store)) => {
+            info!(attempt, "evicted; applying the remove Job");
+            apply_job(
+                jobs,
+                jobs::remove_job(cache, store, *attempt, &ctx.config.jobs)?,
+            )
+            .await?;
+            write_status(caches, cache, &plan.status).await
         }
         (Step::EnsureJob(attempt), Some(store)) => {
             let fresh = caches.get(&cache.name_any()).await?;
@@ -135,6 +171,16 @@ async fn current_copy_job(
     Ok(jobs.get_opt(&name).await?)
 }
 
+/// The remove Job of `attempt`, read from the API server like [`current_copy_job`].
+async fn removal_job(
+    jobs: &Api<Job>,
+    cache: &TemplateCache,
+    attempt: u32,
+) -> Result<Option<Job>, Error> {
+    let name = jobs::job_name(&cache.name_any(), Operation::Remove, attempt);
+    Ok(jobs.get_opt(&name).await?)
+}
+
 /// Deleting: hold the cache until its last reference is released, then remove its data with a
 /// remove Job and let it go.
 async fn finalize(
@@ -142,9 +188,9 @@ async fn finalize(
     caches: &Api<TemplateCache>,
     jobs: &Api<Job>,
     ctx: &Context,
-) -> Result<Action, Error> {
+) -> Result<Option<Duration>, Error> {
     if !cache.finalizers().iter().any(|f| f == CLEANUP_FINALIZER) {
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     let store_name = ctx.store_name_of(cache);
     let store = ctx.stores().get_opt(&store_name).await?;
@@ -155,44 +201,50 @@ async fn finalize(
         store_name: &store_name,
         store: store.as_ref(),
         job: JobState::Missing,
+        removal: JobState::Missing,
         now: Timestamp::now(),
     };
     write_status(caches, cache, &lifecycle::deleting_status(&observed)).await?;
     if references > 0 {
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
     let Some(store) = store.filter(|_| attempt > 0) else {
         // Nothing was ever copied, or the store is gone with its data: nothing to remove.
         remove_cleanup_finalizer(caches, cache).await?;
-        return Ok(Action::await_change());
+        return Ok(None);
     };
     let copy_job = current_copy_job(jobs, cache, attempt).await?;
     if JobState::of(copy_job.as_ref()) == JobState::Running {
         // Stop the copy first, so it cannot write after the data is removed.
         let name = jobs::job_name(&cache.name_any(), Operation::Copy, attempt);
         jobs.delete(&name, &DeleteParams::background()).await?;
-        return Ok(Action::requeue(Duration::from_secs(1)));
+        return Ok(Some(Duration::from_secs(1)));
     }
     let remove_name = jobs::job_name(&cache.name_any(), Operation::Remove, attempt);
-    match JobState::of(jobs.get_opt(&remove_name).await?.as_ref()) {
+    match JobState::of(removal_job(jobs, cache, attempt).await?.as_ref()) {
         JobState::Missing => {
             let job = jobs::remove_job(cache, &store, attempt, &ctx.config.jobs)?;
             apply_job(jobs, job).await?;
-            Ok(Action::await_change())
+            Ok(None)
         }
-        JobState::Running => Ok(Action::await_change()),
+        JobState::Running => Ok(None),
         JobState::Succeeded => {
             info!("data removed; releasing the cache");
             remove_cleanup_finalizer(caches, cache).await?;
-            Ok(Action::await_change())
+            Ok(None)
         }
         JobState::Failed { message, .. } => Err(Error::CleanupFailed(remove_name, message)),
     }
 }
 
 /// Writes the fields of `desired` that differ from the cache's status; nothing when none do.
-/// The data mover's `progress` is left alone unless a new attempt clears it.
+/// The data mover's `progress` and the store's `storage` are left alone (a new attempt clears
+/// them in [`win_attempt`]).
+///
+/// A change of phase is written only if the phase is still the one the decision saw, so a
+/// reconcile working from an old read cannot, say, write `Ready` over an eviction. Other fields
+/// are merged without a precondition: a storm of reference writes cannot starve them.
 async fn write_status(
     caches: &Api<TemplateCache>,
     cache: &TemplateCache,
@@ -201,19 +253,40 @@ async fn write_status(
     let current = cache.status.clone().unwrap_or_default();
     let mut diff = status_diff(&current, desired)?;
     diff.remove("progress");
+    diff.remove("storage");
     if diff.is_empty() {
         return Ok(());
     }
     debug!(?diff, "recording status");
-    let patch = json!({"status": diff});
-    caches
-        .patch_status(
-            &cache.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-    Ok(())
+    let name = cache.name_any();
+    let params = PatchParams::default();
+    let result = match (&cache.status, diff.contains_key("phase")) {
+        (Some(_), true) => {
+            let mut ops =
+                vec![json!({"op": "test", "path": "/status/phase", "value": current.phase})];
+            for (key, value) in diff {
+                let path = format!("/status/{key}");
+                ops.push(match value {
+                    Value::Null => json!({"op": "remove", "path": path}),
+                    value => json!({"op": "add", "path": path, "value": value}),
+                });
+            }
+            let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops))?;
+            caches
+                .patch_status(&name, &params, &Patch::<()>::Json(patch))
+                .await
+        }
+        _ => {
+            let patch = json!({"status": diff});
+            caches
+                .patch_status(&name, &params, &Patch::Merge(&patch))
+                .await
+        }
+    };
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 422 => Err(Error::Conflict(name)),
+        other => other.map(drop).map_err(Error::from),
+    }
 }
 
 /// The transition that starts an attempt, written only if no one has started another attempt

@@ -1,0 +1,184 @@
+//! The StagingStore controller: reports what each store holds, grants copies room before they
+//! write, and evicts unreferenced caches, least recently referenced first, when a store passes
+//! its high watermark or a copy needs the room. [`usage::decide`] makes every decision; this
+//! module reads and writes.
+//!
+//! Eviction never races a new reference into a Ready cache without data: the eviction is a
+//! status write preconditioned on the resourceVersion the decision saw, so a reference added
+//! since (which changes the resourceVersion) makes it fail, and the cache stays. Once the phase
+//! is `Evicted`, nothing treats the cache as Ready; its data is removed after that, by the
+//! TemplateCache controller's remove Job.
+
+pub mod usage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::conditions::{READY, condition, set_condition};
+use super::template_cache::lifecycle::reason;
+use super::{Context, Error};
+use crate::api::{Phase, StagingStore, StorageAdmission, TemplateCache};
+
+/// How often a store is looked at even when nothing changes.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Reconciles one StagingStore.
+pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = store.name_any();
+    let capacity = store
+        .spec
+        .capacity_bytes()
+        .ok_or_else(|| Error::InvalidCapacity(name.clone(), store.spec.capacity.clone()))?;
+    // A fresh list, not the watch cache: room is granted on it, and a stale view could grant
+    // the same free bytes twice.
+    let caches: Vec<TemplateCache> = ctx
+        .scoped::<TemplateCache>()
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|cache| ctx.store_name_of(cache) == name)
+        .collect();
+    if ctx.config.namespace.is_some() && caches.is_empty() {
+        // An operator limited to one namespace leaves stores it has no caches in to others.
+        return Ok(Action::await_change());
+    }
+    let decision = usage::decide(
+        &name,
+        capacity,
+        &store.spec.eviction,
+        &caches,
+        Timestamp::now(),
+    );
+    let mut contended = false;
+    for index in &decision.evict {
+        contended |= !evict(&caches[*index], &name, &ctx).await?;
+    }
+    for (index, bytes) in &decision.admit {
+        grant(&caches[*index], *bytes, None, &ctx).await?;
+    }
+    for (index, bytes, message) in &decision.refuse {
+        grant(&caches[*index], *bytes, Some(message), &ctx).await?;
+    }
+    record_usage(&store, &decision, &ctx).await?;
+    let requeue = if contended {
+        Some(Duration::from_secs(1))
+    } else {
+        decision.recheck_after
+    };
+    Ok(Action::requeue(requeue.unwrap_or(RESYNC).min(RESYNC)))
+}
+
+/// Marks an unreferenced Ready cache `Evicted`, only if it is unchanged since it was read.
+/// Returns false when it changed (typically: it gained a reference), leaving it as it is.
+async fn evict(cache: &TemplateCache, store: &str, ctx: &Context) -> Result<bool, Error> {
+    let mut conditions = cache
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let message = format!("evicted from StagingStore {store} to free space; removing the data");
+    let generation = cache.metadata.generation;
+    set_condition(
+        &mut conditions,
+        condition(READY, false, reason::EVICTED, message.clone(), generation),
+    );
+    let patch = json!({
+        "metadata": {"resourceVersion": cache.resource_version()},
+        "status": {"phase": Phase::Evicted, "conditions": conditions},
+    });
+    let api: Api<TemplateCache> =
+        Api::namespaced(ctx.client.clone(), &cache.namespace().unwrap_or_default());
+    match api
+        .patch_status(
+            &cache.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            info!(cache = %cache.name_any(), store, "evicted");
+            ctx.events
+                .publish(cache, EventType::Normal, reason::EVICTED, &message, "Evict")
+                .await;
+            Ok(true)
+        }
+        // Changed since we read it (a new reference, a new attempt) or gone: it stays.
+        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes the store's answer to a copy's request for room, when it differs from the last one.
+async fn grant(
+    cache: &TemplateCache,
+    bytes: u64,
+    refusal: Option<&String>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let status = cache.status.as_ref();
+    let answer = StorageAdmission {
+        attempt: status.and_then(|s| s.attempt).unwrap_or(0),
+        admitted: refusal.is_none(),
+        bytes: Some(bytes),
+        message: refusal.cloned(),
+    };
+    if status.and_then(|s| s.storage.as_ref()) == Some(&answer) {
+        return Ok(());
+    }
+    if let Some(message) = refusal {
+        warn!(cache = %cache.name_any(), "{message}");
+        ctx.events
+            .publish(
+                cache,
+                EventType::Warning,
+                reason::STORE_FULL,
+                message,
+                "Admit",
+            )
+            .await;
+    }
+    let api: Api<TemplateCache> =
+        Api::namespaced(ctx.client.clone(), &cache.namespace().unwrap_or_default());
+    let patch = json!({"status": {"storage": answer}});
+    match api
+        .patch_status(
+            &cache.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other.map(drop).map_err(Error::from),
+    }
+}
+
+async fn record_usage(
+    store: &StagingStore,
+    decision: &usage::Decision,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let current = store.status.clone().unwrap_or_default();
+    if current.used_bytes == Some(decision.used_bytes) && current.caches == Some(decision.caches) {
+        return Ok(());
+    }
+    let patch = json!({"status": {"usedBytes": decision.used_bytes, "caches": decision.caches}});
+    ctx.stores()
+        .patch_status(
+            &store.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
