@@ -144,4 +144,5 @@ pub mod executor;
 pub mod http_server;
 pub mod jobs;
 pub mod operator;
+pub mod rig;
 pub mod s3_server;

@@ -69,11 +69,22 @@ pub struct TestStore {
 
 impl TestStore {
     pub async fn new(client: &Client, name: &str, capacity: &str) -> Self {
+        Self::with_eviction(client, name, capacity, json!({})).await
+    }
+
+    /// A store with its own `spec.eviction` policy.
+    pub async fn with_eviction(
+        client: &Client,
+        name: &str,
+        capacity: &str,
+        eviction: serde_json::Value,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temporary store folder");
         let store: StagingStore = serde_json::from_value(json!({
             "apiVersion": "templatecache.io/v1alpha1", "kind": "StagingStore",
             "metadata": {"name": name},
-            "spec": {"volume": {"hostPath": {"path": dir.path()}}, "capacity": capacity}
+            "spec": {"volume": {"hostPath": {"path": dir.path()}}, "capacity": capacity,
+                     "eviction": eviction}
         }))
         .expect("store literal");
         Api::<StagingStore>::all(client.clone())
