@@ -95,16 +95,7 @@ async fn evict(cache: &TemplateCache, store: &str, ctx: &Context) -> Result<bool
         "metadata": {"resourceVersion": cache.resource_version()},
         "status": {"phase": Phase::Evicted, "conditions": conditions},
     });
-    let api: Api<TemplateCache> =
-        Api::namespaced(ctx.client.clone(), &cache.namespace().unwrap_or_default());
-    match api
-        .patch_status(
-            &cache.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
+    match merge_status(cache, &patch, ctx).await {
         Ok(_) => {
             info!(cache = %cache.name_any(), store, "evicted");
             ctx.events
@@ -147,20 +138,23 @@ async fn grant(
             )
             .await;
     }
-    let api: Api<TemplateCache> =
-        Api::namespaced(ctx.client.clone(), &cache.namespace().unwrap_or_default());
     let patch = json!({"status": {"storage": answer}});
-    match api
-        .patch_status(
-            &cache.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
+    match merge_status(cache, &patch, ctx).await {
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         other => other.map(drop).map_err(Error::from),
     }
+}
+
+async fn merge_status(
+    cache: &TemplateCache,
+    patch: &serde_json::Value,
+    ctx: &Context,
+) -> kube::Result<TemplateCache> {
+    let api: Api<TemplateCache> =
+        Api::namespaced(ctx.client.clone(), &cache.namespace().unwrap_or_default());
+    let params = PatchParams::default();
+    api.patch_status(&cache.name_any(), &params, &Patch::Merge(patch))
+        .await
 }
 
 async fn record_usage(
