@@ -4,10 +4,16 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use clap::{Args, Parser, Subcommand};
+use futures::FutureExt;
 use templatecache::controller::jobs::JobSettings;
 use templatecache::controller::template_cache::lifecycle::RetryPolicy;
 use templatecache::controller::{self, Config};
+use templatecache::runtime::http::{self, Readiness};
+use templatecache::runtime::leader::{self, LeaderSettings};
+use templatecache::runtime::metrics::Metrics;
 use templatecache::runtime::telemetry::{self, LogFormat};
 
 /// templatecache: one staging copy per template, shared by reference.
@@ -60,19 +66,43 @@ struct RunArgs {
     /// for missed deletion events).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     reference_sweep_seconds: u64,
-    /// Name of this replica in Events and the leader Lease.
+    /// Name of this replica in Events and the leader Lease (the host name when unset).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Elect a leader among replicas on a Lease; only the leader reconciles.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "TEMPLATECACHE_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (the operator's own namespace in a cluster).
+    #[arg(
+        long,
+        default_value = "default",
+        env = "TEMPLATECACHE_LEADER_ELECTION_NAMESPACE"
+    )]
+    leader_election_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "templatecache-operator")]
+    leader_election_lease: String,
+    /// Seconds a leader's Lease lasts without renewal: how long a standby waits after the
+    /// leader died.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=600))]
+    lease_duration_seconds: u64,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        default_value = "0.0.0.0:8080",
+        env = "TEMPLATECACHE_METRICS_ADDRESS"
+    )]
+    metrics_address: std::net::SocketAddr,
 }
 
 impl RunArgs {
-    fn into_config(self) -> Config {
+    fn config(&self) -> Config {
         Config {
-            namespace: self.namespace,
-            default_store: self.default_store,
+            namespace: self.namespace.clone(),
+            default_store: self.default_store.clone(),
             jobs: JobSettings {
-                image: self.job_image,
-                service_account: self.job_service_account,
+                image: self.job_image.clone(),
+                service_account: self.job_service_account.clone(),
             },
             retry: RetryPolicy {
                 max_attempts: self.max_attempts,
@@ -81,7 +111,25 @@ impl RunArgs {
             },
             concurrency: self.concurrency,
             reference_sweep: Duration::from_secs(self.reference_sweep_seconds),
-            instance: self.instance,
+            instance: Some(self.identity()),
+        }
+    }
+
+    fn identity(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "templatecache".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    fn leader_settings(&self) -> LeaderSettings {
+        let duration = Duration::from_secs(self.lease_duration_seconds);
+        LeaderSettings {
+            namespace: self.leader_election_namespace.clone(),
+            lease: self.leader_election_lease.clone(),
+            identity: self.identity(),
+            duration,
+            renew_before: duration / 3,
         }
     }
 }
@@ -121,8 +169,38 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
-    controller::run(client, args.into_config(), shutdown_signal()).await;
-    Ok(())
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    let shutdown = shutdown_signal().shared();
+    let endpoints = http::serve(
+        args.metrics_address,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    );
+    let endpoints = tokio::spawn(endpoints);
+    client
+        .apiserver_version()
+        .await
+        .map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
+    readiness.set(true);
+    let config = args.config();
+    let result = if args.leader_elect {
+        let controllers = |stop: tokio::sync::oneshot::Receiver<()>| {
+            controller::run_with(client.clone(), config, metrics.clone(), async {
+                let _ = stop.await;
+            })
+        };
+        let settings = args.leader_settings();
+        leader::run_as_leader(client.clone(), settings, &metrics, shutdown, controllers)
+            .await
+            .map_err(|e| e.to_string())
+    } else {
+        controller::run_with(client, config, metrics.clone(), shutdown).await;
+        Ok(())
+    };
+    endpoints.abort();
+    result
 }
 
 /// Resolves on SIGTERM (what the kubelet sends) or Ctrl-C, so in-flight reconciles finish.

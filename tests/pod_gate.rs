@@ -24,16 +24,9 @@ use templatecache::client::{self, CacheRequest};
 const CHECKSUM: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
 async fn create_cache(ns: &TestNamespace, name: &str) {
-    let cache: TemplateCache = serde_json::from_value(json!({
-        "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
-        "metadata": {"name": name},
-        "spec": {"source": {"http": {"url": "http://templates.invalid/img.qcow2"}}}
-    }))
-    .expect("cache literal");
-    ns.api::<TemplateCache>()
-        .create(&PostParams::default(), &cache)
-        .await
-        .expect("create cache");
+    let url = "http://templates.invalid/img.qcow2";
+    ns.create_cache(name, json!({"source": {"http": {"url": url}}}))
+        .await;
 }
 
 /// A Pod as a Deployment's pod template would make it: the cache label and the gate.

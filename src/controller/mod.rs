@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use crate::api::names::{MANAGED_BY, MANAGED_BY_LABEL, POD_CACHE_LABEL};
 use crate::api::{StagingStore, TemplateCache};
 use crate::client::ClientError;
+use crate::runtime::metrics::Metrics;
 use events::Events;
 use jobs::JobSettings;
 use template_cache::lifecycle::RetryPolicy;
@@ -92,6 +93,7 @@ pub struct Context {
     pub client: Client,
     pub config: Config,
     pub events: Events,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
@@ -101,6 +103,7 @@ impl Context {
             client,
             config,
             events,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -135,7 +138,19 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let ctx = Arc::new(Context::new(client, config));
+    run_with(client, config, Arc::new(Metrics::new()), shutdown).await;
+}
+
+/// [`run`], counting into `metrics`.
+pub async fn run_with(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let mut ctx = Context::new(client, config);
+    ctx.metrics = metrics;
+    let ctx = Arc::new(ctx);
     let shutdown = shutdown.shared();
     futures::join!(
         run_template_caches(ctx.clone(), shutdown.clone()),
@@ -164,7 +179,17 @@ async fn run_template_caches(
         })
         .with_config(controller_config)
         .graceful_shutdown_on(shutdown)
-        .run(template_cache::reconcile, error_policy, ctx)
+        .run(
+            |cache, ctx| {
+                measured(
+                    "template_cache",
+                    template_cache::reconcile(cache, ctx.clone()),
+                    ctx,
+                )
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
                 warn!("reconcile: {e}");
@@ -189,7 +214,11 @@ async fn run_pod_gate(
         )
         .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(pod_gate::reconcile, error_policy, ctx)
+        .run(
+            |pod, ctx| measured("pod_gate", pod_gate::reconcile(pod, ctx.clone()), ctx),
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
                 warn!("pod gate: {e}");
@@ -218,13 +247,37 @@ async fn run_staging_stores(
             },
         )
         .graceful_shutdown_on(shutdown)
-        .run(staging_store::reconcile, error_policy, ctx)
+        .run(
+            |store, ctx| {
+                measured(
+                    "staging_store",
+                    staging_store::reconcile(store, ctx.clone()),
+                    ctx,
+                )
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
                 warn!("staging store: {e}");
             }
         })
         .await;
+}
+
+/// Runs one reconcile and counts it; a conflict (a retry by design) is not an error.
+async fn measured(
+    controller: &'static str,
+    reconcile: impl std::future::Future<Output = Result<Action, Error>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile.await;
+    let failed = matches!(&result, Err(e) if !matches!(e, Error::Conflict(_)));
+    ctx.metrics
+        .observe_reconcile(controller, started.elapsed(), failed);
+    result
 }
 
 fn labelled_pods() -> watcher::Config {

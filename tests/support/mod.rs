@@ -116,6 +116,23 @@ impl TestNamespace {
         Api::namespaced(self.client.clone(), &self.name)
     }
 
+    /// Creates TemplateCache `name` with `spec` (JSON, as a user would write it).
+    pub async fn create_cache(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> templatecache::api::TemplateCache {
+        let cache = serde_json::from_value(serde_json::json!({
+            "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
+            "metadata": {"name": name}, "spec": spec
+        }))
+        .expect("cache literal");
+        self.api()
+            .create(&PostParams::default(), &cache)
+            .await
+            .expect("create cache")
+    }
+
     /// Deletes the namespace and its objects. The test's operator is stopped by now, so the
     /// caches' finalizers (references and cleanup) are dropped here: otherwise every finished
     /// test would leave a namespace stuck Terminating that the namespace controller retries

@@ -104,3 +104,82 @@ impl TestStore {
             .await;
     }
 }
+
+/// The `templatecache run` binary as a separate process, as a Deployment's replica runs it:
+/// leader election on a Lease in the test namespace, metrics on a loopback port of its own.
+pub struct OperatorProcess {
+    pub identity: String,
+    pub metrics_port: u16,
+    child: tokio::process::Child,
+}
+
+impl OperatorProcess {
+    /// Starts replica `identity` reconciling `namespace` with `store` as its default store.
+    pub fn start(identity: &str, namespace: &str, store: &str, extra: &[&str]) -> Self {
+        super::ensure_cluster();
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"))
+            .args(["run", "--namespace", namespace, "--default-store", store])
+            .args([
+                "--instance",
+                identity,
+                "--leader-election-namespace",
+                namespace,
+            ])
+            .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
+            .args([
+                "--job-image",
+                "templatecache:test",
+                "--retry-base-seconds",
+                "1",
+            ])
+            .args(extra)
+            .env("KUBECONFIG", super::kubeconfig_path())
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start templatecache run");
+        Self {
+            identity: identity.to_owned(),
+            metrics_port,
+            child,
+        }
+    }
+
+    /// SIGKILL: no chance to release the Lease or finish anything.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("kill the operator");
+    }
+
+    /// Waits up to `limit` for the process to exit on its own.
+    pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()
+            .map(|status| status.expect("wait for the operator"))
+    }
+
+    /// The text of `/metrics`, once the endpoint answers.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await
+    }
+
+    pub async fn get(&self, path: &str) -> String {
+        let url = format!("http://127.0.0.1:{}{path}", self.metrics_port);
+        for _ in 0..100 {
+            if let Ok(output) = tokio::process::Command::new("curl")
+                .args(["-sf", &url])
+                .output()
+                .await
+                && output.status.success()
+            {
+                return String::from_utf8_lossy(&output.stdout).into_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{url} did not answer");
+    }
+}

@@ -1,7 +1,6 @@
 //! A namespace with a store, an operator and a local Job executor: everything an end-to-end
 //! test of real copies needs, and the checks those tests share.
 
-use kube::api::PostParams;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use templatecache::api::{Phase, TemplateCache};
@@ -49,16 +48,7 @@ impl Rig {
     }
 
     pub async fn create(&self, name: &str, spec: serde_json::Value) {
-        let cache: TemplateCache = serde_json::from_value(json!({
-            "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
-            "metadata": {"name": name}, "spec": spec
-        }))
-        .expect("cache literal");
-        self.ns
-            .api::<TemplateCache>()
-            .create(&PostParams::default(), &cache)
-            .await
-            .expect("create cache");
+        self.ns.create_cache(name, spec).await;
     }
 
     pub fn data(&self, name: &str) -> std::path::PathBuf {

@@ -98,6 +98,7 @@ async fn evict(cache: &TemplateCache, store: &str, ctx: &Context) -> Result<bool
     match merge_status(cache, &patch, ctx).await {
         Ok(_) => {
             info!(cache = %cache.name_any(), store, "evicted");
+            ctx.metrics.evictions.inc();
             ctx.events
                 .publish(cache, EventType::Normal, reason::EVICTED, &message, "Evict")
                 .await;

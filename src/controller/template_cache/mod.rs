@@ -84,8 +84,40 @@ async fn reconcile_live(
         now: Timestamp::now(),
     };
     let plan = lifecycle::plan(&observed, &ctx.config.retry);
+    ctx.metrics.set_references(
+        &cache.namespace().unwrap_or_default(),
+        &cache.name_any(),
+        Some(observed.references),
+    );
     execute(&plan, &cache, store.as_ref(), caches, jobs, ctx).await?;
+    count_copies(&plan, &cache, ctx);
     Ok(plan.requeue_after)
+}
+
+/// Counts what the plan, now written, did to the copy: started, succeeded or failed.
+fn count_copies(plan: &Plan, cache: &TemplateCache, ctx: &Context) {
+    let before = cache.status.as_ref().and_then(|s| s.phase);
+    let after = plan.status.phase;
+    let metrics = &ctx.metrics;
+    if let Step::StartAttempt(_) = plan.step {
+        metrics.copies_started.inc();
+        // A failure whose backoff had already run out goes straight to the next attempt.
+        if before == Some(Phase::Copying) {
+            metrics.copies_failed.inc();
+        }
+    }
+    if after != before {
+        match after {
+            Some(Phase::Ready) => {
+                metrics.copies_succeeded.inc();
+                metrics.bytes_copied.inc_by(plan.status.size.unwrap_or(0));
+            }
+            Some(Phase::Failed) => {
+                metrics.copies_failed.inc();
+            }
+            _ => {}
+        }
+    }
 }
 
 async fn execute(
@@ -232,6 +264,9 @@ async fn finalize(
         JobState::Succeeded => {
             info!("data removed; releasing the cache");
             remove_cleanup_finalizer(caches, cache).await?;
+            let namespace = cache.namespace().unwrap_or_default();
+            ctx.metrics
+                .set_references(&namespace, &cache.name_any(), None);
             Ok(None)
         }
         JobState::Failed { message, .. } => Err(Error::CleanupFailed(remove_name, message)),
