@@ -86,6 +86,11 @@ struct RunArgs {
     /// leader died.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=600))]
     lease_duration_seconds: u64,
+    /// Prefixes a source must start with, comma-separated (e.g.
+    /// `https://images.example.com/,s3://templates/`); every source is allowed when empty.
+    /// S3 sources are matched as `<endpoint>/<bucket>/<key>`, or `s3://<bucket>/<key>` on AWS.
+    #[arg(long, value_delimiter = ',', env = "TEMPLATECACHE_SOURCE_ALLOWLIST")]
+    source_allowlist: Vec<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -112,6 +117,7 @@ impl RunArgs {
             concurrency: self.concurrency,
             reference_sweep: Duration::from_secs(self.reference_sweep_seconds),
             instance: Some(self.identity()),
+            source_allowlist: self.source_allowlist.clone(),
         }
     }
 

@@ -84,6 +84,14 @@ async fn invalid_template_caches_are_refused_with_the_field_named() {
             vec!["spec.source.http.url"],
         ),
         (
+            "credentials in the URL (they belong in a Secret)",
+            cache(
+                "userinfo",
+                json!({"source": http("https://user:pass@a.example/x.qcow2")}),
+            ),
+            vec!["spec.source.http.url"],
+        ),
+        (
             "file URL",
             cache("file", json!({"source": http("file:///etc/passwd")})),
             vec!["spec.source.http.url"],

@@ -6,13 +6,15 @@ mod support;
 
 use std::time::Duration;
 
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
 use kube::api::PostParams;
 use serde_json::json;
 
 use support::http_server::{HttpServer, PASSWORD, USER};
 use support::rig::{Rig, random_bytes, ready_message, sha256};
-use templatecache::api::Phase;
+use templatecache::api::{Phase, TemplateCache};
 
 #[tokio::test]
 async fn an_http_template_is_copied_byte_for_byte_and_verified() {
@@ -136,8 +138,36 @@ async fn credentials_come_from_the_secret_and_a_refusal_is_reported() {
     let refused = rig.settled("without").await;
     let message = ready_message(&refused);
     assert!(message.contains("refused our credentials"), "{message}");
-    assert!(!message.contains(PASSWORD));
     assert!(!rig.data("without").exists());
+    // The password is nowhere a user (or anyone with read access) can see: not in a cache's
+    // status, not in an Event, not in a Job or its pod template.
+    let caches = rig
+        .ns
+        .api::<TemplateCache>()
+        .list(&Default::default())
+        .await
+        .expect("caches");
+    let jobs = rig
+        .ns
+        .api::<Job>()
+        .list(&Default::default())
+        .await
+        .expect("jobs");
+    let events = rig
+        .ns
+        .api::<Event>()
+        .list(&Default::default())
+        .await
+        .expect("events");
+    let visible = [
+        serde_json::to_string(&caches).expect("json"),
+        serde_json::to_string(&jobs).expect("json"),
+        serde_json::to_string(&events).expect("json"),
+    ];
+    assert!(jobs.items.len() == 2 && !events.items.is_empty());
+    for text in visible {
+        assert!(!text.contains(PASSWORD), "the secret value leaked: {text}");
+    }
     rig.stop().await;
 }
 

@@ -65,10 +65,11 @@ pub struct TemplateSource {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSource {
-    /// The template's URL; only `http://` and `https://` are accepted.
+    /// The template's URL; only `http://` and `https://` are accepted, without credentials in
+    /// it (put them in the Secret of `secretRef`).
     #[schemars(
         length(min = 8, max = 2048),
-        regex(pattern = r"^https?://[^\s/?#]+[^\s]*$")
+        regex(pattern = r"^https?://[^\s/?#@]+([/?#][^\s]*)?$")
     )]
     pub url: String,
     /// Secret with `username` and `password` (basic auth) or `token` (bearer), in the cache's
@@ -92,7 +93,7 @@ pub struct S3Source {
     pub key: String,
     /// Endpoint of an S3-compatible service, `http(s)://host[:port]`; AWS when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s/?#]+/?$"))]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s/?#@]+/?$"))]
     pub endpoint: Option<String>,
     /// Region; `us-east-1` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,6 +107,27 @@ pub struct S3Source {
     /// access when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
+}
+
+impl TemplateSource {
+    /// Where the template is, as one string to match against the operator's source allowlist:
+    /// the URL for http, `<endpoint>/<bucket>/<key>` for S3 with an endpoint, and
+    /// `s3://<bucket>/<key>` for AWS itself.
+    pub fn location(&self) -> String {
+        match (&self.http, &self.s3) {
+            (Some(http), _) => http.url.clone(),
+            (None, Some(s3)) => match &s3.endpoint {
+                Some(endpoint) => format!(
+                    "{}/{}/{}",
+                    endpoint.trim_end_matches('/'),
+                    s3.bucket,
+                    s3.key
+                ),
+                None => format!("s3://{}/{}", s3.bucket, s3.key),
+            },
+            (None, None) => String::new(),
+        }
+    }
 }
 
 /// How an S3 bucket is addressed.

@@ -65,6 +65,10 @@ pub struct Config {
     pub reference_sweep: Duration,
     /// Name of this replica in Events (the Pod name in a cluster).
     pub instance: Option<String>,
+    /// Prefixes a source location must start with (see `TemplateSource::location`); empty
+    /// allows every source. Keeps namespace users from making the cluster fetch from addresses
+    /// they should not reach.
+    pub source_allowlist: Vec<String>,
 }
 
 impl Default for Config {
@@ -84,6 +88,7 @@ impl Default for Config {
             concurrency: 16,
             reference_sweep: Duration::from_secs(60),
             instance: None,
+            source_allowlist: vec![],
         }
     }
 }
@@ -114,6 +119,19 @@ impl Context {
             .store_ref
             .as_ref()
             .map_or_else(|| self.config.default_store.clone(), |s| s.name.clone())
+    }
+
+    /// Why the cache's source is refused by the allowlist, if it is.
+    pub fn source_refusal(&self, cache: &TemplateCache) -> Option<String> {
+        let allowlist = &self.config.source_allowlist;
+        let location = cache.spec.source.location();
+        if allowlist.is_empty() || allowlist.iter().any(|p| location.starts_with(p)) {
+            return None;
+        }
+        Some(format!(
+            "source {location} is outside the operator's source allowlist ({})",
+            allowlist.join(", ")
+        ))
     }
 
     pub fn stores(&self) -> Api<StagingStore> {

@@ -65,6 +65,7 @@ pub mod reason {
     pub const STORE_FULL: &str = "StoreFull";
     pub const EVICTED: &str = "Evicted";
     pub const EVICTION_FAILED: &str = "EvictionFailed";
+    pub const SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
 }
 
 /// What the reconciler saw.
@@ -77,6 +78,8 @@ pub struct Observed<'a> {
     pub job: JobState,
     /// State of the remove Job of `status.attempt` (looked up only for an evicted cache).
     pub removal: JobState,
+    /// Why the operator's source allowlist refuses the source, if it does.
+    pub source_refusal: Option<String>,
     pub now: Timestamp,
 }
 
@@ -120,6 +123,21 @@ pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
             generation,
         );
         return record(status, Some(Duration::from_secs(30)));
+    }
+    if let Some(refusal) = &observed.source_refusal
+        && current.phase != Some(Phase::Ready)
+    {
+        // Final, with no Job: nothing is fetched from a source the operator may not reach.
+        status.phase = Some(Phase::Failed);
+        let message = refusal.clone();
+        set_ready(
+            &mut status,
+            false,
+            reason::SOURCE_NOT_ALLOWED,
+            message,
+            generation,
+        );
+        return record(status, None);
     }
     if current.phase == Some(Phase::Evicted) {
         return evicted(status, observed, attempt);
@@ -418,6 +436,7 @@ mod tests {
             store,
             job,
             removal: JobState::Missing,
+            source_refusal: None,
             now: Timestamp::now(),
         };
         plan(&observed, &RetryPolicy::default())
@@ -526,6 +545,7 @@ mod tests {
             store: None,
             job: JobState::Succeeded,
             removal,
+            source_refusal: None,
             now: Timestamp::now(),
         };
         let s = store();
@@ -554,12 +574,33 @@ mod tests {
             store: Some(&s),
             job: JobState::Succeeded,
             removal: JobState::Succeeded,
+            source_refusal: None,
             now: Timestamp::now(),
         };
         let p = plan(&observed, &RetryPolicy::default());
         assert_eq!(p.step, Step::Record);
         assert_eq!(p.status.phase, Some(Phase::Evicted));
         assert_eq!(p.status.conditions[0].reason, reason::EVICTED);
+    }
+
+    #[test]
+    fn a_source_outside_the_allowlist_fails_for_good_without_a_job() {
+        let c = cache(json!(null));
+        let s = store();
+        let observed = Observed {
+            cache: &c,
+            references: 1,
+            store_name: "s",
+            store: Some(&s),
+            job: JobState::Missing,
+            removal: JobState::Missing,
+            source_refusal: Some("not allowed".into()),
+            now: Timestamp::now(),
+        };
+        let p = plan(&observed, &RetryPolicy::default());
+        assert_eq!(p.step, Step::Record);
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        assert_eq!(p.status.conditions[0].reason, reason::SOURCE_NOT_ALLOWED);
     }
 
     #[test]

@@ -17,11 +17,13 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{debug, info};
 
 use self::lifecycle::{Observed, Plan, Step};
+use super::conditions::{READY, find};
 use super::jobs::{self, JobState, Operation};
 use super::{Context, Error, reference_gc};
 use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
@@ -81,6 +83,7 @@ async fn reconcile_live(
         store: store.as_ref(),
         job,
         removal,
+        source_refusal: ctx.source_refusal(&cache),
         now: Timestamp::now(),
     };
     let plan = lifecycle::plan(&observed, &ctx.config.retry);
@@ -90,33 +93,47 @@ async fn reconcile_live(
         Some(observed.references),
     );
     execute(&plan, &cache, store.as_ref(), caches, jobs, ctx).await?;
-    count_copies(&plan, &cache, ctx);
+    announce(&plan, &cache, ctx).await;
     Ok(plan.requeue_after)
 }
 
-/// Counts what the plan, now written, did to the copy: started, succeeded or failed.
-fn count_copies(plan: &Plan, cache: &TemplateCache, ctx: &Context) {
+/// Counts and announces (as an Event on the cache) what the plan, now written, did to the copy:
+/// started, succeeded, failed, given up.
+async fn announce(plan: &Plan, cache: &TemplateCache, ctx: &Context) {
     let before = cache.status.as_ref().and_then(|s| s.phase);
     let after = plan.status.phase;
     let metrics = &ctx.metrics;
+    let ready = find(&plan.status.conditions, READY);
+    let note = ready.map(|c| c.message.clone()).unwrap_or_default();
+    let publish = async |type_, reason: &str| {
+        ctx.events
+            .publish(cache, type_, reason, &note, "Reconcile")
+            .await;
+    };
     if let Step::StartAttempt(_) = plan.step {
         metrics.copies_started.inc();
         // A failure whose backoff had already run out goes straight to the next attempt.
         if before == Some(Phase::Copying) {
             metrics.copies_failed.inc();
         }
+        publish(EventType::Normal, "CopyStarted").await;
+        return;
     }
-    if after != before {
-        match after {
-            Some(Phase::Ready) => {
-                metrics.copies_succeeded.inc();
-                metrics.bytes_copied.inc_by(plan.status.size.unwrap_or(0));
-            }
-            Some(Phase::Failed) => {
-                metrics.copies_failed.inc();
-            }
-            _ => {}
+    if after == before {
+        return;
+    }
+    match after {
+        Some(Phase::Ready) => {
+            metrics.copies_succeeded.inc();
+            metrics.bytes_copied.inc_by(plan.status.size.unwrap_or(0));
+            publish(EventType::Normal, lifecycle::reason::COPIED).await;
         }
+        Some(Phase::Failed) => {
+            metrics.copies_failed.inc();
+            let reason = ready.map_or(lifecycle::reason::COPY_FAILED, |c| c.reason.as_str());
+            publish(EventType::Warning, reason).await;
+        }
+        _ => {}
     }
 }
 
@@ -234,6 +251,7 @@ async fn finalize(
         store: store.as_ref(),
         job: JobState::Missing,
         removal: JobState::Missing,
+        source_refusal: None,
         now: Timestamp::now(),
     };
     write_status(caches, cache, &lifecycle::deleting_status(&observed)).await?;
