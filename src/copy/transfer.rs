@@ -6,10 +6,13 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::io::Write;
+
+use bytes::Bytes;
 use futures::StreamExt;
 use object_store::{GetOptions, GetRange};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
 
 use super::source::Source;
 use super::{CopyError, io_error};
@@ -26,16 +29,52 @@ pub struct Transferred {
 }
 
 /// Copies `source` into `partial`, calling `progress(bytes, total)` after every chunk.
+///
+/// Three things run side by side, so the copy goes as fast as the slowest of them rather than
+/// their sum: this task reads the network; one thread hashes; one thread writes, and a helper
+/// asks the kernel to flush what is written every [`WRITEBACK_STEP`], so the final fsync finds
+/// little left to do. Chunks are shared, not copied, and each channel holds at most
+/// [`CHUNKS_IN_FLIGHT`] of them, so memory stays bounded.
 pub async fn transfer(
     source: &Source,
     partial: &Path,
     mut progress: impl AsyncFnMut(u64, Option<u64>),
 ) -> Result<Transferred, CopyError> {
-    let file = tokio::fs::File::create(partial)
+    let file = std::fs::File::create(partial).map_err(|e| io_error(partial, e))?;
+    let (to_writer, chunks) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
+    let writer = tokio::task::spawn_blocking(move || write_all(file, chunks));
+    let (to_hasher, chunks) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
+    let hasher = tokio::task::spawn_blocking(move || hash_all(chunks));
+    let sinks = [to_writer, to_hasher];
+    let read = read_all(source, &sinks, &mut progress).await;
+    drop(sinks);
+    let written = writer
         .await
-        .map_err(|e| io_error(partial, e))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let mut hasher = Sha256::new();
+        .map_err(|e| io_error(partial, std::io::Error::other(e)));
+    let digest = hasher
+        .await
+        .map_err(|e| io_error(partial, std::io::Error::other(e)));
+    let bytes = read?;
+    written?.map_err(|e| io_error(partial, e))?;
+    Ok(Transferred {
+        bytes,
+        checksum: format!("sha256:{}", hex(&digest?)),
+    })
+}
+
+/// Chunks queued for each of the writer and the hasher (object_store's chunks are up to a few
+/// hundred KiB, so this bounds memory to a few MiB per side).
+const CHUNKS_IN_FLIGHT: usize = 32;
+
+/// How much is written between requests to the kernel to flush to disk.
+const WRITEBACK_STEP: u64 = 64 << 20;
+
+/// Reads the whole object, resuming a broken stream, and hands every chunk to `sinks`.
+async fn read_all(
+    source: &Source,
+    sinks: &[mpsc::Sender<Bytes>],
+    progress: &mut impl AsyncFnMut(u64, Option<u64>),
+) -> Result<u64, CopyError> {
     let mut written: u64 = 0;
     let mut expected: Option<(u64, Option<String>)> = None;
     let mut resumes = 0;
@@ -71,13 +110,15 @@ pub async fn transfer(
         while let Some(chunk) = stream.next().await {
             match chunk {
                 Ok(bytes) => {
-                    hasher.update(&bytes);
-                    out.write_all(&bytes)
-                        .await
-                        .map_err(|e| io_error(partial, e))?;
                     written += bytes.len() as u64;
                     if written > size {
                         return Err(CopyError::SourceChanged(source.display.clone()));
+                    }
+                    for sink in sinks {
+                        // A closed sink failed; its error is reported when it is joined.
+                        if sink.send(bytes.clone()).await.is_err() {
+                            return Ok(written);
+                        }
                     }
                     progress(written, Some(size)).await;
                 }
@@ -88,7 +129,7 @@ pub async fn transfer(
             }
         }
         if written == size {
-            break;
+            return Ok(written);
         }
         if resumes == MAX_RESUMES {
             return Err(CopyError::Truncated {
@@ -101,13 +142,39 @@ pub async fn transfer(
         resumes += 1;
         tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(resumes))).await;
     }
-    out.flush().await.map_err(|e| io_error(partial, e))?;
-    let file = out.into_inner();
-    file.sync_all().await.map_err(|e| io_error(partial, e))?;
-    Ok(Transferred {
-        bytes: written,
-        checksum: format!("sha256:{}", hex(&hasher.finalize())),
-    })
+}
+
+/// Writes every chunk, then fsyncs. A second handle flushes in the background every
+/// [`WRITEBACK_STEP`] (at most one flush pending), so dirty pages do not pile up for the end.
+fn write_all(mut file: std::fs::File, mut chunks: mpsc::Receiver<Bytes>) -> std::io::Result<()> {
+    let flusher = file.try_clone()?;
+    let (flush, flushes) = std::sync::mpsc::sync_channel::<()>(1);
+    let background = std::thread::spawn(move || {
+        while flushes.recv().is_ok() {
+            // Best effort: the final fsync below is the one that counts.
+            let _ = flusher.sync_data();
+        }
+    });
+    let mut unflushed = 0;
+    while let Some(bytes) = chunks.blocking_recv() {
+        file.write_all(&bytes)?;
+        unflushed += bytes.len() as u64;
+        if unflushed >= WRITEBACK_STEP {
+            let _ = flush.try_send(());
+            unflushed = 0;
+        }
+    }
+    drop(flush);
+    let _ = background.join();
+    file.sync_all()
+}
+
+fn hash_all(mut chunks: mpsc::Receiver<Bytes>) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    while let Some(bytes) = chunks.blocking_recv() {
+        hasher.update(&bytes);
+    }
+    hasher.finalize().into()
 }
 
 fn hex(bytes: &[u8]) -> String {
