@@ -46,6 +46,7 @@ fn assert_refused(case: &str, result: kube::Result<DynamicObject>, expected: &[&
         );
     }
     println!("refused ({case}): {}", err.message);
+    support::corpus::record(case, &format!("refused, 422: {}", err.message));
 }
 
 #[tokio::test]
@@ -136,6 +137,97 @@ async fn invalid_template_caches_are_refused_with_the_field_named() {
             ),
             vec!["metadata.name", "52"],
         ),
+        (
+            "javascript: URL",
+            cache(
+                "js",
+                json!({"source": http("javascript:alert(document.cookie)")}),
+            ),
+            vec!["spec.source.http.url"],
+        ),
+        (
+            "URL with a line break (header injection)",
+            cache(
+                "crlf",
+                json!({"source": http("http://a.example/x\r\nHost: evil")}),
+            ),
+            vec!["spec.source.http.url"],
+        ),
+        (
+            "URL of 3000 characters",
+            cache(
+                "huge",
+                json!({"source": http(&format!("https://a.example/{}", "x".repeat(3000)))}),
+            ),
+            vec!["spec.source.http.url", "2048"],
+        ),
+        (
+            "URL of the wrong type (a number)",
+            cache("type", json!({"source": {"http": {"url": 42}}})),
+            vec!["spec.source.http.url", "string"],
+        ),
+        (
+            "checksum in upper case",
+            cache(
+                "upper",
+                json!({"source": http("https://a.example/x"), "checksum": format!("sha256:{}", "A".repeat(64))}),
+            ),
+            vec!["spec.checksum"],
+        ),
+        (
+            "bucket with upper case and a slash",
+            cache(
+                "bucket2",
+                json!({"source": {"s3": {"bucket": "Templates/../x", "key": "k"}}}),
+            ),
+            vec!["spec.source.s3.bucket"],
+        ),
+        (
+            "S3 endpoint that is a file path",
+            cache(
+                "endpoint2",
+                json!({"source": {"s3": {"bucket": "templates", "key": "k", "endpoint": "file:///etc"}}}),
+            ),
+            vec!["spec.source.s3.endpoint"],
+        ),
+        (
+            "S3 region with spaces",
+            cache(
+                "region",
+                json!({"source": {"s3": {"bucket": "templates", "key": "k", "region": "us east"}}}),
+            ),
+            vec!["spec.source.s3.region"],
+        ),
+        (
+            "empty secretRef name",
+            cache(
+                "secret",
+                json!({"source": {"http": {"url": "https://a.example/x", "secretRef": {"name": ""}}}}),
+            ),
+            vec!["spec.source.http.secretRef.name"],
+        ),
+        (
+            "empty storeRef name",
+            cache(
+                "storeref",
+                json!({"source": http("https://a.example/x"), "storeRef": {"name": ""}}),
+            ),
+            vec!["spec.storeRef.name"],
+        ),
+        (
+            "path traversal in the name",
+            cache("../etc", json!({"source": http("https://a.example/x")})),
+            vec!["metadata.name"],
+        ),
+        (
+            "a reference finalizer that is not a valid name",
+            {
+                let mut c = cache("badref", json!({"source": http("https://a.example/x")}));
+                c.metadata.finalizers = Some(vec!["ref.templatecache.io/has space".into()]);
+                c
+            },
+            vec!["metadata.finalizers"],
+        ),
     ];
     for (case, obj, expected) in cases {
         assert_refused(case, api.create(&pp, &obj).await, &expected);
@@ -176,6 +268,19 @@ async fn invalid_template_caches_are_refused_with_the_field_named() {
         api.patch("valid", &params, &patch(json!({"checksum": null})))
             .await,
         &["spec.checksum", "immutable"],
+    );
+    let status = |status: Value| Patch::Merge(json!({"status": status}));
+    assert_refused(
+        "a negative refCount written into the status",
+        api.patch_status("valid", &params, &status(json!({"refCount": -1})))
+            .await,
+        &["status.refCount"],
+    );
+    assert_refused(
+        "an unknown phase written into the status",
+        api.patch_status("valid", &params, &status(json!({"phase": "Hacked"})))
+            .await,
+        &["status.phase", "supported values"],
     );
     ns.delete().await;
 }
@@ -238,6 +343,37 @@ async fn invalid_staging_stores_are_refused_with_the_field_named() {
                 json!({"volume": {"hostPath": {"path": "/srv/../etc"}}, "capacity": "1Gi"}),
             ),
             vec!["spec.volume.hostPath.path", ".."],
+        ),
+        (
+            "capacity of zero",
+            store(&name("zero"), json!({"volume": host, "capacity": "0"})),
+            vec!["spec.capacity", "whole number of bytes"],
+        ),
+        (
+            "capacity in fractions of a byte",
+            store(&name("milli"), json!({"volume": host, "capacity": "100m"})),
+            vec!["spec.capacity", "whole number of bytes"],
+        ),
+        (
+            "capacity past 16 EiB",
+            store(&name("exa"), json!({"volume": host, "capacity": "20Ei"})),
+            vec!["spec.capacity", "under 16Ei"],
+        ),
+        (
+            "negative minUnusedSeconds",
+            store(
+                &name("unused"),
+                json!({"volume": host, "capacity": "1Gi", "eviction": {"minUnusedSeconds": -5}}),
+            ),
+            vec!["spec.eviction.minUnusedSeconds"],
+        ),
+        (
+            "NFS path that is not absolute",
+            store(
+                &name("nfs"),
+                json!({"volume": {"nfs": {"server": "nfs.example", "path": "exports"}}, "capacity": "1Gi"}),
+            ),
+            vec!["spec.volume.nfs.path"],
         ),
     ];
     for (case, obj, expected) in cases {

@@ -29,7 +29,7 @@ pub struct StagingStoreSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.volume is immutable"))]
     pub volume: StoreVolume,
     /// Size of the store as a Kubernetes quantity, e.g. `500Gi`.
-    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("spec.capacity must be a positive quantity such as 500Gi"))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0')) && quantity(self).isInteger() && quantity(self).isLessThan(quantity('16Ei'))").message("spec.capacity must be a whole number of bytes from 1 to under 16Ei, such as 500Gi"))]
     #[schemars(length(min = 1, max = 64))]
     pub capacity: String,
     /// When to evict unreferenced caches.

@@ -157,6 +157,7 @@ impl TestNamespace {
 }
 
 pub mod consumer;
+pub mod corpus;
 pub mod executor;
 pub mod http_server;
 pub mod jobs;
