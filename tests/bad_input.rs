@@ -1,0 +1,314 @@
+//! Hostile and mistaken requests, beyond what the schema refuses (tests/api_validation.rs):
+//! each is refused with a clear message or handled without harm, and recorded for the table in
+//! docs/reliability.md.
+
+mod support;
+
+use futures::future::join_all;
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use support::corpus::record;
+use support::jobs::wait_for_cache;
+use support::operator::{Operator, TestStore, config};
+use support::{TestNamespace, kubectl};
+use templatecache::api::references::count_references;
+use templatecache::api::{TemplateCache, TemplateCacheSpec};
+use templatecache::client::{self, CacheRequest, ClientError};
+use templatecache::controller::conditions::{READY, find};
+use templatecache::controller::template_cache::lifecycle::reason;
+
+fn spec(url: &str) -> TemplateCacheSpec {
+    serde_json::from_value(json!({"source": {"http": {"url": url}}})).expect("spec")
+}
+
+fn request(ns: &TestNamespace, name: &str, spec: Option<TemplateCacheSpec>) -> CacheRequest {
+    CacheRequest {
+        namespace: ns.name.clone(),
+        name: name.to_owned(),
+        spec,
+    }
+}
+
+async fn refs(ns: &TestNamespace, name: &str) -> (u32, String) {
+    let cache = ns.api::<TemplateCache>().get(name).await.expect("cache");
+    let version = cache.resource_version().unwrap_or_default();
+    (count_references(cache.finalizers()), version)
+}
+
+async fn ready_reason(ns: &TestNamespace, name: &str, wanted: &'static str) -> String {
+    let cache = wait_for_cache(&ns.client, &ns.name, name, wanted, move |c| {
+        let ready = c.status.as_ref().and_then(|s| find(&s.conditions, READY));
+        ready.is_some_and(|r| r.reason == wanted)
+    })
+    .await;
+    let status = cache.status.expect("status");
+    find(&status.conditions, READY)
+        .expect("Ready")
+        .message
+        .clone()
+}
+
+#[tokio::test]
+async fn consumers_that_misbehave_change_nothing_they_should_not() {
+    let ns = TestNamespace::new("bad-consumer").await;
+    let url = "https://templates.invalid/img.qcow2";
+    let cache = request(&ns, "img", Some(spec(url)));
+    let holder = client::acquire(ns.client.clone(), &cache, "holder")
+        .await
+        .expect("acquire");
+    let before = refs(&ns, "img").await;
+
+    for (case, id) in [
+        ("consumer id that is empty", String::new()),
+        ("consumer id with a slash", "../../x".to_owned()),
+        ("consumer id of 64 characters", "c".repeat(64)),
+        ("consumer id of 10,000 characters", "c".repeat(10_000)),
+    ] {
+        let result = client::acquire(ns.client.clone(), &cache, &id).await;
+        let Err(e @ ClientError::InvalidConsumerId(_)) = result else {
+            panic!("{case}: {result:?}");
+        };
+        assert_eq!(refs(&ns, "img").await, before, "{case}: nothing written");
+        record(
+            case,
+            &format!("refused by the library before any write: {e}"),
+        );
+    }
+
+    client::release(ns.client.clone(), &ns.name, "img", "never-held")
+        .await
+        .expect("a release of nothing is a no-op");
+    assert_eq!(refs(&ns, "img").await, before);
+    record(
+        "releasing a reference never held",
+        "no-op: Ok, refCount and resourceVersion unchanged",
+    );
+
+    let spare = client::acquire(ns.client.clone(), &cache, "twice")
+        .await
+        .expect("acquire");
+    spare.clone().release().await.expect("release");
+    spare.release().await.expect("second release");
+    assert_eq!(refs(&ns, "img").await.0, 1);
+    record(
+        "releasing the same reference twice",
+        "second release is a no-op; refCount 1",
+    );
+
+    let storm =
+        join_all((0..50).map(|_| client::acquire(ns.client.clone(), &cache, "same-one"))).await;
+    assert!(storm.iter().all(Result::is_ok));
+    assert_eq!(refs(&ns, "img").await.0, 2, "one consumer counts once");
+    client::release(ns.client.clone(), &ns.name, "img", "same-one")
+        .await
+        .expect("release");
+    assert_eq!(refs(&ns, "img").await.0, 1, "one release frees every copy");
+    record(
+        "one consumer acquiring 50 times at once",
+        "counted once (refCount +1); one release removes every copy of the entry",
+    );
+
+    let other = request(
+        &ns,
+        "img",
+        Some(spec("https://elsewhere.invalid/other.qcow2")),
+    );
+    let result = client::acquire(ns.client.clone(), &other, "mismatch").await;
+    let Err(e @ ClientError::SpecMismatch { .. }) = result else {
+        panic!("spec mismatch: {result:?}");
+    };
+    record(
+        "acquiring an existing cache with a different source",
+        &format!("refused by the library: {e}"),
+    );
+
+    ns.api::<TemplateCache>()
+        .delete("img", &Default::default())
+        .await
+        .expect("delete");
+    let result = client::acquire(ns.client.clone(), &cache, "late").await;
+    let Err(e @ ClientError::Deleting(_)) = result else {
+        panic!("acquire while deleting: {result:?}");
+    };
+    record(
+        "acquiring a cache that is being deleted",
+        &format!("refused: {e} (the API server refuses new finalizers on it too)"),
+    );
+    holder.release().await.expect("release");
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn ten_thousand_references_on_one_cache_are_counted_and_released() {
+    let ns = TestNamespace::new("tenk").await;
+    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
+    let operator = Operator::start(config(&ns.name, &store.name)).await;
+    ns.create_cache(
+        "img",
+        json!({"source": {"http": {"url": "https://t.invalid/x"}}}),
+    )
+    .await;
+    // Appends need the list the operator starts with its cleanup finalizer.
+    wait_for_cache(&ns.client, &ns.name, "img", "finalized", |c| {
+        !c.finalizers().is_empty()
+    })
+    .await;
+    let caches: Api<TemplateCache> = ns.api();
+    let ids: Vec<String> = (0..10_000)
+        .map(|i| format!("ref.templatecache.io/consumer-{i:05}"))
+        .collect();
+    for batch in ids.chunks(500) {
+        let ops: Vec<_> = batch
+            .iter()
+            .map(|f| json!({"op": "add", "path": "/metadata/finalizers/-", "value": f}))
+            .collect();
+        let patch: json_patch::Patch = serde_json::from_value(json!(ops)).expect("patch");
+        caches
+            .patch("img", &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+            .expect("500 references in one patch");
+    }
+    let counted = wait_for_cache(&ns.client, &ns.name, "img", "refCount 10000", |c| {
+        c.status.as_ref().and_then(|s| s.ref_count) == Some(10_000)
+    })
+    .await;
+    let size = serde_json::to_vec(&counted).expect("json").len();
+    let remaining: Vec<String> = counted
+        .finalizers()
+        .iter()
+        .filter(|f| !f.starts_with("ref."))
+        .cloned()
+        .collect();
+    let patch = json!({"metadata": {"finalizers": remaining}});
+    caches
+        .patch("img", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("release all");
+    wait_for_cache(&ns.client, &ns.name, "img", "refCount 0", |c| {
+        c.status.as_ref().and_then(|s| s.ref_count) == Some(0)
+    })
+    .await;
+    record(
+        "10,000 references on one cache",
+        &format!(
+            "accepted in 20 patches; refCount 10000 ({size} bytes of JSON, under etcd's 1.5 MB); all released: refCount 0"
+        ),
+    );
+    operator.stop().await;
+    store.delete().await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn sources_the_operator_must_not_fetch_start_no_job() {
+    let ns = TestNamespace::new("bad-source").await;
+    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
+    let mut cfg = config(&ns.name, &store.name);
+    cfg.source_allowlist = vec!["https://images.example.com/".into()];
+    let operator = Operator::start(cfg).await;
+
+    ns.create_cache(
+        "internal",
+        json!({"source": {"http": {"url": "http://169.254.169.254/latest/meta-data/"}}}),
+    )
+    .await;
+    let message = ready_reason(&ns, "internal", reason::SOURCE_NOT_ALLOWED).await;
+    assert!(
+        message.contains("outside the operator's source allowlist"),
+        "{message}"
+    );
+    record(
+        "a source outside the operator's allowlist (cloud metadata address)",
+        &format!("Failed, reason SourceNotAllowed, no Job: {message}"),
+    );
+    ns.create_cache(
+        "lookalike",
+        json!({"source": {"http": {"url": "https://images.example.com.evil.example/x"}}}),
+    )
+    .await;
+    ready_reason(&ns, "lookalike", reason::SOURCE_NOT_ALLOWED).await;
+    record(
+        "a look-alike host that shares the allowlisted prefix but not its slash",
+        "Failed, reason SourceNotAllowed, no Job",
+    );
+
+    ns.create_cache(
+        "nowhere",
+        json!({"source": {"http": {"url": "https://images.example.com/x"}}, "storeRef": {"name": "no-such-store"}}),
+    )
+    .await;
+    let message = ready_reason(&ns, "nowhere", reason::STORE_NOT_FOUND).await;
+    record(
+        "a cache naming a StagingStore that does not exist",
+        &format!("Pending, reason StoreNotFound, no Job: {message}"),
+    );
+    let jobs = ns
+        .api::<Job>()
+        .list(&Default::default())
+        .await
+        .expect("jobs");
+    assert!(jobs.items.is_empty(), "no Job for any of them");
+
+    operator.stop().await;
+    store.delete().await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn the_data_mover_refuses_a_key_that_climbs_out_of_its_bucket() {
+    let dir = tempfile::tempdir().expect("dir");
+    let dest = dir.path().join("ns/img");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"))
+        .args(["copy", "--attempt", "1", "--dest"])
+        .arg(&dest)
+        .args(["--s3-bucket", "templates", "--s3-key", "../../etc/passwd"])
+        .args(["--s3-endpoint", "http://127.0.0.1:9"])
+        .output()
+        .await
+        .expect("run the mover");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("../../etc/passwd"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("dir").count(),
+        0,
+        "nothing written"
+    );
+    record(
+        "an S3 key with ../ segments",
+        &format!(
+            "the data mover refuses it before any request, writes nothing: {}",
+            stderr.trim()
+        ),
+    );
+}
+
+#[tokio::test]
+async fn unknown_fields_are_refused_by_kubectl_apply() {
+    let ns = TestNamespace::new("strict").await;
+    let manifest = format!(
+        "apiVersion: templatecache.io/v1alpha1\nkind: TemplateCache\nmetadata: {{name: typo, namespace: {}}}\nspec:\n  source: {{http: {{url: 'https://a.example/x'}}}}\n  checksumm: sha256:abc\n",
+        ns.name
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("typo.yaml");
+    std::fs::write(&file, manifest).expect("manifest");
+    let output = kubectl()
+        .args(["apply", "-f"])
+        .arg(&file)
+        .output()
+        .expect("kubectl");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("unknown field \"spec.checksumm\""),
+        "{stderr}"
+    );
+    record(
+        "a misspelt field (spec.checksumm) in kubectl apply",
+        &format!("refused: {}", stderr.trim()),
+    );
+    ns.delete().await;
+}
