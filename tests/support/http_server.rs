@@ -39,6 +39,7 @@ impl HttpServer {
             .route("/flaky/{file}", get(flaky))
             .route("/slow/{file}", get(slow))
             .route("/private/{file}", get(private))
+            .route("/unreliable/{file}", get(unreliable))
             .fallback_service(ServeDir::new(&root))
             .with_state(root);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -110,6 +111,29 @@ fn cut_short(bytes: &[u8], announced: usize) -> Response {
         .header(header::ACCEPT_RANGES, "bytes")
         .body(Body::from_stream(stream))
         .expect("response")
+}
+
+/// Fails at random, the ways a source under load does: 15 % of requests get a 503 (which the
+/// mover's client retries), another 15 % a body cut short, whose resume (a Range request) meets
+/// the same odds.
+async fn unreliable(State(root): Root, Path(file): Path<String>) -> Response {
+    let Some(bytes) = read(&root, &file) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    match random_below(100) {
+        0..15 => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        15..30 => cut_short(&bytes, bytes.len()),
+        _ => Response::builder()
+            .header(header::CONTENT_LENGTH, bytes.len())
+            .body(Body::from(bytes))
+            .expect("response"),
+    }
+}
+
+/// A well-spread random number below `bound` (std's hasher is randomly seeded).
+pub fn random_below(bound: u64) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::Instant::now()) % bound.max(1)
 }
 
 /// Sends the file in 64 KiB pieces, 50 ms apart.
