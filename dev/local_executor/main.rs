@@ -8,7 +8,9 @@
 //! Job's status as the Job controller would. A deleted Job has its process killed.
 //!
 //!     templatecache-local-executor --templatecache target/debug/templatecache [--namespace NS]
+//!         [--as-job-service-account]
 
+mod identity;
 mod job_status;
 
 use std::collections::HashMap;
@@ -32,6 +34,10 @@ struct Args {
     /// Run only the Jobs of this namespace (all namespaces when unset).
     #[arg(long)]
     namespace: Option<String>,
+    /// Run each Job's process with a token of the Job's ServiceAccount, as a kubelet would,
+    /// instead of with the executor's own credentials.
+    #[arg(long)]
+    as_job_service_account: bool,
 }
 
 /// Jobs running now, by UID, with the handle that kills their process.
@@ -160,6 +166,19 @@ async fn run_job(
     for (name, value) in resolve_env(client, &namespace, container).await? {
         command.env(name, value);
     }
+    // Kept until the process ends; the file is removed when this is dropped.
+    let _identity = if args.as_job_service_account {
+        let account = pod.service_account_name.as_deref().unwrap_or("default");
+        let uid = job.uid().unwrap_or_default();
+        let own = kube::config::Kubeconfig::read()
+            .map_err(|e| format!("reading the executor's kubeconfig: {e}"))?;
+        let identity =
+            identity::AccountKubeconfig::issue(client, own, &namespace, account, &uid).await?;
+        command.env("KUBECONFIG", identity.path());
+        Some(identity)
+    } else {
+        None
+    };
     command.kill_on_drop(true);
     job_status::mark_started(jobs, job)
         .await

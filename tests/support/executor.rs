@@ -11,12 +11,23 @@ pub struct Executor {
 
 impl Executor {
     pub fn start(namespace: &str) -> Self {
+        Self::spawn(namespace, &[])
+    }
+
+    /// An executor that runs each Job's process with a token of the Job's ServiceAccount, as a
+    /// kubelet would, so the process has only the rights RBAC grants that account.
+    pub fn start_as_job_accounts(namespace: &str) -> Self {
+        Self::spawn(namespace, &["--as-job-service-account"])
+    }
+
+    fn spawn(namespace: &str, extra: &[&str]) -> Self {
         super::ensure_cluster();
         let child = Command::new(env!("CARGO_BIN_EXE_templatecache-local-executor"))
             .arg("--templatecache")
             .arg(env!("CARGO_BIN_EXE_templatecache"))
             .arg("--namespace")
             .arg(namespace)
+            .args(extra)
             .env("KUBECONFIG", super::kubeconfig_path())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

@@ -116,28 +116,49 @@ pub struct OperatorProcess {
 impl OperatorProcess {
     /// Starts replica `identity` reconciling `namespace` with `store` as its default store.
     pub fn start(identity: &str, namespace: &str, store: &str, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = ["run", "--namespace", namespace, "--default-store", store]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        args.extend(
+            [
+                "--instance",
+                identity,
+                "--leader-election-namespace",
+                namespace,
+            ]
+            .map(String::from),
+        );
+        args.extend(
+            [
+                "--job-image",
+                "templatecache:test",
+                "--retry-base-seconds",
+                "1",
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Self::spawn(identity, &args, &super::kubeconfig_path())
+    }
+
+    /// Starts `templatecache` with exactly `args` (a Deployment's, say) and the credentials of
+    /// `kubeconfig`; only the metrics address is moved to a free loopback port.
+    pub fn spawn(identity: &str, args: &[String], kubeconfig: &std::path::Path) -> Self {
         super::ensure_cluster();
         let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        let args = args
+            .iter()
+            .filter(|a| !a.starts_with("--metrics-address"))
+            .cloned()
+            .chain([format!("--metrics-address=127.0.0.1:{metrics_port}")]);
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"))
-            .args(["run", "--namespace", namespace, "--default-store", store])
-            .args([
-                "--instance",
-                identity,
-                "--leader-election-namespace",
-                namespace,
-            ])
-            .args(["--metrics-address", &format!("127.0.0.1:{metrics_port}")])
-            .args([
-                "--job-image",
-                "templatecache:test",
-                "--retry-base-seconds",
-                "1",
-            ])
-            .args(extra)
-            .env("KUBECONFIG", super::kubeconfig_path())
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", identity)
             .env("RUST_LOG", "warn")
             .kill_on_drop(true)
             .spawn()
