@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
 
-.PHONY: all build test lint unit integration crds check-crds cluster-up cluster-down demo bench clean
+.PHONY: all build test lint unit integration crds check-crds cluster-up cluster-down demo bench chaos reliability clean
 
 all: build
 
@@ -22,6 +22,7 @@ lint:
 ## Regenerate crds/ from the Rust types.
 crds:
 	$(CARGO) run --quiet -- crd > crds/templatecache.io.yaml
+	cp crds/templatecache.io.yaml charts/templatecache-operator/crds/templatecache.io.yaml
 
 ## Start the local control plane (idempotent); writes .cluster/kubeconfig.
 cluster-up:
@@ -36,7 +37,7 @@ clean: cluster-down
 
 ## CLOUDSTACK-7539's parallel deployment on the local control plane, with real bytes.
 demo: cluster-up
-	.cluster/kubectl --kubeconfig .cluster/kubeconfig apply --server-side -f crds/ -f config/flowcontrol.yaml >/dev/null
+	.cluster/kubectl --kubeconfig .cluster/kubeconfig apply --server-side -f crds/ -f charts/templatecache-operator/files/flowcontrol.yaml >/dev/null
 	.cluster/kubectl --kubeconfig .cluster/kubeconfig wait --for=condition=Established crd/templatecaches.templatecache.io >/dev/null
 	$(CARGO) build --quiet --bins --example demo
 	KUBECONFIG=$(KUBECONFIG_LOCAL) target/debug/examples/demo
@@ -44,3 +45,14 @@ demo: cluster-up
 ## Benchmarks; tables go to docs/benchmarks.md.
 bench:
 	hack/bench-mover.sh
+
+## The chaos test for 10 minutes instead of make test's 45 s; report in target/chaos/report.md.
+chaos: cluster-up
+	KUBECONFIG=$(KUBECONFIG_LOCAL) CHAOS_SECONDS=$${CHAOS_SECONDS:-600} $(CARGO) test --test chaos -- --nocapture
+
+## The bad-input corpus and a chaos run, written to docs/reliability.md.
+reliability: cluster-up
+	rm -rf target/corpus
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test api_validation --test bad_input
+	$(MAKE) chaos
+	hack/reliability.sh

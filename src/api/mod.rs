@@ -37,4 +37,14 @@ mod tests {
             "crds/templatecache.io.yaml is stale: run `make crds` and commit the result"
         );
     }
+
+    /// Helm installs CRDs only from the chart's own `crds/` folder, so it carries a copy.
+    #[test]
+    fn the_charts_crds_are_the_same_as_crds_folder() {
+        let chart = include_str!("../../charts/templatecache-operator/crds/templatecache.io.yaml");
+        assert!(
+            chart == include_str!("../../crds/templatecache.io.yaml"),
+            "charts/templatecache-operator/crds/ is stale: run `make crds` and commit the result"
+        );
+    }
 }

@@ -50,7 +50,10 @@ pub fn ensure_cluster() {
         up.arg("up");
         run_checked(up, "hack/cluster.sh up");
         // The CRDs and the API priority and fairness settings a user installs with the chart.
-        for manifests in ["crds", "config/flowcontrol.yaml"] {
+        for manifests in [
+            "crds",
+            "charts/templatecache-operator/files/flowcontrol.yaml",
+        ] {
             let mut apply = kubectl();
             apply
                 .args(["apply", "--server-side", "--force-conflicts", "-f"])
