@@ -29,7 +29,10 @@ pub struct StagingStoreSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.volume is immutable"))]
     pub volume: StoreVolume,
     /// Size of the store as a Kubernetes quantity, e.g. `500Gi`.
-    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0')) && quantity(self).isInteger() && quantity(self).isLessThan(quantity('16Ei'))").message("spec.capacity must be a whole number of bytes from 1 to under 16Ei, such as 500Gi"))]
+    // At least one byte (fractions of a byte round down) and under 8Ei: the API server's CEL
+    // quantity functions work in int64 and refuse anything from 2^63 up. Not `isInteger()`:
+    // it refuses binary-suffixed values from 100Ti up, which are whole bytes.
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('1')) >= 0 && quantity(self).isLessThan(quantity('8Ei'))").message("spec.capacity must be a quantity of at least 1 byte and under 8Ei, such as 500Gi"))]
     #[schemars(length(min = 1, max = 64))]
     pub capacity: String,
     /// When to evict unreferenced caches.
