@@ -42,9 +42,12 @@ demo: cluster-up
 	$(CARGO) build --quiet --bins --example demo
 	KUBECONFIG=$(KUBECONFIG_LOCAL) target/debug/examples/demo
 
-## Benchmarks; tables go to docs/benchmarks.md.
-bench:
+## Benchmarks on the local control plane; the tables go to docs/benchmarks.md.
+bench: cluster-up
 	hack/bench-mover.sh
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) bench --bench contention
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) bench --bench scale
+	{ printf '# Benchmarks\n\n'; for s in mover contention scale; do cat target/bench/$$s.md; echo; done; } > docs/benchmarks.md
 
 ## The chaos test for 10 minutes instead of make test's 45 s; report in target/chaos/report.md.
 chaos: cluster-up
@@ -53,6 +56,6 @@ chaos: cluster-up
 ## The bad-input corpus and a chaos run, written to docs/reliability.md.
 reliability: cluster-up
 	rm -rf target/corpus
-	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test api_validation --test bad_input
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test api_validation --test bad_input --test helm_chart
 	$(MAKE) chaos
 	hack/reliability.sh

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The data mover against curl on the same 1 GiB file on loopback: over HTTP (python's
 # http.server) against `curl -o`, and from S3 (versitygw) against a plain SigV4 read by curl.
-# Best of 3 runs each; peak RSS of the mover from /usr/bin/time. Writes docs/benchmarks.md.
+# Best of 3 runs each; peak RSS of the mover from /usr/bin/time. Writes target/bench/mover.md,
+# which `make bench` puts into docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${BENCH_SIZE_MIB:-1024}
@@ -53,9 +54,8 @@ for i in 1 2 3; do
 done
 mibs() { awk "BEGIN{printf \"%.0f\", $size_mib / $1}"; }
 ratio() { awk "BEGIN{printf \"%.2f\", $2 / $1}"; }
-cat > docs/benchmarks.md <<MD
-# Benchmarks
-
+mkdir -p target/bench
+cat > target/bench/mover.md <<MD
 ## Data mover
 
 \`bash hack/bench-mover.sh\` (also \`make bench\`), $(date -u +%Y-%m-%d), this machine: $(nproc) cores.
@@ -75,4 +75,4 @@ the kernel to flush every 64 MiB so the final fsync is short. Against python's h
 machine's two cores are the limit: the server needs one core, SHA-256 most of the other for
 its whole duration, and reading plus writing the rest.
 MD
-cat docs/benchmarks.md
+cat target/bench/mover.md

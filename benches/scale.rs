@@ -1,0 +1,191 @@
+//! Scale benchmark: 5,000 TemplateCaches holding 50,000 references (10 each) are created while no
+//! operator runs; then the operator (the release binary, as its own process) starts and the clock
+//! runs until every cache is reconciled: its refCount recorded and its copy Job created. Reported:
+//! that time, the operator's peak RSS, its write requests per second (from the API server's own
+//! `apiserver_request_total`), and the API server's raw write rate measured in the same run (small
+//! objects created by 32 concurrent writers) as the ceiling. Writes `target/bench/scale.md`.
+//!
+//!     cargo bench --bench scale [-- CACHES REFERENCES_PER_CACHE]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use support::TestNamespace;
+use support::operator::{OperatorProcess, TestStore};
+use templatecache::api::TemplateCache;
+
+/// Concurrent writers for creating objects and for the raw write rate.
+const WRITERS: usize = 32;
+
+/// Every create succeeded; panics with the error otherwise.
+async fn create_all<K, F>(api: &Api<K>, count: usize, object: F) -> Duration
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+    F: Fn(usize) -> K,
+{
+    let started = Instant::now();
+    stream::iter((0..count).map(|i| {
+        let obj = object(i);
+        async move { api.create(&PostParams::default(), &obj).await.map(drop) }
+    }))
+    .buffer_unordered(WRITERS)
+    .try_collect::<Vec<_>>()
+    .await
+    .expect("create");
+    started.elapsed()
+}
+
+fn cache(i: usize, references: usize) -> TemplateCache {
+    let finalizers: Vec<String> = (0..references)
+        .map(|r| format!("ref.templatecache.io/consumer-{r}"))
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
+        "metadata": {"name": format!("t{i}"), "finalizers": finalizers},
+        "spec": {"source": {"http": {"url": format!("http://127.0.0.1:9/t{i}.img")}}},
+    }))
+    .expect("cache literal")
+}
+
+fn config_map(i: usize) -> ConfigMap {
+    serde_json::from_value(
+        json!({"metadata": {"name": format!("raw-{i}")}, "data": {"n": i.to_string()}}),
+    )
+    .expect("config map literal")
+}
+
+/// Write requests the API server has served so far (every verb that changes state).
+async fn api_server_writes(client: &Client) -> f64 {
+    let request = http::Request::get("/metrics")
+        .body(vec![])
+        .expect("request");
+    let text = client
+        .request_text(request)
+        .await
+        .expect("API server /metrics");
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            ["POST", "PATCH", "PUT", "DELETE", "APPLY"]
+                .iter()
+                .any(|v| l.contains(&format!("verb=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Caches whose refCount is recorded and whose copy Job exists.
+async fn reconciled(
+    caches: &Api<TemplateCache>,
+    jobs: &Api<Job>,
+    references: u32,
+) -> (usize, usize) {
+    let counted = caches
+        .list(&ListParams::default())
+        .await
+        .expect("list caches")
+        .items
+        .iter()
+        .filter(|c| c.status.as_ref().and_then(|s| s.ref_count) == Some(references))
+        .count();
+    let jobs = jobs
+        .list(&ListParams::default())
+        .await
+        .expect("list jobs")
+        .items
+        .len();
+    (counted, jobs)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("scale: a benchmark; run it with `cargo bench --bench scale`");
+        return;
+    }
+    let numbers: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    let caches_n = numbers.first().copied().unwrap_or(5000);
+    let refs_n = numbers.get(1).copied().unwrap_or(10);
+
+    let ns = TestNamespace::new("bench-scale").await;
+    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "100Ti").await;
+    let caches: Api<TemplateCache> = ns.api();
+    let jobs: Api<Job> = ns.api();
+    let create_time = create_all(&caches, caches_n, |i| cache(i, refs_n)).await;
+    println!("scale: created {caches_n} caches with {refs_n} references each in {create_time:?}");
+
+    // The ceiling: the API server's raw write rate for small objects, in this run.
+    let raw = TestNamespace::new("bench-raw").await;
+    let raw_writes = caches_n;
+    let raw_time = create_all(&raw.api::<ConfigMap>(), raw_writes, config_map).await;
+    let raw_rate = raw_writes as f64 / raw_time.as_secs_f64();
+    println!("scale: raw write rate {raw_rate:.0}/s");
+
+    let writes_before = api_server_writes(&ns.client).await;
+    let started = Instant::now();
+    let mut operator =
+        OperatorProcess::start("scale-0", &ns.name, &store.name, &["--leader-elect=false"]);
+    let want = u32::try_from(refs_n).expect("references per cache");
+    loop {
+        let (counted, job_count) = reconciled(&caches, &jobs, want).await;
+        if counted == caches_n && job_count == caches_n {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "not reconciled in 30 min: {counted} counted, {job_count} Jobs"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let elapsed = started.elapsed();
+    let writes = api_server_writes(&ns.client).await - writes_before;
+    let rss = operator.peak_rss();
+    operator.kill().await;
+    let rate = writes / elapsed.as_secs_f64();
+    println!(
+        "scale: reconciled in {elapsed:?}, {writes} writes ({rate:.0}/s), peak RSS {} MiB",
+        rss >> 20
+    );
+
+    let report = format!(
+        "## Scale\n\n\
+         `cargo bench --bench scale -- {caches_n} {refs_n}` (also `make bench`), {} cores: {caches_n} \
+         TemplateCaches holding {} references ({refs_n} each) are created while no operator runs \
+         ({WRITERS} concurrent writers, {:.0} s); then the operator (release build, its own process, \
+         one namespace) starts and the clock runs until every cache has its refCount recorded and \
+         its copy Job created. The ceiling is the API server's raw write rate in the same run: \
+         {raw_writes} ConfigMaps created by {WRITERS} concurrent writers.\n\n\
+         | caches | references | all reconciled after | operator peak RSS | operator writes | operator writes/s | raw API server writes/s | ratio |\n\
+         |---|---|---|---|---|---|---|---|\n\
+         | {caches_n} | {} | {:.0} s | {} MiB | {writes:.0} | {rate:.0} | {raw_rate:.0} | {:.2} |\n\n\
+         Targets: operator peak RSS under 150 MiB; at least half the raw write rate. Operator writes \
+         are every state-changing request the API server counted (`apiserver_request_total`) while \
+         the operator worked, about {:.1} per cache (cleanup finalizer, the attempt transition, the \
+         Job, the status).\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        caches_n * refs_n,
+        create_time.as_secs_f64(),
+        caches_n * refs_n,
+        elapsed.as_secs_f64(),
+        rss >> 20,
+        rate / raw_rate,
+        writes / caches_n as f64,
+    );
+    let out = support::repo_root().join("target/bench");
+    std::fs::create_dir_all(&out).expect("bench folder");
+    std::fs::write(out.join("scale.md"), report).expect("write the report");
+    println!("scale: wrote target/bench/scale.md");
+
+    raw.delete().await;
+    store.delete().await;
+    ns.delete().await;
+}
