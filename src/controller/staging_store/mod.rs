@@ -30,6 +30,26 @@ use crate::api::{Phase, StagingStore, StorageAdmission, TemplateCache};
 /// How often a store is looked at even when nothing changes.
 const RESYNC: Duration = Duration::from_secs(300);
 
+/// Caches that live in store `name`, read in pages of [`LIST_PAGE`]: one list of thousands of
+/// caches holds the whole response in memory at once, and the pages are one consistent snapshot.
+async fn caches_in(name: &str, ctx: &Context) -> Result<Vec<TemplateCache>, Error> {
+    let api = ctx.scoped::<TemplateCache>();
+    let mut params = ListParams::default().limit(LIST_PAGE);
+    let mut caches = vec![];
+    loop {
+        let page = api.list(&params).await?;
+        let in_store = page.items.into_iter();
+        caches.extend(in_store.filter(|cache| ctx.store_name_of(cache) == name));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(caches),
+        }
+    }
+}
+
+/// Caches per list request.
+const LIST_PAGE: u32 = 500;
+
 /// Reconciles one StagingStore.
 pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = store.name_any();
@@ -39,14 +59,7 @@ pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Ac
         .ok_or_else(|| Error::InvalidCapacity(name.clone(), store.spec.capacity.clone()))?;
     // A fresh list, not the watch cache: room is granted on it, and a stale view could grant
     // the same free bytes twice.
-    let caches: Vec<TemplateCache> = ctx
-        .scoped::<TemplateCache>()
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|cache| ctx.store_name_of(cache) == name)
-        .collect();
+    let caches = caches_in(&name, &ctx).await?;
     if ctx.config.namespace.is_some() && caches.is_empty() {
         // An operator limited to one namespace leaves stores it has no caches in to others.
         return Ok(Action::await_change());
