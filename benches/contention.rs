@@ -332,7 +332,7 @@ async fn main() {
         "## Contention\n\n\
          `cargo bench --bench contention -- {}` (also `make bench`), {}, {} cores: N concurrent \
          acquirers of one template, each a task with its own client authenticated as a consumer \
-         ServiceAccount (so API priority and fairness applies), then all release. The CloudStack \
+         ServiceAccount (so API priority and fairness applies). The CloudStack \
          rows replay its steps on the same API server: read the row, create it if absent (each \
          worker that saw no row starts a copy), read-modify-write a counter with no precondition; \
          after its fix, the same under one global lock (a mutex in the benchmark process). Then the \
