@@ -348,17 +348,15 @@ async fn main() {
             .map(|n| n.to_string())
             .collect::<Vec<_>>()
             .join(" "),
-        chrono_date(),
+        today_utc(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
-    let out = support::repo_root().join("target/bench");
-    std::fs::create_dir_all(&out).expect("bench folder");
-    std::fs::write(out.join("contention.md"), report).expect("write the report");
+    support::write_report("bench/contention.md", &report);
     println!("contention: wrote target/bench/contention.md");
 }
 
 /// Today's date (UTC) from `date`, to stamp the report.
-fn chrono_date() -> String {
+fn today_utc() -> String {
     std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
         .output()

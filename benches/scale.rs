@@ -204,9 +204,7 @@ async fn main() {
         rate / cache_rate,
         writes / caches_n as f64,
     );
-    let out = support::repo_root().join("target/bench");
-    std::fs::create_dir_all(&out).expect("bench folder");
-    std::fs::write(out.join("scale.md"), report).expect("write the report");
+    support::write_report("bench/scale.md", &report);
     println!("scale: wrote target/bench/scale.md");
 
     raw.delete().await;

@@ -355,9 +355,7 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
         rows.join("\n"),
     );
     println!("{report}");
-    let out = support::repo_root().join("target/chaos");
-    std::fs::create_dir_all(&out).expect("report folder");
-    std::fs::write(out.join("report.md"), &report).expect("write report");
+    support::write_report("chaos/report.md", &report);
 
     assert!(
         kills >= settings.kills && restarts >= 2,

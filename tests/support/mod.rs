@@ -20,6 +20,15 @@ pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Writes `text` to `relative` under `target/` (a report a make target turns into a doc).
+pub fn write_report(relative: &str, text: &str) {
+    let path = repo_root().join("target").join(relative);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("report folder");
+    }
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
 pub fn kubeconfig_path() -> PathBuf {
     repo_root().join(".cluster/kubeconfig")
 }

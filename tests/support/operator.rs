@@ -116,29 +116,22 @@ pub struct OperatorProcess {
 impl OperatorProcess {
     /// Starts replica `identity` reconciling `namespace` with `store` as its default store.
     pub fn start(identity: &str, namespace: &str, store: &str, extra: &[&str]) -> Self {
-        let mut args: Vec<String> = ["run", "--namespace", namespace, "--default-store", store]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        args.extend(
-            [
-                "--instance",
-                identity,
-                "--leader-election-namespace",
-                namespace,
-            ]
-            .map(String::from),
-        );
-        args.extend(
-            [
-                "--job-image",
-                "templatecache:test",
-                "--retry-base-seconds",
-                "1",
-            ]
-            .map(String::from),
-        );
-        args.extend(extra.iter().map(|a| a.to_string()));
+        let fixed = [
+            "run",
+            "--namespace",
+            namespace,
+            "--default-store",
+            store,
+            "--instance",
+            identity,
+            "--leader-election-namespace",
+            namespace,
+            "--job-image",
+            "templatecache:test",
+            "--retry-base-seconds",
+            "1",
+        ];
+        let args: Vec<String> = fixed.iter().chain(extra).map(|a| a.to_string()).collect();
         Self::spawn(identity, &args, &super::kubeconfig_path())
     }
 
