@@ -14,9 +14,10 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
@@ -99,6 +100,11 @@ pub struct Context {
     pub config: Config,
     pub events: Events,
     pub metrics: Arc<Metrics>,
+    /// When each store may list its caches again.
+    pub store_lists: staging_store::ListPacer,
+    /// StagingStores as the store controller's watch sees them; empty while that controller
+    /// is not running (a test driving one reconcile), and then [`Context::store`] reads them.
+    pub store_view: Store<StagingStore>,
 }
 
 impl Context {
@@ -109,6 +115,8 @@ impl Context {
             config,
             events,
             metrics: Arc::new(Metrics::new()),
+            store_lists: Default::default(),
+            store_view: reflector::store().0,
         }
     }
 
@@ -132,6 +140,15 @@ impl Context {
             "source {location} is outside the operator's source allowlist ({})",
             allowlist.join(", ")
         ))
+    }
+
+    /// The StagingStore `name`: as watched when the watch has it, else read from the API server.
+    /// Stores change rarely, so a reconcile need not read its store every time.
+    pub async fn store(&self, name: &str) -> Result<Option<Arc<StagingStore>>, Error> {
+        if let Some(store) = self.store_view.get(&ObjectRef::new(name)) {
+            return Ok(Some(store));
+        }
+        Ok(self.stores().get_opt(name).await?.map(Arc::new))
     }
 
     pub fn stores(&self) -> Api<StagingStore> {
@@ -168,12 +185,14 @@ pub async fn run_with(
 ) {
     let mut ctx = Context::new(client, config);
     ctx.metrics = metrics;
+    let (store_view, store_writer) = reflector::store();
+    ctx.store_view = store_view;
     let ctx = Arc::new(ctx);
     let shutdown = shutdown.shared();
     futures::join!(
         run_template_caches(ctx.clone(), shutdown.clone()),
         run_pod_gate(ctx.clone(), shutdown.clone()),
-        run_staging_stores(ctx, shutdown),
+        run_staging_stores(ctx, store_writer, shutdown),
     );
     info!("controllers stopped");
 }
@@ -186,12 +205,21 @@ async fn run_template_caches(
 ) {
     let jobs_selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
     let controller_config = ControllerConfig::default().concurrency(ctx.config.concurrency);
-    Controller::new(ctx.scoped::<TemplateCache>(), watcher::Config::default())
+    let (caches, writer) = reflector::store();
+    let cache_changes = watcher(ctx.scoped::<TemplateCache>(), watcher::Config::default())
+        .modify(drop_managed_fields)
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    // Only a labelled Pod's name and label matter here: its metadata is enough.
+    let pod_changes =
+        watcher(ctx.scoped::<PartialObjectMeta<Pod>>(), labelled_pods()).touched_objects();
+    Controller::for_stream(cache_changes, caches)
         .owns(
             ctx.scoped::<Job>(),
             watcher::Config::default().labels(&jobs_selector),
         )
-        .watches(ctx.scoped::<Pod>(), labelled_pods(), |pod| {
+        .watches_stream(pod_changes, |pod| {
             let name = pod.labels().get(POD_CACHE_LABEL)?;
             Some(ObjectRef::new(name).within(&pod.namespace()?))
         })
@@ -224,12 +252,14 @@ async fn run_pod_gate(
 ) {
     let controller = Controller::new(ctx.scoped::<Pod>(), labelled_pods());
     let pods = controller.store();
+    // Which Pods wait for a cache follows from the cache's name alone.
+    let cache_changes = watcher(
+        ctx.scoped::<PartialObjectMeta<TemplateCache>>(),
+        watcher::Config::default(),
+    )
+    .touched_objects();
     controller
-        .watches(
-            ctx.scoped::<TemplateCache>(),
-            watcher::Config::default(),
-            move |cache| pod_gate::pods_of(&pods, &cache),
-        )
+        .watches_stream(cache_changes, move |cache| pod_gate::pods_of(&pods, &cache))
         .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
         .graceful_shutdown_on(shutdown)
         .run(
@@ -245,13 +275,19 @@ async fn run_pod_gate(
         .await;
 }
 
-/// The StagingStore controller: looks at a store whenever one of its caches changes.
+/// The StagingStore controller: looks at a store whenever one of its caches changes. Its watch
+/// of stores, through `writer`, is also the [`Context::store_view`] the other controllers read.
 async fn run_staging_stores(
     ctx: Arc<Context>,
+    writer: reflector::store::Writer<StagingStore>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let default_store = ctx.config.default_store.clone();
-    Controller::new(ctx.stores(), watcher::Config::default())
+    let store_changes = watcher(ctx.stores(), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(store_changes, ctx.store_view.clone())
         .watches(
             ctx.scoped::<TemplateCache>(),
             watcher::Config::default(),
@@ -282,6 +318,12 @@ async fn run_staging_stores(
             }
         })
         .await;
+}
+
+/// What the operator keeps of an object it watches: everything but `managedFields`, which it never
+/// reads and which would be most of the memory of thousands of TemplateCaches.
+pub fn drop_managed_fields(object: &mut impl kube::Resource) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// Runs one reconcile and counts it; a conflict (a retry by design) is not an error.

@@ -4,8 +4,8 @@
 //! Exactly one copy Job per attempt, under any concurrency: the status write that starts attempt
 //! N carries the resourceVersion the decision was made on, so of several reconcilers (a stale
 //! reflector, a second operator) only the one that saw the latest object wins; the Job name
-//! `<cache>-copy-<N>` is deterministic, so even a repeated apply meets the one Job; and a Job that
-//! seems missing is re-applied only after a fresh read confirms the attempt is still current.
+//! `<cache>-copy-<N>` is deterministic, so even a repeated create meets the one Job; and a Job that
+//! seems missing is created again only after a fresh read confirms the attempt is still current.
 
 pub mod lifecycle;
 
@@ -15,7 +15,7 @@ use std::time::Duration;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -68,7 +68,7 @@ async fn reconcile_live(
     }
 
     let store_name = ctx.store_name_of(&cache);
-    let store = ctx.stores().get_opt(&store_name).await?;
+    let store = ctx.store(&store_name).await?;
     let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
     let job = JobState::of(current_copy_job(jobs, &cache, attempt).await?.as_ref());
     let cache = read_report_if_missing(caches, cache, attempt, &job).await?;
@@ -80,7 +80,7 @@ async fn reconcile_live(
         cache: &cache,
         references: count_references(cache.finalizers()),
         store_name: &store_name,
-        store: store.as_ref(),
+        store: store.as_deref(),
         job,
         removal,
         source_refusal: ctx.source_refusal(&cache),
@@ -92,7 +92,7 @@ async fn reconcile_live(
         &cache.name_any(),
         Some(observed.references),
     );
-    execute(&plan, &cache, store.as_ref(), caches, jobs, ctx).await?;
+    execute(&plan, &cache, store.as_deref(), caches, jobs, ctx).await?;
     announce(&plan, &cache, ctx).await;
     Ok(plan.requeue_after)
 }
@@ -149,16 +149,16 @@ async fn execute(
         (Step::Record, _) | (_, None) => write_status(caches, cache, &plan.status).await,
         (Step::StartAttempt(attempt), Some(store)) => {
             win_attempt(caches, cache, &plan.status).await?;
-            info!(attempt, "won the transition; applying the copy Job");
-            apply_job(
+            info!(attempt, "won the transition; creating the copy Job");
+            create_job(
                 jobs,
                 jobs::copy_job(cache, store, *attempt, &ctx.config.jobs)?,
             )
             .await
         }
         (Step::RemoveData(attempt), Some(store)) => {
-            info!(attempt, "evicted; applying the remove Job");
-            apply_job(
+            info!(attempt, "evicted; creating the remove Job");
+            create_job(
                 jobs,
                 jobs::remove_job(cache, store, *attempt, &ctx.config.jobs)?,
             )
@@ -173,9 +173,9 @@ async fn execute(
             }
             info!(
                 attempt,
-                "the copy Job of the current attempt is missing; applying it"
+                "the copy Job of the current attempt is missing; creating it"
             );
-            apply_job(
+            create_job(
                 jobs,
                 jobs::copy_job(&fresh, store, *attempt, &ctx.config.jobs)?,
             )
@@ -242,13 +242,13 @@ async fn finalize(
         return Ok(None);
     }
     let store_name = ctx.store_name_of(cache);
-    let store = ctx.stores().get_opt(&store_name).await?;
+    let store = ctx.store(&store_name).await?;
     let references = count_references(cache.finalizers());
     let observed = Observed {
         cache,
         references,
         store_name: &store_name,
-        store: store.as_ref(),
+        store: store.as_deref(),
         job: JobState::Missing,
         removal: JobState::Missing,
         source_refusal: None,
@@ -275,7 +275,7 @@ async fn finalize(
     match JobState::of(removal_job(jobs, cache, attempt).await?.as_ref()) {
         JobState::Missing => {
             let job = jobs::remove_job(cache, &store, attempt, &ctx.config.jobs)?;
-            apply_job(jobs, job).await?;
+            create_job(jobs, job).await?;
             Ok(None)
         }
         JobState::Running => Ok(None),
@@ -406,12 +406,18 @@ fn status_diff(
     Ok(diff)
 }
 
-/// Creates or updates a Job by server-side apply; its deterministic name makes a repeat harmless.
-async fn apply_job(jobs: &Api<Job>, job: Job) -> Result<(), Error> {
-    let name = job.metadata.name.clone().unwrap_or_default();
-    let params = PatchParams::apply(OPERATOR_MANAGER).force();
-    jobs.patch(&name, &params, &Patch::Apply(&job)).await?;
-    Ok(())
+/// Creates a Job. Its name is deterministic, so a repeat meets the Job already there and leaves
+/// it be. A create, not an apply: a Job's spec cannot change after creation anyway, and an
+/// apply costs the API server a YAML parse and a merge on every copy.
+async fn create_job(jobs: &Api<Job>, job: Job) -> Result<(), Error> {
+    let params = PostParams {
+        field_manager: Some(OPERATOR_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    match jobs.create(&params, &job).await {
+        Err(kube::Error::Api(status)) if status.reason == "AlreadyExists" => Ok(()),
+        other => other.map(drop).map_err(Error::from),
+    }
 }
 
 /// Appends the cleanup finalizer. Like a reference, it is appended without a `test` of the list:
