@@ -54,6 +54,9 @@ for i in 1 2 3; do
 done
 mibs() { awk "BEGIN{printf \"%.0f\", $size_mib / $1}"; }
 ratio() { awk "BEGIN{printf \"%.2f\", $2 / $1}"; }
+# The highest ratio any mover that hashes every byte could reach: one SHA-256 stream cannot be
+# split over cores, so no such mover is faster than the hash alone.
+bound() { awk "BEGIN{r = $1 / $hash_s; printf \"%.2f\", r < 1 ? r : 1}"; }
 mkdir -p target/bench
 cat > target/bench/mover.md <<MD
 ## Data mover
@@ -62,17 +65,20 @@ cat > target/bench/mover.md <<MD
 One ${size_mib} MiB file of random bytes on loopback, best of 3 runs each. The mover streams into
 a partial file, SHA-256 hashes every byte, fsyncs and renames; curl only writes the file.
 
-| source | reference | reference MiB/s | mover MiB/s | mover / reference | mover peak RSS |
-|---|---|---|---|---|---|
-| HTTP (python http.server) | \`curl -o\` | $(mibs "$curl_http") | $(mibs "$mover_http") | $(ratio "$mover_http" "$curl_http") | $((rss_http / 1024)) MiB |
-| S3 (versitygw) | \`curl --aws-sigv4 -o\` | $(mibs "$curl_s3") | $(mibs "$mover_s3") | $(ratio "$mover_s3" "$curl_s3") | $((rss_s3 / 1024)) MiB |
+| source | reference | reference MiB/s | mover MiB/s | mover / reference | bound set by SHA-256 | mover peak RSS |
+|---|---|---|---|---|---|---|
+| HTTP (python http.server) | \`curl -o\` | $(mibs "$curl_http") | $(mibs "$mover_http") | $(ratio "$mover_http" "$curl_http") | $(bound "$curl_http") | $((rss_http / 1024)) MiB |
+| S3 (versitygw) | \`curl --aws-sigv4 -o\` | $(mibs "$curl_s3") | $(mibs "$mover_s3") | $(ratio "$mover_s3" "$curl_s3") | $(bound "$curl_s3") | $((rss_s3 / 1024)) MiB |
 
 Targets: at least 0.9 of the reference's throughput with checksumming on; under 64 MiB peak RSS.
 
-SHA-256 alone (\`openssl dgst -sha256\`, SHA-NI, one core) runs at $(mibs "$hash_s") MiB/s here.
-The mover reads, hashes and writes on three threads so it goes as fast as the slowest, and asks
-the kernel to flush every 64 MiB so the final fsync is short. Against python's http.server the
-machine's two cores are the limit: the server needs one core, SHA-256 most of the other for
-its whole duration, and reading plus writing the rest.
+SHA-256 alone (\`openssl dgst -sha256\`, SHA-NI, one core) runs at $(mibs "$hash_s") MiB/s here;
+"bound set by SHA-256" is that rate over the reference's, the most any mover that hashes every
+byte could reach on this machine.
+The mover reads, hashes and writes on three threads so it goes as fast as the slowest stage, and
+asks the kernel to flush every 64 MiB so the final fsync is short. The slowest stage is SHA-256:
+one stream's hash cannot be spread over cores, and on this machine it alone is slower than
+curl's whole transfer, so a 0.9 target lies above the bound. Against python's http.server the
+server also takes one of the two cores, leaving the mover one core to read, hash and write.
 MD
 cat target/bench/mover.md
