@@ -3,6 +3,7 @@
 pub mod conditions;
 pub mod events;
 pub mod jobs;
+pub mod pacing;
 pub mod pod_gate;
 pub mod reference_gc;
 pub mod staging_store;
@@ -14,7 +15,6 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -27,6 +27,7 @@ use crate::client::ClientError;
 use crate::runtime::metrics::Metrics;
 use events::Events;
 use jobs::JobSettings;
+use pacing::Pacer;
 use template_cache::lifecycle::RetryPolicy;
 
 /// Errors of a reconcile; each is retried by the controller with a short backoff.
@@ -101,7 +102,9 @@ pub struct Context {
     pub events: Events,
     pub metrics: Arc<Metrics>,
     /// When each store may list its caches again.
-    pub store_lists: staging_store::ListPacer,
+    pub store_lists: Pacer,
+    /// When each cache may record a changed reference count again.
+    pub count_writes: Pacer,
     /// StagingStores as the store controller's watch sees them; empty while that controller
     /// is not running (a test driving one reconcile), and then [`Context::store`] reads them.
     pub store_view: Store<StagingStore>,
@@ -115,7 +118,8 @@ impl Context {
             config,
             events,
             metrics: Arc::new(Metrics::new()),
-            store_lists: Default::default(),
+            store_lists: Pacer::new(Duration::from_secs(5)),
+            count_writes: Pacer::new(Duration::from_secs(2)),
             store_view: reflector::store().0,
         }
     }
@@ -211,15 +215,12 @@ async fn run_template_caches(
         .default_backoff()
         .reflect(writer)
         .applied_objects();
-    // Only a labelled Pod's name and label matter here: its metadata is enough.
-    let pod_changes =
-        watcher(ctx.scoped::<PartialObjectMeta<Pod>>(), labelled_pods()).touched_objects();
     Controller::for_stream(cache_changes, caches)
         .owns(
             ctx.scoped::<Job>(),
             watcher::Config::default().labels(&jobs_selector),
         )
-        .watches_stream(pod_changes, |pod| {
+        .watches(ctx.scoped::<Pod>(), labelled_pods(), |pod| {
             let name = pod.labels().get(POD_CACHE_LABEL)?;
             Some(ObjectRef::new(name).within(&pod.namespace()?))
         })
@@ -252,14 +253,12 @@ async fn run_pod_gate(
 ) {
     let controller = Controller::new(ctx.scoped::<Pod>(), labelled_pods());
     let pods = controller.store();
-    // Which Pods wait for a cache follows from the cache's name alone.
-    let cache_changes = watcher(
-        ctx.scoped::<PartialObjectMeta<TemplateCache>>(),
-        watcher::Config::default(),
-    )
-    .touched_objects();
     controller
-        .watches_stream(cache_changes, move |cache| pod_gate::pods_of(&pods, &cache))
+        .watches(
+            ctx.scoped::<TemplateCache>(),
+            watcher::Config::default(),
+            move |cache| pod_gate::pods_of(&pods, &cache),
+        )
         .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
         .graceful_shutdown_on(shutdown)
         .run(

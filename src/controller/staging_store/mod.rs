@@ -11,8 +11,7 @@
 
 pub mod usage;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
@@ -58,40 +57,6 @@ async fn caches_in(name: &str, ctx: &Context) -> Result<Vec<TemplateCache>, Erro
 /// Caches per list request.
 const LIST_PAGE: u32 = 500;
 
-/// Paces the fresh lists of each store's caches. Every change to any cache asks its store to look
-/// again, so under a storm of changes the store controller would list all its caches back to
-/// back; with thousands of caches those lists cost the API server more than everything else the
-/// operator does. After each list, the store waits nine times as long as the list took (at most
-/// [`MAX_LIST_PAUSE`]) before the next: at most a tenth of its time is spent listing, a small
-/// store still answers within milliseconds, and a slow, loaded API server is asked less often.
-#[derive(Default)]
-pub struct ListPacer {
-    next_list: Mutex<HashMap<String, Instant>>,
-}
-
-/// The longest a store waits between two lists, so room is granted within seconds at any scale.
-const MAX_LIST_PAUSE: Duration = Duration::from_secs(5);
-
-impl ListPacer {
-    /// How long `store` must still wait before listing again; `None` when it may list now.
-    fn wait(&self, store: &str) -> Option<Duration> {
-        let next = self.lock().get(store).copied()?;
-        next.checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-    }
-
-    /// Records that a list of `store` started at `started` has just finished.
-    fn listed(&self, store: &str, started: Instant) {
-        let pause = (started.elapsed() * 9).min(MAX_LIST_PAUSE);
-        self.lock().insert(store.to_owned(), Instant::now() + pause);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        // The map holds plain instants; a panic elsewhere cannot leave it inconsistent.
-        self.next_list.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// Reconciles one StagingStore.
 pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = store.name_any();
@@ -99,6 +64,9 @@ pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Ac
         .spec
         .capacity_bytes()
         .ok_or_else(|| Error::InvalidCapacity(name.clone(), store.spec.capacity.clone()))?;
+    // Every change to any cache asks its store to look again; under a storm of changes the
+    // store would list all its caches back to back, and with thousands of caches those lists
+    // cost the API server more than everything else the operator does.
     if let Some(wait) = ctx.store_lists.wait(&name) {
         return Ok(Action::requeue(wait));
     }
@@ -106,7 +74,7 @@ pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Ac
     // the same free bytes twice.
     let started = Instant::now();
     let caches = caches_in(&name, &ctx).await?;
-    ctx.store_lists.listed(&name, started);
+    ctx.store_lists.done(&name, started);
     if ctx.config.namespace.is_some() && caches.is_empty() {
         // An operator limited to one namespace leaves stores it has no caches in to others.
         return Ok(Action::await_change());
@@ -236,40 +204,4 @@ async fn record_usage(
         )
         .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_store_waits_nine_times_its_last_list_and_no_longer_than_the_cap() {
-        let pacer = ListPacer::default();
-        assert_eq!(
-            pacer.wait("a"),
-            None,
-            "a store never listed may list at once"
-        );
-
-        let took = Duration::from_millis(200);
-        pacer.listed("a", Instant::now() - took);
-        let wait = pacer.wait("a").expect("a pause after a list");
-        assert!(wait > took * 8 && wait < took * 10, "paused {wait:?}");
-        assert_eq!(pacer.wait("b"), None, "stores are paced apart");
-
-        pacer.listed("slow", Instant::now() - Duration::from_secs(60));
-        let wait = pacer.wait("slow").expect("a pause after a slow list");
-        assert!(wait <= MAX_LIST_PAUSE, "paused {wait:?}");
-    }
-
-    #[test]
-    fn a_quick_list_leaves_almost_no_pause() {
-        let pacer = ListPacer::default();
-        pacer.listed("a", Instant::now());
-        assert!(
-            pacer
-                .wait("a")
-                .is_none_or(|w| w < Duration::from_millis(50))
-        );
-    }
 }

@@ -10,7 +10,7 @@
 pub mod lifecycle;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
@@ -87,14 +87,38 @@ async fn reconcile_live(
         now: Timestamp::now(),
     };
     let plan = lifecycle::plan(&observed, &ctx.config.retry);
-    ctx.metrics.set_references(
-        &cache.namespace().unwrap_or_default(),
-        &cache.name_any(),
-        Some(observed.references),
-    );
+    let namespace = cache.namespace().unwrap_or_default();
+    ctx.metrics
+        .set_references(&namespace, &cache.name_any(), Some(observed.references));
+    // During an acquire storm every reference changes the count, and a status write for each
+    // would double the writes on the one object all consumers append to. The count is derived
+    // from the references, which stay exact; only its record is paced.
+    let count_only = records_only_the_count(&plan, &cache)?;
+    let key = format!("{namespace}/{}", cache.name_any());
+    if count_only && let Some(wait) = ctx.count_writes.wait(&key) {
+        return Ok(Some(
+            plan.requeue_after.map_or(wait, |after| after.min(wait)),
+        ));
+    }
+    let started = Instant::now();
     execute(&plan, &cache, store.as_deref(), caches, jobs, ctx).await?;
+    if count_only {
+        ctx.count_writes.done(&key, started);
+    }
     announce(&plan, &cache, ctx).await;
     Ok(plan.requeue_after)
+}
+
+/// Status fields that change with every reference taken or released.
+const COUNT_FIELDS: [&str; 2] = ["refCount", "lastReferenced"];
+
+/// Whether the only thing the plan writes is a changed reference count.
+fn records_only_the_count(plan: &Plan, cache: &TemplateCache) -> Result<bool, Error> {
+    if plan.step != Step::Record {
+        return Ok(false);
+    }
+    let changes = status_changes(cache, &plan.status)?;
+    Ok(!changes.is_empty() && changes.keys().all(|k| COUNT_FIELDS.contains(&k.as_str())))
 }
 
 /// Counts and announces (as an Event on the cache) what the plan, now written, did to the copy:
@@ -304,9 +328,7 @@ async fn write_status(
     desired: &TemplateCacheStatus,
 ) -> Result<(), Error> {
     let current = cache.status.clone().unwrap_or_default();
-    let mut diff = status_diff(&current, desired)?;
-    diff.remove("progress");
-    diff.remove("storage");
+    let diff = status_changes(cache, desired)?;
     if diff.is_empty() {
         return Ok(());
     }
@@ -379,6 +401,19 @@ async fn win_attempt(
         }
         other => other.map(drop).map_err(Error::from),
     }
+}
+
+/// The top-level status fields [`write_status`] would write: those that differ, except the
+/// ones others own (`progress`, `storage`).
+fn status_changes(
+    cache: &TemplateCache,
+    desired: &TemplateCacheStatus,
+) -> Result<serde_json::Map<String, Value>, Error> {
+    let current = cache.status.clone().unwrap_or_default();
+    let mut diff = status_diff(&current, desired)?;
+    diff.remove("progress");
+    diff.remove("storage");
+    Ok(diff)
 }
 
 /// Top-level status fields that differ, with `null` for fields to clear.
