@@ -518,3 +518,62 @@ async fn patch_finalizers(
         other => other.map(drop).map_err(Error::from),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::api::TemplateCacheSpec;
+
+    fn cache_with(status: TemplateCacheStatus) -> TemplateCache {
+        let spec: TemplateCacheSpec =
+            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
+                .expect("spec");
+        let mut cache = TemplateCache::new("img", spec);
+        cache.status = Some(status);
+        cache
+    }
+
+    fn plan(step: Step, status: &TemplateCacheStatus) -> Plan {
+        Plan {
+            step,
+            status: status.clone(),
+            requeue_after: None,
+        }
+    }
+
+    #[test]
+    fn only_a_write_of_nothing_but_the_count_is_paced() {
+        let recorded = TemplateCacheStatus {
+            phase: Some(Phase::Ready),
+            ref_count: Some(1),
+            ..Default::default()
+        };
+        let cache = cache_with(recorded.clone());
+        let recount = TemplateCacheStatus {
+            ref_count: Some(2),
+            last_referenced: Some(Time(Timestamp::now())),
+            ..recorded.clone()
+        };
+        let only_count = |step, status| records_only_the_count(&plan(step, status), &cache);
+
+        assert!(only_count(Step::Record, &recount).expect("diff"));
+        let failed = TemplateCacheStatus {
+            phase: Some(Phase::Failed),
+            ..recount.clone()
+        };
+        assert!(
+            !only_count(Step::Record, &failed).expect("diff"),
+            "a change of phase is never held back"
+        );
+        assert!(
+            !only_count(Step::EnsureJob(1), &recount).expect("diff"),
+            "a step that creates a Job is never held back"
+        );
+        assert!(
+            !only_count(Step::Record, &recorded).expect("diff"),
+            "nothing to write, nothing to pace"
+        );
+    }
+}
