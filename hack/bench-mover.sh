@@ -77,8 +77,8 @@ SHA-256 alone (\`openssl dgst -sha256\`, SHA-NI, one core) runs at $(mibs "$hash
 byte could reach on this machine.
 The mover reads, hashes and writes on three threads so it goes as fast as the slowest stage, and
 asks the kernel to flush every 64 MiB so the final fsync is short. The slowest stage is SHA-256:
-one stream's hash cannot be spread over cores, and on this machine it alone is slower than
-curl's whole transfer, so a 0.9 target lies above the bound. Against python's http.server the
-server also takes one of the two cores, leaving the mover one core to read, hash and write.
+one stream's hash cannot be spread over cores, so where the bound column is below a target, no
+hashing mover can reach it on that machine. Against python's http.server the server also takes a
+core, leaving the mover less than the rest to read, hash and write.
 MD
 cat target/bench/mover.md

@@ -321,7 +321,7 @@ async fn run_staging_stores(
 
 /// What the operator keeps of an object it watches: everything but `managedFields`, which it never
 /// reads and which would be most of the memory of thousands of TemplateCaches.
-pub fn drop_managed_fields(object: &mut impl kube::Resource) {
+fn drop_managed_fields(object: &mut impl kube::Resource) {
     object.meta_mut().managed_fields = None;
 }
 

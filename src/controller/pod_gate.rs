@@ -14,7 +14,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
@@ -89,7 +89,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error
 }
 
 /// The Pods in `store` that name `cache`: what a change to the cache concerns.
-pub fn pods_of(store: &Store<Pod>, cache: &impl Resource) -> Vec<ObjectRef<Pod>> {
+pub fn pods_of(store: &Store<Pod>, cache: &TemplateCache) -> Vec<ObjectRef<Pod>> {
     let namespace = cache.namespace();
     let name = cache.name_any();
     store
