@@ -1,4 +1,6 @@
 //! Acquire a TemplateCache from an in-cluster controller, wait for the copy, use it, release it.
+//! Under the hood: a TemplateCacheClaim of this consumer's own; the operator records its
+//! reference on the cache with every other new one in one write.
 //!
 //!     KUBECONFIG=.cluster/kubeconfig cargo run --example acquire -- <namespace> <name> <url>
 //!
@@ -34,14 +36,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let kube = kube::Client::try_default().await?;
     let reference = client::acquire(kube.clone(), &request, "example-consumer").await?;
-    println!("holding a reference on {}", reference.name());
-
-    let cache = reference.wait_ready(Duration::from_secs(600)).await?;
-    let status = cache.status.unwrap_or_default();
     println!(
-        "ready: {} bytes at <store>/{}",
-        status.size.unwrap_or(0),
-        status.path.unwrap_or_default()
+        "claim {} made for cache {}",
+        reference.claim_name(),
+        reference.name()
+    );
+
+    let claim = reference.wait_ready(Duration::from_secs(600)).await?;
+    let data = claim.status.and_then(|s| s.cache).unwrap_or_default();
+    println!(
+        "ready: {} bytes at <{}>/{}",
+        data.size.unwrap_or(0),
+        data.store.unwrap_or_default(),
+        data.path.unwrap_or_default()
     );
 
     reference.release().await?;

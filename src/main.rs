@@ -62,8 +62,15 @@ struct RunArgs {
     /// Caches reconciled at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
-    /// Seconds between checks of a cache's Pod references for Pods that are gone (a backstop
-    /// for missed deletion events).
+    /// Claims reconciled at once: how many claim status writes go out in parallel.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    claim_concurrency: u16,
+    /// Most references one cache takes; consumers past it wait with the claim condition
+    /// `ReferenceLimit`. The default keeps a cache well under etcd's 1.5 MiB object limit.
+    #[arg(long, default_value_t = templatecache::controller::DEFAULT_MAX_REFERENCES)]
+    max_references: usize,
+    /// Seconds between checks of a cache's claim and Pod references for consumers that are
+    /// gone (a backstop for missed deletion events).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     reference_sweep_seconds: u64,
     /// Name of this replica in Events and the leader Lease (the host name when unset).
@@ -115,6 +122,8 @@ impl RunArgs {
                 ..RetryPolicy::default()
             },
             concurrency: self.concurrency,
+            claim_concurrency: self.claim_concurrency,
+            max_references: self.max_references,
             reference_sweep: Duration::from_secs(self.reference_sweep_seconds),
             instance: Some(self.identity()),
             source_allowlist: self.source_allowlist.clone(),

@@ -14,7 +14,7 @@ use support::jobs::wait_for_cache;
 use support::operator::{Operator, TestStore, config};
 use support::{TestNamespace, kubectl};
 use templatecache::api::references::count_references;
-use templatecache::api::{TemplateCache, TemplateCacheSpec};
+use templatecache::api::{TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, ClientError};
 use templatecache::controller::conditions::{READY, find};
 use templatecache::controller::template_cache::lifecycle::reason;
@@ -50,15 +50,38 @@ async fn ready_reason(ns: &TestNamespace, name: &str, wanted: &'static str) -> S
         .clone()
 }
 
+/// Waits until the cache holds `count` references and its status says so; returns its
+/// resourceVersion.
+async fn settled_refs(ns: &TestNamespace, name: &str, count: u32) -> String {
+    let cache = wait_for_cache(&ns.client, &ns.name, name, "references settled", |c| {
+        count_references(c.finalizers()) == count
+            && c.status.as_ref().and_then(|s| s.ref_count) == Some(count)
+    })
+    .await;
+    cache.resource_version().unwrap_or_default()
+}
+
+async fn claim_count(ns: &TestNamespace) -> usize {
+    let claims: Api<TemplateCacheClaim> = ns.api();
+    claims
+        .list(&Default::default())
+        .await
+        .expect("claims")
+        .items
+        .len()
+}
+
 #[tokio::test]
 async fn consumers_that_misbehave_change_nothing_they_should_not() {
     let ns = TestNamespace::new("bad-consumer").await;
+    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
+    let operator = Operator::start(config(&ns.name, &store.name)).await;
     let url = "https://templates.invalid/img.qcow2";
     let cache = request(&ns, "img", Some(spec(url)));
     let holder = client::acquire(ns.client.clone(), &cache, "holder")
         .await
         .expect("acquire");
-    let before = refs(&ns, "img").await;
+    let before = settled_refs(&ns, "img", 1).await;
 
     for (case, id) in [
         ("consumer id that is empty", String::new()),
@@ -70,17 +93,22 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
         let Err(e @ ClientError::InvalidConsumerId(_)) = result else {
             panic!("{case}: {result:?}");
         };
-        assert_eq!(refs(&ns, "img").await, before, "{case}: nothing written");
+        assert_eq!(claim_count(&ns).await, 1, "{case}: no claim made");
+        assert_eq!(
+            refs(&ns, "img").await,
+            (1, before.clone()),
+            "{case}: cache untouched"
+        );
         record(
             case,
-            &format!("refused by the library before any write: {e}"),
+            &format!("refused by the library before any request: {e}"),
         );
     }
 
     client::release(ns.client.clone(), &ns.name, "img", "never-held")
         .await
         .expect("a release of nothing is a no-op");
-    assert_eq!(refs(&ns, "img").await, before);
+    assert_eq!(refs(&ns, "img").await, (1, before.clone()));
     record(
         "releasing a reference never held",
         "no-op: Ok, refCount and resourceVersion unchanged",
@@ -89,25 +117,27 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
     let spare = client::acquire(ns.client.clone(), &cache, "twice")
         .await
         .expect("acquire");
+    settled_refs(&ns, "img", 2).await;
     spare.clone().release().await.expect("release");
     spare.release().await.expect("second release");
-    assert_eq!(refs(&ns, "img").await.0, 1);
+    settled_refs(&ns, "img", 1).await;
     record(
         "releasing the same reference twice",
-        "second release is a no-op; refCount 1",
+        "second release is a no-op; refCount back to 1",
     );
 
     let storm =
         join_all((0..50).map(|_| client::acquire(ns.client.clone(), &cache, "same-one"))).await;
-    assert!(storm.iter().all(Result::is_ok));
-    assert_eq!(refs(&ns, "img").await.0, 2, "one consumer counts once");
+    assert!(storm.iter().all(Result::is_ok), "{storm:?}");
+    assert_eq!(claim_count(&ns).await, 2, "one consumer, one claim");
+    settled_refs(&ns, "img", 2).await;
     client::release(ns.client.clone(), &ns.name, "img", "same-one")
         .await
         .expect("release");
-    assert_eq!(refs(&ns, "img").await.0, 1, "one release frees every copy");
+    settled_refs(&ns, "img", 1).await;
     record(
         "one consumer acquiring 50 times at once",
-        "counted once (refCount +1); one release removes every copy of the entry",
+        "one claim, counted once (refCount +1); one release frees it",
     );
 
     let other = request(
@@ -115,28 +145,52 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
         "img",
         Some(spec("https://elsewhere.invalid/other.qcow2")),
     );
-    let result = client::acquire(ns.client.clone(), &other, "mismatch").await;
+    let mismatch = client::acquire(ns.client.clone(), &other, "mismatch")
+        .await
+        .expect("the claim is made");
+    let result = mismatch
+        .wait_ready(std::time::Duration::from_secs(60))
+        .await;
     let Err(e @ ClientError::SpecMismatch { .. }) = result else {
         panic!("spec mismatch: {result:?}");
     };
+    assert_eq!(
+        refs(&ns, "img").await.0,
+        1,
+        "a mismatched claim holds nothing"
+    );
     record(
-        "acquiring an existing cache with a different source",
-        &format!("refused by the library: {e}"),
+        "claiming an existing cache with a different source",
+        &format!("claim Failed (TemplateMismatch), no reference, cache unchanged: {e}"),
     );
 
     ns.api::<TemplateCache>()
         .delete("img", &Default::default())
         .await
         .expect("delete");
-    let result = client::acquire(ns.client.clone(), &cache, "late").await;
-    let Err(e @ ClientError::Deleting(_)) = result else {
-        panic!("acquire while deleting: {result:?}");
-    };
-    record(
-        "acquiring a cache that is being deleted",
-        &format!("refused: {e} (the API server refuses new finalizers on it too)"),
+    settled_refs(&ns, "img", 1).await;
+    let late = client::acquire(ns.client.clone(), &request(&ns, "img", None), "late")
+        .await
+        .expect("the claim is made");
+    let result = late.wait_ready(std::time::Duration::from_secs(3)).await;
+    assert!(
+        matches!(result, Err(ClientError::Timeout(..))),
+        "{result:?}"
     );
+    assert_eq!(
+        refs(&ns, "img").await.0,
+        1,
+        "a cache being deleted takes no new reference"
+    );
+    record(
+        "claiming a cache that is being deleted",
+        "the claim stays Pending (CacheDeleting) and holds nothing; it binds if the cache is made again",
+    );
+    late.release().await.expect("release");
+    mismatch.release().await.expect("release");
     holder.release().await.expect("release");
+    operator.stop().await;
+    store.delete().await;
     ns.delete().await;
 }
 

@@ -278,6 +278,11 @@ fn watch_for_ready_without_data(
     (violations, task)
 }
 
+async fn current_attempt(rig: &Rig, name: &str) -> Option<u32> {
+    let cache: TemplateCache = rig.ns.api().get(name).await.expect("cache");
+    cache.status.and_then(|s| s.attempt)
+}
+
 #[tokio::test]
 async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data() {
     let server = HttpServer::start().await;
@@ -292,11 +297,11 @@ async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data
 
     for round in 0..6u64 {
         let first = acquire(&rig, spec(&server, "img", bytes), "img", "first").await;
-        let ready = first
+        first
             .wait_ready(Duration::from_secs(120))
             .await
             .expect("Ready");
-        let attempt = ready.status.and_then(|s| s.attempt);
+        let attempt = current_attempt(&rig, "img").await;
         // The release makes the cache evictable at once; the new acquire races the eviction.
         let pause = Duration::from_millis(round * 15);
         let (released, second) = tokio::join!(first.release(), async {
@@ -304,12 +309,12 @@ async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data
             acquire(&rig, spec(&server, "img", bytes), "img", "second").await
         });
         released.expect("release");
-        let after = second
+        second
             .wait_ready(Duration::from_secs(120))
             .await
             .expect("Ready again");
         rig.assert_copied("img", bytes).await;
-        if after.status.and_then(|s| s.attempt) == attempt {
+        if current_attempt(&rig, "img").await == attempt {
             kept += 1;
         } else {
             copied_again += 1;

@@ -7,13 +7,14 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::ResourceExt;
 use kube::api::{DeleteParams, PostParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::TestNamespace;
 use support::jobs::{Outcome, finish_copy, finish_job, jobs_of, wait_for_cache, wait_for_job};
 use support::operator::{Operator, TestStore, config};
-use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
+use templatecache::api::references::count_references;
+use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, ClientError};
 use templatecache::controller::template_cache::{self, lifecycle::reason};
 use templatecache::controller::{Context, Error, conditions};
@@ -303,11 +304,32 @@ async fn a_referenced_cache_stays_until_its_last_release_then_its_data_is_remove
     })
     .await;
     assert_eq!(deleting.status.as_ref().and_then(|s| s.ref_count), Some(2));
-    // A cache going away takes no new references.
-    let late = client::acquire(ns.client.clone(), &request, "latecomer").await;
-    assert!(
-        matches!(late, Err(ClientError::Deleting(_))),
-        "got {late:?}"
+    // A cache going away takes no new references: a claim made now waits, and holds nothing.
+    let without_template = CacheRequest {
+        spec: None,
+        ..request.clone()
+    };
+    let late = client::acquire(ns.client.clone(), &without_template, "latecomer")
+        .await
+        .expect("the claim itself is made");
+    let claims: Api<TemplateCacheClaim> = ns.api();
+    let mut waiting_reason = None;
+    for _ in 0..100 {
+        let claim = claims.get(late.claim_name()).await.expect("claim");
+        waiting_reason = claim
+            .status
+            .and_then(|s| conditions::find(&s.conditions, "Bound").map(|c| c.reason.clone()));
+        if waiting_reason.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(waiting_reason.as_deref(), Some("CacheDeleting"));
+    let still = caches.get("held").await.expect("deleting");
+    assert_eq!(
+        count_references(still.finalizers()),
+        2,
+        "the latecomer holds nothing"
     );
 
     a.release().await.unwrap();
@@ -338,6 +360,7 @@ async fn a_referenced_cache_stays_until_its_last_release_then_its_data_is_remove
     })
     .await;
     assert!(gone.is_ok(), "the cache is gone once its data is removed");
+    late.release().await.expect("release the latecomer");
     operator.stop().await;
     store.delete().await;
     ns.delete().await;

@@ -7,16 +7,22 @@ pub mod names;
 pub mod references;
 mod staging_store;
 mod template_cache;
+mod template_cache_claim;
 
 pub use staging_store::*;
 pub use template_cache::*;
+pub use template_cache_claim::*;
 
 use kube::CustomResourceExt;
 
-/// Both CRDs as one multi-document YAML stream, the content of `crds/`.
+/// The CRDs as one multi-document YAML stream, the content of `crds/`.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
-    for crd in [TemplateCache::crd(), StagingStore::crd()] {
+    for crd in [
+        TemplateCache::crd(),
+        TemplateCacheClaim::crd(),
+        StagingStore::crd(),
+    ] {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&crd)?);
     }

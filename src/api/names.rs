@@ -1,7 +1,7 @@
 //! Every label, annotation, finalizer, gate and field-manager name the operator uses, in one
 //! place, so a name is never spelled twice.
 
-/// The API group of both custom resources.
+/// The API group of the custom resources.
 pub const GROUP: &str = "templatecache.io";
 
 /// The operator's own finalizer: holds a cache until its last reference is gone and its data is
@@ -13,6 +13,10 @@ pub const CONSUMER_REF_PREFIX: &str = "ref.templatecache.io/";
 
 /// Prefix of a reference held by the operator for a Pod: `pod.ref.templatecache.io/<pod-uid>`.
 pub const POD_REF_PREFIX: &str = "pod.ref.templatecache.io/";
+
+/// Prefix of a reference held by the operator for a TemplateCacheClaim:
+/// `claim.ref.templatecache.io/<claim-uid>`.
+pub const CLAIM_REF_PREFIX: &str = "claim.ref.templatecache.io/";
 
 /// Label on a Pod that names the TemplateCache (in the Pod's namespace) it needs.
 pub const POD_CACHE_LABEL: &str = "templatecache.io/cache";

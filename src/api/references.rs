@@ -2,7 +2,7 @@
 //! the size of that set, so it is derived, never kept: it cannot drift or go negative, a double
 //! release is a no-op, and a referenced cache cannot disappear.
 
-use super::names::{CONSUMER_REF_PREFIX, MAX_CONSUMER_ID_LEN, POD_REF_PREFIX};
+use super::names::{CLAIM_REF_PREFIX, CONSUMER_REF_PREFIX, MAX_CONSUMER_ID_LEN, POD_REF_PREFIX};
 
 /// A consumer id that the contract does not allow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,14 +30,33 @@ pub fn pod_reference(pod_uid: &str) -> String {
     format!("{POD_REF_PREFIX}{pod_uid}")
 }
 
-/// True for a finalizer that is a reference (consumer or Pod), false for anything else.
+/// The finalizer the operator holds for a claim: `claim.ref.templatecache.io/<claim-uid>`.
+pub fn claim_reference(claim_uid: &str) -> String {
+    format!("{CLAIM_REF_PREFIX}{claim_uid}")
+}
+
+/// True for a finalizer that is a reference (claim, Pod or hand-written), false for anything
+/// else.
 pub fn is_reference(finalizer: &str) -> bool {
-    finalizer.starts_with(CONSUMER_REF_PREFIX) || finalizer.starts_with(POD_REF_PREFIX)
+    [CONSUMER_REF_PREFIX, POD_REF_PREFIX, CLAIM_REF_PREFIX]
+        .iter()
+        .any(|prefix| finalizer.starts_with(prefix))
+}
+
+/// True for a reference the operator writes (for a claim or a Pod) and so also removes; a
+/// hand-written `ref.templatecache.io/<id>` belongs to whoever wrote it.
+pub fn is_operator_reference(finalizer: &str) -> bool {
+    finalizer.starts_with(CLAIM_REF_PREFIX) || finalizer.starts_with(POD_REF_PREFIX)
 }
 
 /// The Pod UID of a Pod reference, if `finalizer` is one.
 pub fn pod_uid_of(finalizer: &str) -> Option<&str> {
     finalizer.strip_prefix(POD_REF_PREFIX)
+}
+
+/// The claim UID of a claim reference, if `finalizer` is one.
+pub fn claim_uid_of(finalizer: &str) -> Option<&str> {
+    finalizer.strip_prefix(CLAIM_REF_PREFIX)
 }
 
 /// Number of distinct references among `finalizers`.
@@ -73,11 +92,13 @@ mod tests {
             "ref.templatecache.io/a",
             "ref.templatecache.io/a",
             "pod.ref.templatecache.io/uid-1",
+            "claim.ref.templatecache.io/uid-2",
+            "claim.ref.templatecache.io/uid-2",
             "example.com/other",
         ]
         .map(String::from)
         .to_vec();
-        assert_eq!(count_references(&finalizers), 2);
+        assert_eq!(count_references(&finalizers), 3);
         assert_eq!(count_references(&Vec::new()), 0);
     }
 }

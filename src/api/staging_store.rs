@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
     kind = "StagingStore",
     status = "StagingStoreStatus",
     shortname = "sst",
-    category = "templatecache",
+    category = "templatecaching",
     doc = "A shared volume that holds staged template caches, with LRU eviction of unreferenced ones.",
     printcolumn(name = "Capacity", type_ = "string", json_path = ".spec.capacity"),
     printcolumn(name = "Used", type_ = "integer", json_path = ".status.usedBytes"),

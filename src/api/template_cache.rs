@@ -10,6 +10,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Desired state of a TemplateCache: where the template comes from and where it is staged.
+// The category `templatecaching` (`kubectl get templatecaching` lists all three kinds) is not
+// `templatecache`: kubectl resolves a category before a singular name, so that category made
+// `kubectl get templatecache NAME` fail with "you must specify only one resource".
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "templatecache.io",
@@ -18,7 +21,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "TemplateCacheStatus",
     shortname = "tc",
-    category = "templatecache",
+    category = "templatecaching",
     doc = "A staged copy of a large template (VM image, dataset), copied exactly once and shared by reference.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Refs", type_ = "integer", json_path = ".status.refCount"),

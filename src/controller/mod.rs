@@ -2,17 +2,20 @@
 
 pub mod conditions;
 pub mod events;
+pub mod index;
 pub mod jobs;
 pub mod pacing;
 pub mod pod_gate;
-pub mod reference_gc;
+pub mod references;
 pub mod staging_store;
 pub mod template_cache;
+pub mod template_cache_claim;
+pub mod watched;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -22,13 +25,14 @@ use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
 use crate::api::names::{MANAGED_BY, MANAGED_BY_LABEL, POD_CACHE_LABEL};
-use crate::api::{StagingStore, TemplateCache};
-use crate::client::ClientError;
+use crate::api::{StagingStore, TemplateCache, TemplateCacheClaim};
 use crate::runtime::metrics::Metrics;
 use events::Events;
+use index::{ByCache, Wakeups};
 use jobs::JobSettings;
 use pacing::Pacer;
 use template_cache::lifecycle::RetryPolicy;
+use watched::{Watched, cache_of_claim, cache_of_pod};
 
 /// Errors of a reconcile; each is retried by the controller with a short backoff.
 #[derive(Debug, thiserror::Error)]
@@ -39,12 +43,12 @@ pub enum Error {
     MissingNamespace,
     #[error("TemplateCache {0} changed while it was being reconciled; reconciling it again")]
     Conflict(String),
+    #[error("the API server refused the change to {0}")]
+    Refused(String),
     #[error("cannot build a manifest: {0}")]
     Manifest(#[from] serde_json::Error),
     #[error("Job {0} failed to remove the cached data: {1}")]
     CleanupFailed(String, String),
-    #[error("cannot change a reference: {0}")]
-    Reference(#[from] ClientError),
     #[error("StagingStore {0}: capacity {1} is not a whole number of bytes")]
     InvalidCapacity(String, String),
 }
@@ -62,6 +66,11 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Caches reconciled at once.
     pub concurrency: u16,
+    /// Claims reconciled (and so claim statuses written) at once.
+    pub claim_concurrency: u16,
+    /// Most references one cache takes; consumers past it wait, with a condition that says so.
+    /// Bounded by etcd's object size limit (see the README's "Limits").
+    pub max_references: usize,
     /// How often a cache holding Pod references is checked for Pods that are gone, in case a
     /// deletion event was missed.
     pub reference_sweep: Duration,
@@ -88,12 +97,18 @@ impl Default for Config {
             },
             retry: RetryPolicy::default(),
             concurrency: 16,
+            claim_concurrency: 32,
+            max_references: DEFAULT_MAX_REFERENCES,
             reference_sweep: Duration::from_secs(60),
             instance: None,
             source_allowlist: vec![],
         }
     }
 }
+
+/// The default of [`Config::max_references`]: a cache with this many claim references still
+/// weighs well under etcd's 1.5 MiB object limit (measured in `tests/reference_limit.rs`).
+pub const DEFAULT_MAX_REFERENCES: usize = 5_000;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -105,6 +120,10 @@ pub struct Context {
     pub store_lists: Pacer,
     /// When each cache may record a changed reference count again.
     pub count_writes: Pacer,
+    /// When each cache may commit references again: the commits of a storm form batches.
+    pub reference_commits: Pacer,
+    /// Caches, claims and labelled Pods as the operator's watches show them.
+    pub watched: Watched,
     /// StagingStores as the store controller's watch sees them; empty while that controller
     /// is not running (a test driving one reconcile), and then [`Context::store`] reads them.
     pub store_view: Store<StagingStore>,
@@ -120,6 +139,8 @@ impl Context {
             metrics: Arc::new(Metrics::new()),
             store_lists: Pacer::new(Duration::from_secs(5)),
             count_writes: Pacer::new(Duration::from_secs(2)),
+            reference_commits: Pacer::new(Duration::from_secs(1)),
+            watched: Watched::unwatched(),
             store_view: reflector::store().0,
         }
     }
@@ -180,6 +201,10 @@ pub async fn run(
     run_with(client, config, Arc::new(Metrics::new()), shutdown).await;
 }
 
+/// Buffer of each shared watch's subscribers: how far a controller may fall behind its watch
+/// before the watch waits for it.
+const SUBSCRIBER_BUFFER: usize = 1024;
+
 /// [`run`], counting into `metrics`.
 pub async fn run_with(
     client: Client,
@@ -191,86 +216,156 @@ pub async fn run_with(
     ctx.metrics = metrics;
     let (store_view, store_writer) = reflector::store();
     ctx.store_view = store_view;
+    let (caches, cache_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let (claims, claim_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let (pods, pod_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    ctx.watched = Watched {
+        caches,
+        claims,
+        pods,
+        claims_by_cache: ByCache::new(cache_of_claim),
+        pods_by_cache: ByCache::new(cache_of_pod),
+    };
+    let subscribe = "a shared store always takes subscribers";
+    let cache_changes = cache_writer.subscribe().expect(subscribe);
+    let claim_changes = claim_writer.subscribe().expect(subscribe);
+    let pod_changes = pod_writer.subscribe().expect(subscribe);
+    let (wake_caches, cache_wakeups) = Wakeups::channel();
+    let (wake_claims, claim_wakeups) = Wakeups::channel();
+    let (wake_pods, pod_wakeups) = Wakeups::channel();
+
     let ctx = Arc::new(ctx);
     let shutdown = shutdown.shared();
+    let watched = ctx.watched.clone();
+    // A cache's change concerns the claims and Pods that name it (its deletion too: a claim
+    // with a template makes it again).
+    let cache_watch = watcher(ctx.scoped::<TemplateCache>(), watcher::Config::default())
+        .modify(drop_managed_fields)
+        .default_backoff()
+        .reflect_shared(cache_writer)
+        .inspect_ok(move |event| {
+            if let Some(cache) = changed_objects(event) {
+                wake_claims.wake(watched.claims_by_cache.members(&cache));
+                wake_pods.wake(watched.pods_by_cache.members(&cache));
+            }
+        });
+    // A consumer's change (its deletion too) concerns the cache it names.
+    let index = ctx.watched.claims_by_cache.clone();
+    let wake = wake_caches.clone();
+    let claim_watch = watcher(
+        ctx.scoped::<TemplateCacheClaim>(),
+        watcher::Config::default(),
+    )
+    .modify(drop_managed_fields)
+    .default_backoff()
+    .reflect_shared(claim_writer)
+    .inspect_ok(move |event| wake.wake(index.apply(event)));
+    let index = ctx.watched.pods_by_cache.clone();
+    let pod_watch = watcher(ctx.scoped::<Pod>(), labelled_pods())
+        .modify(drop_managed_fields)
+        .default_backoff()
+        .reflect_shared(pod_writer)
+        .inspect_ok(move |event| wake_caches.wake(index.apply(event)));
+
+    let jobs_selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
+    let cache_controller = Controller::for_shared_stream(cache_changes, ctx.watched.caches.clone())
+        .owns(
+            ctx.scoped::<Job>(),
+            watcher::Config::default().labels(&jobs_selector),
+        )
+        .reconcile_on(cache_wakeups)
+        .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency));
+    let claim_controller = Controller::for_shared_stream(claim_changes, ctx.watched.claims.clone())
+        .reconcile_on(claim_wakeups)
+        .with_config(ControllerConfig::default().concurrency(ctx.config.claim_concurrency));
+    let pod_gate = Controller::for_shared_stream(pod_changes, ctx.watched.pods.clone())
+        .reconcile_on(pod_wakeups)
+        .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency));
+
     futures::join!(
-        run_template_caches(ctx.clone(), shutdown.clone()),
-        run_pod_gate(ctx.clone(), shutdown.clone()),
+        drive("TemplateCache", cache_watch, shutdown.clone()),
+        drive("TemplateCacheClaim", claim_watch, shutdown.clone()),
+        drive("Pod", pod_watch, shutdown.clone()),
+        run_controller(
+            "template_cache",
+            cache_controller,
+            template_cache::reconcile,
+            ctx.clone(),
+            shutdown.clone()
+        ),
+        run_controller(
+            "template_cache_claim",
+            claim_controller,
+            template_cache_claim::reconcile,
+            ctx.clone(),
+            shutdown.clone()
+        ),
+        run_controller(
+            "pod_gate",
+            pod_gate,
+            pod_gate::reconcile,
+            ctx.clone(),
+            shutdown.clone()
+        ),
         run_staging_stores(ctx, store_writer, shutdown),
     );
     info!("controllers stopped");
 }
 
-/// The TemplateCache controller: owns the copy and remove Jobs, and hears of labelled Pods so
-/// a Pod's deletion releases its reference at once.
-async fn run_template_caches(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+/// The objects a watch event is about (a relist's objects one by one).
+fn changed_objects<K: kube::Resource<DynamicType = ()>>(
+    event: &watcher::Event<K>,
+) -> Option<ObjectRef<K>> {
+    match event {
+        watcher::Event::Apply(object)
+        | watcher::Event::InitApply(object)
+        | watcher::Event::Delete(object) => Some(ObjectRef::from_obj(object)),
+        watcher::Event::Init | watcher::Event::InitDone => None,
+    }
+}
+
+/// Polls a shared watch until `shutdown`: it feeds its store, its index and its subscribers.
+/// Its errors are retried with backoff by the watcher; they are only logged here.
+async fn drive<K>(
+    kind: &'static str,
+    watch: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let jobs_selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
-    let controller_config = ControllerConfig::default().concurrency(ctx.config.concurrency);
-    let (caches, writer) = reflector::store();
-    let cache_changes = watcher(ctx.scoped::<TemplateCache>(), watcher::Config::default())
-        .modify(drop_managed_fields)
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects();
-    Controller::for_stream(cache_changes, caches)
-        .owns(
-            ctx.scoped::<Job>(),
-            watcher::Config::default().labels(&jobs_selector),
-        )
-        .watches(ctx.scoped::<Pod>(), labelled_pods(), |pod| {
-            let name = pod.labels().get(POD_CACHE_LABEL)?;
-            Some(ObjectRef::new(name).within(&pod.namespace()?))
-        })
-        .with_config(controller_config)
-        .graceful_shutdown_on(shutdown)
-        .run(
-            |cache, ctx| {
-                measured(
-                    "template_cache",
-                    template_cache::reconcile(cache, ctx.clone()),
-                    ctx,
-                )
-            },
-            error_policy,
-            ctx,
-        )
+    watch
+        .take_until(shutdown)
         .for_each(|result| async move {
             if let Err(e) = result {
-                warn!("reconcile: {e}");
+                warn!("watch of {kind}: {e}");
             }
         })
         .await;
 }
 
-/// The Pod-gate controller: only Pods with the cache label (a server-side selector, never all
-/// Pods), and again whenever their cache changes.
-async fn run_pod_gate(
+/// Runs one controller's reconciles until `shutdown`, each measured.
+async fn run_controller<K, F>(
+    name: &'static str,
+    controller: Controller<K>,
+    reconcile: fn(Arc<K>, Arc<Context>) -> F,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let controller = Controller::new(ctx.scoped::<Pod>(), labelled_pods());
-    let pods = controller.store();
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
     controller
-        .watches(
-            ctx.scoped::<TemplateCache>(),
-            watcher::Config::default(),
-            move |cache| pod_gate::pods_of(&pods, &cache),
-        )
-        .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency))
         .graceful_shutdown_on(shutdown)
         .run(
-            |pod, ctx| measured("pod_gate", pod_gate::reconcile(pod, ctx.clone()), ctx),
+            move |object, ctx| measured(name, reconcile(object, ctx.clone()), ctx),
             error_policy,
             ctx,
         )
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!("pod gate: {e}");
-            }
-        })
+        .for_each(|_| async {})
         .await;
 }
 
@@ -286,37 +381,26 @@ async fn run_staging_stores(
         .default_backoff()
         .reflect(writer)
         .applied_objects();
-    Controller::for_stream(store_changes, ctx.store_view.clone())
-        .watches(
-            ctx.scoped::<TemplateCache>(),
-            watcher::Config::default(),
-            move |cache| {
-                let store = cache
-                    .spec
-                    .store_ref
-                    .as_ref()
-                    .map_or_else(|| default_store.clone(), |s| s.name.clone());
-                Some(ObjectRef::<StagingStore>::new(&store))
-            },
-        )
-        .graceful_shutdown_on(shutdown)
-        .run(
-            |store, ctx| {
-                measured(
-                    "staging_store",
-                    staging_store::reconcile(store, ctx.clone()),
-                    ctx,
-                )
-            },
-            error_policy,
-            ctx,
-        )
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!("staging store: {e}");
-            }
-        })
-        .await;
+    let controller = Controller::for_stream(store_changes, ctx.store_view.clone()).watches(
+        ctx.scoped::<TemplateCache>(),
+        watcher::Config::default(),
+        move |cache| {
+            let store = cache
+                .spec
+                .store_ref
+                .as_ref()
+                .map_or_else(|| default_store.clone(), |s| s.name.clone());
+            Some(ObjectRef::<StagingStore>::new(&store))
+        },
+    );
+    run_controller(
+        "staging_store",
+        controller,
+        staging_store::reconcile,
+        ctx,
+        shutdown,
+    )
+    .await;
 }
 
 /// What the operator keeps of an object it watches: everything but `managedFields`, which it never

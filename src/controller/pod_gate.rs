@@ -1,11 +1,15 @@
 //! The Pod-gate controller: a Pod labelled `templatecache.io/cache: <name>` and created with the
-//! scheduling gate `templatecache.io/ready` gets the reference
-//! `pod.ref.templatecache.io/<pod-uid>` on that cache, and loses the gate once the cache is Ready.
+//! scheduling gate `templatecache.io/ready` loses the gate once its reference
+//! `pod.ref.templatecache.io/<pod-uid>` is on that cache and the cache is Ready.
 //!
-//! The gate comes off only after the reference is in place and a read that includes it shows the
-//! cache Ready: from then on the cache cannot be evicted (an eviction is preconditioned on an
-//! unreferenced resourceVersion), so a Pod never starts on a cache without data. References of
-//! Pods that are gone are removed by the TemplateCache controller (see `reference_gc`).
+//! This controller writes only to Pods. The TemplateCache controller records the references of
+//! all of a cache's new Pods in one commit (see `references`), so a 1,000-replica rollout is a
+//! handful of writes to the cache, not 1,000.
+//!
+//! The gate comes off only when one version of the cache shows both the Pod's reference and
+//! Ready: from that version on the cache cannot be evicted (eviction is preconditioned on an
+//! unreferenced resourceVersion, and the reference stays until the Pod is gone), so a Pod never
+//! starts on a cache without data.
 
 use std::sync::Arc;
 
@@ -13,17 +17,15 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
-use super::reference_gc::has_finished;
 use super::{Context, Error};
 use crate::api::names::{POD_CACHE_LABEL, READY_GATE};
 use crate::api::references::pod_reference;
 use crate::api::{Phase, TemplateCache};
-use crate::client::{self, ClientError};
 use crate::controller::conditions::{READY, find};
 
 /// Event reasons on Pods.
@@ -35,41 +37,35 @@ pub mod reason {
 
 /// Reconciles one labelled Pod.
 pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let Some(cache_name) = pod.labels().get(POD_CACHE_LABEL) else {
+    let (Some(cache_name), Some(uid)) = (pod.labels().get(POD_CACHE_LABEL), pod.uid()) else {
         return Ok(Action::await_change());
     };
-    let namespace = pod.namespace().ok_or(Error::MissingNamespace)?;
-    let caches: Api<TemplateCache> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(uid) = pod.uid() else {
-        return Ok(Action::await_change());
-    };
-    let reference = pod_reference(&uid);
-    if has_finished(&pod) {
-        // A Pod that ran to completion no longer reads the data.
-        client::remove_entry(&caches, cache_name, &reference).await?;
+    if gate_index(&pod).is_none() {
+        // Not gated (or no longer): its reference is the TemplateCache controller's business.
         return Ok(Action::await_change());
     }
-    let cache = match client::add_entry(&caches, cache_name, &reference).await {
-        Ok(cache) => cache,
-        Err(ClientError::NotFound(_)) => {
-            let note = format!(
-                "TemplateCache {cache_name} does not exist in namespace {namespace}; the Pod \
-                 stays gated until it exists and is Ready"
-            );
-            warn_gated(&ctx, &pod, reason::CACHE_NOT_FOUND, &note).await;
-            return Ok(Action::await_change());
-        }
-        Err(ClientError::Deleting(_)) => {
-            let note = format!(
-                "TemplateCache {cache_name} is being deleted and takes no new references; the Pod \
-                 stays gated"
-            );
-            warn_gated(&ctx, &pod, reason::CACHE_DELETING, &note).await;
-            return Ok(Action::await_change());
-        }
-        Err(e) => return Err(e.into()),
+    let namespace = pod.namespace().ok_or(Error::MissingNamespace)?;
+    let Some(cache) = ctx
+        .watched
+        .cache(&ObjectRef::new(cache_name).within(&namespace))
+    else {
+        let note = format!(
+            "TemplateCache {cache_name} does not exist in namespace {namespace}; the Pod stays \
+             gated until it exists and is Ready"
+        );
+        warn_gated(&ctx, &pod, reason::CACHE_NOT_FOUND, &note).await;
+        return Ok(Action::await_change());
     };
-    if gate_index(&pod).is_some() && is_ready(&cache) {
+    let referenced = cache.finalizers().contains(&pod_reference(&uid));
+    if !referenced && cache.metadata.deletion_timestamp.is_some() {
+        let note = format!(
+            "TemplateCache {cache_name} is being deleted and takes no new references; the Pod \
+             stays gated"
+        );
+        warn_gated(&ctx, &pod, reason::CACHE_DELETING, &note).await;
+        return Ok(Action::await_change());
+    }
+    if referenced && is_ready(&cache) {
         ungate(&pod, &ctx).await?;
         let note =
             format!("TemplateCache {cache_name} is Ready; scheduling gate {READY_GATE} removed");
@@ -84,24 +80,11 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Error
             .await;
         info!(pod = %pod.name_any(), cache = %cache_name, "ungated");
     }
-    // The cache's own changes (Ready, created) bring the Pod back here; see `pods_of`.
+    // The cache's changes (its commit, Ready) bring the Pod back here through the index.
     Ok(Action::await_change())
 }
 
-/// The Pods in `store` that name `cache`: what a change to the cache concerns.
-pub fn pods_of(store: &Store<Pod>, cache: &TemplateCache) -> Vec<ObjectRef<Pod>> {
-    let namespace = cache.namespace();
-    let name = cache.name_any();
-    store
-        .state()
-        .iter()
-        .filter(|pod| pod.namespace() == namespace)
-        .filter(|pod| pod.labels().get(POD_CACHE_LABEL) == Some(&name))
-        .map(|pod| ObjectRef::from_obj(&**pod))
-        .collect()
-}
-
-/// Ready, as seen in the read that already holds the Pod's reference.
+/// Ready, in the same version of the cache that holds the Pod's reference.
 fn is_ready(cache: &TemplateCache) -> bool {
     let Some(status) = &cache.status else {
         return false;

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub copies_failed: Counter,
     pub bytes_copied: Counter,
     pub evictions: Counter,
+    pub reference_commits: Counter,
+    pub references_added: Counter,
+    pub references_removed: Counter,
     pub references_held: Gauge,
     pub leader: Gauge,
     /// References per cache, summed into `references_held`.
@@ -63,6 +66,9 @@ impl Metrics {
             copies_failed: Counter::default(),
             bytes_copied: Counter::default(),
             evictions: Counter::default(),
+            reference_commits: Counter::default(),
+            references_added: Counter::default(),
+            references_removed: Counter::default(),
             references_held: Gauge::default(),
             leader: Gauge::default(),
             references: Mutex::default(),
@@ -104,6 +110,21 @@ impl Metrics {
             "evictions",
             "Caches evicted to free space",
             metrics.evictions.clone(),
+        );
+        r.register(
+            "reference_commits",
+            "Writes that committed a batch of references to a cache",
+            metrics.reference_commits.clone(),
+        );
+        r.register(
+            "references_added",
+            "References of claims and Pods recorded on caches",
+            metrics.references_added.clone(),
+        );
+        r.register(
+            "references_removed",
+            "References of claims and Pods that are gone, removed from caches",
+            metrics.references_removed.clone(),
         );
         r.register(
             "references_held",

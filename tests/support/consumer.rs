@@ -29,6 +29,9 @@ kind: ClusterRole
 metadata: {{name: templatecache-test-consumer}}
 rules:
 - apiGroups: [templatecache.io]
+  resources: [templatecacheclaims]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [templatecache.io]
   resources: [templatecaches]
   verbs: [get, list, watch, create, patch]
 ---

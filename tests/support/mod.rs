@@ -75,6 +75,7 @@ pub fn ensure_cluster() {
             "--for=condition=Established",
             "--timeout=60s",
             "crd/templatecaches.templatecache.io",
+            "crd/templatecacheclaims.templatecache.io",
             "crd/stagingstores.templatecache.io",
         ]);
         run_checked(wait, "kubectl wait crds");
@@ -168,6 +169,7 @@ impl TestNamespace {
     }
 }
 
+pub mod cache_watch;
 pub mod consumer;
 pub mod corpus;
 pub mod executor;

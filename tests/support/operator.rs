@@ -39,8 +39,15 @@ pub fn config(namespace: &str, store: &str) -> Config {
 }
 
 impl Operator {
-    /// Starts an operator with its own client.
+    /// Starts an operator with its own client. Its logs go to the test's output, at the level
+    /// `RUST_LOG` asks for (warnings by default).
     pub async fn start(config: Config) -> Self {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
         let client = super::client().await;
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(controller::run(client, config, async {

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use super::conditions::{READY, condition, set_condition};
 use super::template_cache::lifecycle::reason;
-use super::{Context, Error, drop_managed_fields};
+use super::{Context, Error, drop_managed_fields, references};
 use crate::api::{Phase, StagingStore, StorageAdmission, TemplateCache};
 
 /// How often a store is looked at even when nothing changes.
@@ -105,9 +105,14 @@ pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Ac
     Ok(Action::requeue(requeue.unwrap_or(RESYNC).min(RESYNC)))
 }
 
-/// Marks an unreferenced Ready cache `Evicted`, only if it is unchanged since it was read.
-/// Returns false when it changed (typically: it gained a reference), leaving it as it is.
+/// Marks an unreferenced Ready cache `Evicted`, only if no claim or Pod names it (by a live
+/// list) and it is unchanged since it was read. Returns false when it is held or changed
+/// (typically: it gained a reference), leaving it as it is.
 async fn evict(cache: &TemplateCache, store: &str, ctx: &Context) -> Result<bool, Error> {
+    // A claim or Pod whose reference is still to be committed already holds the cache.
+    if references::unbound_consumers(cache, ctx).await? > 0 {
+        return Ok(false);
+    }
     let mut conditions = cache
         .status
         .as_ref()

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -25,9 +24,9 @@ use tracing::{debug, info};
 use self::lifecycle::{Observed, Plan, Step};
 use super::conditions::{READY, find};
 use super::jobs::{self, JobState, Operation};
-use super::{Context, Error, reference_gc};
+use super::{Context, Error, references};
 use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
-use crate::api::references::{count_references, pod_uid_of};
+use crate::api::references::{count_references, is_operator_reference};
 use crate::api::{Phase, StagingStore, TemplateCache, TemplateCacheStatus};
 
 /// Reconciles one TemplateCache. Public so tests can drive it with a deliberately stale object.
@@ -35,25 +34,23 @@ pub async fn reconcile(cache: Arc<TemplateCache>, ctx: Arc<Context>) -> Result<A
     let namespace = cache.namespace().ok_or(Error::MissingNamespace)?;
     let caches: Api<TemplateCache> = Api::namespaced(ctx.client.clone(), &namespace);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    if reference_gc::collect(&cache, &caches, &pods).await? > 0 {
-        // The removal changed the cache; its watch event brings it back with the new list.
-        return Ok(Action::await_change());
-    }
-    let holds_pod_references = cache.finalizers().iter().any(|f| pod_uid_of(f).is_some());
+    // References first: the rest of the reconcile works on the cache as the commit left it.
+    let (cache, commit_wait) = references::commit(cache, &ctx).await?;
+    let holds_consumers = cache.finalizers().iter().any(|f| is_operator_reference(f));
     let requeue = if cache.metadata.deletion_timestamp.is_some() {
         finalize(&cache, &caches, &jobs, &ctx).await?
     } else {
         reconcile_live(cache, &caches, &jobs, &ctx).await?
     };
-    // Pod references bring the cache back after the sweep interval, so a Pod deletion the
-    // watch missed still releases its reference.
-    let sweep = holds_pod_references.then_some(ctx.config.reference_sweep);
-    Ok(match requeue.into_iter().chain(sweep).min() {
-        Some(after) => Action::requeue(after),
-        None => Action::await_change(),
-    })
+    // A periodic look catches a consumer's deletion that the watch missed.
+    let sweep = holds_consumers.then_some(ctx.config.reference_sweep);
+    Ok(
+        match [requeue, commit_wait, sweep].into_iter().flatten().min() {
+            Some(after) => Action::requeue(after),
+            None => Action::await_change(),
+        },
+    )
 }
 
 async fn reconcile_live(
@@ -63,7 +60,7 @@ async fn reconcile_live(
     ctx: &Context,
 ) -> Result<Option<Duration>, Error> {
     if !cache.finalizers().iter().any(|f| f == CLEANUP_FINALIZER) {
-        add_cleanup_finalizer(caches, &cache).await?;
+        // The reference commit adds it; it had to wait its turn.
         return Ok(None);
     }
 
@@ -282,6 +279,7 @@ async fn finalize(
     if references > 0 {
         return Ok(None);
     }
+
     let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
     let Some(store) = store.filter(|_| attempt > 0) else {
         // Nothing was ever copied, or the store is gone with its data: nothing to remove.
@@ -335,10 +333,21 @@ async fn write_status(
     debug!(?diff, "recording status");
     let name = cache.name_any();
     let params = PatchParams::default();
+    // A count is written only on the version it was counted from: written from a view that
+    // lags the last reference commit, it could show more references than the cache holds.
+    let counted_on = diff
+        .contains_key("refCount")
+        .then(|| cache.resource_version())
+        .flatten();
     let result = match (&cache.status, diff.contains_key("phase")) {
         (Some(_), true) => {
             let mut ops =
                 vec![json!({"op": "test", "path": "/status/phase", "value": current.phase})];
+            if let Some(version) = &counted_on {
+                ops.push(
+                    json!({"op": "test", "path": "/metadata/resourceVersion", "value": version}),
+                );
+            }
             for (key, value) in diff {
                 let path = format!("/status/{key}");
                 ops.push(match value {
@@ -352,14 +361,19 @@ async fn write_status(
                 .await
         }
         _ => {
-            let patch = json!({"status": diff});
+            let patch = match &counted_on {
+                Some(version) => json!({"metadata": {"resourceVersion": version}, "status": diff}),
+                None => json!({"status": diff}),
+            };
             caches
                 .patch_status(&name, &params, &Patch::Merge(&patch))
                 .await
         }
     };
     match result {
-        Err(kube::Error::Api(status)) if status.code == 422 => Err(Error::Conflict(name)),
+        Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => {
+            Err(Error::Conflict(name))
+        }
         other => other.map(drop).map_err(Error::from),
     }
 }
@@ -453,24 +467,6 @@ async fn create_job(jobs: &Api<Job>, job: Job) -> Result<(), Error> {
         Err(kube::Error::Api(status)) if status.reason == "AlreadyExists" => Ok(()),
         other => other.map(drop).map_err(Error::from),
     }
-}
-
-/// Appends the cleanup finalizer. Like a reference, it is appended without a `test` of the list:
-/// the server applies the append to the latest object, so an acquire storm cannot starve it.
-async fn add_cleanup_finalizer(
-    caches: &Api<TemplateCache>,
-    cache: &TemplateCache,
-) -> Result<(), Error> {
-    let patch: json_patch::Patch = serde_json::from_value(match &cache.metadata.finalizers {
-        Some(_) => json!([
-            {"op": "add", "path": "/metadata/finalizers/-", "value": CLEANUP_FINALIZER},
-        ]),
-        None => json!([
-            {"op": "test", "path": "/metadata/resourceVersion", "value": cache.resource_version()},
-            {"op": "add", "path": "/metadata/finalizers", "value": [CLEANUP_FINALIZER]},
-        ]),
-    })?;
-    patch_finalizers(caches, cache, patch).await
 }
 
 /// Removes every copy of the cleanup finalizer, each at its index under a `test`, so a list that

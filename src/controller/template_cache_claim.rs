@@ -1,0 +1,402 @@
+//! The TemplateCacheClaim controller: creates a claim's cache from its template when the cache
+//! does not exist, and mirrors into the claim what its reference on the cache means (Bound, then
+//! the cache's Ready). It never writes the reference itself: the TemplateCache controller records
+//! all of a cache's new references in one commit (see `references`), so this controller writes
+//! only to claims, each its own small object, many at once.
+//!
+//! Every decision is [`claim_status`], a pure function of the claim and the cache as the
+//! operator's watch shows them; the watch that woke the reconcile has already stored the cache,
+//! so what a claim says is never older than the change that woke it.
+
+use std::sync::Arc;
+
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use tracing::info;
+
+use super::conditions::{READY, condition, find, set_condition};
+use super::references::template_matches;
+use super::template_cache::lifecycle::reason as cache_reason;
+use super::{Context, Error};
+use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
+use crate::api::references::{claim_reference, count_references};
+use crate::api::{
+    ClaimPhase, ClaimedCache, Phase, TemplateCache, TemplateCacheClaim, TemplateCacheClaimStatus,
+};
+
+/// The condition that says the claim's reference is on the cache.
+pub const BOUND: &str = "Bound";
+
+/// Reasons of a claim's conditions.
+pub mod reason {
+    pub const CACHE_NOT_FOUND: &str = "CacheNotFound";
+    pub const CREATING_CACHE: &str = "CreatingCache";
+    pub const BINDING: &str = "Binding";
+    pub const BOUND: &str = "Bound";
+    pub const CACHE_DELETING: &str = "CacheDeleting";
+    pub const TEMPLATE_MISMATCH: &str = "TemplateMismatch";
+    pub const REFERENCE_LIMIT: &str = "ReferenceLimit";
+    pub const CACHE_READY: &str = "CacheReady";
+}
+
+/// Cache reasons after which the operator will not try the copy again: a claim on such a cache
+/// has failed.
+const FINAL_CACHE_REASONS: [&str; 2] = [
+    cache_reason::RETRIES_EXHAUSTED,
+    cache_reason::SOURCE_NOT_ALLOWED,
+];
+
+/// The status a claim should have, and whether its cache must be created from its template.
+#[derive(Debug, PartialEq)]
+pub struct ClaimPlan {
+    pub status: TemplateCacheClaimStatus,
+    pub create_cache: bool,
+}
+
+/// Decides a claim's status from the cache as seen (`None` when it does not exist).
+/// `reference_limit` is the most references one cache takes.
+pub fn claim_status(
+    claim: &TemplateCacheClaim,
+    cache: Option<&TemplateCache>,
+    reference_limit: usize,
+) -> ClaimPlan {
+    let name = &claim.spec.cache_name;
+    let generation = claim.metadata.generation;
+    let mut status = claim.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    let mut set = |type_: &str, ok: bool, reason: &str, message: String| {
+        set_condition(
+            &mut status.conditions,
+            condition(type_, ok, reason, message, generation),
+        );
+    };
+    let Some(cache) = cache else {
+        let (reason, message) = match &claim.spec.template {
+            Some(_) => (
+                reason::CREATING_CACHE,
+                format!("creating TemplateCache {name} from spec.template"),
+            ),
+            None => (
+                reason::CACHE_NOT_FOUND,
+                format!(
+                    "TemplateCache {name} does not exist; the claim waits for it (set \
+                     spec.template to have it created)"
+                ),
+            ),
+        };
+        set(BOUND, false, reason, message.clone());
+        set(READY, false, reason, message);
+        status.phase = Some(ClaimPhase::Pending);
+        status.cache = None;
+        return ClaimPlan {
+            status,
+            create_cache: claim.spec.template.is_some(),
+        };
+    };
+    let bound = claim
+        .uid()
+        .is_some_and(|uid| cache.finalizers().contains(&claim_reference(&uid)));
+    if !bound {
+        let (phase, reason, message) = unbound(claim, cache, reference_limit);
+        set(BOUND, false, reason, message.clone());
+        set(READY, false, reason, message);
+        status.phase = Some(phase);
+        status.cache = None;
+        return ClaimPlan {
+            status,
+            create_cache: false,
+        };
+    }
+    set(
+        BOUND,
+        true,
+        reason::BOUND,
+        format!("the claim's reference is on TemplateCache {name}"),
+    );
+    let (phase, ready, reason, message) = mirrored_readiness(cache);
+    set(READY, ready, &reason, message);
+    status.phase = Some(phase);
+    status.cache = ready.then(|| ClaimedCache {
+        store: cache.status.as_ref().and_then(|s| s.store.clone()),
+        path: cache.status.as_ref().and_then(|s| s.path.clone()),
+        size: cache.status.as_ref().and_then(|s| s.size),
+        checksum: cache.status.as_ref().and_then(|s| s.checksum.clone()),
+    });
+    ClaimPlan {
+        status,
+        create_cache: false,
+    }
+}
+
+/// Why a claim whose cache exists holds no reference yet.
+fn unbound(
+    claim: &TemplateCacheClaim,
+    cache: &TemplateCache,
+    reference_limit: usize,
+) -> (ClaimPhase, &'static str, String) {
+    let name = &claim.spec.cache_name;
+    if !template_matches(claim, cache) {
+        let message = format!(
+            "spec.template differs from the spec of the existing TemplateCache {name}; the claim \
+             holds no reference (use another cacheName, or no template)"
+        );
+        return (ClaimPhase::Failed, reason::TEMPLATE_MISMATCH, message);
+    }
+    if cache.metadata.deletion_timestamp.is_some() {
+        let then = match claim.spec.template {
+            Some(_) => "binds to it once it is made again from spec.template",
+            None => "binds to it if it is made again",
+        };
+        let message = format!("TemplateCache {name} is being deleted; the claim {then}");
+        return (ClaimPhase::Pending, reason::CACHE_DELETING, message);
+    }
+    if count_references(cache.finalizers()) as usize >= reference_limit {
+        let message = format!(
+            "TemplateCache {name} holds its limit of {reference_limit} references; the claim \
+             binds as soon as one is released"
+        );
+        return (ClaimPhase::Pending, reason::REFERENCE_LIMIT, message);
+    }
+    let message = format!("waiting for the reference to be recorded on TemplateCache {name}");
+    (ClaimPhase::Pending, reason::BINDING, message)
+}
+
+/// A bound claim's phase and Ready condition, from the cache's.
+fn mirrored_readiness(cache: &TemplateCache) -> (ClaimPhase, bool, String, String) {
+    let status = cache.status.clone().unwrap_or_default();
+    let ready = find(&status.conditions, READY);
+    let message = ready.map(|c| c.message.clone()).unwrap_or_else(|| {
+        format!(
+            "TemplateCache {} has not been looked at yet",
+            cache.name_any()
+        )
+    });
+    let cache_reason = ready.map_or(cache_reason::COPYING, |c| c.reason.as_str());
+    if status.phase == Some(Phase::Ready) && ready.is_some_and(|c| c.status == "True") {
+        return (ClaimPhase::Ready, true, reason::CACHE_READY.into(), message);
+    }
+    if FINAL_CACHE_REASONS.contains(&cache_reason) {
+        return (ClaimPhase::Failed, false, cache_reason.into(), message);
+    }
+    (ClaimPhase::Bound, false, cache_reason.into(), message)
+}
+
+/// Reconciles one claim.
+pub async fn reconcile(claim: Arc<TemplateCacheClaim>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if claim.metadata.deletion_timestamp.is_some() {
+        // Its reference goes with the cache's next commit; nothing to write here.
+        return Ok(Action::await_change());
+    }
+    let namespace = claim.namespace().ok_or(Error::MissingNamespace)?;
+    let key = ObjectRef::new(&claim.spec.cache_name).within(&namespace);
+    let cache = ctx.watched.cache(&key);
+    let plan = claim_status(&claim, cache.as_deref(), ctx.config.max_references);
+    if plan.create_cache {
+        create_cache(&claim, &namespace, &ctx).await?;
+    }
+    write_status(&claim, &plan.status, &namespace, &ctx).await?;
+    Ok(Action::await_change())
+}
+
+/// Creates the claim's cache from its template, with the claim's reference already on it. Its
+/// name is the claim's `cacheName`, so of several claims racing to create it one wins and the
+/// others are bound by the cache's next commit.
+async fn create_cache(
+    claim: &TemplateCacheClaim,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let (Some(template), Some(uid)) = (&claim.spec.template, claim.uid()) else {
+        return Ok(());
+    };
+    let name = &claim.spec.cache_name;
+    let mut cache = TemplateCache::new(name, template.clone());
+    cache.metadata.finalizers = Some(vec![CLEANUP_FINALIZER.to_owned(), claim_reference(&uid)]);
+    let api: Api<TemplateCache> = Api::namespaced(ctx.client.clone(), namespace);
+    let params = PostParams {
+        field_manager: Some(OPERATOR_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    match api.create(&params, &cache).await {
+        Ok(created) => {
+            info!(cache = %name, claim = %claim.name_any(), "created the cache from the claim's template");
+            let note = format!(
+                "created TemplateCache {name} from the template of claim {}",
+                claim.name_any()
+            );
+            ctx.events
+                .publish(
+                    &created,
+                    EventType::Normal,
+                    "CreatedFromClaim",
+                    &note,
+                    "Create",
+                )
+                .await;
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes the claim's status when it differs from what the claim shows.
+async fn write_status(
+    claim: &TemplateCacheClaim,
+    desired: &TemplateCacheClaimStatus,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(), Error> {
+    if claim.status.as_ref() == Some(desired) {
+        return Ok(());
+    }
+    let api: Api<TemplateCacheClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = json!({"status": desired});
+    match api
+        .patch_status(
+            &claim.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        // Deleted meanwhile: nothing to tell.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other.map(drop).map_err(Error::from),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn claim(template: Option<&str>) -> TemplateCacheClaim {
+        let template = template.map(|url| json!({"source": {"http": {"url": url}}}));
+        let mut claim = TemplateCacheClaim::new(
+            "vm-1",
+            serde_json::from_value(json!({"cacheName": "img", "template": template}))
+                .expect("spec"),
+        );
+        claim.metadata.namespace = Some("ns".into());
+        claim.metadata.uid = Some("uid-1".into());
+        claim
+    }
+
+    fn cache(finalizers: &[&str], status: serde_json::Value) -> TemplateCache {
+        let mut cache = TemplateCache::new(
+            "img",
+            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
+                .expect("spec"),
+        );
+        cache.metadata.namespace = Some("ns".into());
+        cache.metadata.finalizers = Some(finalizers.iter().map(|f| f.to_string()).collect());
+        cache.status = serde_json::from_value(status).expect("status");
+        cache
+    }
+
+    fn reason_of(plan: &ClaimPlan, type_: &str) -> String {
+        find(&plan.status.conditions, type_)
+            .map(|c| c.reason.clone())
+            .unwrap_or_default()
+    }
+
+    const MINE: &str = "claim.ref.templatecache.io/uid-1";
+
+    #[test]
+    fn a_missing_cache_is_created_only_from_a_template() {
+        let with = claim_status(&claim(Some("http://example/x")), None, 100);
+        assert!(with.create_cache);
+        assert_eq!(reason_of(&with, BOUND), reason::CREATING_CACHE);
+        let without = claim_status(&claim(None), None, 100);
+        assert!(!without.create_cache);
+        assert_eq!(without.status.phase, Some(ClaimPhase::Pending));
+        assert_eq!(reason_of(&without, READY), reason::CACHE_NOT_FOUND);
+    }
+
+    #[test]
+    fn bound_then_ready_as_the_cache_says() {
+        let copying = cache(
+            &[MINE],
+            json!({"phase": "Copying", "conditions": [
+            {"type": "Ready", "status": "False", "reason": "Copying", "message": "copying",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+        );
+        let plan = claim_status(&claim(None), Some(&copying), 100);
+        assert_eq!(plan.status.phase, Some(ClaimPhase::Bound));
+        assert_eq!(reason_of(&plan, BOUND), reason::BOUND);
+        assert_eq!(reason_of(&plan, READY), "Copying");
+
+        let ready = cache(
+            &[MINE],
+            json!({"phase": "Ready", "path": "ns/img", "size": 3,
+            "checksum": "sha256:00", "conditions": [
+            {"type": "Ready", "status": "True", "reason": "Copied", "message": "copied",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+        );
+        let plan = claim_status(&claim(None), Some(&ready), 100);
+        assert_eq!(plan.status.phase, Some(ClaimPhase::Ready));
+        assert_eq!(plan.status.cache.as_ref().and_then(|c| c.size), Some(3));
+    }
+
+    #[test]
+    fn ready_is_never_claimed_without_the_reference() {
+        let ready = cache(
+            &[],
+            json!({"phase": "Ready", "conditions": [
+            {"type": "Ready", "status": "True", "reason": "Copied", "message": "copied",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+        );
+        let plan = claim_status(&claim(None), Some(&ready), 100);
+        assert_eq!(plan.status.phase, Some(ClaimPhase::Pending));
+        assert_eq!(reason_of(&plan, READY), reason::BINDING);
+    }
+
+    #[test]
+    fn a_copy_that_failed_for_good_fails_the_claim_with_the_caches_message() {
+        let failed = cache(
+            &[MINE],
+            json!({"phase": "Failed", "conditions": [
+            {"type": "Ready", "status": "False", "reason": "RetriesExhausted",
+             "message": "attempt 5 of 5 failed: 404", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+        );
+        let plan = claim_status(&claim(None), Some(&failed), 100);
+        assert_eq!(plan.status.phase, Some(ClaimPhase::Failed));
+        let ready = find(&plan.status.conditions, READY).expect("Ready");
+        assert!(ready.message.contains("404"));
+    }
+
+    #[test]
+    fn unbound_claims_say_why() {
+        let other = claim_status(
+            &claim(Some("http://example/other")),
+            Some(&cache(&[], json!(null))),
+            100,
+        );
+        assert_eq!(other.status.phase, Some(ClaimPhase::Failed));
+        assert_eq!(reason_of(&other, BOUND), reason::TEMPLATE_MISMATCH);
+
+        let mut deleting = cache(&["ref.templatecache.io/x"], json!(null));
+        deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        let plan = claim_status(&claim(Some("http://example/x")), Some(&deleting), 100);
+        assert_eq!(plan.status.phase, Some(ClaimPhase::Pending));
+        assert_eq!(reason_of(&plan, BOUND), reason::CACHE_DELETING);
+        assert!(
+            !plan.create_cache,
+            "a cache being deleted is made again only once it is gone"
+        );
+
+        let full = cache(
+            &["ref.templatecache.io/a", "ref.templatecache.io/b"],
+            json!(null),
+        );
+        let plan = claim_status(&claim(None), Some(&full), 2);
+        assert_eq!(plan.status.phase, Some(ClaimPhase::Pending));
+        assert_eq!(reason_of(&plan, BOUND), reason::REFERENCE_LIMIT);
+    }
+}

@@ -1,0 +1,73 @@
+//! What the operator's watches show: one watch per kind (caches, claims, labelled Pods), each
+//! kept in a store, with the index of which claims and Pods name each cache. The controllers read
+//! these instead of the API server, and each watch wakes the controllers its changes concern.
+
+use std::sync::Arc;
+
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::index::{ByCache, CacheKey};
+use crate::api::names::POD_CACHE_LABEL;
+use crate::api::{TemplateCache, TemplateCacheClaim};
+
+/// The stores and indexes of the operator's watches.
+#[derive(Clone)]
+pub struct Watched {
+    pub caches: Store<TemplateCache>,
+    pub claims: Store<TemplateCacheClaim>,
+    pub pods: Store<Pod>,
+    pub claims_by_cache: ByCache<TemplateCacheClaim>,
+    pub pods_by_cache: ByCache<Pod>,
+}
+
+impl Watched {
+    /// Empty stores that no watch fills (until [`super::run_with`] makes real ones): a test
+    /// that drives one reconcile by hand sees no consumers and removes no reference.
+    pub fn unwatched() -> Self {
+        Self {
+            caches: kube::runtime::reflector::store().0,
+            claims: kube::runtime::reflector::store().0,
+            pods: kube::runtime::reflector::store().0,
+            claims_by_cache: ByCache::new(cache_of_claim),
+            pods_by_cache: ByCache::new(cache_of_pod),
+        }
+    }
+
+    /// The cache `key` as last seen.
+    pub fn cache(&self, key: &CacheKey) -> Option<Arc<TemplateCache>> {
+        self.caches.get(key)
+    }
+
+    /// The claims that name `cache`, as last seen.
+    pub fn claims_of(&self, cache: &CacheKey) -> Vec<Arc<TemplateCacheClaim>> {
+        let members = self.claims_by_cache.members(cache);
+        members.iter().filter_map(|c| self.claims.get(c)).collect()
+    }
+
+    /// The labelled Pods that name `cache`, as last seen.
+    pub fn pods_of(&self, cache: &CacheKey) -> Vec<Arc<Pod>> {
+        let members = self.pods_by_cache.members(cache);
+        members.iter().filter_map(|p| self.pods.get(p)).collect()
+    }
+
+    /// True once the claim and Pod watches have listed everything: before, a consumer missing
+    /// from them may just not be listed yet, so no reference may be removed on their word.
+    pub fn synced(&self) -> bool {
+        let ready = |f: futures::future::BoxFuture<'_, _>| matches!(f.now_or_never(), Some(Ok(())));
+        ready(self.claims.wait_until_ready().boxed()) && ready(self.pods.wait_until_ready().boxed())
+    }
+}
+
+/// The cache a claim names.
+pub fn cache_of_claim(claim: &TemplateCacheClaim) -> Option<CacheKey> {
+    Some(ObjectRef::new(&claim.spec.cache_name).within(&claim.namespace()?))
+}
+
+/// The cache a labelled Pod names.
+pub fn cache_of_pod(pod: &Pod) -> Option<CacheKey> {
+    let name = pod.labels().get(POD_CACHE_LABEL)?;
+    Some(ObjectRef::new(name).within(&pod.namespace()?))
+}
