@@ -1,74 +1,101 @@
-//! Contention benchmark: N concurrent acquirers of one template (N = 10, 100, 1000 by default),
-//! each a task with its own client authenticated as a consumer ServiceAccount, against the local
-//! control plane. Three ways in the same run:
+//! Contention benchmark: N consumers of one template at the same moment (N = 10, 100, 1000 by
+//! default), against the local control plane, five ways in the same run:
 //!
-//! - **templatecache**: `client::acquire` with the operator running.
+//! - **claims**: every consumer its own client (a ServiceAccount) making its TemplateCacheClaim
+//!   with `client::acquire`; the operator commits the references in batches.
+//! - **gated Pods**: N Pods with the cache label and the scheduling gate created at once, as a
+//!   Deployment's ReplicaSet would.
+//! - **direct finalizers** (the old path, still supported): every consumer appends its own
+//!   `ref.templatecache.io/<id>` to the cache with a JSON patch.
 //! - **CloudStack before its fix** (CLOUDSTACK-7539): read the template's row, create it if
-//!   absent (every worker that saw it absent starts a copy), then read-modify-write a counter with
-//!   no precondition.
-//! - **CloudStack after its fix**: the same steps under one global lock.
+//!   absent (every worker that saw it absent starts a copy), then read-modify-write a counter
+//!   with no precondition.
+//! - **CloudStack after its fix**: the same steps under one global lock (a mutex in this
+//!   process, standing in for CloudStack's database lock).
 //!
-//! Then the consumers release one at a time, as deployments end at different moments (a
-//! CloudStack release decrements the counter the same way).
-//!
-//! The CloudStack rows are TemplateCache objects in a namespace no operator watches, the counter an
-//! annotation written by merge patch (unconditional, as the SQL UPDATE was); the global lock is a
-//! mutex in this process, standing in for CloudStack's database lock. Writes `target/bench/
-//! contention.md`; `make bench` puts it into docs/benchmarks.md.
+//! Every way is measured the same: a raw watch of the one shared object (the cache, or
+//! CloudStack's row) sees each version of it, so "counted" is the moment a consumer's reference
+//! (or the counter's increment) first shows on the object, and the writes to it are its
+//! versions; API writes are the API server's own `apiserver_request_total` for the resources
+//! involved (whoever sent them: consumers, operator, benchmark). The benchmark plays the copy
+//! Job's completion, then all consumers release at once. Writes `target/bench/contention.md`.
 //!
 //!     cargo bench --bench contention [-- 10 100 1000]
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, future};
+use futures::{StreamExt, TryStreamExt, future, stream};
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use support::TestNamespace;
+use support::jobs::{Outcome, finish_copy, wait_for_job};
 use support::operator::{Operator, TestStore, config};
-use templatecache::api::{TemplateCache, TemplateCacheSpec};
+use templatecache::api::names::{POD_CACHE_LABEL, READY_GATE};
+use templatecache::api::references::{claim_reference, is_reference, pod_reference};
+use templatecache::api::{ClaimPhase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest};
+use tokio::sync::oneshot;
 
 const COUNTER: &str = "cloudstack.example/ref-count";
+const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+/// The resources any way writes to; API writes per consumer count writes to these.
+const RESOURCES: [&str; 5] = [
+    "templatecaches",
+    "templatecacheclaims",
+    "pods",
+    "jobs",
+    "events",
+];
+/// How long any one phase may take before the benchmark gives up (a hang, not a result).
+const PATIENCE: Duration = Duration::from_secs(600);
 
 /// One way's results at one N.
 struct Row {
     way: &'static str,
     n: usize,
     copies: usize,
-    writes: u32,
-    latencies: Vec<Duration>,
-    elapsed: Duration,
-    counter_after_acquires: i64,
+    cache_writes: usize,
+    api_writes: f64,
+    counted: Vec<Duration>,
+    all_counted: Duration,
+    all_ready: Option<Duration>,
     lowest: i64,
-    counter_after_releases: i64,
+    final_count: i64,
 }
 
 impl Row {
     fn markdown(&self) -> String {
-        let mut sorted = self.latencies.clone();
+        let mut sorted = self.counted.clone();
         sorted.sort();
         let pct =
             |p: f64| sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1];
+        let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
         format!(
-            "| {} | {} | {} | {:.2} | {:.0} ms | {:.0} ms | {:.1} s | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {:.2} s | {} | {} | {} |",
             self.way,
             self.n,
             self.copies,
-            f64::from(self.writes) / self.n as f64,
-            pct(0.50).as_secs_f64() * 1e3,
-            pct(0.99).as_secs_f64() * 1e3,
-            self.elapsed.as_secs_f64(),
-            self.counter_after_acquires,
+            self.cache_writes,
+            self.api_writes / self.n as f64,
+            ms(pct(0.50)),
+            ms(pct(0.99)),
+            self.all_counted.as_secs_f64(),
+            self.all_ready
+                .map_or("n/a".into(), |d| format!("{:.2} s", d.as_secs_f64())),
             self.lowest,
-            self.counter_after_releases,
+            self.final_count,
         )
     }
 }
@@ -80,33 +107,64 @@ fn spec() -> TemplateCacheSpec {
 
 /// Clients for `n` consumers, made before the clock starts.
 async fn consumers(n: usize) -> Vec<Client> {
-    let mut clients = Vec::with_capacity(n);
-    for _ in 0..n {
-        clients.push(support::consumer::consumer_client().await);
-    }
-    clients
+    future::join_all((0..n).map(|_| support::consumer::consumer_client())).await
 }
 
-/// Watches `name` until `stop`, keeping the lowest value of `read` seen.
-fn lowest_seen(
-    ns: &TestNamespace,
-    name: &str,
-    read: fn(&DynamicObject) -> Option<i64>,
-) -> (Arc<AtomicI64>, tokio::task::JoinHandle<()>) {
-    let ar = ApiResource::erase::<TemplateCache>(&());
-    let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let lowest = Arc::new(AtomicI64::new(i64::MAX));
-    let seen = lowest.clone();
-    let task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(watcher(api, cfg).applied_objects());
-        while let Some(Ok(obj)) = stream.next().await {
-            if let Some(value) = read(&obj) {
-                seen.fetch_min(value, Ordering::Relaxed);
+/// Every version of the shared object the raw watch saw: when, its references, its count.
+#[derive(Clone)]
+struct Version {
+    at: Instant,
+    references: BTreeSet<String>,
+    count: Option<i64>,
+}
+
+/// A raw watch of the one shared object, from before the storm to the end of the way.
+struct SharedObjectWatch {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<Version>>,
+}
+
+impl SharedObjectWatch {
+    fn start(ns: &TestNamespace, count: fn(&DynamicObject) -> Option<i64>) -> Self {
+        let ar = ApiResource::erase::<TemplateCache>(&());
+        let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
+        let cfg = watcher::Config::default().fields("metadata.name=template");
+        let (stop, mut stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut versions = vec![];
+            let mut events = std::pin::pin!(watcher(api, cfg));
+            loop {
+                let event = tokio::select! {
+                    _ = &mut stopped => return versions,
+                    event = events.next() => event,
+                };
+                match event {
+                    Some(Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o))) => versions
+                        .push(Version {
+                            at: Instant::now(),
+                            references: o
+                                .metadata
+                                .finalizers
+                                .iter()
+                                .flatten()
+                                .filter(|f| is_reference(f))
+                                .cloned()
+                                .collect(),
+                            count: count(&o),
+                        }),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => panic!("the watch of the shared object failed: {e}"),
+                    None => panic!("the watch of the shared object ended"),
+                }
             }
-        }
-    });
-    (lowest, task)
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> Vec<Version> {
+        let _ = self.stop.send(());
+        self.task.await.expect("watch task")
+    }
 }
 
 fn ref_count(obj: &DynamicObject) -> Option<i64> {
@@ -122,104 +180,435 @@ fn annotation_counter(obj: &DynamicObject) -> Option<i64> {
         .ok()
 }
 
-async fn templatecache_way(n: usize) -> Row {
-    let ns = TestNamespace::new(&format!("bench-ours-{n}")).await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
-    let (lowest, watch) = lowest_seen(&ns, "template", ref_count);
+/// When each of `references` first showed on the object.
+fn first_seen(versions: &[Version], references: &BTreeMap<String, Instant>) -> Vec<Duration> {
+    references
+        .iter()
+        .map(|(reference, started)| {
+            let seen = versions
+                .iter()
+                .find(|v| v.references.contains(reference))
+                .unwrap_or_else(|| panic!("{reference} never showed on the cache"));
+            seen.at.saturating_duration_since(*started)
+        })
+        .collect()
+}
+
+fn versions_between(versions: &[Version], from: Instant, to: Instant) -> usize {
+    versions
+        .iter()
+        .filter(|v| v.at >= from && v.at <= to)
+        .count()
+}
+
+fn lowest_count(versions: &[Version]) -> i64 {
+    versions
+        .iter()
+        .filter_map(|v| v.count)
+        .min()
+        .expect("a count was recorded")
+}
+
+/// Polls `check` every 50 ms until it holds (panics after [`PATIENCE`]).
+async fn until<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn cache_copies(ns: &TestNamespace) -> usize {
+    let jobs: Api<Job> = ns.api();
+    jobs.list(&ListParams::default())
+        .await
+        .expect("jobs")
+        .items
+        .iter()
+        .filter(|j| j.name_any().contains("-copy-"))
+        .count()
+}
+
+async fn recorded_count(ns: &TestNamespace) -> i64 {
+    let cache: TemplateCache = ns.api().get("template").await.expect("cache");
+    i64::from(
+        cache
+            .status
+            .and_then(|s| s.ref_count)
+            .expect("a recorded count"),
+    )
+}
+
+/// The operator's side of a way, set up before the clock starts.
+struct OperatorRig {
+    ns: TestNamespace,
+    store: TestStore,
+    operator: Operator,
+}
+
+impl OperatorRig {
+    async fn new(prefix: &str) -> Self {
+        let ns = TestNamespace::new(prefix).await;
+        let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
+        let operator = Operator::start(config(&ns.name, &store.name)).await;
+        Self {
+            ns,
+            store,
+            operator,
+        }
+    }
+
+    async fn stop(self) {
+        self.operator.stop().await;
+        self.store.delete().await;
+        self.ns.delete().await;
+    }
+}
+
+async fn claims_way(n: usize) -> Row {
+    let rig = OperatorRig::new(&format!("bench-claims-{n}")).await;
+    let ns = &rig.ns;
+    let watch = SharedObjectWatch::start(ns, ref_count);
     let clients = consumers(n).await;
     let request = CacheRequest {
         namespace: ns.name.clone(),
         name: "template".into(),
         spec: Some(spec()),
     };
+    let writes_before = support::api_writes::served(&ns.client, &RESOURCES).await;
     let started = Instant::now();
-    let acquires = clients.iter().cloned().enumerate().map(|(i, client)| {
+    let storm = clients.into_iter().enumerate().map(|(i, client)| {
         let request = request.clone();
         async move {
             let begun = Instant::now();
             let reference = client::acquire(client, &request, &format!("consumer-{i}"))
                 .await
                 .expect("acquire");
-            (begun.elapsed(), reference)
+            (reference, begun)
         }
     });
-    let acquired = future::join_all(acquires).await;
-    let elapsed = started.elapsed();
-    let caches: Api<TemplateCache> = ns.api();
-    let after_acquires = settled_ref_count(&caches, n as u32).await;
-    let writes = acquired.iter().map(|(_, r)| r.write_requests()).sum();
-    let latencies = acquired.iter().map(|(l, _)| *l).collect();
-    for (_, reference) in acquired {
-        reference.release().await.expect("release");
-    }
-    let after_releases = settled_ref_count(&caches, 0).await;
-    let jobs: Api<Job> = ns.api();
-    let copies = jobs
+    let acquired = future::join_all(storm).await;
+    let claims: Api<TemplateCacheClaim> = ns.api();
+    let uids: BTreeMap<String, String> = claims
         .list(&ListParams::default())
         .await
-        .expect("jobs")
+        .expect("claims")
         .items
-        .len();
-    watch.abort();
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
-    Row {
-        way: "templatecache",
-        n,
-        copies,
-        writes,
-        latencies,
-        elapsed,
-        counter_after_acquires: after_acquires,
-        lowest: lowest.load(Ordering::Relaxed).min(after_releases),
-        counter_after_releases: after_releases,
+        .iter()
+        .map(|c| (c.name_any(), c.uid().expect("uid")))
+        .collect();
+    let wanted: BTreeMap<String, Instant> = acquired
+        .iter()
+        .map(|(r, begun)| (claim_reference(&uids[r.claim_name()]), *begun))
+        .collect();
+    let caches: Api<TemplateCache> = ns.api();
+    until("every claim counted", || async {
+        let cache = caches.get("template").await.expect("cache");
+        let refs: BTreeSet<String> = cache.finalizers().iter().cloned().collect();
+        wanted.keys().all(|r| refs.contains(r))
+    })
+    .await;
+    let all_counted = started.elapsed();
+    let counted_at = Instant::now();
+    let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
+
+    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
+    let outcome = Outcome::Succeeded {
+        bytes: 4,
+        checksum: CHECKSUM,
+    };
+    let completed = Instant::now();
+    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    until("every claim Ready", || async {
+        let list = claims.list(&ListParams::default()).await.expect("claims");
+        list.items.len() == n
+            && list
+                .items
+                .iter()
+                .all(|c| c.status.as_ref().and_then(|s| s.phase) == Some(ClaimPhase::Ready))
+    })
+    .await;
+    let all_ready = completed.elapsed();
+
+    let releases = acquired.into_iter().map(|(r, _)| r.release());
+    for released in future::join_all(releases).await {
+        released.expect("release");
     }
+    until("every reference released", || async {
+        recorded_count(ns).await == 0
+    })
+    .await;
+    let versions = watch.stop().await;
+    let row = Row {
+        way: "claims",
+        n,
+        copies: cache_copies(ns).await,
+        cache_writes: versions_between(&versions, started, counted_at),
+        api_writes,
+        counted: first_seen(&versions, &wanted),
+        all_counted,
+        all_ready: Some(all_ready),
+        lowest: lowest_count(&versions),
+        final_count: recorded_count(ns).await,
+    };
+    rig.stop().await;
+    row
 }
 
-/// The refCount once the operator has recorded `expected` (or after 60 s, whatever it is).
-async fn settled_ref_count(caches: &Api<TemplateCache>, expected: u32) -> i64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let count = caches
+fn gated_pod(i: usize) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("launcher-{i}"), "labels": {POD_CACHE_LABEL: "template"}},
+        "spec": {
+            "schedulingGates": [{"name": READY_GATE}],
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "launcher", "image": "registry.invalid/launcher:1"}]
+        }
+    }))
+    .expect("pod literal")
+}
+
+/// Pods created at once by one client, as a ReplicaSet controller would (its burst of creates).
+const POD_CREATORS: usize = 64;
+
+async fn pods_way(n: usize) -> Row {
+    let rig = OperatorRig::new(&format!("bench-pods-{n}")).await;
+    let ns = &rig.ns;
+    let accounts: Api<ServiceAccount> = ns.api();
+    until("the namespace's default ServiceAccount", || async {
+        accounts
+            .get_opt("default")
+            .await
+            .expect("read SA")
+            .is_some()
+    })
+    .await;
+    ns.create_cache(
+        "template",
+        json!({"source": {"http": {"url": "http://127.0.0.1:9/disk.qcow2"}}}),
+    )
+    .await;
+    let caches: Api<TemplateCache> = ns.api();
+    until("the cache looked at", || async {
+        caches
             .get("template")
             .await
-            .ok()
-            .and_then(|c| c.status?.ref_count);
-        if count == Some(expected) || Instant::now() > deadline {
-            return count.map_or(-1, i64::from);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .expect("cache")
+            .status
+            .is_some()
+    })
+    .await;
+    let watch = SharedObjectWatch::start(ns, ref_count);
+    let pods: Api<Pod> = ns.api();
+    let writes_before = support::api_writes::served(&ns.client, &RESOURCES).await;
+    let started = Instant::now();
+    let created: Vec<(String, Instant)> = stream::iter(0..n)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let begun = Instant::now();
+                let pod = pods.create(&PostParams::default(), &gated_pod(i)).await?;
+                Ok::<_, kube::Error>((pod_reference(&pod.uid().expect("uid")), begun))
+            }
+        })
+        .buffer_unordered(POD_CREATORS)
+        .try_collect()
+        .await
+        .expect("create Pods");
+    let wanted: BTreeMap<String, Instant> = created.into_iter().collect();
+    until("every Pod counted", || async {
+        let cache = caches.get("template").await.expect("cache");
+        let refs: BTreeSet<String> = cache.finalizers().iter().cloned().collect();
+        wanted.keys().all(|r| refs.contains(r))
+    })
+    .await;
+    let all_counted = started.elapsed();
+    let counted_at = Instant::now();
+    let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
+
+    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
+    let outcome = Outcome::Succeeded {
+        bytes: 4,
+        checksum: CHECKSUM,
+    };
+    let completed = Instant::now();
+    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    until("every Pod ungated", || async {
+        let list = pods.list(&ListParams::default()).await.expect("pods");
+        list.items.iter().all(|p| {
+            let gates = p.spec.as_ref().and_then(|s| s.scheduling_gates.as_ref());
+            !gates.is_some_and(|g| g.iter().any(|g| g.name == READY_GATE))
+        })
+    })
+    .await;
+    let all_ready = completed.elapsed();
+
+    pods.delete_collection(
+        &DeleteParams::default().grace_period(0),
+        &ListParams::default(),
+    )
+    .await
+    .expect("delete Pods");
+    until("every reference released", || async {
+        recorded_count(ns).await == 0
+    })
+    .await;
+    let versions = watch.stop().await;
+    let row = Row {
+        way: "gated Pods",
+        n,
+        copies: cache_copies(ns).await,
+        cache_writes: versions_between(&versions, started, counted_at),
+        api_writes,
+        counted: first_seen(&versions, &wanted),
+        all_counted,
+        all_ready: Some(all_ready),
+        lowest: lowest_count(&versions),
+        final_count: recorded_count(ns).await,
+    };
+    rig.stop().await;
+    row
 }
 
-/// What one CloudStack worker did.
-#[derive(Default)]
-struct Tally {
-    copies: AtomicU32,
-    writes: AtomicU32,
+/// The old path: each consumer appends its own finalizer to the shared cache (the operator adds
+/// its cleanup finalizer first, so the list exists), retrying on transient errors.
+async fn direct_append(api: &Api<TemplateCache>, entry: &str) {
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "add", "path": "/metadata/finalizers/-", "value": entry}
+    ]))
+    .expect("patch");
+    for round in 0..64u32 {
+        match api
+            .patch(
+                "template",
+                &PatchParams::default(),
+                &Patch::<()>::Json(patch.clone()),
+            )
+            .await
+        {
+            Ok(_) => return,
+            Err(kube::Error::Api(s)) if matches!(s.code, 409 | 422 | 429 | 500 | 503 | 504) => {
+                tokio::time::sleep(Duration::from_millis(10 << round.min(7))).await;
+            }
+            Err(e) => panic!("append {entry}: {e}"),
+        }
+    }
+    panic!("append {entry}: still contended after 64 rounds");
+}
+
+async fn direct_way(n: usize) -> Row {
+    let rig = OperatorRig::new(&format!("bench-direct-{n}")).await;
+    let ns = &rig.ns;
+    ns.create_cache(
+        "template",
+        json!({"source": {"http": {"url": "http://127.0.0.1:9/disk.qcow2"}}}),
+    )
+    .await;
+    let caches: Api<TemplateCache> = ns.api();
+    until("the cleanup finalizer in place", || async {
+        !caches
+            .get("template")
+            .await
+            .expect("cache")
+            .finalizers()
+            .is_empty()
+    })
+    .await;
+    let watch = SharedObjectWatch::start(ns, ref_count);
+    let clients = consumers(n).await;
+    let writes_before = support::api_writes::served(&ns.client, &RESOURCES).await;
+    let started = Instant::now();
+    let storm = clients.into_iter().enumerate().map(|(i, client)| {
+        let ns_name = ns.name.clone();
+        async move {
+            let api: Api<TemplateCache> = Api::namespaced(client, &ns_name);
+            let entry = format!("ref.templatecache.io/consumer-{i}");
+            let begun = Instant::now();
+            direct_append(&api, &entry).await;
+            (entry, begun)
+        }
+    });
+    let wanted: BTreeMap<String, Instant> = future::join_all(storm).await.into_iter().collect();
+    let all_counted = started.elapsed();
+    let counted_at = Instant::now();
+    let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
+
+    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
+    let outcome = Outcome::Succeeded {
+        bytes: 4,
+        checksum: CHECKSUM,
+    };
+    let completed = Instant::now();
+    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    until("the cache Ready", || async {
+        let cache = caches.get("template").await.expect("cache");
+        cache.status.and_then(|s| s.phase) == Some(templatecache::api::Phase::Ready)
+    })
+    .await;
+    let all_ready = completed.elapsed();
+
+    // Release: drop every reference in one write (the old path's release is per consumer; what
+    // is compared here is the storm of acquires).
+    let cache = caches.get("template").await.expect("cache");
+    let kept: Vec<&String> = cache
+        .finalizers()
+        .iter()
+        .filter(|f| !is_reference(f))
+        .collect();
+    caches
+        .patch(
+            "template",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": kept}})),
+        )
+        .await
+        .expect("release all");
+    until("every reference released", || async {
+        recorded_count(ns).await == 0
+    })
+    .await;
+    let versions = watch.stop().await;
+    let row = Row {
+        way: "direct finalizers (old path)",
+        n,
+        copies: cache_copies(ns).await,
+        cache_writes: versions_between(&versions, started, counted_at),
+        api_writes,
+        counted: first_seen(&versions, &wanted),
+        all_counted,
+        all_ready: Some(all_ready),
+        lowest: lowest_count(&versions),
+        final_count: recorded_count(ns).await,
+    };
+    rig.stop().await;
+    row
 }
 
 /// CloudStack's acquire: read the row, create it if absent (and copy), then counter += 1.
-async fn cloudstack_acquire(api: &Api<TemplateCache>, tally: &Tally) {
+async fn cloudstack_acquire(api: &Api<TemplateCache>, copies: &AtomicU32) {
     if api.get_opt("template").await.expect("read row").is_none() {
         // The worker saw no row, so it starts a copy (the bug: several workers do).
-        tally.copies.fetch_add(1, Ordering::Relaxed);
+        copies.fetch_add(1, Ordering::Relaxed);
         let mut row = TemplateCache::new("template", spec());
         row.metadata.annotations = Some([(COUNTER.to_owned(), "0".to_owned())].into());
-        tally.writes.fetch_add(1, Ordering::Relaxed);
         match api.create(&PostParams::default(), &row).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => panic!("create row: {e}"),
         }
     }
-    add_to_counter(api, tally, 1).await;
+    add_to_counter(api, 1).await;
 }
 
 /// Read-modify-write of the counter with no precondition, as the SQL UPDATE did.
-async fn add_to_counter(api: &Api<TemplateCache>, tally: &Tally, delta: i64) {
+async fn add_to_counter(api: &Api<TemplateCache>, delta: i64) {
     let row = api.get("template").await.expect("read counter");
     let current: i64 = row
         .metadata
@@ -228,58 +617,70 @@ async fn add_to_counter(api: &Api<TemplateCache>, tally: &Tally, delta: i64) {
         .and_then(|a| a.get(COUNTER)?.parse().ok())
         .unwrap_or(0);
     let patch = json!({"metadata": {"annotations": {COUNTER: (current + delta).to_string()}}});
-    tally.writes.fetch_add(1, Ordering::Relaxed);
     api.patch("template", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("write counter");
 }
 
+async fn row_counter(api: &Api<TemplateCache>) -> i64 {
+    let row = api.get("template").await.expect("row");
+    annotation_counter_of(&row)
+}
+
+fn annotation_counter_of(row: &TemplateCache) -> i64 {
+    row.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(COUNTER)?.parse().ok())
+        .expect("the row has a counter")
+}
+
 async fn cloudstack_way(n: usize, global_lock: bool) -> Row {
+    // No operator watches this namespace: the rows are CloudStack's database, nothing more.
     let ns = TestNamespace::new(&format!("bench-cs-{n}")).await;
-    let (lowest, watch) = lowest_seen(&ns, "template", annotation_counter);
+    let watch = SharedObjectWatch::start(&ns, annotation_counter);
     let clients = consumers(n).await;
-    let tally = Arc::new(Tally::default());
+    let copies = Arc::new(AtomicU32::new(0));
     let lock = Arc::new(tokio::sync::Mutex::new(()));
-    let acquire_all = || {
-        let clients = clients.clone();
-        let (tally, lock, ns_name) = (tally.clone(), lock.clone(), ns.name.clone());
-        async move {
-            let workers = clients.into_iter().map(|client| {
-                let (tally, lock) = (tally.clone(), lock.clone());
-                let api: Api<TemplateCache> = Api::namespaced(client, &ns_name);
-                async move {
-                    let begun = Instant::now();
-                    let _held = if global_lock {
-                        Some(lock.lock().await)
-                    } else {
-                        None
-                    };
-                    cloudstack_acquire(&api, &tally).await;
-                    begun.elapsed()
-                }
-            });
-            future::join_all(workers).await
-        }
-    };
+    let writes_before = support::api_writes::served(&ns.client, &RESOURCES).await;
     let started = Instant::now();
-    let latencies = acquire_all().await;
-    let elapsed = started.elapsed();
-    let writes = tally.writes.load(Ordering::Relaxed);
-    let caches: Api<TemplateCache> = ns.api();
-    let counter = |row: TemplateCache| {
-        row.metadata
-            .annotations
-            .and_then(|a| a.get(COUNTER)?.parse().ok())
-            .unwrap_or(0)
-    };
-    let after_acquires = counter(caches.get("template").await.expect("row"));
-    for client in clients {
-        add_to_counter(&Api::namespaced(client, &ns.name), &tally, -1).await;
-    }
-    let after_releases = counter(caches.get("template").await.expect("row"));
+    let workers = clients.iter().cloned().map(|client| {
+        let (copies, lock) = (copies.clone(), lock.clone());
+        let api: Api<TemplateCache> = Api::namespaced(client, &ns.name);
+        async move {
+            let begun = Instant::now();
+            let _held = if global_lock {
+                Some(lock.lock().await)
+            } else {
+                None
+            };
+            cloudstack_acquire(&api, &copies).await;
+            begun.elapsed()
+        }
+    });
+    let counted = future::join_all(workers).await;
+    let all_counted = started.elapsed();
+    let counted_at = Instant::now();
+    let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
+    let rows: Api<TemplateCache> = ns.api();
+
+    let releases = clients.into_iter().map(|client| {
+        let lock = lock.clone();
+        let api: Api<TemplateCache> = Api::namespaced(client, &ns.name);
+        async move {
+            let _held = if global_lock {
+                Some(lock.lock().await)
+            } else {
+                None
+            };
+            add_to_counter(&api, -1).await;
+        }
+    });
+    future::join_all(releases).await;
+    let final_count = row_counter(&rows).await;
     // Let the watch see the last writes.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    watch.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let versions = watch.stop().await;
     ns.delete().await;
     Row {
         way: if global_lock {
@@ -288,13 +689,14 @@ async fn cloudstack_way(n: usize, global_lock: bool) -> Row {
             "CloudStack before its fix"
         },
         n,
-        copies: tally.copies.load(Ordering::Relaxed) as usize,
-        writes,
-        latencies,
-        elapsed,
-        counter_after_acquires: after_acquires,
-        lowest: lowest.load(Ordering::Relaxed).min(after_releases),
-        counter_after_releases: after_releases,
+        copies: copies.load(Ordering::Relaxed) as usize,
+        cache_writes: versions_between(&versions, started, counted_at),
+        api_writes,
+        counted,
+        all_counted,
+        all_ready: None,
+        lowest: lowest_count(&versions),
+        final_count,
     }
 }
 
@@ -315,7 +717,9 @@ async fn main() {
     let mut rows = vec![];
     for &n in &sizes {
         for row in [
-            templatecache_way(n).await,
+            claims_way(n).await,
+            pods_way(n).await,
+            direct_way(n).await,
             cloudstack_way(n, false).await,
             cloudstack_way(n, true).await,
         ] {
@@ -328,21 +732,38 @@ async fn main() {
         .map(Row::markdown)
         .collect::<Vec<_>>()
         .join("\n");
+    let ratios = ratios(&rows);
     let report = format!(
         "## Contention\n\n\
-         `cargo bench --bench contention -- {}` (also `make bench`), {}, {} cores: N concurrent \
-         acquirers of one template, each a task with its own client authenticated as a consumer \
-         ServiceAccount (so API priority and fairness applies). The CloudStack \
-         rows replay its steps on the same API server: read the row, create it if absent (each \
-         worker that saw no row starts a copy), read-modify-write a counter with no precondition; \
-         after its fix, the same under one global lock (a mutex in the benchmark process). Then the \
-         consumers release one at a time, as deployments end at different moments.\n\n\
-         | way | N | copies started | API writes per acquire | p50 acquire | p99 acquire | all acquired after | count after acquires | lowest count seen | count after releases |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n{table}\n\n\
-         Targets: 1 copy whatever N; at most 1.5 API writes per acquire at N=1000. The \
-         templatecache count is `status.refCount`, derived from the references, so it is exact \
-         and cannot go below 0; CloudStack's counter loses concurrent updates, so releases drive \
-         it negative (the bug). Writes per acquire include failed writes (lost create races).\n",
+         `cargo bench --bench contention -- {}` (also `make bench`), {}, {} cores: N consumers of \
+         one template at the same moment, five ways in the same run. **claims**: every consumer \
+         its own client (a ServiceAccount, so API priority and fairness applies) creating its \
+         TemplateCacheClaim; **gated Pods**: N Pods with the label and the scheduling gate \
+         created at once by one client ({POD_CREATORS} in flight, a ReplicaSet's burst); **direct \
+         finalizers**: the old path, each consumer appending its own finalizer to the cache; \
+         **CloudStack** before and after its fix: read the row, create it if absent (each worker \
+         that saw no row starts a copy), read-modify-write a counter with no precondition, after \
+         the fix under one global lock.\n\n\
+         Every way is measured the same way. A raw watch of the one shared object (the cache, or \
+         CloudStack's row) records each version: *counted* is when a consumer's reference first \
+         shows on it (CloudStack: when its counter write returns), measured from that \
+         consumer's start; *writes to \
+         the cache object* are the versions the watch saw from the start of the storm until all \
+         were counted; *API writes per consumer* are the API server's own \
+         `apiserver_request_total` write requests to {} in the same window, whoever sent them \
+         (consumers, operator, benchmark), divided by N. The benchmark then plays the copy Job's \
+         completion; *all Ready after* is the time from there until every claim is Ready, every \
+         Pod ungated, or the cache Ready (direct path). Then all consumers release at once; \
+         *lowest count* is the lowest `status.refCount` (CloudStack: its counter) the watch saw \
+         over the whole run, *final count* the count once all have released.\n\n\
+         | way | N | copies started | writes to the cache object during the storm | API writes per consumer | p50 until counted | p99 until counted | all counted after | all Ready after the Job completes | lowest count | final count |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n{table}\n\n{ratios}\n\n\
+         Targets: claims and Pods all counted within 0.5x the global lock's time at N = 100 and \
+         1,000; at most N/20 + 20 writes to the cache object during a storm; at N = 10 a p99 until \
+         counted no worse than 2x the global lock's; one copy whatever N; a count never below 0 \
+         (the CRD's minimum forbids it) nor above the references the same version holds \
+         (asserted in tests/claims.rs and tests/pod_gate.rs). CloudStack's counter loses \
+         concurrent updates before its fix, so releases drive it negative (the bug).\n",
         sizes
             .iter()
             .map(|n| n.to_string())
@@ -350,9 +771,42 @@ async fn main() {
             .join(" "),
         today_utc(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        RESOURCES.join(", "),
     );
     support::write_report("bench/contention.md", &report);
     println!("contention: wrote target/bench/contention.md");
+}
+
+/// Each way's time until all were counted, and its p99, against the global lock's at the same N.
+fn ratios(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| way | N | all counted / global lock | p99 until counted / global lock's | cache writes / (N/20 + 20) |\n|---|---|---|---|---|\n",
+    );
+    for row in rows
+        .iter()
+        .filter(|r| matches!(r.way, "claims" | "gated Pods"))
+    {
+        let Some(lock) = rows
+            .iter()
+            .find(|r| r.n == row.n && r.way.starts_with("CloudStack after"))
+        else {
+            continue;
+        };
+        let p99 = |r: &Row| {
+            let mut s = r.counted.clone();
+            s.sort();
+            s[((s.len() as f64 * 0.99).ceil() as usize).clamp(1, s.len()) - 1]
+        };
+        out.push_str(&format!(
+            "| {} | {} | {:.2}x | {:.2}x | {:.2} |\n",
+            row.way,
+            row.n,
+            row.all_counted.as_secs_f64() / lock.all_counted.as_secs_f64(),
+            p99(row).as_secs_f64() / p99(lock).as_secs_f64(),
+            row.cache_writes as f64 / (row.n as f64 / 20.0 + 20.0),
+        ));
+    }
+    out
 }
 
 /// Today's date (UTC) from `date`, to stamp the report.

@@ -18,7 +18,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
+use kube::Api;
 use serde_json::json;
 use support::TestNamespace;
 use support::operator::{OperatorProcess, TestStore};
@@ -82,26 +82,6 @@ async fn patch_statuses(api: &Api<TemplateCache>, count: usize) -> Duration {
     .await
     .expect("status patch");
     started.elapsed()
-}
-
-/// Write requests the API server has served so far (every verb that changes state).
-async fn api_server_writes(client: &Client) -> f64 {
-    let request = http::Request::get("/metrics")
-        .body(vec![])
-        .expect("request");
-    let text = client
-        .request_text(request)
-        .await
-        .expect("API server /metrics");
-    text.lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter(|l| {
-            ["POST", "PATCH", "PUT", "DELETE", "APPLY"]
-                .iter()
-                .any(|v| l.contains(&format!("verb=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Caches whose refCount is recorded, and copy Jobs, as two watches see them: the benchmark
@@ -178,7 +158,7 @@ async fn main() {
         .await
         .expect("cache watch");
     progress.jobs.wait_until_ready().await.expect("job watch");
-    let writes_before = api_server_writes(&ns.client).await;
+    let writes_before = support::api_writes::served(&ns.client, &[]).await;
     let started = Instant::now();
     let mut operator =
         OperatorProcess::start("scale-0", &ns.name, &store.name, &["--leader-elect=false"]);
@@ -195,7 +175,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let elapsed = started.elapsed();
-    let writes = api_server_writes(&ns.client).await - writes_before;
+    let writes = support::api_writes::served(&ns.client, &[]).await - writes_before;
     let rss = operator.peak_rss();
     operator.kill().await;
     let rate = writes / elapsed.as_secs_f64();

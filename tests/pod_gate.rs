@@ -1,6 +1,6 @@
 //! Pods that wait for a cache, against the real API server: CloudStack's parallel deployment as
-//! 100 gated Pods, a Pod whose cache does not exist yet, and references of Pods deleted while
-//! the operator was down. The local control plane has no scheduler or kubelet, so Pods stay
+//! 300 gated Pods created at once (as a ReplicaSet would), a Pod whose cache does not exist yet,
+//! and references of Pods deleted while the operator was down. The local control plane has no scheduler or kubelet, so Pods stay
 //! Pending and are deleted at once; everything the operator does to them is real.
 
 mod support;
@@ -14,11 +14,12 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::TestNamespace;
+use support::cache_watch::{CacheWatch, counts_above_references};
 use support::jobs::{Outcome, finish_copy, jobs_of, wait_for_cache, wait_for_job};
 use support::operator::{Operator, TestStore, config};
 use templatecache::api::names::{POD_CACHE_LABEL, READY_GATE};
-use templatecache::api::references::{count_references, pod_uid_of};
-use templatecache::api::{Phase, TemplateCache};
+use templatecache::api::references::{claim_reference, count_references, pod_uid_of};
+use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim};
 use templatecache::client::{self, CacheRequest};
 
 const CHECKSUM: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -145,30 +146,50 @@ async fn make_ready(ns: &TestNamespace, cache: &str) {
     .await;
 }
 
-#[tokio::test]
-async fn a_hundred_gated_pods_share_one_copy_and_are_ungated_when_it_is_ready() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_gated_pods_share_one_copy_in_few_writes_and_are_ungated_when_ready() {
+    const N: usize = 300;
     let ns = TestNamespace::new("podgate").await;
     let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
     let operator = Operator::start(config(&ns.name, &store.name)).await;
     wait_for_default_account(&ns).await;
     create_cache(&ns, "vm-image").await;
+    wait_for_cache(&ns.client, &ns.name, "vm-image", "looked at", |c| {
+        c.status.is_some()
+    })
+    .await;
 
-    let pods = create_pods(&ns, "vm-image", 100).await;
-    wait_for_refs(&ns, "vm-image", 100).await;
+    let watch = CacheWatch::start(&ns, "vm-image");
+    let pods = create_pods(&ns, "vm-image", N).await;
+    wait_for_refs(&ns, "vm-image", N as u32).await;
+    let versions = watch.stop().await;
+    println!(
+        "{N} Pods: {} versions of the cache until all were counted",
+        versions.len()
+    );
+    assert!(
+        versions.len() < N / 4,
+        "group commit: far fewer writes to the cache than Pods, got {} for {N}",
+        versions.len()
+    );
+    let over = counts_above_references(&versions);
+    assert!(
+        over.is_empty(),
+        "refCount above the references held: {over:?}"
+    );
     assert_eq!(
         gated(&ns, "vm-image").await,
-        100,
+        N,
         "no Pod runs before the copy"
     );
     make_ready(&ns, "vm-image").await;
     wait_until_ungated(&ns, "vm-image").await;
     let jobs = jobs_of(&ns.client, &ns.name, "vm-image").await;
-    assert_eq!(jobs.len(), 1, "one copy for 100 Pods");
-    println!("100 Pods: 1 Job, refCount 100, 100 ungated");
+    assert_eq!(jobs.len(), 1, "one copy for {N} Pods");
 
-    delete_pods(&ns, &pods[..40]).await;
-    wait_for_refs(&ns, "vm-image", 60).await;
-    delete_pods(&ns, &pods[40..]).await;
+    delete_pods(&ns, &pods[..120]).await;
+    wait_for_refs(&ns, "vm-image", (N - 120) as u32).await;
+    delete_pods(&ns, &pods[120..]).await;
     let cache = wait_for_refs(&ns, "vm-image", 0).await;
     assert!(
         !cache.finalizers().iter().any(|f| pod_uid_of(f).is_some()),
@@ -242,6 +263,12 @@ async fn references_of_pods_deleted_while_the_operator_was_down_go_when_it_retur
         .await
         .expect("acquire");
     wait_for_refs(&ns, "img", 4).await;
+    let claims: Api<TemplateCacheClaim> = ns.api();
+    let claim = claims
+        .get(&client::claim_name("img", "library-consumer").expect("id"))
+        .await
+        .expect("claim");
+    let claim_ref = claim_reference(&claim.uid().expect("uid"));
 
     operator.stop().await;
     delete_pods(&ns, &pods[..2]).await;
@@ -256,10 +283,8 @@ async fn references_of_pods_deleted_while_the_operator_was_down_go_when_it_retur
     let operator = Operator::start(config(&ns.name, &store.name)).await;
     let cache = wait_for_refs(&ns, "img", 2).await;
     assert!(
-        cache
-            .finalizers()
-            .contains(&"ref.templatecache.io/library-consumer".to_owned()),
-        "a library consumer's reference is never collected: {:?}",
+        cache.finalizers().contains(&claim_ref),
+        "a live claim's reference stays: {:?}",
         cache.finalizers()
     );
 

@@ -103,8 +103,15 @@ async fn a_reconciler_with_a_stale_object_never_starts_a_second_job() {
     let ctx = Arc::new(Context::new(ns.client.clone(), cfg.clone()));
 
     create_cache(&ns, "stale").await;
-    // First reconcile adds the cleanup finalizer; keep the object as it was right after that.
-    template_cache::reconcile(Arc::new(caches.get("stale").await.unwrap()), ctx.clone())
+    // The cleanup finalizer as the operator's first commit puts it; keep the object as it was
+    // right after that.
+    let finalizer = json!({"metadata": {"finalizers": ["templatecache.io/cleanup"]}});
+    caches
+        .patch(
+            "stale",
+            &Default::default(),
+            &kube::api::Patch::Merge(&finalizer),
+        )
         .await
         .expect("add finalizer");
     let before_attempt = Arc::new(caches.get("stale").await.unwrap());

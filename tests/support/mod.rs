@@ -169,6 +169,7 @@ impl TestNamespace {
     }
 }
 
+pub mod api_writes;
 pub mod cache_watch;
 pub mod consumer;
 pub mod corpus;
