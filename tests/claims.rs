@@ -19,6 +19,7 @@ use support::operator::{Operator, TestStore, config};
 use templatecache::api::references::{claim_reference, count_references};
 use templatecache::api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, ClientError};
+use templatecache::controller::DEFAULT_MAX_REFERENCES;
 use templatecache::controller::conditions::{READY, find};
 use templatecache::controller::template_cache_claim::{BOUND, reason};
 
@@ -57,6 +58,15 @@ async fn wait_for_claim(
         "claim {name} never {what}: {:?}",
         last.and_then(|c| c.status)
     );
+}
+
+/// etcd's default limit on one object (`--max-request-bytes`).
+const ETCD_LIMIT: usize = 1536 * 1024;
+
+/// The cache as stored, `managedFields` included, in bytes of compact JSON.
+async fn stored_bytes(ns: &TestNamespace, name: &str) -> usize {
+    let cache: TemplateCache = ns.api().get(name).await.expect("read cache");
+    serde_json::to_vec(&cache).expect("json").len()
 }
 
 fn condition_reason(claim: &TemplateCacheClaim, type_: &str) -> Option<String> {
@@ -127,6 +137,7 @@ async fn three_hundred_claims_with_duplicates_and_deletes_share_one_copy_in_few_
     })
     .await;
     assert_eq!(count_references(counted.finalizers()) as usize, held.len());
+    let referenced_bytes = stored_bytes(&ns, "template").await;
 
     // The copy finishes after the storm, so every claim really waits for it.
     wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
