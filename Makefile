@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
 
-.PHONY: all build test lint unit integration crds check-crds cluster-up cluster-down demo bench chaos reliability clean
+.PHONY: all build test lint unit integration crds check-crds cluster-up cluster-down check-rules demo bench chaos reliability clean
 
 all: build
 
@@ -31,6 +31,11 @@ cluster-up:
 ## Stop only what cluster-up started.
 cluster-down:
 	hack/cluster.sh down
+
+## The chart's alert rules: promtool check and unit tests; the dashboard's and alerts' metrics
+## against a running operator's /metrics.
+check-rules: cluster-up
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test monitoring
 
 clean: cluster-down
 	rm -rf .cluster target
