@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
 
-.PHONY: all build test lint unit integration crds check-crds cluster-up cluster-down demo bench chaos reliability clean
+.PHONY: all build test lint unit integration crds check-crds cluster-up cluster-down up down check-rules demo bench chaos reliability clean
 
 all: build
 
@@ -32,7 +32,23 @@ cluster-up:
 cluster-down:
 	hack/cluster.sh down
 
-clean: cluster-down
+## The local quickstart: the control plane, the CRDs, and in the background the operator, the
+## local Job executor and an HTTP server for examples/files/ (logs and pids in .cluster/quickstart/).
+## Then: kubectl apply -f examples/local/ (see the README's "Try it").
+up:
+	$(CARGO) build --quiet --bins
+	hack/quickstart.sh up
+
+## Stop what `make up` started, by pid; the control plane only if `make up` started it.
+down:
+	hack/quickstart.sh down
+
+## The chart's alert rules: promtool check and unit tests; the dashboard's and alerts' metrics
+## against a running operator's /metrics.
+check-rules: cluster-up
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test monitoring
+
+clean: down cluster-down
 	rm -rf .cluster target
 
 ## CLOUDSTACK-7539's parallel deployment on the local control plane, with real bytes.

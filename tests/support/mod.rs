@@ -179,3 +179,4 @@ pub mod jobs;
 pub mod operator;
 pub mod rig;
 pub mod s3_server;
+pub mod tools;

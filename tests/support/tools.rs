@@ -1,0 +1,64 @@
+//! Go tools built from the modules pinned under `hack/` (helm, promtool), once per version into
+//! `.cache/`, and the commands that run them from the repository root.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+use super::repo_root;
+
+/// The binary `hack/<tool>/build.sh` builds (a no-op once built), built at most once per test
+/// binary.
+fn built(tool: &str) -> PathBuf {
+    static PATHS: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut paths = PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    paths
+        .entry(tool.to_owned())
+        .or_insert_with(|| {
+            let script = repo_root().join(format!("hack/{tool}/build.sh"));
+            let out = Command::new(&script)
+                .output()
+                .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+            assert!(
+                out.status.success(),
+                "building {tool} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+        .clone()
+}
+
+/// helm, with its caches and configuration under `target/helm`, never the user's.
+pub fn helm() -> Command {
+    let mut command = Command::new(built("helm"));
+    let home = repo_root().join("target/helm");
+    command
+        .current_dir(repo_root())
+        .env("KUBECONFIG", super::kubeconfig_path())
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    command
+}
+
+/// promtool, Prometheus's rule checker and rule unit-test runner.
+pub fn promtool() -> Command {
+    let mut command = Command::new(built("promtool"));
+    command.current_dir(repo_root());
+    command
+}
+
+/// Runs `command`: its stdout, or its stdout and stderr as the error.
+pub fn run(mut command: Command) -> Result<String, String> {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
