@@ -7,7 +7,7 @@ use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Resource};
 use serde_json::{Value, json};
 use support::TestNamespace;
-use templatecache::api::{StagingStore, TemplateCache};
+use templatecache::api::{StagingStore, TemplateCache, TemplateCacheClaim};
 
 fn cache(name: &str, spec: Value) -> DynamicObject {
     serde_json::from_value(json!({
@@ -416,4 +416,96 @@ async fn invalid_staging_stores_are_refused_with_the_field_named() {
             &Default::default(),
         )
         .await;
+}
+
+fn claim(name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCacheClaim",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .expect("claim literal")
+}
+
+#[tokio::test]
+async fn invalid_claims_are_refused_with_the_field_named() {
+    let ns = TestNamespace::new("invalid-tcc").await;
+    let ar = ApiResource::erase::<TemplateCacheClaim>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
+    let pp = PostParams::default();
+    let cases: Vec<(&str, DynamicObject, Vec<&str>)> = vec![
+        (
+            "claim without cacheName",
+            claim("no-name", json!({})),
+            vec!["spec.cacheName", "Required value"],
+        ),
+        (
+            "claim whose cacheName is not a valid name",
+            claim("bad-name", json!({"cacheName": "Not_A/Name"})),
+            vec!["spec.cacheName", "should match"],
+        ),
+        (
+            "claim whose cacheName is longer than a cache name may be",
+            claim("long-name", json!({"cacheName": "c".repeat(53)})),
+            vec!["spec.cacheName", "52"],
+        ),
+        (
+            "claim whose template has two sources",
+            claim(
+                "two-sources",
+                json!({"cacheName": "img", "template": {"source": {
+                    "http": {"url": "http://a.example/x"},
+                    "s3": {"bucket": "templates", "key": "x"}}}}),
+            ),
+            vec!["spec.template.source", "exactly one of"],
+        ),
+        (
+            "claim whose template has a URL that is not http(s)",
+            claim(
+                "bad-url",
+                json!({"cacheName": "img", "template": {"source": {"http": {"url": "file:///etc/passwd"}}}}),
+            ),
+            vec!["spec.template.source.http.url"],
+        ),
+        (
+            "claim whose template has a malformed checksum",
+            claim(
+                "bad-sum",
+                json!({"cacheName": "img", "template": {"source": http("http://a.example/x"), "checksum": "md5:abc"}}),
+            ),
+            vec!["spec.template.checksum"],
+        ),
+    ];
+    for (case, object, expected) in cases {
+        assert_refused(case, api.create(&pp, &object).await, &expected);
+    }
+
+    let template = json!({"source": http("http://a.example/x")});
+    api.create(
+        &pp,
+        &claim("vm-1", json!({"cacheName": "img", "template": template})),
+    )
+    .await
+    .expect("a valid claim is accepted");
+    let params = PatchParams::default();
+    for (case, patch, expected) in [
+        (
+            "changing a claim's cacheName",
+            json!({"spec": {"cacheName": "other"}}),
+            vec!["spec.cacheName", "immutable"],
+        ),
+        (
+            "changing a claim's template",
+            json!({"spec": {"template": {"source": http("http://b.example/y")}}}),
+            vec!["spec.template", "immutable"],
+        ),
+        (
+            "dropping a claim's template",
+            json!({"spec": {"template": null}}),
+            vec!["spec.template", "immutable"],
+        ),
+    ] {
+        let result = api.patch("vm-1", &params, &Patch::Merge(&patch)).await;
+        assert_refused(case, result, &expected);
+    }
+    ns.delete().await;
 }

@@ -219,6 +219,20 @@ async fn three_hundred_claims_with_duplicates_and_deletes_share_one_copy_in_few_
         "refCount above the references held: {over:?}"
     );
 
+    // What one claim reference costs the object, and so how many fit under etcd's limit.
+    let unreferenced_bytes = stored_bytes(&ns, "template").await;
+    let per_reference = (referenced_bytes - unreferenced_bytes) / held.len();
+    let fit = (ETCD_LIMIT - unreferenced_bytes) / per_reference;
+    println!(
+        "a claim reference costs {per_reference} bytes: {fit} fit under etcd's limit; the \
+         operator stops at {DEFAULT_MAX_REFERENCES}"
+    );
+    assert!(
+        DEFAULT_MAX_REFERENCES * 3 / 2 < fit,
+        "the default reference limit keeps a third of etcd's limit free: {per_reference} bytes \
+         per reference, {fit} fit"
+    );
+
     operator.stop().await;
     store.delete().await;
     ns.delete().await;

@@ -26,8 +26,11 @@ fn get(namespace: &str, args: &[&str]) -> Result<String, String> {
 async fn singular_plural_short_names_and_the_category_all_work() {
     let ns = TestNamespace::new("names").await;
     let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "1Gi").await;
-    ns.create_cache("img", json!({"source": {"http": {"url": "http://127.0.0.1:9/a"}}}))
-        .await;
+    ns.create_cache(
+        "img",
+        json!({"source": {"http": {"url": "http://127.0.0.1:9/a"}}}),
+    )
+    .await;
     let claim: TemplateCacheClaim = serde_json::from_value(json!({
         "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCacheClaim",
         "metadata": {"name": "vm-1"}, "spec": {"cacheName": "img"}
@@ -59,7 +62,10 @@ async fn singular_plural_short_names_and_the_category_all_work() {
         "templatecacheclaim.templatecache.io/vm-1",
         &format!("stagingstore.templatecache.io/{}", store.name),
     ] {
-        assert!(all.contains(expected), "the category lists {expected}: {all}");
+        assert!(
+            all.contains(expected),
+            "the category lists {expected}: {all}"
+        );
     }
     store.delete().await;
     ns.delete().await;

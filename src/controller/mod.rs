@@ -122,6 +122,9 @@ pub struct Context {
     pub count_writes: Pacer,
     /// When each cache may commit references again: the commits of a storm form batches.
     pub reference_commits: Pacer,
+    /// When the claim controller may try to create a cache again: of a storm of claims that
+    /// carry the same template, one creates the cache and the rest wait for the watch to show it.
+    pub cache_creations: Pacer,
     /// Caches, claims and labelled Pods as the operator's watches show them.
     pub watched: Watched,
     /// StagingStores as the store controller's watch sees them; empty while that controller
@@ -139,7 +142,11 @@ impl Context {
             metrics: Arc::new(Metrics::new()),
             store_lists: Pacer::new(Duration::from_secs(5)),
             count_writes: Pacer::new(Duration::from_secs(2)),
-            reference_commits: Pacer::new(Duration::from_secs(1)),
+            // At most 100 ms between the commits of one cache: a storm of N consumers is
+            // counted within a tenth of a second of its last consumer, in about ten writes a
+            // second however large N is (docs/design-notes.md).
+            reference_commits: Pacer::new(Duration::from_millis(100)),
+            cache_creations: Pacer::new(Duration::from_secs(5)),
             watched: Watched::unwatched(),
             store_view: reflector::store().0,
         }

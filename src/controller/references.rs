@@ -135,6 +135,10 @@ impl Changes {
         self.add.is_empty() && self.remove.is_empty()
     }
 
+    fn touches_references(&self) -> bool {
+        !self.remove.is_empty() || self.add.iter().any(|f| is_reference(f))
+    }
+
     /// `finalizers` with this change made: removals dropped, additions appended once.
     pub fn applied_to(&self, finalizers: &[String]) -> Vec<String> {
         let mut seen = BTreeSet::new();
@@ -227,7 +231,11 @@ pub async fn commit(
     for _ in 0..COMMIT_ROUNDS {
         match patch_finalizers(&current, &wanted, ctx).await {
             Ok(updated) => {
-                ctx.reference_commits.done(&pace_key, started);
+                // Only a commit of references opens a batch window: a cache's first commit of
+                // its cleanup finalizer alone must not delay its first consumers.
+                if wanted.touches_references() {
+                    ctx.reference_commits.done(&pace_key, started);
+                }
                 record(&updated, &wanted, ctx);
                 return Ok((Arc::new(updated), None));
             }

@@ -195,11 +195,29 @@ pub async fn reconcile(claim: Arc<TemplateCacheClaim>, ctx: Arc<Context>) -> Res
     let key = ObjectRef::new(&claim.spec.cache_name).within(&namespace);
     let cache = ctx.watched.cache(&key);
     let plan = claim_status(&claim, cache.as_deref(), ctx.config.max_references);
+    let creation = format!("{namespace}/{}", claim.spec.cache_name);
     if plan.create_cache {
+        if let Some(wait) = ctx.cache_creations.wait(&creation) {
+            // Another claim has just created it; the watch shows it in a moment.
+            return Ok(Action::requeue(wait));
+        }
+        let started = std::time::Instant::now();
         create_cache(&claim, &namespace, &ctx).await?;
+        ctx.cache_creations.done(&creation, started);
+    }
+    if claim.status.is_none() && is_transient(&plan.status) {
+        // Being bound within moments: a storm of claims costs no extra write for it.
+        return Ok(Action::await_change());
     }
     write_status(&claim, &plan.status, &namespace, &ctx).await?;
     Ok(Action::await_change())
+}
+
+/// A status a claim holds only for the moments until the next reference commit: the cache is
+/// being created, or the claim is waiting for its batch.
+fn is_transient(status: &TemplateCacheClaimStatus) -> bool {
+    find(&status.conditions, BOUND)
+        .is_some_and(|c| [reason::CREATING_CACHE, reason::BINDING].contains(&c.reason.as_str()))
 }
 
 /// Creates the claim's cache from its template, with the claim's reference already on it. Its
