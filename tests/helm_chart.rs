@@ -24,7 +24,7 @@ use support::http_server::HttpServer;
 use support::jobs::wait_for_cache;
 use support::operator::OperatorProcess;
 use support::rig::{random_bytes, sha256};
-use templatecache::api::{Phase, TemplateCache};
+use templatecache::api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim};
 
 const CHART: &str = "charts/templatecache-operator";
 const MOVER: &str = "templatecache-mover";
@@ -179,7 +179,8 @@ fn the_chart_lints_renders_restricted_pods_and_refuses_bad_values_by_name() {
     }
 }
 
-/// `kubectl auth can-i` as `account` in `namespace`: true for "yes".
+/// `kubectl auth can-i` as `account` in `namespace`: true for "yes", false for "no"; any other
+/// answer (an error, a typo in a resource name) fails the test, so a "no" is never an error.
 fn can_i(namespace: &str, account: &str, args: &[&str]) -> bool {
     let mut command = support::kubectl();
     command
@@ -187,7 +188,12 @@ fn can_i(namespace: &str, account: &str, args: &[&str]) -> bool {
         .args(args)
         .arg(format!("--as=system:serviceaccount:{namespace}:{account}"));
     let out = command.output().expect("kubectl auth can-i");
-    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "yes" => true,
+        "no" if !stderr.contains("the server doesn't have a resource type") => false,
+        answer => panic!("kubectl auth can-i {args:?}: {answer:?} {stderr}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,6 +287,21 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
         "create",
         "customresourcedefinitions.apiextensions.k8s.io"
     ]));
+    assert!(operator_may(&[
+        "watch",
+        "templatecacheclaims.templatecache.io",
+        "--all-namespaces"
+    ]));
+    assert!(operator_may(&[
+        "patch",
+        "templatecacheclaims.templatecache.io",
+        "--subresource=status",
+        &ns_arg
+    ]));
+    assert!(
+        !operator_may(&["create", "templatecacheclaims.templatecache.io", &ns_arg]),
+        "claims are the consumers' to make"
+    );
     let mover_may = |args: &[&str]| can_i(&ns.name, MOVER, args);
     assert!(mover_may(&[
         "patch",
@@ -326,11 +347,20 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
     let server = HttpServer::start().await;
     let bytes = random_bytes(3 << 20);
     server.put("disk.img", &bytes);
-    ns.create_cache(
-        "image",
-        json!({"source": {"http": {"url": server.url("disk.img")}}, "checksum": sha256(&bytes)}),
-    )
-    .await;
+    // A consumer's claim with a template: the operator creates the cache from it, under the
+    // chart's RBAC, and tells the claim when the copy is Ready.
+    let claim: TemplateCacheClaim = serde_json::from_value(json!({
+        "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCacheClaim",
+        "metadata": {"name": "vm-1"},
+        "spec": {"cacheName": "image", "template":
+            {"source": {"http": {"url": server.url("disk.img")}}, "checksum": sha256(&bytes)}}
+    }))
+    .expect("claim literal");
+    let claims: Api<TemplateCacheClaim> = ns.api();
+    claims
+        .create(&Default::default(), &claim)
+        .await
+        .expect("create the claim");
     let ready = wait_for_cache(&ns.client, &ns.name, "image", "Ready", |c| {
         c.status.as_ref().and_then(|s| s.phase) == Some(Phase::Ready)
     })
@@ -349,7 +379,23 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
             .contains("templatecache_copies_succeeded_total 1")
     );
 
-    // Deleting the cache removes its data through a remove Job, also under the chart's RBAC.
+    let mut claim_ready = false;
+    for _ in 0..200 {
+        let claim = claims.get("vm-1").await.expect("read the claim");
+        claim_ready = claim.status.and_then(|s| s.phase) == Some(ClaimPhase::Ready);
+        if claim_ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(claim_ready, "the claim says Ready");
+
+    // Releasing the claim, then deleting the cache, removes its data through a remove Job, also
+    // under the chart's RBAC.
+    claims
+        .delete("vm-1", &Default::default())
+        .await
+        .expect("release the claim");
     let caches: Api<TemplateCache> = ns.api();
     caches
         .delete("image", &Default::default())
