@@ -174,5 +174,6 @@ pub mod executor;
 pub mod http_server;
 pub mod jobs;
 pub mod operator;
+pub mod ranged_server;
 pub mod rig;
 pub mod s3_server;

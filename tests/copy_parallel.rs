@@ -1,0 +1,192 @@
+//! The data mover's parallel ranged download, run as the copy Job runs it (`run_copy`, without a
+//! cache to report to) against real servers on loopback: the ranged HTTP server of
+//! `tests/support` and versitygw. No control plane needed. Parts are 256 KiB here so that small
+//! objects span many parts.
+
+mod support;
+
+use std::path::PathBuf;
+
+use support::ranged_server::{RangedServer, Seen};
+use support::rig::{random_bytes, sha256};
+use templatecache::copy::{CopyArgs, CopyError, run_copy};
+
+const PART: u64 = 256 << 10;
+
+fn args(dest: PathBuf, url: &str, streams: u16) -> CopyArgs {
+    CopyArgs {
+        cache: None,
+        attempt: 1,
+        dest,
+        http_url: Some(url.to_owned()),
+        s3_bucket: None,
+        s3_key: None,
+        s3_endpoint: None,
+        s3_region: None,
+        s3_virtual_host: false,
+        checksum: None,
+        streams,
+        part_size: PART,
+    }
+}
+
+/// The folder holds exactly `names`: no partial file left behind.
+fn assert_only(dir: &tempfile::TempDir, names: &[&str]) {
+    let mut found: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    assert_eq!(found, names);
+}
+
+fn ranged(gets: &[Seen]) -> Vec<(u64, u64)> {
+    gets.iter().filter_map(|g| g.range).collect()
+}
+
+#[tokio::test]
+async fn eight_streams_copy_a_large_object_byte_for_byte_each_part_pinned_to_its_etag() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(8 << 20 | 12345); // 33 parts, the last one short
+    server.put("disk.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+
+    let mut request = args(dest.clone(), &server.url("files", "disk.img"), 8);
+    request.checksum = Some(sha256(&bytes));
+    let done = run_copy(request).await.expect("copy");
+
+    assert_eq!(done.checksum, sha256(&bytes));
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let gets = server.gets();
+    let mut parts = ranged(&gets);
+    parts.sort();
+    let expected: Vec<(u64, u64)> = (0..bytes.len() as u64)
+        .step_by(PART as usize)
+        .map(|start| (start, (start + PART).min(bytes.len() as u64) - 1))
+        .collect();
+    assert_eq!(parts, expected, "each part asked for once, nothing else");
+    assert!(
+        gets.iter().all(|g| g.if_match.is_some()),
+        "every part is conditional on the ETag: {gets:?}"
+    );
+    assert_only(&dir, &["disk"]);
+}
+
+#[tokio::test]
+async fn an_object_under_four_parts_is_read_as_one_stream() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(3 * PART as usize);
+    server.put("small.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("small");
+
+    run_copy(args(dest.clone(), &server.url("files", "small.img"), 8))
+        .await
+        .expect("copy");
+
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let gets = server.gets();
+    assert_eq!(gets.len(), 1, "one plain GET: {gets:?}");
+    assert_eq!(gets[0].range, None);
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_range_gets_one_stream_after_one_probe() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(2 << 20);
+    server.put("disk.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+
+    run_copy(args(dest.clone(), &server.url("no-range", "disk.img"), 8))
+        .await
+        .expect("copy");
+
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let gets = server.gets();
+    let statuses: Vec<u16> = gets.iter().map(|g| g.status).collect();
+    // The probe asked for the first part and got the whole object (200); then one plain GET.
+    assert_eq!(statuses, [200, 200], "{gets:?}");
+    assert_only(&dir, &["disk"]);
+}
+
+#[tokio::test]
+async fn a_source_without_an_etag_is_read_as_one_stream() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(2 << 20);
+    server.put("disk.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+
+    run_copy(args(dest.clone(), &server.url("no-etag", "disk.img"), 8))
+        .await
+        .expect("copy");
+
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let gets = server.gets();
+    assert_eq!(
+        gets.len(),
+        1,
+        "nothing to pin parts to, so one GET: {gets:?}"
+    );
+    assert_eq!(gets[0].range, None);
+}
+
+#[tokio::test]
+async fn a_source_replaced_mid_copy_fails_the_attempt_and_leaves_nothing() {
+    let server = RangedServer::start().await;
+    let old = random_bytes(4 << 20);
+    let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
+    server.put("disk.img", old);
+    server.put_next_version("disk.img", new);
+    let dir = tempfile::tempdir().expect("dest");
+
+    let error = run_copy(args(
+        dir.path().join("disk"),
+        &server.url("changing", "disk.img"),
+        8,
+    ))
+    .await
+    .expect_err("a spliced file");
+
+    println!("{error}");
+    assert!(
+        matches!(error, CopyError::ChangedMidCopy { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("changed during the copy"), "{message}");
+    assert!(message.contains("412 Precondition Failed"), "{message}");
+    assert!(
+        server.gets().iter().any(|g| g.status == 412),
+        "the server refused a part"
+    );
+    assert_only(&dir, &[]);
+}
+
+#[tokio::test]
+async fn a_part_that_breaks_is_fetched_again_alone_from_where_it_broke() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(2 << 20); // 8 parts, each cut halfway once
+    server.put("disk.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+
+    run_copy(args(dest.clone(), &server.url("breaking", "disk.img"), 4))
+        .await
+        .expect("copy");
+
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let starts: Vec<u64> = ranged(&server.gets()).iter().map(|r| r.0).collect();
+    let part_starts = starts.iter().filter(|s| *s % PART == 0).count();
+    assert_eq!(
+        part_starts, 8,
+        "no part fetched again from its start: {starts:?}"
+    );
+    assert!(
+        starts.iter().filter(|s| *s % PART == PART / 2).count() == 8,
+        "each broken part resumed mid-part: {starts:?}"
+    );
+    assert_only(&dir, &["disk"]);
+}
