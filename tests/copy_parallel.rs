@@ -190,3 +190,94 @@ async fn a_part_that_breaks_is_fetched_again_alone_from_where_it_broke() {
     );
     assert_only(&dir, &["disk"]);
 }
+
+mod s3 {
+    //! The same against versitygw, through the throttling proxy of `tests/support` (which also
+    //! counts the connections the mover opened). The mover runs as the copy Job runs it: as the
+    //! `templatecache copy` process, credentials in its environment.
+
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use super::support::rig::{random_bytes, sha256};
+    use super::support::s3_server::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
+    use super::support::throttle::ThrottleProxy;
+    use super::{PART, assert_only};
+
+    fn endpoint_addr(s3: &S3Server) -> SocketAddr {
+        s3.endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .expect("endpoint address")
+    }
+
+    fn copy(proxy: &ThrottleProxy, key: &str, dest: &std::path::Path) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"));
+        command
+            .args(["copy", "--attempt", "1", "--streams", "8"])
+            .arg(format!("--part-size={PART}"))
+            .arg("--dest")
+            .arg(dest)
+            .args(["--s3-bucket", BUCKET, "--s3-key", key, "--s3-endpoint"])
+            .arg(format!("http://{}", proxy.addr))
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .kill_on_drop(true);
+        command
+    }
+
+    #[tokio::test]
+    async fn an_s3_object_is_copied_over_eight_connections() {
+        let s3 = S3Server::start().await;
+        let bytes = random_bytes(4 << 20); // 16 parts
+        s3.put("images/disk.img", bytes.clone()).await;
+        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 1 << 30).await;
+        let dir = tempfile::tempdir().expect("dest");
+        let dest = dir.path().join("disk");
+
+        let out = copy(&proxy, "images/disk.img", &dest)
+            .output()
+            .await
+            .expect("run the mover");
+
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&sha256(&bytes)), "{stdout}");
+        assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+        assert!(
+            proxy.connections() >= 8,
+            "parts in parallel: {} connections",
+            proxy.connections()
+        );
+        assert_only(&dir, &["disk"]);
+    }
+
+    #[tokio::test]
+    async fn an_s3_object_overwritten_mid_copy_fails_the_attempt_and_leaves_nothing() {
+        let s3 = S3Server::start().await;
+        let old = random_bytes(8 << 20);
+        s3.put("images/disk.img", old.clone()).await;
+        // 1 MiB/s per connection: 8 streams take about a second for 8 MiB.
+        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 1 << 20).await;
+        let dir = tempfile::tempdir().expect("dest");
+
+        let mover = copy(&proxy, "images/disk.img", &dir.path().join("disk"))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the mover");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
+        s3.put("images/disk.img", new).await;
+        let out = mover.wait_with_output().await.expect("mover");
+
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{stderr}");
+        assert!(!out.status.success());
+        assert!(stderr.contains("changed during the copy"), "{stderr}");
+        assert_only(&dir, &[]);
+    }
+}

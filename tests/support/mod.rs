@@ -177,3 +177,4 @@ pub mod operator;
 pub mod ranged_server;
 pub mod rig;
 pub mod s3_server;
+pub mod throttle;
