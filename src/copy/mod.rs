@@ -123,6 +123,9 @@ pub struct CopyArgs {
     pub part_size: u64,
 }
 
+/// Part size unless told otherwise: AWS's guidance is 8 to 16 MiB ranges.
+pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
+
 /// Streams of a copy unless told otherwise: AWS's guidance and the tools people use (rclone 4,
 /// s5cmd 5, the AWS CLI 10) sit around it.
 pub const DEFAULT_STREAMS: u16 = 8;

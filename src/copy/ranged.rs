@@ -38,6 +38,15 @@ pub struct Tuning {
     pub part_size: u64,
 }
 
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            streams: super::DEFAULT_STREAMS,
+            part_size: super::DEFAULT_PART_SIZE,
+        }
+    }
+}
+
 /// A source must span this many parts for a parallel download to pay for its extra requests.
 pub const MIN_PARTS: u64 = 4;
 
