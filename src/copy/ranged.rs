@@ -72,22 +72,29 @@ pub enum Outcome {
     SingleStream(Fallback),
 }
 
-/// The version every part must come from.
+/// The version every part must come from, and the part size.
 #[derive(Clone, Debug)]
 struct Pin {
     e_tag: Option<String>,
     version: Option<String>,
+    part_size: u64,
 }
 
-/// Whether `meta` can be downloaded in parts, and pinned to what.
+/// Whether `meta` can be downloaded in parts, pinned to what, in parts of what size.
 fn plan(meta: &ObjectMeta, tuning: Tuning) -> Result<Pin, Fallback> {
     if tuning.streams <= 1 {
         return Err(Fallback::OneStream);
     }
-    if meta.size < MIN_PARTS * tuning.part_size {
+    let part_size = meta
+        .e_tag
+        .as_deref()
+        .and_then(|tag| upload_part_size(meta.size, tag))
+        .filter(|upload| *upload <= 4 * tuning.part_size)
+        .unwrap_or(tuning.part_size);
+    if meta.size < MIN_PARTS * part_size {
         return Err(Fallback::Small {
             size: meta.size,
-            part_size: tuning.part_size,
+            part_size,
         });
     }
     // A weak ETag (`W/"..."`) never matches `If-Match` (RFC 9110, 13.1.1): it pins nothing.
@@ -98,7 +105,24 @@ fn plan(meta: &ObjectMeta, tuning: Tuning) -> Result<Pin, Fallback> {
     Ok(Pin {
         e_tag,
         version: meta.version.clone(),
+        part_size,
     })
+}
+
+/// The part size of an S3 multipart upload, when its ETag (`"<md5>-<parts>"`) and size name
+/// exactly one whole number of MiB: ranges aligned to the stored parts are what S3 serves best
+/// (AWS's own guidance). Every part but the last has that size, so it lies in
+/// `[size / parts, size / (parts - 1))`; uploaders use whole MiB, and when one MiB multiple fits,
+/// it is the one. Otherwise (or if the guess were wrong) the parts are merely unaligned.
+fn upload_part_size(size: u64, e_tag: &str) -> Option<u64> {
+    const MIB: u64 = 1 << 20;
+    let parts: u64 = e_tag.trim_matches('"').rsplit_once('-')?.1.parse().ok()?;
+    if parts < 2 {
+        return None;
+    }
+    let smallest = size.div_ceil(parts).div_ceil(MIB);
+    let largest = (size - 1) / (parts - 1) / MIB;
+    (smallest == largest && smallest > 0).then_some(smallest * MIB)
 }
 
 /// Downloads the object `meta` describes into `partial` in parts, or says why it cannot.
@@ -118,9 +142,9 @@ pub async fn transfer(
         store: source.store.clone(),
         path: source.path.clone(),
         display: source.display.clone(),
-        pin,
         size: meta.size,
-        part_size: tuning.part_size,
+        part_size: pin.part_size,
+        pin,
     };
     // The first part's answer tells whether the server splits at all, before a byte is written.
     let first = match parts.get(parts.range(0)).await {
@@ -428,6 +452,27 @@ mod tests {
         streams: 8,
         part_size: 1 << 20,
     };
+
+    #[test]
+    fn parts_align_to_an_s3_multipart_upload_named_by_its_etag() {
+        const MIB: u64 = 1 << 20;
+        // The AWS CLI's 8 MiB parts: 12 whole ones and a 4 MiB tail.
+        assert_eq!(upload_part_size(100 * MIB, "\"abc-13\""), Some(8 * MIB));
+        assert_eq!(upload_part_size(1000 * MIB, "\"abc-1000\""), Some(MIB));
+        // Not multipart; 5 to 9 MiB all fit; no whole MiB fits.
+        assert_eq!(upload_part_size(64 * MIB, "\"abc\""), None);
+        assert_eq!(upload_part_size(10 * MIB, "\"abc-2\""), None);
+        assert_eq!(upload_part_size(25 * MIB, "\"abc-10\""), None);
+        let sixteen = Tuning {
+            part_size: 16 * MIB,
+            ..TUNING
+        };
+        let aligned = plan(&meta(100 * MIB, Some("\"abc-13\"")), sixteen).expect("parts");
+        assert_eq!(aligned.part_size, 8 * MIB);
+        // Over four times the configured part: a broken part would cost too much again.
+        let too_large = plan(&meta(100 * MIB, Some("\"abc-13\"")), TUNING).expect("parts");
+        assert_eq!(too_large.part_size, TUNING.part_size);
+    }
 
     #[test]
     fn only_a_large_object_pinned_to_a_strong_etag_is_split() {
