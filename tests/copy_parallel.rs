@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use support::ranged_server::{RangedServer, Seen};
 use support::rig::{random_bytes, sha256};
+use support::throttle::ThrottleProxy;
 use templatecache::copy::{CopyArgs, CopyError, run_copy};
 
 const PART: u64 = 256 << 10;
@@ -49,10 +50,13 @@ async fn eight_streams_copy_a_large_object_byte_for_byte_each_part_pinned_to_its
     let server = RangedServer::start().await;
     let bytes = random_bytes(8 << 20 | 12345); // 33 parts, the last one short
     server.put("disk.img", bytes.clone());
+    // A link slower than the hash (4 MiB/s per connection), so the mover opens its streams.
+    let proxy = ThrottleProxy::start(server.addr, 4 << 20).await;
     let dir = tempfile::tempdir().expect("dest");
     let dest = dir.path().join("disk");
 
-    let mut request = args(dest.clone(), &server.url("files", "disk.img"), 8);
+    let url = format!("http://{}/files/disk.img", proxy.addr);
+    let mut request = args(dest.clone(), &url, 8);
     request.checksum = Some(sha256(&bytes));
     let done = run_copy(request).await.expect("copy");
 
@@ -66,6 +70,11 @@ async fn eight_streams_copy_a_large_object_byte_for_byte_each_part_pinned_to_its
         .map(|start| (start, (start + PART).min(bytes.len() as u64) - 1))
         .collect();
     assert_eq!(parts, expected, "each part asked for once, nothing else");
+    assert!(
+        proxy.connections() >= 8,
+        "{} connections",
+        proxy.connections()
+    );
     assert!(
         gets.iter().all(|g| g.if_match.is_some()),
         "every part is conditional on the ETag: {gets:?}"
@@ -199,9 +208,9 @@ mod s3 {
     use std::net::SocketAddr;
     use std::time::Duration;
 
+    use super::ThrottleProxy;
     use super::support::rig::{random_bytes, sha256};
     use super::support::s3_server::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
-    use super::support::throttle::ThrottleProxy;
     use super::{PART, assert_only};
 
     fn endpoint_addr(s3: &S3Server) -> SocketAddr {
@@ -229,9 +238,10 @@ mod s3 {
     #[tokio::test]
     async fn an_s3_object_is_copied_over_eight_connections() {
         let s3 = S3Server::start().await;
-        let bytes = random_bytes(4 << 20); // 16 parts
+        let bytes = random_bytes(8 << 20); // 32 parts
         s3.put("images/disk.img", bytes.clone()).await;
-        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 1 << 30).await;
+        // Slower per connection than the hash, so the mover opens its streams.
+        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 4 << 20).await;
         let dir = tempfile::tempdir().expect("dest");
         let dest = dir.path().join("disk");
 
@@ -261,15 +271,15 @@ mod s3 {
         let s3 = S3Server::start().await;
         let old = random_bytes(8 << 20);
         s3.put("images/disk.img", old.clone()).await;
-        // 1 MiB/s per connection: 8 streams take about a second for 8 MiB.
-        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 1 << 20).await;
+        // 2 MiB/s per connection: the copy takes over 2 s, the overwrite comes after 1 s.
+        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 2 << 20).await;
         let dir = tempfile::tempdir().expect("dest");
 
         let mover = copy(&proxy, "images/disk.img", &dir.path().join("disk"))
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start the mover");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
         s3.put("images/disk.img", new).await;
         let out = mover.wait_with_output().await.expect("mover");

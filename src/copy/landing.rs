@@ -31,6 +31,9 @@ pub struct Front {
     pub hashed: u64,
     /// Bytes written anywhere in the file, in order or not.
     pub landed: u64,
+    /// Time the hasher spent hashing (and reading back): set against the wall time, it says
+    /// whether the hash or the source is the bottleneck.
+    pub hashing: std::time::Duration,
 }
 
 /// Chunks queued between the downloads and the writer, and between the writer and the hasher.
@@ -115,6 +118,7 @@ fn hash_in_order(
     let mut buffer = vec![0; READ_BACK];
     while let Some(chunk) = landed.blocking_recv() {
         let len = chunk.bytes.len() as u64;
+        let busy = std::time::Instant::now();
         state.landed += len;
         if chunk.offset == state.hashed {
             hasher.update(&chunk.bytes);
@@ -127,6 +131,7 @@ fn hash_in_order(
             read_back(&file, state.hashed..end, &mut buffer, &mut hasher)?;
             state.hashed = end;
         }
+        state.hashing += busy.elapsed();
         front.send_replace(state);
     }
     if state.hashed != size {
@@ -211,13 +216,8 @@ mod tests {
         let digest = sink.finish().expect("finish");
         assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(&bytes)));
         let whole = bytes.len() as u64;
-        assert_eq!(
-            *front.borrow(),
-            Front {
-                hashed: whole,
-                landed: whole
-            }
-        );
+        let end = *front.borrow();
+        assert_eq!((end.hashed, end.landed), (whole, whole));
         assert_eq!(std::fs::read(&path).expect("read"), bytes);
     }
 }

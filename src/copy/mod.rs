@@ -266,6 +266,7 @@ async fn download(
                 let front = Front {
                     hashed: bytes,
                     landed: bytes,
+                    ..Front::default()
                 };
                 progress(front, total).await;
             })

@@ -24,7 +24,7 @@ use futures::StreamExt;
 use object_store::{GetOptions, GetRange, GetResult, ObjectMeta, ObjectStore};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::landing::{Front, Landing, Sink};
 use super::source::Source;
@@ -206,7 +206,15 @@ impl From<CopyError> for Stop {
     }
 }
 
-/// Runs `streams` workers over every part, reporting the front as it moves.
+/// Bytes one stream brings before the mover judges whether more streams would help.
+const SAMPLE: u64 = 4 << 20;
+
+/// Runs the workers over every part, reporting the front as it moves. One stream starts; the
+/// others open once it is plain that the source, not the hash, is the bottleneck: when one
+/// stream keeps the hasher busy under a third of the time, K streams can bring several times
+/// more. Where one stream already comes close to the hash's speed (a fast local mirror), more
+/// streams would only add work on the same cores: 8 streams were 25 % slower than one on
+/// loopback on 2 cores (docs/benchmarks.md).
 async fn fetch_all(
     download: Arc<Download>,
     first: GetResult,
@@ -215,12 +223,10 @@ async fn fetch_all(
     progress: &mut impl AsyncFnMut(Front, u64),
 ) -> Result<(), Stop> {
     let (size, name) = (download.parts.size, download.parts.display.clone());
+    let started = std::time::Instant::now();
     let mut workers = JoinSet::new();
     workers.spawn(download.clone().work(Some(first)));
-    for _ in 1..streams {
-        workers.spawn(download.clone().work(None));
-    }
-    drop(download);
+    let mut closed = Some(download);
     let mut front = sink.front.clone();
     let mut reporting = true;
     let result = loop {
@@ -237,6 +243,14 @@ async fn fetch_all(
             changed = front.changed(), if reporting => match changed {
                 Ok(()) => {
                     let now = *front.borrow_and_update();
+                    if let Some(download) =
+                        closed.take_if(|_| source_bound(now, started.elapsed()))
+                    {
+                        info!(streams, "the source is slower than the hash: opening more streams");
+                        for _ in 1..streams {
+                            workers.spawn(download.clone().work(None));
+                        }
+                    }
                     progress(now, size).await;
                 }
                 Err(_) => reporting = false,
@@ -247,6 +261,11 @@ async fn fetch_all(
     // the sink, which the sink needs to finish.
     workers.shutdown().await;
     result
+}
+
+/// Whether the hasher, after a fair sample, spent under a third of the time working.
+fn source_bound(front: Front, elapsed: Duration) -> bool {
+    front.hashed >= SAMPLE && front.hashing * 3 < elapsed
 }
 
 /// The parts of one object, pinned to one version.

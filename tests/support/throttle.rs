@@ -12,8 +12,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-/// Bytes sent in one go; also the burst a connection may take above its rate.
+/// Bytes forwarded in one go at most.
 const SLICE: usize = 64 << 10;
+
+/// How far a connection may run ahead of its rate before it sleeps, or lag behind it (idle
+/// time) before it stops earning credit.
+const SLACK: Duration = Duration::from_millis(10);
 
 /// A running proxy; stops accepting when dropped.
 pub struct ThrottleProxy {
@@ -80,10 +84,14 @@ async fn forward(client: TcpStream, upstream: SocketAddr, bytes_per_second: u64)
             if client_write.write_all(&buffer[..n]).await.is_err() {
                 break;
             }
-            // A token bucket one slice deep: wait until the rate has paid for what was sent.
+            // A token bucket: `ready` moves by what was sent at the rate. Sleeping only once it
+            // is a few ms ahead keeps the rate exact despite the timer's 1 ms grain and reads
+            // smaller than a slice; the burst is those few ms.
             let cost = Duration::from_secs_f64(n as f64 / bytes_per_second as f64);
-            ready = ready.max(Instant::now()) + cost;
-            tokio::time::sleep_until(ready).await;
+            ready = ready.max(Instant::now() - SLACK) + cost;
+            if ready > Instant::now() + SLACK {
+                tokio::time::sleep_until(ready).await;
+            }
         }
         let _ = client_write.shutdown().await;
     };
