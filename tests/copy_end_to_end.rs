@@ -268,8 +268,9 @@ async fn a_throttled_source_is_copied_over_eight_streams_and_becomes_ready() {
     let server = RangedServer::start().await;
     let bytes = random_bytes(256 << 20);
     server.put("disk.img", bytes.clone());
-    // 32 MiB/s per connection, as a remote store serves one GET: 8 s for one stream.
-    let proxy = ThrottleProxy::start(server.addr, 32 << 20).await;
+    // 8 MiB/s per connection, as a remote store serves one GET: 32 s for one stream. (Slow
+    // enough that the debug build's hash sits idle and the mover opens its streams.)
+    let proxy = ThrottleProxy::start(server.addr, 8 << 20).await;
     let rig = Rig::new("e2e-streams", 1).await;
     let url = format!("http://{}/files/disk.img", proxy.addr);
 
