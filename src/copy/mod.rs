@@ -6,6 +6,7 @@
 //! folder is fsynced so the rename survives a crash). Every failure removes the partial file.
 
 mod landing;
+mod plan;
 mod ranged;
 mod report;
 mod source;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
-pub use ranged::{MIN_PARTS, Tuning};
+pub use plan::{MIN_PARTS, Tuning};
 pub use transfer::Transferred;
 
 use landing::Front;
