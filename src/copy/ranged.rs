@@ -129,8 +129,8 @@ const SAMPLE: u64 = 4 << 20;
 /// others open once it is plain that the source, not the hash, is the bottleneck: when one
 /// stream keeps the hasher busy under a third of the time, K streams can bring several times
 /// more. Where one stream already comes close to the hash's speed (a fast local mirror), more
-/// streams would only add work on the same cores: 8 streams were 25 % slower than one on
-/// loopback on 2 cores (docs/benchmarks.md).
+/// streams would only add work on the same cores: opened at once, 8 streams were 13 to 26 %
+/// slower than one on loopback on 2 cores (docs/design-notes.md).
 async fn fetch_all(
     download: Arc<Download>,
     first: GetResult,
