@@ -62,6 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         jobs: JobSettings {
             image: "templatecache:dev".into(),
             service_account: None,
+            copy: Default::default(),
         },
         ..Config::default()
     };

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The data mover against curl on the same 1 GiB file on loopback: over HTTP (python's
 # http.server) against `curl -o`, and from S3 (versitygw) against a plain SigV4 read by curl.
-# Best of 3 runs each; peak RSS of the mover from /usr/bin/time. Writes target/bench/mover.md,
-# which `make bench` puts into docs/benchmarks.md.
+# Best of 3 runs each; peak RSS of the mover from /usr/bin/time. Then `cargo bench --bench
+# mover_streams` (parallel ranged download: 1 vs 8 streams, throttled and not). Writes
+# target/bench/mover.md, which `make bench` puts into docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${BENCH_SIZE_MIB:-1024}
-dir=.cache/bench
+dir=${BENCH_DIR:-.cache/bench}
 mkdir -p "$dir/served/templates" "$dir/out"
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time; }
 cargo build --release --quiet --bin templatecache
@@ -81,4 +82,6 @@ one stream's hash cannot be spread over cores, so where the bound column is belo
 hashing mover can reach it on that machine. Against python's http.server the server also takes a
 core, leaving the mover less than the rest to read, hash and write.
 MD
+cargo bench --quiet --bench mover_streams >/dev/null
+{ echo; cat target/bench/mover-streams.md; } >> target/bench/mover.md
 cat target/bench/mover.md

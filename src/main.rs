@@ -53,6 +53,14 @@ struct RunArgs {
     /// ServiceAccount of the copy and remove Jobs (the namespace's default when unset).
     #[arg(long, env = "TEMPLATECACHE_JOB_SERVICE_ACCOUNT")]
     job_service_account: Option<String>,
+    /// Ranged GETs in flight per copy Job (HTTP(S) and S3 sources); 1 reads one stream.
+    #[arg(long, default_value_t = templatecache::copy::DEFAULT_STREAMS,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    copy_streams: u16,
+    /// Bytes per ranged GET of a copy Job (`16Mi`, `8Mi`, ...); smaller objects than four
+    /// parts are read as one stream.
+    #[arg(long, default_value = "16Mi", value_parser = templatecache::copy::parse_part_size)]
+    copy_part_size: u64,
     /// Copy attempts per cache before it is marked Failed for good.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     max_attempts: u32,
@@ -115,6 +123,10 @@ impl RunArgs {
             jobs: JobSettings {
                 image: self.job_image.clone(),
                 service_account: self.job_service_account.clone(),
+                copy: templatecache::copy::Tuning {
+                    streams: self.copy_streams,
+                    part_size: self.copy_part_size,
+                },
             },
             retry: RetryPolicy {
                 max_attempts: self.max_attempts,

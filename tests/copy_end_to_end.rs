@@ -13,7 +13,9 @@ use kube::api::PostParams;
 use serde_json::json;
 
 use support::http_server::{HttpServer, PASSWORD, USER};
+use support::ranged_server::RangedServer;
 use support::rig::{Rig, random_bytes, ready_message, sha256};
+use support::throttle::ThrottleProxy;
 use templatecache::api::{Phase, TemplateCache};
 
 #[tokio::test]
@@ -258,5 +260,59 @@ async fn kubectl_shows_progress_while_a_copy_runs() {
         done.status.as_ref().and_then(|s| s.phase),
         Some(Phase::Ready)
     );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_throttled_source_is_copied_over_eight_streams_and_becomes_ready() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(256 << 20);
+    server.put("disk.img", bytes.clone());
+    // 8 MiB/s per connection, as a remote store serves one GET: 32 s for one stream. (Slow
+    // enough that the debug build's hash sits idle and the mover opens its streams.)
+    let proxy = ThrottleProxy::start(server.addr, 8 << 20).await;
+    let rig = Rig::new("e2e-streams", 1).await;
+    let url = format!("http://{}/files/disk.img", proxy.addr);
+
+    rig.create(
+        "disk",
+        json!({"source": {"http": {"url": url}}, "checksum": sha256(&bytes)}),
+    )
+    .await;
+
+    rig.assert_copied("disk", &bytes).await;
+    assert!(
+        proxy.connections() >= 8,
+        "copied over {} connections",
+        proxy.connections()
+    );
+    assert_eq!(rig.files(), ["disk"], "no partial file left");
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_source_replaced_mid_copy_fails_with_the_reason_named_and_nothing_left() {
+    let server = RangedServer::start().await;
+    let old = random_bytes(128 << 20);
+    let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
+    server.put("disk.img", old);
+    server.put_next_version("disk.img", new);
+    let rig = Rig::new("e2e-replaced", 1).await;
+
+    rig.create(
+        "disk",
+        json!({"source": {"http": {"url": server.url("changing", "disk.img")}}}),
+    )
+    .await;
+
+    let cache = rig.settled("disk").await;
+    let message = ready_message(&cache);
+    println!("{message}");
+    assert_eq!(
+        cache.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Failed)
+    );
+    assert!(message.contains("changed during the copy"), "{message}");
+    assert!(rig.files().is_empty(), "nothing left: {:?}", rig.files());
     rig.stop().await;
 }

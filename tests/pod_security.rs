@@ -76,6 +76,7 @@ async fn copy_and_remove_pods_are_admitted_where_restricted_is_enforced() {
     let settings = JobSettings {
         image: "templatecache:test".into(),
         service_account: Some("templatecache-copy".into()),
+        copy: Default::default(),
     };
     let cache = cache(&ns.name);
     let pvc = store(json!({"persistentVolumeClaim": {"claimName": "staging"}}));

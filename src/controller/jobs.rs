@@ -26,6 +26,8 @@ pub struct JobSettings {
     pub image: String,
     /// ServiceAccount of the Jobs' pods; the namespace's default when unset.
     pub service_account: Option<String>,
+    /// Streams and part size of copy Jobs (`templatecache copy --streams --part-size`).
+    pub copy: crate::copy::Tuning,
 }
 
 /// What a Job does.
@@ -110,6 +112,8 @@ pub fn copy_job(
         format!("--cache={}", cache_key(cache)),
         format!("--attempt={attempt}"),
         format!("--dest={STORE_MOUNT}/{}", cache_key(cache)),
+        format!("--streams={}", settings.copy.streams),
+        format!("--part-size={}", settings.copy.part_size),
     ];
     args.extend(source_args(&cache.spec.source));
     if let Some(checksum) = &cache.spec.checksum {

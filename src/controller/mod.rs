@@ -94,6 +94,7 @@ impl Default for Config {
                 )
                 .to_owned(),
                 service_account: None,
+                copy: crate::copy::Tuning::default(),
             },
             retry: RetryPolicy::default(),
             concurrency: 16,

@@ -5,13 +5,21 @@
 //! way, verified against the expected checksum, fsynced, and renamed into place (then the
 //! folder is fsynced so the rename survives a crash). Every failure removes the partial file.
 
+mod landing;
+mod plan;
+mod ranged;
 mod report;
 mod source;
 mod transfer;
 
 use std::path::{Path, PathBuf};
 
+use tracing::info;
+
+pub use plan::{MIN_PARTS, Tuning};
 pub use transfer::Transferred;
+
+use landing::Front;
 
 /// Failures of the data mover, each a single line a user can act on.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +34,10 @@ pub enum CopyError {
     Source(String, String),
     #[error("{0} changed size or content during the copy")]
     SourceChanged(String),
+    #[error(
+        "{source_name} changed during the copy ({detail}); the attempt stops rather than splice two versions into one file"
+    )]
+    ChangedMidCopy { source_name: String, detail: String },
     #[error("{source_name} ended after {got} of {expected} bytes: {cause}")]
     Truncated {
         source_name: String,
@@ -101,6 +113,54 @@ pub struct CopyArgs {
     /// Expected digest, `sha256:<hex>`.
     #[arg(long)]
     pub checksum: Option<String>,
+    /// Ranged GETs of one object in flight at once (HTTP(S) and S3); 1 reads it as one stream.
+    #[arg(long, default_value_t = DEFAULT_STREAMS, env = "TEMPLATECACHE_COPY_STREAMS",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: u16,
+    /// Size of each ranged GET, in bytes or with a binary suffix (`16Mi`, `512Ki`, `1Gi`).
+    /// Objects under four parts are read as one stream.
+    #[arg(long, default_value = "16Mi", env = "TEMPLATECACHE_COPY_PART_SIZE",
+          value_parser = parse_part_size)]
+    pub part_size: u64,
+}
+
+/// Part size unless told otherwise: AWS's guidance is 8 to 16 MiB ranges.
+pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
+
+/// Streams of a copy unless told otherwise: AWS's guidance and the tools people use (rclone 4,
+/// s5cmd 5, the AWS CLI 10) sit around it.
+pub const DEFAULT_STREAMS: u16 = 8;
+
+/// Smallest and largest part: under 64 KiB the requests cost more than they carry; over 1 GiB
+/// a broken part costs too much to fetch again.
+const PART_SIZES: std::ops::RangeInclusive<u64> = (64 << 10)..=(1 << 30);
+
+/// `16Mi`, `512Ki`, `1Gi` or a plain number of bytes.
+pub fn parse_part_size(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let shift = match unit {
+        "" => 0,
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        _ => {
+            return Err(format!(
+                "{text}: expected bytes, or a number with Ki, Mi or Gi"
+            ));
+        }
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{text}: not a size"))?;
+    if !PART_SIZES.contains(&bytes) {
+        return Err(format!("{text}: a part must be between 64Ki and 1Gi"));
+    }
+    Ok(bytes)
 }
 
 /// Arguments of `templatecache remove`.
@@ -121,11 +181,11 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
     let mut copied = 0;
     let result = async {
         // Nothing is written before the store has reserved the room (see StorageAdmission).
-        let size = source.size().await?;
-        reporter.wait_for_room(size).await?;
-        copy_into_place(&args, &source, &partial, async |bytes, total| {
-            copied = bytes;
-            reporter.progress(bytes, total).await;
+        let meta = source.head().await?;
+        reporter.wait_for_room(meta.size).await?;
+        copy_into_place(&args, &source, &meta, &partial, async |front, total| {
+            copied = front.hashed;
+            reporter.progress(front, total).await;
         })
         .await
     }
@@ -149,14 +209,15 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
 async fn copy_into_place(
     args: &CopyArgs,
     source: &source::Source,
+    meta: &object_store::ObjectMeta,
     partial: &Path,
-    progress: impl AsyncFnMut(u64, Option<u64>),
+    mut progress: impl AsyncFnMut(Front, Option<u64>),
 ) -> Result<Transferred, CopyError> {
     let dir = args.dest.parent().unwrap_or(Path::new("."));
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| io_error(dir, e))?;
-    let done = transfer::transfer(source, partial, progress).await?;
+    let done = download(args, source, meta, partial, &mut progress).await?;
     if let Some(expected) = &args.checksum
         && *expected != done.checksum
     {
@@ -173,6 +234,46 @@ async fn copy_into_place(
         .map_err(|e| io_error(dir, e))?;
     folder.sync_all().await.map_err(|e| io_error(dir, e))?;
     Ok(done)
+}
+
+/// Downloads in parts when the source allows it, else as one stream.
+async fn download(
+    args: &CopyArgs,
+    source: &source::Source,
+    meta: &object_store::ObjectMeta,
+    partial: &Path,
+    progress: &mut impl AsyncFnMut(Front, Option<u64>),
+) -> Result<Transferred, CopyError> {
+    let tuning = Tuning {
+        streams: args.streams,
+        part_size: args.part_size,
+    };
+    let parallel = ranged::transfer(source, meta, partial, tuning, async |front, total| {
+        progress(front, Some(total)).await;
+    })
+    .await?;
+    match parallel {
+        ranged::Outcome::Done(done) => {
+            info!(
+                streams = args.streams,
+                part_size = args.part_size,
+                "copied in parts"
+            );
+            Ok(done)
+        }
+        ranged::Outcome::SingleStream(why) => {
+            info!("copying as one stream: {why}");
+            transfer::transfer(source, partial, async |bytes, total| {
+                let front = Front {
+                    hashed: bytes,
+                    landed: bytes,
+                    ..Front::default()
+                };
+                progress(front, total).await;
+            })
+            .await
+        }
+    }
 }
 
 /// `<dest>.partial-<attempt>`.

@@ -10,6 +10,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::CopyError;
+use super::landing::Front;
 use crate::api::names::COPY_MANAGER;
 use crate::api::{StorageAdmission, TemplateCache};
 
@@ -102,12 +103,25 @@ impl Reporter {
         Ok(status.storage.filter(|s| s.attempt == self.attempt))
     }
 
-    /// Reports progress if the last report is old enough.
-    pub async fn progress(&mut self, bytes: u64, total: Option<u64>) {
+    /// Reports progress if the last report is old enough. `bytesCopied` is the hashed front:
+    /// bytes written and hashed in order, the part of the copy that is settled. Parts landed
+    /// ahead of it go to the log, since the status has no field for them.
+    pub async fn progress(&mut self, front: Front, total: Option<u64>) {
         if self.last.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
             return;
         }
         self.last = Some(Instant::now());
+        let bytes = front.hashed;
+        if front.landed > front.hashed {
+            info!(
+                hashed = front.hashed,
+                landed = front.landed,
+                total,
+                "copying: {} hashed in order, {} landed",
+                percent(front.hashed, total).unwrap_or_default(),
+                percent(front.landed, total).unwrap_or_default()
+            );
+        }
         let report = json!({
             "attempt": self.attempt, "bytesCopied": bytes, "totalBytes": total,
             "percent": percent(bytes, total), "checksum": null, "error": null,

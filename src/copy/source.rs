@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderValue, header::AUTHORIZATION};
 use object_store::aws::AmazonS3Builder;
 use object_store::http::HttpBuilder;
 use object_store::path::Path;
-use object_store::{ClientOptions, RetryConfig};
+use object_store::{ClientOptions, ObjectMeta, RetryConfig};
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::{CopyArgs, CopyError};
@@ -27,12 +27,12 @@ pub struct Source {
 }
 
 impl Source {
-    /// The object's size, from a HEAD request: what the copy asks its store to reserve.
-    pub async fn size(&self) -> Result<u64, CopyError> {
+    /// The object as a HEAD request sees it: its size (what the copy asks its store to
+    /// reserve) and the version (ETag, S3 versionId) a parallel download pins its parts to.
+    pub async fn head(&self) -> Result<ObjectMeta, CopyError> {
         self.store
             .head(&self.path)
             .await
-            .map(|meta| meta.size)
             .map_err(|e| CopyError::from_source(&self.display, e))
     }
 }

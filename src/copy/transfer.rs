@@ -144,29 +144,55 @@ async fn read_all(
     }
 }
 
-/// Writes every chunk, then fsyncs. A second handle flushes in the background every
-/// [`WRITEBACK_STEP`] (at most one flush pending), so dirty pages do not pile up for the end.
+/// Writes every chunk, then fsyncs.
 fn write_all(mut file: std::fs::File, mut chunks: mpsc::Receiver<Bytes>) -> std::io::Result<()> {
-    let flusher = file.try_clone()?;
-    let (flush, flushes) = std::sync::mpsc::sync_channel::<()>(1);
-    let background = std::thread::spawn(move || {
-        while flushes.recv().is_ok() {
-            // Best effort: the final fsync below is the one that counts.
-            let _ = flusher.sync_data();
-        }
-    });
-    let mut unflushed = 0;
+    let mut writeback = Writeback::start(&file)?;
     while let Some(bytes) = chunks.blocking_recv() {
         file.write_all(&bytes)?;
-        unflushed += bytes.len() as u64;
-        if unflushed >= WRITEBACK_STEP {
-            let _ = flush.try_send(());
-            unflushed = 0;
+        writeback.wrote(bytes.len() as u64);
+    }
+    writeback.finish();
+    file.sync_all()
+}
+
+/// Asks the kernel to flush a file every [`WRITEBACK_STEP`] written, on a second handle in the
+/// background (at most one flush pending), so dirty pages do not pile up for the final fsync.
+pub struct Writeback {
+    flush: std::sync::mpsc::SyncSender<()>,
+    background: std::thread::JoinHandle<()>,
+    unflushed: u64,
+}
+
+impl Writeback {
+    pub fn start(file: &std::fs::File) -> std::io::Result<Self> {
+        let flusher = file.try_clone()?;
+        let (flush, flushes) = std::sync::mpsc::sync_channel::<()>(1);
+        let background = std::thread::spawn(move || {
+            while flushes.recv().is_ok() {
+                // Best effort: the final fsync of the writer is the one that counts.
+                let _ = flusher.sync_data();
+            }
+        });
+        Ok(Self {
+            flush,
+            background,
+            unflushed: 0,
+        })
+    }
+
+    pub fn wrote(&mut self, bytes: u64) {
+        self.unflushed += bytes;
+        if self.unflushed >= WRITEBACK_STEP {
+            let _ = self.flush.try_send(());
+            self.unflushed = 0;
         }
     }
-    drop(flush);
-    let _ = background.join();
-    file.sync_all()
+
+    /// Waits for a pending flush to end.
+    pub fn finish(self) {
+        drop(self.flush);
+        let _ = self.background.join();
+    }
 }
 
 fn hash_all(mut chunks: mpsc::Receiver<Bytes>) -> [u8; 32] {
@@ -177,7 +203,7 @@ fn hash_all(mut chunks: mpsc::Receiver<Bytes>) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes.iter().fold(String::with_capacity(64), |mut s, b| {
         let _ = write!(s, "{b:02x}");

@@ -177,6 +177,8 @@ pub mod executor;
 pub mod http_server;
 pub mod jobs;
 pub mod operator;
+pub mod ranged_server;
 pub mod rig;
 pub mod s3_server;
+pub mod throttle;
 pub mod tools;

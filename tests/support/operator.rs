@@ -27,6 +27,7 @@ pub fn config(namespace: &str, store: &str) -> Config {
         jobs: JobSettings {
             image: "templatecache:test".to_owned(),
             service_account: None,
+            copy: Default::default(),
         },
         retry: RetryPolicy {
             max_attempts: 3,

@@ -1,0 +1,293 @@
+//! The data mover's parallel ranged download, run as the copy Job runs it (`run_copy`, without a
+//! cache to report to) against real servers on loopback: the ranged HTTP server of
+//! `tests/support` and versitygw. No control plane needed. Parts are 256 KiB here so that small
+//! objects span many parts.
+
+mod support;
+
+use std::path::PathBuf;
+
+use support::ranged_server::{RangedServer, Seen};
+use support::rig::{random_bytes, sha256};
+use support::throttle::ThrottleProxy;
+use templatecache::copy::{CopyArgs, CopyError, run_copy};
+
+const PART: u64 = 256 << 10;
+
+fn args(dest: PathBuf, url: &str, streams: u16) -> CopyArgs {
+    CopyArgs {
+        cache: None,
+        attempt: 1,
+        dest,
+        http_url: Some(url.to_owned()),
+        s3_bucket: None,
+        s3_key: None,
+        s3_endpoint: None,
+        s3_region: None,
+        s3_virtual_host: false,
+        checksum: None,
+        streams,
+        part_size: PART,
+    }
+}
+
+/// The folder holds exactly `names`: no partial file left behind.
+fn assert_only(dir: &tempfile::TempDir, names: &[&str]) {
+    let mut found: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    assert_eq!(found, names);
+}
+
+fn ranged(gets: &[Seen]) -> Vec<(u64, u64)> {
+    gets.iter().filter_map(|g| g.range).collect()
+}
+
+#[tokio::test]
+async fn eight_streams_copy_a_large_object_byte_for_byte_each_part_pinned_to_its_etag() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(8 << 20 | 12345); // 33 parts, the last one short
+    server.put("disk.img", bytes.clone());
+    // A link slower than the hash (4 MiB/s per connection), so the mover opens its streams.
+    let proxy = ThrottleProxy::start(server.addr, 4 << 20).await;
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+
+    let url = format!("http://{}/files/disk.img", proxy.addr);
+    let mut request = args(dest.clone(), &url, 8);
+    request.checksum = Some(sha256(&bytes));
+    let done = run_copy(request).await.expect("copy");
+
+    assert_eq!(done.checksum, sha256(&bytes));
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let gets = server.gets();
+    let mut parts = ranged(&gets);
+    parts.sort();
+    let expected: Vec<(u64, u64)> = (0..bytes.len() as u64)
+        .step_by(PART as usize)
+        .map(|start| (start, (start + PART).min(bytes.len() as u64) - 1))
+        .collect();
+    assert_eq!(parts, expected, "each part asked for once, nothing else");
+    assert!(
+        proxy.connections() >= 8,
+        "{} connections",
+        proxy.connections()
+    );
+    assert!(
+        gets.iter().all(|g| g.if_match.is_some()),
+        "every part is conditional on the ETag: {gets:?}"
+    );
+    assert_only(&dir, &["disk"]);
+}
+
+#[tokio::test]
+async fn an_object_under_four_parts_is_read_as_one_stream() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(3 * PART as usize);
+    server.put("small.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("small");
+
+    run_copy(args(dest.clone(), &server.url("files", "small.img"), 8))
+        .await
+        .expect("copy");
+
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let gets = server.gets();
+    assert_eq!(gets.len(), 1, "one plain GET: {gets:?}");
+    assert_eq!(gets[0].range, None);
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_range_gets_one_stream_after_one_probe() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(2 << 20);
+    server.put("disk.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+
+    run_copy(args(dest.clone(), &server.url("no-range", "disk.img"), 8))
+        .await
+        .expect("copy");
+
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let gets = server.gets();
+    let statuses: Vec<u16> = gets.iter().map(|g| g.status).collect();
+    // The probe asked for the first part and got the whole object (200); then one plain GET.
+    assert_eq!(statuses, [200, 200], "{gets:?}");
+    assert_only(&dir, &["disk"]);
+}
+
+#[tokio::test]
+async fn a_source_without_an_etag_is_read_as_one_stream() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(2 << 20);
+    server.put("disk.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+
+    run_copy(args(dest.clone(), &server.url("no-etag", "disk.img"), 8))
+        .await
+        .expect("copy");
+
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let gets = server.gets();
+    assert_eq!(
+        gets.len(),
+        1,
+        "nothing to pin parts to, so one GET: {gets:?}"
+    );
+    assert_eq!(gets[0].range, None);
+}
+
+#[tokio::test]
+async fn a_source_replaced_mid_copy_fails_the_attempt_and_leaves_nothing() {
+    let server = RangedServer::start().await;
+    let old = random_bytes(4 << 20);
+    let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
+    server.put("disk.img", old);
+    server.put_next_version("disk.img", new);
+    let dir = tempfile::tempdir().expect("dest");
+
+    let error = run_copy(args(
+        dir.path().join("disk"),
+        &server.url("changing", "disk.img"),
+        8,
+    ))
+    .await
+    .expect_err("a spliced file");
+
+    println!("{error}");
+    assert!(
+        matches!(error, CopyError::ChangedMidCopy { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("changed during the copy"), "{message}");
+    assert!(message.contains("412 Precondition Failed"), "{message}");
+    assert!(
+        server.gets().iter().any(|g| g.status == 412),
+        "the server refused a part"
+    );
+    assert_only(&dir, &[]);
+}
+
+#[tokio::test]
+async fn a_part_that_breaks_is_fetched_again_alone_from_where_it_broke() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(2 << 20); // 8 parts, each cut halfway once
+    server.put("disk.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+
+    run_copy(args(dest.clone(), &server.url("breaking", "disk.img"), 4))
+        .await
+        .expect("copy");
+
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let starts: Vec<u64> = ranged(&server.gets()).iter().map(|r| r.0).collect();
+    let part_starts = starts.iter().filter(|s| *s % PART == 0).count();
+    assert_eq!(
+        part_starts, 8,
+        "no part fetched again from its start: {starts:?}"
+    );
+    assert!(
+        starts.iter().filter(|s| *s % PART == PART / 2).count() == 8,
+        "each broken part resumed mid-part: {starts:?}"
+    );
+    assert_only(&dir, &["disk"]);
+}
+
+mod s3 {
+    //! The same against versitygw, through the throttling proxy of `tests/support` (which also
+    //! counts the connections the mover opened). The mover runs as the copy Job runs it: as the
+    //! `templatecache copy` process, credentials in its environment.
+
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use super::ThrottleProxy;
+    use super::support::rig::{random_bytes, sha256};
+    use super::support::s3_server::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
+    use super::{PART, assert_only};
+
+    fn endpoint_addr(s3: &S3Server) -> SocketAddr {
+        s3.endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .expect("endpoint address")
+    }
+
+    fn copy(proxy: &ThrottleProxy, key: &str, dest: &std::path::Path) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"));
+        command
+            .args(["copy", "--attempt", "1", "--streams", "8"])
+            .arg(format!("--part-size={PART}"))
+            .arg("--dest")
+            .arg(dest)
+            .args(["--s3-bucket", BUCKET, "--s3-key", key, "--s3-endpoint"])
+            .arg(format!("http://{}", proxy.addr))
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .kill_on_drop(true);
+        command
+    }
+
+    #[tokio::test]
+    async fn an_s3_object_is_copied_over_eight_connections() {
+        let s3 = S3Server::start().await;
+        let bytes = random_bytes(8 << 20); // 32 parts
+        s3.put("images/disk.img", bytes.clone()).await;
+        // Slower per connection than the hash, so the mover opens its streams.
+        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 4 << 20).await;
+        let dir = tempfile::tempdir().expect("dest");
+        let dest = dir.path().join("disk");
+
+        let out = copy(&proxy, "images/disk.img", &dest)
+            .output()
+            .await
+            .expect("run the mover");
+
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&sha256(&bytes)), "{stdout}");
+        assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+        assert!(
+            proxy.connections() >= 8,
+            "parts in parallel: {} connections",
+            proxy.connections()
+        );
+        assert_only(&dir, &["disk"]);
+    }
+
+    #[tokio::test]
+    async fn an_s3_object_overwritten_mid_copy_fails_the_attempt_and_leaves_nothing() {
+        let s3 = S3Server::start().await;
+        let old = random_bytes(8 << 20);
+        s3.put("images/disk.img", old.clone()).await;
+        // 2 MiB/s per connection: the copy takes over 2 s, the overwrite comes after 1 s.
+        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 2 << 20).await;
+        let dir = tempfile::tempdir().expect("dest");
+
+        let mover = copy(&proxy, "images/disk.img", &dir.path().join("disk"))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the mover");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
+        s3.put("images/disk.img", new).await;
+        let out = mover.wait_with_output().await.expect("mover");
+
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("{stderr}");
+        assert!(!out.status.success());
+        assert!(stderr.contains("changed during the copy"), "{stderr}");
+        assert_only(&dir, &[]);
+    }
+}
