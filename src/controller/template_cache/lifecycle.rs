@@ -66,6 +66,8 @@ pub mod reason {
     pub const EVICTED: &str = "Evicted";
     pub const EVICTION_FAILED: &str = "EvictionFailed";
     pub const SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
+    pub const STORE_NOT_ALLOWED: &str = "StoreNotAllowed";
+    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
 }
 
 /// What the reconciler saw.
@@ -250,10 +252,11 @@ fn waiting_for_room(status: &mut TemplateCacheStatus, generation: Option<i64>, a
         .storage
         .as_ref()
         .filter(|s| s.attempt == attempt && !s.admitted)
-        .and_then(|s| s.message.clone());
-    if let Some(message) = refused {
+        .and_then(|s| Some((s.message.clone()?, s.reason.clone())));
+    if let Some((message, why)) = refused {
         status.phase = Some(Phase::Pending);
-        set_ready(status, false, reason::STORE_FULL, message, generation);
+        let why = why.unwrap_or_else(|| reason::STORE_FULL.to_owned());
+        set_ready(status, false, &why, message, generation);
     }
 }
 
@@ -533,6 +536,17 @@ mod tests {
             "storage": {"attempt": 1, "admitted": false, "message": "no room"}}));
         let p = plan_for(&stale, JobState::Running, Some(&store()));
         assert_eq!(p.status.phase, Some(Phase::Copying));
+    }
+
+    #[test]
+    fn a_copy_refused_by_the_stores_tenancy_rules_carries_their_reason() {
+        let c = cache(json!({"attempt": 1, "phase": "Copying",
+            "storage": {"attempt": 1, "admitted": false, "message": "over quota",
+                        "reason": reason::QUOTA_EXCEEDED}}));
+        let p = plan_for(&c, JobState::Running, Some(&store()));
+        assert_eq!(p.status.phase, Some(Phase::Pending));
+        assert_eq!(p.status.conditions[0].reason, reason::QUOTA_EXCEEDED);
+        assert_eq!(p.status.conditions[0].message, "over quota");
     }
 
     #[test]
