@@ -114,6 +114,8 @@ fn the_chart_lints_renders_restricted_pods_and_refuses_bad_values_by_name() {
         "StagingStore",
         "FlowSchema",
         "PriorityLevelConfiguration",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ] {
         assert!(
             kinds.contains(&kind),
@@ -236,6 +238,12 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
         format!("clusterrole/{operator_account}-mover"),
         format!("clusterrolebinding/{operator_account}"),
         format!("stagingstore/{store_name}"),
+        // On by default: the copy below runs under them (its mover's token is bound to a Pod
+        // of the copy Job by the executor, as a kubelet's is).
+        format!("validatingadmissionpolicy/{operator_account}-credentials"),
+        format!("validatingadmissionpolicy/{operator_account}-mover-status"),
+        format!("validatingadmissionpolicybinding/{operator_account}-credentials"),
+        format!("validatingadmissionpolicybinding/{operator_account}-mover-status"),
     ] {
         kubectl_get(&[&object]).unwrap_or_else(|e| panic!("helm install created {object}: {e}"));
     }
@@ -266,6 +274,14 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
     assert!(
         !operator_may(&["delete", "pods", &ns_arg]),
         "operator deletes no Pod"
+    );
+    assert!(
+        operator_may(&["get", "namespaces"]) && operator_may(&["watch", "namespaces"]),
+        "operator reads namespaces' labels for StagingStore namespaceSelectors"
+    );
+    assert!(
+        !operator_may(&["patch", "namespaces"]),
+        "operator changes no namespace"
     );
     assert!(!operator_may(&[
         "delete",
