@@ -209,6 +209,8 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
         .args(["--set", "operator.retryBaseSeconds=1"])
         // The tests' control plane already has the API priority settings, applied by kubectl.
         .args(["--set", "flowControl.enabled=false"])
+        // The local executor stands in for the Job controller, as the control plane's admin.
+        .args(["--set-json", r#"copyJobs.podCreators=["admin"]"#])
         .args(["--set", "defaultStore.create=true"])
         .args(["--set", &format!("defaultStore.name={store_name}")])
         .args(["--set", "defaultStore.capacity=1Gi"])
@@ -244,6 +246,8 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
         format!("validatingadmissionpolicy/{operator_account}-mover-status"),
         format!("validatingadmissionpolicybinding/{operator_account}-credentials"),
         format!("validatingadmissionpolicybinding/{operator_account}-mover-status"),
+        format!("validatingadmissionpolicy/{operator_account}-mover-workloads"),
+        format!("validatingadmissionpolicybinding/{operator_account}-mover-workloads"),
     ] {
         kubectl_get(&[&object]).unwrap_or_else(|e| panic!("helm install created {object}: {e}"));
     }

