@@ -58,7 +58,7 @@ fn template(server: &HttpServer, name: &str) -> (Vec<u8>, Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_outside_the_namespace_selector_gives_no_room_until_the_namespace_is_admitted() {
+async fn a_store_outside_the_namespace_selector_starts_no_job_until_the_namespace_is_admitted() {
     let rig = Rig::new("tenant-sel", 3).await;
     let label = format!("{}-admitted", rig.ns.name);
     patch_store(
@@ -88,12 +88,16 @@ async fn a_store_outside_the_namespace_selector_gives_no_room_until_the_namespac
             "the refusal names {part}: {message}"
         );
     }
-    let cache: TemplateCache = rig.ns.api().get("image").await.expect("cache");
-    let storage = cache
-        .status
-        .and_then(|s| s.storage)
-        .expect("the store answered");
-    assert!(!storage.admitted, "no room is granted");
+    let jobs = rig
+        .ns
+        .api::<Job>()
+        .list(&Default::default())
+        .await
+        .expect("Jobs");
+    assert!(
+        jobs.items.is_empty(),
+        "no Job, so no Pod mounts the store for this namespace"
+    );
     assert!(
         rig.files().is_empty(),
         "nothing is written: {:?}",
