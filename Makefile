@@ -72,6 +72,6 @@ chaos: cluster-up
 ## The bad-input corpus and a chaos run, written to docs/reliability.md.
 reliability: cluster-up
 	rm -rf target/corpus
-	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test api_validation --test bad_input --test helm_chart
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test api_validation --test bad_input --test helm_chart --test hostile_tenant
 	$(MAKE) chaos
 	hack/reliability.sh

@@ -19,8 +19,8 @@ chaos=target/chaos/report.md
   echo
   echo "## Bad input"
   echo
-  echo "Every hostile or invalid input that \`tests/api_validation.rs\`, \`tests/bad_input.rs\` and \`tests/helm_chart.rs\`"
-  echo "try, and what happened. A refusal by the API server names the field; an input the API"
+  echo "Every hostile or invalid input that \`tests/api_validation.rs\`, \`tests/bad_input.rs\`, \`tests/helm_chart.rs\`"
+  echo "and \`tests/hostile_tenant.rs\` (one namespace attacking the others) try, and what happened. A refusal by the API server names the field; an input the API"
   echo "server must accept (it cannot know) is shown with what the operator did instead."
   echo "$(wc -l < "$cases") cases."
   echo

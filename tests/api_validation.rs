@@ -368,6 +368,30 @@ async fn invalid_staging_stores_are_refused_with_the_field_named() {
             vec!["spec.eviction.minUnusedSeconds"],
         ),
         (
+            "namespaceQuota is not a quantity",
+            store(
+                &name("quota"),
+                json!({"volume": host, "capacity": "1Gi", "namespaceQuota": "plenty"}),
+            ),
+            vec!["spec.namespaceQuota", "quantity"],
+        ),
+        (
+            "namespaceQuota of zero",
+            store(
+                &name("quota0"),
+                json!({"volume": host, "capacity": "1Gi", "namespaceQuota": "0"}),
+            ),
+            vec!["spec.namespaceQuota", "at least 1 byte"],
+        ),
+        (
+            "namespaceSelector that is not a label selector",
+            store(
+                &name("selector"),
+                json!({"volume": host, "capacity": "1Gi", "namespaceSelector": {"matchLabels": ["a"]}}),
+            ),
+            vec!["spec.namespaceSelector.matchLabels"],
+        ),
+        (
             "NFS path that is not absolute",
             store(
                 &name("nfs"),
@@ -393,6 +417,15 @@ async fn invalid_staging_stores_are_refused_with_the_field_named() {
             .delete(&name(&format!("big{i}")), &Default::default())
             .await;
     }
+    let tenancy = store(
+        &name("tenancy"),
+        json!({"volume": host, "capacity": "10Gi", "namespaceQuota": "2Gi",
+               "namespaceSelector": {"matchLabels": {"tier": "vms"}}}),
+    );
+    api.create(&pp, &tenancy)
+        .await
+        .expect("a store with a namespace selector and quota is accepted");
+    let _ = api.delete(&name("tenancy"), &Default::default()).await;
     let valid = store(&name("ok"), json!({"volume": host, "capacity": "10Gi"}));
     let created = api
         .create(&pp, &valid)

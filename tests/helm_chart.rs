@@ -114,6 +114,8 @@ fn the_chart_lints_renders_restricted_pods_and_refuses_bad_values_by_name() {
         "StagingStore",
         "FlowSchema",
         "PriorityLevelConfiguration",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ] {
         assert!(
             kinds.contains(&kind),
@@ -213,6 +215,8 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
         .args(["--set", "operator.retryBaseSeconds=1"])
         // The tests' control plane already has the API priority settings, applied by kubectl.
         .args(["--set", "flowControl.enabled=false"])
+        // The local executor stands in for the Job controller, as the control plane's admin.
+        .args(["--set-json", r#"copyJobs.podCreators=["admin"]"#])
         .args(["--set", "defaultStore.create=true"])
         .args(["--set", &format!("defaultStore.name={store_name}")])
         .args(["--set", "defaultStore.capacity=1Gi"])
@@ -242,6 +246,14 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
         format!("clusterrole/{operator_account}-mover"),
         format!("clusterrolebinding/{operator_account}"),
         format!("stagingstore/{store_name}"),
+        // On by default: the copy below runs under them (its mover's token is bound to a Pod
+        // of the copy Job by the executor, as a kubelet's is).
+        format!("validatingadmissionpolicy/{operator_account}-credentials"),
+        format!("validatingadmissionpolicy/{operator_account}-mover-status"),
+        format!("validatingadmissionpolicybinding/{operator_account}-credentials"),
+        format!("validatingadmissionpolicybinding/{operator_account}-mover-status"),
+        format!("validatingadmissionpolicy/{operator_account}-mover-workloads"),
+        format!("validatingadmissionpolicybinding/{operator_account}-mover-workloads"),
     ] {
         kubectl_get(&[&object]).unwrap_or_else(|e| panic!("helm install created {object}: {e}"));
     }
@@ -272,6 +284,14 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
     assert!(
         !operator_may(&["delete", "pods", &ns_arg]),
         "operator deletes no Pod"
+    );
+    assert!(
+        operator_may(&["get", "namespaces"]) && operator_may(&["watch", "namespaces"]),
+        "operator reads namespaces' labels for StagingStore namespaceSelectors"
+    );
+    assert!(
+        !operator_may(&["patch", "namespaces"]),
+        "operator changes no namespace"
     );
     assert!(!operator_may(&[
         "delete",

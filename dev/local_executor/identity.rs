@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::config::{AuthInfo, Context, Kubeconfig, NamedAuthInfo, NamedContext};
 use kube::{Api, Client};
@@ -17,6 +17,9 @@ pub struct AccountKubeconfig {
 impl AccountKubeconfig {
     /// Issues a token through `client` and writes it with the server of `own` (the caller's
     /// kubeconfig) to a file named after `unique`.
+    // The executor binds its tokens to Pods (`issue_for`); tests/helm_chart.rs issues this
+    // one for the operator's own account.
+    #[allow(dead_code)]
     pub async fn issue(
         client: &Client,
         own: Kubeconfig,
@@ -24,7 +27,21 @@ impl AccountKubeconfig {
         account: &str,
         unique: &str,
     ) -> Result<Self, String> {
-        let token = token_for(client, namespace, account).await?;
+        Self::issue_for(client, own, namespace, account, None, unique).await
+    }
+
+    /// As [`Self::issue`], with a token bound to `pod` (name, uid) as the kubelet's are: the API
+    /// server then puts the Pod's name in the requests' user info, which the chart's
+    /// admission policy on cache status checks.
+    pub async fn issue_for(
+        client: &Client,
+        own: Kubeconfig,
+        namespace: &str,
+        account: &str,
+        pod: Option<(&str, &str)>,
+        unique: &str,
+    ) -> Result<Self, String> {
+        let token = token_for(client, namespace, account, pod).await?;
         let user = format!("system:serviceaccount:{namespace}:{account}");
         let config = with_token(own, &user, token)?;
         let path = std::env::temp_dir().join(format!("templatecache-{unique}.kubeconfig"));
@@ -44,11 +61,23 @@ impl Drop for AccountKubeconfig {
     }
 }
 
-async fn token_for(client: &Client, namespace: &str, account: &str) -> Result<String, String> {
+async fn token_for(
+    client: &Client,
+    namespace: &str,
+    account: &str,
+    pod: Option<(&str, &str)>,
+) -> Result<String, String> {
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let bound_object_ref = pod.map(|(name, uid)| BoundObjectReference {
+        api_version: Some("v1".to_owned()),
+        kind: Some("Pod".to_owned()),
+        name: Some(name.to_owned()),
+        uid: Some(uid.to_owned()),
+    });
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             expiration_seconds: Some(3600),
+            bound_object_ref,
             ..Default::default()
         }),
         ..Default::default()

@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, Secret};
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, PodSpec, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use tokio::process::Command;
@@ -155,7 +156,7 @@ async fn run_job(
     let container = pod.containers.first().ok_or("the Job has no container")?;
     let namespace = job.namespace().unwrap_or_default();
     let mut command = Command::new(&args.templatecache);
-    command.args(container_args(pod, container));
+    command.args(container_args(pod, container)?);
     for var in [
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
@@ -172,8 +173,11 @@ async fn run_job(
         let uid = job.uid().unwrap_or_default();
         let own = kube::config::Kubeconfig::read()
             .map_err(|e| format!("reading the executor's kubeconfig: {e}"))?;
+        let (pod_name, pod_uid) = create_pod(client, job).await?;
+        let bound = Some((pod_name.as_str(), pod_uid.as_str()));
         let identity =
-            identity::AccountKubeconfig::issue(client, own, &namespace, account, &uid).await?;
+            identity::AccountKubeconfig::issue_for(client, own, &namespace, account, bound, &uid)
+                .await?;
         command.env("KUBECONFIG", identity.path());
         Some(identity)
     } else {
@@ -197,15 +201,48 @@ async fn run_job(
     }
 }
 
-/// The container's arguments with every path under a volume mount moved to its hostPath.
-fn container_args(pod: &PodSpec, container: &Container) -> Vec<String> {
+/// The Pod the Job controller would make for `job` (named `<job>-<5 random>`, owned by the
+/// Job, from its template), so the process can run with a token bound to it as under a kubelet.
+/// It never runs (there is no kubelet); it goes with its Job. Returns its name and uid.
+async fn create_pod(client: &Client, job: &Job) -> Result<(String, String), String> {
+    let template = job
+        .spec
+        .as_ref()
+        .map(|s| s.template.clone())
+        .unwrap_or_default();
+    let mut metadata = template.metadata.unwrap_or_default();
+    metadata.generate_name = Some(format!("{}-", job.name_any()));
+    metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "batch/v1".to_owned(),
+        kind: "Job".to_owned(),
+        name: job.name_any(),
+        uid: job.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }]);
+    let pod = Pod {
+        metadata,
+        spec: template.spec,
+        status: None,
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
+    let created = pods
+        .create(&Default::default(), &pod)
+        .await
+        .map_err(|e| format!("creating the Pod of Job {}: {e}", job.name_any()))?;
+    Ok((created.name_any(), created.uid().unwrap_or_default()))
+}
+
+/// The container's arguments with every path under a volume mount moved to its hostPath (the
+/// mount's `subPath` under it, created if missing, as the kubelet does).
+fn container_args(pod: &PodSpec, container: &Container) -> Result<Vec<String>, String> {
     let mut mappings = vec![];
     for mount in container.volume_mounts.iter().flatten() {
         let host = (pod.volumes.iter().flatten())
             .find(|v| v.name == mount.name)
             .and_then(|v| v.host_path.as_ref());
         if let Some(host) = host {
-            mappings.push((mount.mount_path.clone(), host.path.clone()));
+            mappings.push((mount.mount_path.clone(), mounted_dir(&host.path, mount)?));
         }
     }
     let map_value = |value: &str| {
@@ -218,7 +255,7 @@ fn container_args(pod: &PodSpec, container: &Container) -> Vec<String> {
         }
         value.to_owned()
     };
-    container
+    Ok(container
         .args
         .iter()
         .flatten()
@@ -226,7 +263,27 @@ fn container_args(pod: &PodSpec, container: &Container) -> Vec<String> {
             Some((flag, value)) => format!("{flag}={}", map_value(value)),
             None => map_value(arg),
         })
-        .collect()
+        .collect())
+}
+
+/// The host folder a mount shows: the volume's path, or its `subPath` under it. A subPath that
+/// climbs out (`..`, absolute) is refused, as the kubelet refuses it.
+fn mounted_dir(
+    host: &str,
+    mount: &k8s_openapi::api::core::v1::VolumeMount,
+) -> Result<String, String> {
+    let Some(sub) = mount.sub_path.as_deref().filter(|s| !s.is_empty()) else {
+        return Ok(host.to_owned());
+    };
+    let path = std::path::Path::new(sub);
+    if path.is_absolute() || path.components().any(|c| c.as_os_str() == "..") {
+        return Err(format!(
+            "subPath {sub} must be a relative path inside the volume"
+        ));
+    }
+    let dir = format!("{host}/{sub}");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating the subPath {dir}: {e}"))?;
+    Ok(dir)
 }
 
 /// Plain values and optional `secretKeyRef`s, read from the Secrets as the kubelet would.

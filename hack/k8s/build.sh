@@ -7,7 +7,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 version=$(awk '$1=="k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit}' "$here/go.mod")
 bin="$root/.cache/k8s/$version/bin"
-stamp="$bin/.built-$(sha256sum "$here/go.mod" "$here/go.sum" | sha256sum | cut -c1-16)"
+# The contents only: a hash of the paths would make every git worktree think the binaries are
+# stale and relink them under the others.
+stamp="$bin/.built-$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -c1-16)"
 [ -f "$stamp" ] && { echo "$bin"; exit 0; }
 
 mkdir -p "$bin"

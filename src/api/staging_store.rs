@@ -1,6 +1,6 @@
 //! `StagingStore`: the shared volume that holds caches (CloudStack's NFS secondary staging store).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,17 @@ pub struct StagingStoreSpec {
     /// When to evict unreferenced caches.
     #[serde(default)]
     pub eviction: EvictionPolicy,
+    /// Namespaces whose caches may use the store, by their labels; every namespace when absent
+    /// (as with StorageClasses). A cache elsewhere is refused room, so nothing is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Bytes one namespace may hold in the store (finished copies and reserved room), as a
+    /// quantity such as `50Gi`; no limit when absent. A copy past it is refused room.
+    // The same bounds as `capacity`, for the same reasons.
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('1')) >= 0 && quantity(self).isLessThan(quantity('8Ei'))").message("spec.namespaceQuota must be a quantity of at least 1 byte and under 8Ei, such as 50Gi"))]
+    #[schemars(length(min = 1, max = 64))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_quota: Option<String>,
 }
 
 impl StagingStoreSpec {

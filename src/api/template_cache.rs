@@ -219,6 +219,10 @@ pub struct StorageAdmission {
     /// Why the room cannot be granted yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The refusal's reason (`StoreFull`, `StoreNotAllowed`, `QuotaExceeded`), which becomes
+    /// the reason of the cache's Ready condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Observed state of a TemplateCache.

@@ -5,6 +5,10 @@
 //! Job: there is no way to have two copy Jobs for one attempt. Jobs are owned by their cache, run
 //! once (`backoffLimit: 0`, retries are new attempts decided by the controller), and meet the
 //! `restricted` Pod Security Standard.
+//!
+//! A Job mounts only its namespace's folder of the store (`subPath: <namespace>`), so a mover
+//! that is misled (a planted link, a hostile source) can reach no other tenant's data: the
+//! `--dest` it is given is a path inside that folder.
 
 use k8s_openapi::api::batch::v1::Job;
 use kube::Resource;
@@ -111,7 +115,7 @@ pub fn copy_job(
         "copy".to_owned(),
         format!("--cache={}", cache_key(cache)),
         format!("--attempt={attempt}"),
-        format!("--dest={STORE_MOUNT}/{}", cache_key(cache)),
+        format!("--dest={}", dest_in_mount(cache)),
         format!("--streams={}", settings.copy.streams),
         format!("--part-size={}", settings.copy.part_size),
     ];
@@ -132,7 +136,7 @@ pub fn remove_job(
 ) -> Result<Job, serde_json::Error> {
     let args = vec![
         "remove".to_owned(),
-        format!("--dest={STORE_MOUNT}/{}", cache_key(cache)),
+        format!("--dest={}", dest_in_mount(cache)),
     ];
     build_job(
         cache,
@@ -143,6 +147,13 @@ pub fn remove_job(
         vec![],
         settings,
     )
+}
+
+/// Where the cache's copy lives as the Job sees the store: the mount is already its namespace's
+/// folder, so the path is the cache name under it (`data_path` inside the whole store).
+fn dest_in_mount(cache: &TemplateCache) -> String {
+    let name = cache.metadata.name.as_deref().unwrap_or_default();
+    format!("{STORE_MOUNT}/{name}")
 }
 
 fn cache_key(cache: &TemplateCache) -> String {
@@ -238,12 +249,15 @@ fn build_job(
     settings: &JobSettings,
 ) -> Result<Job, serde_json::Error> {
     let name = cache.metadata.name.as_deref().unwrap_or_default();
-    let labels = json!({
+    let pod_labels = json!({
         MANAGED_BY_LABEL: MANAGED_BY,
-        JOB_CACHE_LABEL: name,
         JOB_ATTEMPT_LABEL: attempt.to_string(),
         JOB_OPERATION_LABEL: operation.as_str(),
     });
+    // The cache label only on the Job: it is also the label a consumer Pod carries, so on the
+    // Job's own Pods it would make the copy (or remove) Pod a reference to its cache.
+    let mut labels = pod_labels.clone();
+    labels[JOB_CACHE_LABEL] = json!(name);
     let owner = cache.controller_owner_ref(&());
     serde_json::from_value(json!({
         "apiVersion": "batch/v1",
@@ -257,7 +271,7 @@ fn build_job(
         "spec": {
             "backoffLimit": 0,
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": pod_labels},
                 "spec": {
                     "restartPolicy": "Never",
                     "serviceAccountName": settings.service_account,
@@ -274,7 +288,11 @@ fn build_job(
                         "image": settings.image,
                         "args": args,
                         "env": env,
-                        "volumeMounts": [{"name": "store", "mountPath": STORE_MOUNT}],
+                        "volumeMounts": [{
+                            "name": "store",
+                            "mountPath": STORE_MOUNT,
+                            "subPath": cache.metadata.namespace,
+                        }],
                         "securityContext": {
                             "allowPrivilegeEscalation": false,
                             "readOnlyRootFilesystem": true,
@@ -290,4 +308,60 @@ fn build_job(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::TemplateCacheSpec;
+    use kube::ResourceExt;
+
+    fn job(operation: Operation) -> Job {
+        let spec: TemplateCacheSpec =
+            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
+                .expect("spec");
+        let mut cache = TemplateCache::new("img", spec);
+        cache.metadata.namespace = Some("team-a".into());
+        let store: StagingStore = serde_json::from_value(json!({
+            "metadata": {"name": "s"},
+            "spec": {"volume": {"hostPath": {"path": "/srv"}}, "capacity": "1Gi"}
+        }))
+        .expect("store");
+        let settings = JobSettings {
+            image: "i".into(),
+            service_account: None,
+            copy: Default::default(),
+        };
+        match operation {
+            Operation::Copy => copy_job(&cache, &store, 1, &settings),
+            Operation::Remove => remove_job(&cache, &store, 1, &settings),
+        }
+        .expect("job")
+    }
+
+    #[test]
+    fn jobs_mount_only_their_namespaces_folder_and_write_inside_it() {
+        for operation in [Operation::Copy, Operation::Remove] {
+            let job = job(operation);
+            let pod = job.spec.expect("spec").template.spec.expect("pod");
+            let container = &pod.containers[0];
+            let mount = &container.volume_mounts.as_ref().expect("mounts")[0];
+            assert_eq!(mount.sub_path.as_deref(), Some("team-a"));
+            let args = container.args.as_ref().expect("args");
+            assert!(args.contains(&"--dest=/store/img".to_owned()), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn a_jobs_pods_do_not_carry_the_consumer_label() {
+        let job = job(Operation::Copy);
+        assert!(job.labels().contains_key(JOB_CACHE_LABEL));
+        let template = job.spec.expect("spec").template.metadata.expect("metadata");
+        assert!(
+            !template
+                .labels
+                .expect("labels")
+                .contains_key(JOB_CACHE_LABEL)
+        );
+    }
 }

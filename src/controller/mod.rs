@@ -51,6 +51,8 @@ pub enum Error {
     CleanupFailed(String, String),
     #[error("StagingStore {0}: capacity {1} is not a whole number of bytes")]
     InvalidCapacity(String, String),
+    #[error("StagingStore {0}: namespaceQuota {1} is not a whole number of bytes")]
+    InvalidQuota(String, String),
 }
 
 /// Settings of `templatecache run`.

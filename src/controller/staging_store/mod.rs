@@ -9,11 +9,14 @@
 //! is `Evicted`, nothing treats the cache as Ready; its data is removed after that, by the
 //! TemplateCache controller's remove Job.
 
+pub mod tenancy;
 pub mod usage;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -25,7 +28,9 @@ use tracing::{info, warn};
 use super::conditions::{READY, condition, set_condition};
 use super::template_cache::lifecycle::reason;
 use super::{Context, Error, drop_managed_fields, references};
-use crate::api::{Phase, StagingStore, StorageAdmission, TemplateCache};
+use crate::api::{Phase, StagingStore, StorageAdmission, TemplateCache, quantity_bytes};
+use tenancy::Tenancy;
+use usage::Refusal;
 
 /// How often a store is looked at even when nothing changes.
 const RESYNC: Duration = Duration::from_secs(300);
@@ -79,10 +84,12 @@ pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Ac
         // An operator limited to one namespace leaves stores it has no caches in to others.
         return Ok(Action::await_change());
     }
+    let tenancy = tenancy_of(&store, &caches, &ctx).await?;
     let decision = usage::decide(
         &name,
         capacity,
         &store.spec.eviction,
+        &tenancy,
         &caches,
         Timestamp::now(),
     );
@@ -93,16 +100,69 @@ pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Ac
     for (index, bytes) in &decision.admit {
         grant(&caches[*index], *bytes, None, &ctx).await?;
     }
-    for (index, bytes, message) in &decision.refuse {
-        grant(&caches[*index], *bytes, Some(message), &ctx).await?;
+    for refusal in &decision.refuse {
+        grant(&caches[refusal.index], refusal.bytes, Some(refusal), &ctx).await?;
     }
     record_usage(&store, &decision, &ctx).await?;
     let requeue = if contended {
         Some(Duration::from_secs(1))
+    } else if refused_by_tenancy(&decision) {
+        // A namespace's labels, or the room its other caches take, change without any change
+        // to the caches of this store; look again soon rather than at the next resync.
+        Some(TENANCY_RECHECK.min(decision.recheck_after.unwrap_or(RESYNC)))
     } else {
         decision.recheck_after
     };
     Ok(Action::requeue(requeue.unwrap_or(RESYNC).min(RESYNC)))
+}
+
+/// How soon a store looks again at copies it refused on tenancy grounds.
+const TENANCY_RECHECK: Duration = Duration::from_secs(30);
+
+fn refused_by_tenancy(decision: &usage::Decision) -> bool {
+    decision
+        .refuse
+        .iter()
+        .any(|r| r.reason != reason::STORE_FULL)
+}
+
+/// The store's tenancy rules, with the namespaces of the copies asking for room judged against
+/// its selector on their labels as the API server has them now (a get each, not a watch: only
+/// namespaces with a copy waiting are read, and a stale label must not grant room).
+async fn tenancy_of(
+    store: &StagingStore,
+    caches: &[TemplateCache],
+    ctx: &Context,
+) -> Result<Tenancy, Error> {
+    let name = store.name_any();
+    let quota = match &store.spec.namespace_quota {
+        Some(q) => Some(quantity_bytes(q).ok_or_else(|| Error::InvalidQuota(name, q.clone()))?),
+        None => None,
+    };
+    let selector = store.spec.namespace_selector.as_ref();
+    let mut outside = BTreeSet::new();
+    if selector.is_some() {
+        let asking: BTreeSet<String> = usage::requests(caches)
+            .filter_map(|(index, _)| caches[index].namespace())
+            .collect();
+        let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+        for namespace in asking {
+            // A namespace that is gone has no labels: it is outside any selector.
+            let labels = namespaces
+                .get_opt(&namespace)
+                .await?
+                .and_then(|n| n.metadata.labels)
+                .unwrap_or_default();
+            if !tenancy::selects(selector, &labels) {
+                outside.insert(namespace);
+            }
+        }
+    }
+    Ok(Tenancy {
+        outside,
+        selector: tenancy::describe(selector),
+        quota,
+    })
 }
 
 /// Marks an unreferenced Ready cache `Evicted`, only if no claim or Pod names it (by a live
@@ -147,7 +207,7 @@ async fn evict(cache: &TemplateCache, store: &str, ctx: &Context) -> Result<bool
 async fn grant(
     cache: &TemplateCache,
     bytes: u64,
-    refusal: Option<&String>,
+    refusal: Option<&Refusal>,
     ctx: &Context,
 ) -> Result<(), Error> {
     let status = cache.status.as_ref();
@@ -155,19 +215,20 @@ async fn grant(
         attempt: status.and_then(|s| s.attempt).unwrap_or(0),
         admitted: refusal.is_none(),
         bytes: Some(bytes),
-        message: refusal.cloned(),
+        message: refusal.map(|r| r.message.clone()),
+        reason: refusal.map(|r| r.reason.to_owned()),
     };
     if status.and_then(|s| s.storage.as_ref()) == Some(&answer) {
         return Ok(());
     }
-    if let Some(message) = refusal {
-        warn!(cache = %cache.name_any(), "{message}");
+    if let Some(refusal) = refusal {
+        warn!(cache = %cache.name_any(), reason = refusal.reason, "{}", refusal.message);
         ctx.events
             .publish(
                 cache,
                 EventType::Warning,
-                reason::STORE_FULL,
-                message,
+                refusal.reason,
+                &refusal.message,
                 "Admit",
             )
             .await;

@@ -4,14 +4,21 @@
 //!
 //! Bytes are counted from the caches' status, never from the volume: a Ready, Evicted (data not
 //! yet removed) or Deleting cache counts its `size`; a copy counts the room reserved for it.
+//!
+//! A copy is first judged by the store's tenancy rules (its namespace must be selected and stay
+//! within its quota), then by the room left: a copy refused on tenancy grounds reserves nothing
+//! and evicts nothing, so one namespace cannot push another's caches out.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
+use super::tenancy::Tenancy;
 use crate::api::references::count_references;
 use crate::api::{EvictionPolicy, Phase, TemplateCache};
+use crate::controller::template_cache::lifecycle::reason;
 
 /// What the store controller should do now.
 #[derive(Debug, Default, PartialEq)]
@@ -24,23 +31,35 @@ pub struct Decision {
     pub evict: Vec<usize>,
     /// Indices of copies granted room, with the bytes reserved.
     pub admit: Vec<(usize, u64)>,
-    /// Indices of copies refused room for now, with the bytes asked and the reason.
-    pub refuse: Vec<(usize, u64, String)>,
+    /// Copies refused room for now.
+    pub refuse: Vec<Refusal>,
     /// When to look again even if nothing changes (an unreferenced cache reaching
     /// `minUnusedSeconds` while the store is over its high watermark or a copy waits).
     pub recheck_after: Option<Duration>,
 }
 
-/// Decides for one store of `capacity` bytes holding `caches`.
+/// A copy refused room: which (index into the caches given), the bytes it asked for, the
+/// Ready reason and a message that says what to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub index: usize,
+    pub bytes: u64,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Decides for one store of `capacity` bytes holding `caches`, under its `tenancy` rules.
 pub fn decide(
     store: &str,
     capacity: u64,
     policy: &EvictionPolicy,
+    tenancy: &Tenancy,
     caches: &[TemplateCache],
     now: Timestamp,
 ) -> Decision {
     let occupied: Vec<u64> = caches.iter().map(occupied_bytes).collect();
     let mut used: u64 = occupied.iter().sum();
+    let mut held = held_per_namespace(caches, &occupied);
     let mut decision = Decision {
         used_bytes: used,
         caches: u32::try_from(occupied.iter().filter(|b| **b > 0).count()).unwrap_or(u32::MAX),
@@ -51,8 +70,21 @@ pub fn decide(
     let mut evicting = false;
 
     for (index, bytes) in requests(caches) {
+        let namespace = caches[index].namespace().unwrap_or_default();
+        let held_here = held.get(&namespace).copied().unwrap_or(0);
+        if let Some(refusal) = tenancy.judge(store, &namespace, bytes, held_here) {
+            let (reason, message) = (refusal.reason, refusal.message);
+            decision.refuse.push(Refusal {
+                index,
+                bytes,
+                reason,
+                message,
+            });
+            continue;
+        }
         if used.saturating_add(bytes) <= capacity {
             used += bytes;
+            *held.entry(namespace).or_default() += bytes;
             decision.admit.push((index, bytes));
             continue;
         }
@@ -64,7 +96,12 @@ pub fn decide(
                  when room is freed",
                 policy.min_unused_seconds
             );
-            decision.refuse.push((index, bytes, message));
+            decision.refuse.push(Refusal {
+                index,
+                bytes,
+                reason: reason::STORE_FULL,
+                message,
+            });
             continue;
         }
         // Room comes once the evicted data is removed; admit on a later pass, not now.
@@ -93,6 +130,17 @@ pub fn decide(
     decision
 }
 
+/// Bytes each namespace holds or has reserved in the store: what its quota is counted against.
+fn held_per_namespace(caches: &[TemplateCache], occupied: &[u64]) -> BTreeMap<String, u64> {
+    let mut held = BTreeMap::new();
+    for (cache, bytes) in caches.iter().zip(occupied) {
+        *held
+            .entry(cache.namespace().unwrap_or_default())
+            .or_default() += bytes;
+    }
+    held
+}
+
 /// Bytes a cache holds (its finished copy) or has reserved (its admitted copy).
 pub fn occupied_bytes(cache: &TemplateCache) -> u64 {
     let Some(status) = &cache.status else {
@@ -111,7 +159,7 @@ pub fn occupied_bytes(cache: &TemplateCache) -> u64 {
 }
 
 /// Copies asking for room: the current attempt's mover reported the size and waits.
-fn requests(caches: &[TemplateCache]) -> impl Iterator<Item = (usize, u64)> + '_ {
+pub fn requests(caches: &[TemplateCache]) -> impl Iterator<Item = (usize, u64)> + '_ {
     caches.iter().enumerate().filter_map(|(index, cache)| {
         let status = cache.status.as_ref()?;
         let attempt = status.attempt?;
@@ -252,7 +300,14 @@ mod tests {
             ready("oldest", 0, 100),
             ready("middle", 0, 200),
         ];
-        let d = decide("s", 4 * MIB, &policy(80, 50), &caches, now());
+        let d = decide(
+            "s",
+            4 * MIB,
+            &policy(80, 50),
+            &Tenancy::default(),
+            &caches,
+            now(),
+        );
         assert_eq!(d.used_bytes, 4 * MIB);
         // 4 → 3 → 2 MiB (50 %, not under it) → 1 MiB: the held cache is never chosen.
         assert_eq!(d.evict, vec![2, 3, 0]);
@@ -261,16 +316,35 @@ mod tests {
     #[test]
     fn a_referenced_cache_is_never_evicted_whatever_the_pressure() {
         let caches = [ready("a", 1, 0), ready("b", 2, 0), copying("c", 10 * MIB)];
-        let d = decide("s", 2 * MIB, &policy(50, 10), &caches, now());
+        let d = decide(
+            "s",
+            2 * MIB,
+            &policy(50, 10),
+            &Tenancy::default(),
+            &caches,
+            now(),
+        );
         assert!(d.evict.is_empty());
         assert_eq!(d.refuse.len(), 1);
-        assert!(d.refuse[0].2.contains("cannot hold"), "{}", d.refuse[0].2);
+        assert!(
+            d.refuse[0].message.contains("cannot hold"),
+            "{}",
+            d.refuse[0].message
+        );
+        assert_eq!(d.refuse[0].reason, reason::STORE_FULL);
     }
 
     #[test]
     fn a_copy_that_fits_is_admitted_and_counts_against_the_next() {
         let caches = [copying("a", 2 * MIB), copying("b", 2 * MIB)];
-        let d = decide("s", 3 * MIB, &policy(100, 90), &caches, now());
+        let d = decide(
+            "s",
+            3 * MIB,
+            &policy(100, 90),
+            &Tenancy::default(),
+            &caches,
+            now(),
+        );
         assert_eq!(d.admit, vec![(0, 2 * MIB)]);
         assert_eq!(d.refuse.len(), 1);
     }
@@ -278,7 +352,14 @@ mod tests {
     #[test]
     fn a_copy_that_fits_after_eviction_waits_for_the_removal() {
         let caches = [ready("old", 0, 0), ready("held", 1, 0), copying("new", MIB)];
-        let d = decide("s", 2 * MIB, &policy(100, 90), &caches, now());
+        let d = decide(
+            "s",
+            2 * MIB,
+            &policy(100, 90),
+            &Tenancy::default(),
+            &caches,
+            now(),
+        );
         assert_eq!(d.evict, vec![0]);
         assert!(
             d.admit.is_empty(),
@@ -292,7 +373,7 @@ mod tests {
         let caches = [ready("recent", 0, 9_990)];
         let mut p = policy(10, 0);
         p.min_unused_seconds = 60;
-        let d = decide("s", 2 * MIB, &p, &caches, now());
+        let d = decide("s", 2 * MIB, &p, &Tenancy::default(), &caches, now());
         assert!(d.evict.is_empty());
         assert_eq!(d.recheck_after, Some(Duration::from_secs(51)));
     }
@@ -317,10 +398,59 @@ mod tests {
             "s",
             100,
             &policy(100, 90),
+            &Tenancy::default(),
             &[admitted, stale_grant, evicted, failed],
             now(),
         );
         assert_eq!(d.used_bytes, 16);
         assert_eq!(d.caches, 2);
+    }
+
+    fn in_namespace(namespace: &str, mut cache: TemplateCache) -> TemplateCache {
+        cache.metadata.namespace = Some(namespace.to_owned());
+        cache
+    }
+
+    #[test]
+    fn a_copy_from_a_namespace_outside_the_selector_gets_no_room_and_evicts_nothing() {
+        let caches = [
+            in_namespace("ok", ready("old", 0, 0)),
+            in_namespace("evil", copying("x", 2 * MIB)),
+            in_namespace("ok", copying("y", MIB)),
+        ];
+        let tenancy = Tenancy {
+            outside: ["evil".to_owned()].into(),
+            ..Tenancy::default()
+        };
+        let d = decide("s", 2 * MIB, &policy(100, 90), &tenancy, &caches, now());
+        assert_eq!(d.refuse.len(), 1);
+        assert_eq!(d.refuse[0].index, 1);
+        assert_eq!(d.refuse[0].reason, reason::STORE_NOT_ALLOWED);
+        assert!(d.evict.is_empty(), "a refused tenant pushes no one out");
+        assert_eq!(d.admit, vec![(2, MIB)], "the others are not held up");
+    }
+
+    #[test]
+    fn the_quota_counts_what_a_namespace_holds_reserves_and_is_granted_in_this_pass() {
+        let caches = [
+            in_namespace("a", ready("held", 1, 0)),
+            in_namespace("a", copying("fits", MIB)),
+            in_namespace("a", copying("over", MIB)),
+            in_namespace("b", copying("other", 2 * MIB)),
+        ];
+        let tenancy = Tenancy {
+            quota: Some(2 * MIB),
+            ..Tenancy::default()
+        };
+        let d = decide("s", 100 * MIB, &policy(100, 90), &tenancy, &caches, now());
+        assert_eq!(d.admit, vec![(1, MIB), (3, 2 * MIB)]);
+        assert_eq!(d.refuse.len(), 1);
+        let refusal = &d.refuse[0];
+        assert_eq!((refusal.index, refusal.reason), (2, reason::QUOTA_EXCEEDED));
+        assert!(
+            refusal.message.contains(&format!("{}", 2 * MIB)),
+            "{}",
+            refusal.message
+        );
     }
 }

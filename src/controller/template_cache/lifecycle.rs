@@ -66,6 +66,8 @@ pub mod reason {
     pub const EVICTED: &str = "Evicted";
     pub const EVICTION_FAILED: &str = "EvictionFailed";
     pub const SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
+    pub const STORE_NOT_ALLOWED: &str = "StoreNotAllowed";
+    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
 }
 
 /// What the reconciler saw.
@@ -80,6 +82,9 @@ pub struct Observed<'a> {
     pub removal: JobState,
     /// Why the operator's source allowlist refuses the source, if it does.
     pub source_refusal: Option<String>,
+    /// Why the store's `namespaceSelector` does not admit the cache's namespace, if it does not
+    /// (looked up only for a cache that has not started a copy yet).
+    pub namespace_refusal: Option<String>,
     pub now: Timestamp,
 }
 
@@ -143,6 +148,20 @@ pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
         return evicted(status, observed, attempt);
     }
     if attempt == 0 {
+        if let Some(refusal) = &observed.namespace_refusal {
+            // No Job at all: a Pod that mounts the store is not made for a namespace that may
+            // not use it. Pending, not Failed: the namespace may be labelled later.
+            status.phase = Some(Phase::Pending);
+            let message = refusal.clone();
+            set_ready(
+                &mut status,
+                false,
+                reason::STORE_NOT_ALLOWED,
+                message,
+                generation,
+            );
+            return record(status, Some(Duration::from_secs(30)));
+        }
         return start_attempt(status, cache, 1);
     }
     // A Ready copy stays Ready whatever happens to its finished Job.
@@ -250,10 +269,11 @@ fn waiting_for_room(status: &mut TemplateCacheStatus, generation: Option<i64>, a
         .storage
         .as_ref()
         .filter(|s| s.attempt == attempt && !s.admitted)
-        .and_then(|s| s.message.clone());
-    if let Some(message) = refused {
+        .and_then(|s| Some((s.message.clone()?, s.reason.clone())));
+    if let Some((message, why)) = refused {
         status.phase = Some(Phase::Pending);
-        set_ready(status, false, reason::STORE_FULL, message, generation);
+        let why = why.unwrap_or_else(|| reason::STORE_FULL.to_owned());
+        set_ready(status, false, &why, message, generation);
     }
 }
 
@@ -437,6 +457,7 @@ mod tests {
             job,
             removal: JobState::Missing,
             source_refusal: None,
+            namespace_refusal: None,
             now: Timestamp::now(),
         };
         plan(&observed, &RetryPolicy::default())
@@ -536,6 +557,17 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_refused_by_the_stores_tenancy_rules_carries_their_reason() {
+        let c = cache(json!({"attempt": 1, "phase": "Copying",
+            "storage": {"attempt": 1, "admitted": false, "message": "over quota",
+                        "reason": reason::QUOTA_EXCEEDED}}));
+        let p = plan_for(&c, JobState::Running, Some(&store()));
+        assert_eq!(p.status.phase, Some(Phase::Pending));
+        assert_eq!(p.status.conditions[0].reason, reason::QUOTA_EXCEEDED);
+        assert_eq!(p.status.conditions[0].message, "over quota");
+    }
+
+    #[test]
     fn an_evicted_cache_is_copied_again_only_after_its_data_is_removed() {
         let c = cache(json!({"attempt": 3, "phase": "Evicted", "size": 10}));
         let observe = |removal| Observed {
@@ -546,6 +578,7 @@ mod tests {
             job: JobState::Succeeded,
             removal,
             source_refusal: None,
+            namespace_refusal: None,
             now: Timestamp::now(),
         };
         let s = store();
@@ -575,6 +608,7 @@ mod tests {
             job: JobState::Succeeded,
             removal: JobState::Succeeded,
             source_refusal: None,
+            namespace_refusal: None,
             now: Timestamp::now(),
         };
         let p = plan(&observed, &RetryPolicy::default());
@@ -595,12 +629,38 @@ mod tests {
             job: JobState::Missing,
             removal: JobState::Missing,
             source_refusal: Some("not allowed".into()),
+            namespace_refusal: None,
             now: Timestamp::now(),
         };
         let p = plan(&observed, &RetryPolicy::default());
         assert_eq!(p.step, Step::Record);
         assert_eq!(p.status.phase, Some(Phase::Failed));
         assert_eq!(p.status.conditions[0].reason, reason::SOURCE_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn a_new_cache_in_a_namespace_the_store_does_not_admit_waits_without_a_job() {
+        let c = cache(json!(null));
+        let s = store();
+        let observed = Observed {
+            cache: &c,
+            references: 1,
+            store_name: "s",
+            store: Some(&s),
+            job: JobState::Missing,
+            removal: JobState::Missing,
+            source_refusal: None,
+            namespace_refusal: Some("not admitted".into()),
+            now: Timestamp::now(),
+        };
+        let p = plan(&observed, &RetryPolicy::default());
+        assert_eq!(p.step, Step::Record);
+        assert_eq!(p.status.phase, Some(Phase::Pending));
+        assert_eq!(p.status.conditions[0].reason, reason::STORE_NOT_ALLOWED);
+        assert!(
+            p.requeue_after.is_some(),
+            "looked at again, for a label added later"
+        );
     }
 
     #[test]

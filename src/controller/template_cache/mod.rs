@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -24,6 +25,7 @@ use tracing::{debug, info};
 use self::lifecycle::{Observed, Plan, Step};
 use super::conditions::{READY, find};
 use super::jobs::{self, JobState, Operation};
+use super::staging_store::tenancy;
 use super::{Context, Error, references};
 use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
 use crate::api::references::{count_references, is_operator_reference};
@@ -81,6 +83,7 @@ async fn reconcile_live(
         job,
         removal,
         source_refusal: ctx.source_refusal(&cache),
+        namespace_refusal: namespace_refusal(&cache, store.as_deref(), &store_name, ctx).await?,
         now: Timestamp::now(),
     };
     let plan = lifecycle::plan(&observed, &ctx.config.retry);
@@ -104,6 +107,37 @@ async fn reconcile_live(
     }
     announce(&plan, &cache, ctx).await;
     Ok(plan.requeue_after)
+}
+
+/// Why the cache's store does not admit its namespace, for a cache that has not started a copy
+/// (the only time it matters here; copies already started are refused room by the store). A
+/// get of the Namespace, so a label added or removed counts at once.
+async fn namespace_refusal(
+    cache: &TemplateCache,
+    store: Option<&StagingStore>,
+    store_name: &str,
+    ctx: &Context,
+) -> Result<Option<String>, Error> {
+    let started = cache.status.as_ref().and_then(|s| s.attempt).is_some();
+    let selector = store.and_then(|s| s.spec.namespace_selector.as_ref());
+    let (false, Some(selector)) = (started, selector) else {
+        return Ok(None);
+    };
+    let namespace = cache.namespace().unwrap_or_default();
+    let labels = Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(&namespace)
+        .await?
+        .and_then(|n| n.metadata.labels)
+        .unwrap_or_default();
+    if tenancy::selects(Some(selector), &labels) {
+        return Ok(None);
+    }
+    let rules = tenancy::Tenancy {
+        outside: [namespace.clone()].into(),
+        selector: tenancy::describe(Some(selector)),
+        quota: None,
+    };
+    Ok(rules.judge(store_name, &namespace, 0, 0).map(|r| r.message))
 }
 
 /// Status fields that change with every reference taken or released.
@@ -273,6 +307,7 @@ async fn finalize(
         job: JobState::Missing,
         removal: JobState::Missing,
         source_refusal: None,
+        namespace_refusal: None,
         now: Timestamp::now(),
     };
     write_status(caches, cache, &lifecycle::deleting_status(&observed)).await?;
