@@ -536,3 +536,92 @@ async fn a_claim_without_template_waits_for_its_cache_to_exist() {
     store.delete().await;
     ns.delete().await;
 }
+
+/// PVC protection's shape: a claim that names a cache keeps it from eviction even before the
+/// operator has committed its reference. The store controller is driven by hand with no
+/// operator running, so the claim's reference can never land during the test.
+#[tokio::test]
+async fn a_claim_whose_reference_is_not_committed_yet_blocks_eviction() {
+    use std::sync::Arc;
+    use templatecache::api::StagingStore;
+    use templatecache::controller::{Context, staging_store};
+
+    let ns = TestNamespace::new("claims-evict").await;
+    let eviction =
+        json!({"highWatermarkPercent": 40, "lowWatermarkPercent": 10, "minUnusedSeconds": 0});
+    let store =
+        TestStore::with_eviction(&ns.client, &format!("{}-store", ns.name), "1Mi", eviction).await;
+    ns.create_cache(
+        "img",
+        json!({"source": {"http": {"url": "http://127.0.0.1:9/a"}}}),
+    )
+    .await;
+    let caches: Api<TemplateCache> = ns.api();
+    let finalizer = json!({"metadata": {"finalizers": ["templatecache.io/cleanup"]}});
+    caches
+        .patch("img", &PatchParams::default(), &Patch::Merge(&finalizer))
+        .await
+        .expect("cleanup finalizer");
+    // A Ready, unreferenced copy taking 90 % of the store: an eviction candidate at once.
+    let ready = json!({"status": {"phase": "Ready", "attempt": 1, "size": 943718,
+        "checksum": CHECKSUM, "store": store.name, "conditions": [{"type": "Ready",
+        "status": "True", "reason": "Copied", "message": "copied",
+        "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    caches
+        .patch_status("img", &PatchParams::default(), &Patch::Merge(&ready))
+        .await
+        .expect("Ready");
+    let claim: TemplateCacheClaim = serde_json::from_value(json!({
+        "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCacheClaim",
+        "metadata": {"name": "vm-1"}, "spec": {"cacheName": "img"}
+    }))
+    .expect("claim literal");
+    let claims: Api<TemplateCacheClaim> = ns.api();
+    claims
+        .create(&PostParams::default(), &claim)
+        .await
+        .expect("claim");
+
+    let staging: StagingStore = Api::all(ns.client.clone())
+        .get(&store.name)
+        .await
+        .expect("store");
+    let reconcile_store = || async {
+        // A fresh context each time, so the store's list pacing never skips a pass.
+        let ctx = Arc::new(Context::new(
+            ns.client.clone(),
+            config(&ns.name, &store.name),
+        ));
+        staging_store::reconcile(Arc::new(staging.clone()), ctx)
+            .await
+            .expect("store reconcile");
+    };
+    let phase = || async {
+        caches
+            .get("img")
+            .await
+            .expect("cache")
+            .status
+            .and_then(|s| s.phase)
+    };
+    reconcile_store().await;
+    assert_eq!(
+        phase().await,
+        Some(Phase::Ready),
+        "a named cache is not evicted"
+    );
+
+    claims
+        .delete("vm-1", &DeleteParams::default())
+        .await
+        .expect("delete claim");
+    reconcile_store().await;
+    assert_eq!(
+        phase().await,
+        Some(Phase::Evicted),
+        "with the claim gone, it is"
+    );
+
+    store.delete().await;
+    ns.delete().await;
+}
