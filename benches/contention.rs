@@ -33,20 +33,17 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt, future, stream};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
-};
-use kube::runtime::watcher;
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use support::TestNamespace;
+use support::cache_watch::{CacheWatch, Version};
 use support::jobs::{Outcome, finish_copy, wait_for_job};
 use support::operator::{Operator, TestStore, config};
 use templatecache::api::names::{POD_CACHE_LABEL, READY_GATE};
 use templatecache::api::references::{claim_reference, is_reference, pod_reference};
 use templatecache::api::{ClaimPhase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest};
-use tokio::sync::oneshot;
 
 const COUNTER: &str = "cloudstack.example/ref-count";
 const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
@@ -110,67 +107,6 @@ async fn consumers(n: usize) -> Vec<Client> {
     future::join_all((0..n).map(|_| support::consumer::consumer_client())).await
 }
 
-/// Every version of the shared object the raw watch saw: when, its references, its count.
-#[derive(Clone)]
-struct Version {
-    at: Instant,
-    references: BTreeSet<String>,
-    count: Option<i64>,
-}
-
-/// A raw watch of the one shared object, from before the storm to the end of the way.
-struct SharedObjectWatch {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Vec<Version>>,
-}
-
-impl SharedObjectWatch {
-    fn start(ns: &TestNamespace, count: fn(&DynamicObject) -> Option<i64>) -> Self {
-        let ar = ApiResource::erase::<TemplateCache>(&());
-        let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
-        let cfg = watcher::Config::default().fields("metadata.name=template");
-        let (stop, mut stopped) = oneshot::channel();
-        let task = tokio::spawn(async move {
-            let mut versions = vec![];
-            let mut events = std::pin::pin!(watcher(api, cfg));
-            loop {
-                let event = tokio::select! {
-                    _ = &mut stopped => return versions,
-                    event = events.next() => event,
-                };
-                match event {
-                    Some(Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o))) => versions
-                        .push(Version {
-                            at: Instant::now(),
-                            references: o
-                                .metadata
-                                .finalizers
-                                .iter()
-                                .flatten()
-                                .filter(|f| is_reference(f))
-                                .cloned()
-                                .collect(),
-                            count: count(&o),
-                        }),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => panic!("the watch of the shared object failed: {e}"),
-                    None => panic!("the watch of the shared object ended"),
-                }
-            }
-        });
-        Self { stop, task }
-    }
-
-    async fn stop(self) -> Vec<Version> {
-        let _ = self.stop.send(());
-        self.task.await.expect("watch task")
-    }
-}
-
-fn ref_count(obj: &DynamicObject) -> Option<i64> {
-    obj.data["status"]["refCount"].as_i64()
-}
-
 fn annotation_counter(obj: &DynamicObject) -> Option<i64> {
     obj.metadata
         .annotations
@@ -206,7 +142,7 @@ fn versions_between(versions: &[Version], from: Instant, to: Instant) -> usize {
 fn lowest_count(versions: &[Version], final_count: i64) -> i64 {
     versions
         .iter()
-        .filter_map(|v| v.count)
+        .filter_map(|v| v.ref_count)
         .chain([final_count])
         .min()
         .unwrap_or(final_count)
@@ -278,7 +214,7 @@ impl OperatorRig {
 async fn claims_way(n: usize) -> Row {
     let rig = OperatorRig::new(&format!("bench-claims-{n}")).await;
     let ns = &rig.ns;
-    let watch = SharedObjectWatch::start(ns, ref_count);
+    let watch = CacheWatch::start(ns, "template");
     let clients = consumers(n).await;
     let request = CacheRequest {
         namespace: ns.name.clone(),
@@ -413,7 +349,7 @@ async fn pods_way(n: usize) -> Row {
             .is_some()
     })
     .await;
-    let watch = SharedObjectWatch::start(ns, ref_count);
+    let watch = CacheWatch::start(ns, "template");
     let pods: Api<Pod> = ns.api();
     let writes_before = support::api_writes::served(&ns.client, &RESOURCES).await;
     let started = Instant::now();
@@ -530,7 +466,7 @@ async fn direct_way(n: usize) -> Row {
             .is_empty()
     })
     .await;
-    let watch = SharedObjectWatch::start(ns, ref_count);
+    let watch = CacheWatch::start(ns, "template");
     let clients = consumers(n).await;
     let writes_before = support::api_writes::served(&ns.client, &RESOURCES).await;
     let started = Instant::now();
@@ -648,7 +584,7 @@ fn annotation_counter_of(row: &TemplateCache) -> i64 {
 async fn cloudstack_way(n: usize, global_lock: bool) -> Row {
     // No operator watches this namespace: the rows are CloudStack's database, nothing more.
     let ns = TestNamespace::new(&format!("bench-cs-{n}")).await;
-    let watch = SharedObjectWatch::start(&ns, annotation_counter);
+    let watch = CacheWatch::counting(&ns, "template", annotation_counter);
     let clients = consumers(n).await;
     let copies = Arc::new(AtomicU32::new(0));
     let lock = Arc::new(tokio::sync::Mutex::new(()));

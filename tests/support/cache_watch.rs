@@ -1,6 +1,7 @@
 //! A raw watch of one TemplateCache that keeps every version it sees: its references (the
-//! finalizer set) and its recorded `status.refCount`, read as plain JSON so that nothing the
-//! typed client would refuse goes unseen. A watch that fails fails the test that reads it.
+//! finalizer set) and its recorded count (`status.refCount`, or whatever a benchmark counts in),
+//! read as plain JSON so that nothing the typed client would refuse goes unseen. A watch that
+//! fails fails the test that reads it.
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -33,6 +34,15 @@ pub struct CacheWatch {
 impl CacheWatch {
     /// Starts watching cache `name` (which need not exist yet) in the test's namespace.
     pub fn start(ns: &TestNamespace, name: &str) -> Self {
+        Self::counting(ns, name, ref_count)
+    }
+
+    /// [`CacheWatch::start`], reading each version's count with `count`.
+    pub fn counting(
+        ns: &TestNamespace,
+        name: &str,
+        count: fn(&DynamicObject) -> Option<i64>,
+    ) -> Self {
         let ar = ApiResource::erase::<TemplateCache>(&());
         let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
@@ -47,7 +57,7 @@ impl CacheWatch {
                 };
                 match event {
                     Some(Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object))) => {
-                        versions.push(version_of(&object))
+                        versions.push(version_of(&object, count))
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(format!("the watch of the cache failed: {e}")),
@@ -69,11 +79,16 @@ impl CacheWatch {
     }
 }
 
-fn version_of(object: &DynamicObject) -> Version {
+/// The operator's recorded count, `status.refCount`.
+pub fn ref_count(object: &DynamicObject) -> Option<i64> {
+    object.data["status"]["refCount"].as_i64()
+}
+
+fn version_of(object: &DynamicObject, count: fn(&DynamicObject) -> Option<i64>) -> Version {
     Version {
         at: Instant::now(),
         resource_version: object.metadata.resource_version.clone().unwrap_or_default(),
-        ref_count: object.data["status"]["refCount"].as_i64(),
+        ref_count: count(object),
         references: object
             .metadata
             .finalizers
