@@ -226,10 +226,16 @@ pub async fn commit(
         return Ok((cache, Some(wait)));
     }
     let started = Instant::now();
-    lower_count_before_removal(&cache, &wanted, ctx).await?;
     let mut current = cache;
     for _ in 0..COMMIT_ROUNDS {
-        match patch_finalizers(&current, &wanted, ctx).await {
+        let committed = match lower_count_before_removal(current.clone(), &wanted, ctx).await {
+            Ok(lowered) => {
+                current = lowered;
+                patch_finalizers(&current, &wanted, ctx).await
+            }
+            Err(e) => Err(e),
+        };
+        match committed {
             Ok(updated) => {
                 // Only a commit of references opens a batch window: a cache's first commit of
                 // its cleanup finalizer alone must not delay its first consumers.
@@ -268,18 +274,23 @@ pub async fn commit(
 
 /// The recorded count is written after the references it counts, so it never shows more
 /// references than the object holds: up after an addition, and before a removal (here), down.
+/// Written only on the version the removal was computed from (a stale view could record more
+/// than the cache holds); the finalizer patch then tests the version this write made.
 async fn lower_count_before_removal(
-    cache: &TemplateCache,
+    cache: Arc<TemplateCache>,
     changes: &Changes,
     ctx: &Context,
-) -> Result<(), Error> {
+) -> Result<Arc<TemplateCache>, Error> {
     let recorded = cache.status.as_ref().and_then(|s| s.ref_count);
     let after = count_references(&changes.applied_to(cache.finalizers()));
     if changes.remove.is_empty() || recorded.is_none_or(|r| r <= after) {
-        return Ok(());
+        return Ok(cache);
     }
-    let patch = json!({"status": {"refCount": after, "lastReferenced": Time(Timestamp::now())}});
-    let api = caches_of(cache, ctx);
+    let patch = json!({
+        "metadata": {"resourceVersion": cache.resource_version()},
+        "status": {"refCount": after, "lastReferenced": Time(Timestamp::now())},
+    });
+    let api = caches_of(&cache, ctx);
     match api
         .patch_status(
             &cache.name_any(),
@@ -288,8 +299,10 @@ async fn lower_count_before_removal(
         )
         .await
     {
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        other => other.map(drop).map_err(Error::from),
+        Ok(lowered) => Ok(Arc::new(lowered)),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Conflict(cache.name_any())),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(cache),
+        Err(e) => Err(e.into()),
     }
 }
 
