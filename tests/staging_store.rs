@@ -64,15 +64,31 @@ async fn acquire_ready(rig: &Rig, spec: TemplateCacheSpec, name: &str) -> Refere
     reference
 }
 
-/// Bytes of every file (partial files included) under `dir`.
+/// Bytes of every file under `dir`, partial files in any subfolder included; 0 before the
+/// folder exists. A read that fails panics (and so fails the sampler), never counts as 0.
 fn bytes_on_disk(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+        Err(e) => panic!("read {}: {e}", dir.display()),
     };
     entries
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
+        .map(|e| e.expect("folder entry"))
+        .map(|e| match e.file_type().expect("file type") {
+            t if t.is_dir() => bytes_on_disk(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
         .sum()
+}
+
+/// Stops a task that watches or samples for the whole test, failing the test if it stopped
+/// early (an error, a panic): what it saw would otherwise be silently short.
+fn stop_observer(task: tokio::task::JoinHandle<()>, what: &str) {
+    assert!(
+        !task.is_finished(),
+        "the {what} stopped before the test ended"
+    );
+    task.abort();
 }
 
 /// Everything a watch of the namespace's caches saw: (name, phase, references).
@@ -86,7 +102,8 @@ fn watch_caches(rig: &Rig) -> (Seen, tokio::task::JoinHandle<()>) {
         let mut stream = watcher(api, watcher::Config::default())
             .applied_objects()
             .boxed();
-        while let Some(Ok(cache)) = stream.next().await {
+        while let Some(event) = stream.next().await {
+            let cache = event.expect("watch of the caches");
             let phase = cache.status.as_ref().and_then(|s| s.phase);
             let refs = count_references(cache.finalizers());
             log.lock().unwrap().push((cache.name_any(), phase, refs));
@@ -108,8 +125,9 @@ fn sample_usage(rig: &Rig) -> (Arc<Mutex<(u64, u64)>>, tokio::task::JoinHandle<(
             let reported = stores
                 .get(&store)
                 .await
-                .ok()
-                .and_then(|s| s.status?.used_bytes)
+                .expect("read the store's usage")
+                .status
+                .and_then(|s| s.used_bytes)
                 .unwrap_or(0);
             {
                 let mut peak = out.lock().unwrap();
@@ -219,8 +237,8 @@ async fn a_full_store_evicts_the_least_recently_referenced_and_never_a_reference
     let t1_now = rig.ns.api::<TemplateCache>().get("t1").await.expect("t1");
     assert_eq!(t1_now.status.and_then(|s| s.attempt), Some(2));
 
-    sampler.abort();
-    watch.abort();
+    stop_observer(sampler, "usage sampler");
+    stop_observer(watch, "watch of the caches");
     let (disk, reported) = *peak.lock().unwrap();
     println!("peak: {disk} bytes on disk, {reported} reported, capacity {capacity}");
     assert!(
@@ -245,37 +263,46 @@ async fn a_full_store_evicts_the_least_recently_referenced_and_never_a_reference
     rig.stop().await;
 }
 
-/// Samples a cache until stopped and counts reads where it was Ready, before and after the
-/// file check, at the same attempt, while its file was missing: a Ready cache without data.
+/// Reads where a cache was Ready (before and after the file check, at the same attempt), and
+/// how many of them found its file missing: a Ready cache without data.
+#[derive(Default)]
+struct ReadyChecks {
+    made: u32,
+    without_data: u32,
+}
+
+/// Samples a cache until stopped, checking its file whenever it is Ready. A failed read panics,
+/// which [`stop_observer`] turns into a failed test.
 fn watch_for_ready_without_data(
     rig: &Rig,
     name: &str,
     size: u64,
-) -> (Arc<Mutex<u32>>, tokio::task::JoinHandle<()>) {
-    let violations = Arc::new(Mutex::new(0));
+) -> (Arc<Mutex<ReadyChecks>>, tokio::task::JoinHandle<()>) {
+    let checks = Arc::new(Mutex::new(ReadyChecks::default()));
     let caches: Api<TemplateCache> = rig.ns.api();
     let path = rig.data(name);
     let name = name.to_owned();
-    let out = violations.clone();
+    let out = checks.clone();
     let task = tokio::spawn(async move {
         let ready_at = |c: &Option<TemplateCache>| {
             let status = c.as_ref()?.status.as_ref()?;
             (status.phase == Some(Phase::Ready)).then_some(status.attempt)
         };
         loop {
-            let before = caches.get_opt(&name).await.ok().flatten();
+            let before = caches.get_opt(&name).await.expect("read the cache");
             let present = std::fs::metadata(&path).is_ok_and(|m| m.len() == size);
-            let after = caches.get_opt(&name).await.ok().flatten();
+            let after = caches.get_opt(&name).await.expect("read the cache");
             if let (Some(a), Some(b)) = (ready_at(&before), ready_at(&after))
                 && a == b
-                && !present
             {
-                *out.lock().unwrap() += 1;
+                let mut checks = out.lock().unwrap();
+                checks.made += 1;
+                checks.without_data += u32::from(!present);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
-    (violations, task)
+    (checks, task)
 }
 
 async fn current_attempt(rig: &Rig, name: &str) -> Option<u32> {
@@ -283,8 +310,13 @@ async fn current_attempt(rig: &Rig, name: &str) -> Option<u32> {
     cache.status.and_then(|s| s.attempt)
 }
 
+/// How long after the release the new acquire comes, one round each: from at once (the acquire
+/// wins and keeps the copy) to long after the eviction (the cache is copied again). The test
+/// requires both outcomes, so the sweep provably crossed the moment the two race for.
+const RACE_PAUSES_MS: [u64; 9] = [0, 20, 50, 100, 200, 400, 800, 1600, 3200];
+
 #[tokio::test]
-async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data() {
+async fn eviction_racing_a_new_reference_never_evicts_it_nor_leaves_a_ready_cache_without_data() {
     let server = HttpServer::start().await;
     let sources = templates(&server, &["img"]);
     let bytes = &sources["img"];
@@ -292,10 +324,11 @@ async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data
     let eviction =
         json!({"highWatermarkPercent": 40, "lowWatermarkPercent": 10, "minUnusedSeconds": 0});
     let rig = Rig::with_store("race", 1, "2Mi", eviction).await;
-    let (violations, checker) = watch_for_ready_without_data(&rig, "img", bytes.len() as u64);
-    let (mut kept, mut copied_again) = (0, 0);
+    let (checks, checker) = watch_for_ready_without_data(&rig, "img", bytes.len() as u64);
+    let (seen, watch) = watch_caches(&rig);
+    let mut outcomes = vec![];
 
-    for round in 0..6u64 {
+    for pause_ms in RACE_PAUSES_MS {
         let first = acquire(&rig, spec(&server, "img", bytes), "img", "first").await;
         first
             .wait_ready(Duration::from_secs(120))
@@ -303,9 +336,8 @@ async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data
             .expect("Ready");
         let attempt = current_attempt(&rig, "img").await;
         // The release makes the cache evictable at once; the new acquire races the eviction.
-        let pause = Duration::from_millis(round * 15);
         let (released, second) = tokio::join!(first.release(), async {
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
             acquire(&rig, spec(&server, "img", bytes), "img", "second").await
         });
         released.expect("release");
@@ -314,22 +346,32 @@ async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data
             .await
             .expect("Ready again");
         rig.assert_copied("img", bytes).await;
-        if current_attempt(&rig, "img").await == attempt {
-            kept += 1;
-        } else {
-            copied_again += 1;
-        }
+        let kept = current_attempt(&rig, "img").await == attempt;
+        outcomes.push((pause_ms, if kept { "kept" } else { "copied again" }));
         second.release().await.expect("release");
         wait_evicted_and_removed(&rig, "img").await;
     }
-    checker.abort();
+    stop_observer(checker, "Ready-without-data checker");
+    stop_observer(watch, "watch of the caches");
+    assert_eq!(
+        referenced_evictions(&seen),
+        0,
+        "the cache was evicted while the new acquire held it"
+    );
+    let checks = std::mem::take(&mut *checks.lock().unwrap());
     println!(
-        "6 races: the acquire won {kept} times, the cache was copied again {copied_again} times"
+        "races (pause ms, outcome): {outcomes:?}; {} reads of a Ready cache checked its file",
+        checks.made
     );
     assert_eq!(
-        *violations.lock().unwrap(),
-        0,
+        checks.without_data, 0,
         "a Ready cache was seen without its data"
+    );
+    assert!(checks.made > 0, "no read ever found the cache Ready");
+    let won = |o: &str| outcomes.iter().any(|(_, outcome)| *outcome == o);
+    assert!(
+        won("kept") && won("copied again"),
+        "the pauses did not cross the race: {outcomes:?}"
     );
     rig.stop().await;
 }

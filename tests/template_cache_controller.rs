@@ -42,8 +42,11 @@ async fn create_cache(ns: &TestNamespace, name: &str) -> TemplateCache {
         .expect("create cache")
 }
 
+/// The test plays the copy Job (it reports a success, no bytes move): what it checks is the
+/// controller's side, one owned Job and Ready on the Job's report. Real copies are in
+/// `copy_end_to_end.rs`.
 #[tokio::test]
-async fn a_cache_is_copied_once_and_becomes_ready() {
+async fn a_cache_gets_one_copy_job_and_its_reported_success_makes_it_ready() {
     let ns = TestNamespace::new("lifecycle").await;
     let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
     let operator = Operator::start(config(&ns.name, &store.name)).await;

@@ -1,14 +1,17 @@
 //! A real HTTP server on loopback serving a folder (with Range support, from tower-http), plus
-//! routes that misbehave the ways a real source does: a body cut short, a slow body, and a
-//! file behind basic auth.
+//! routes that misbehave the ways a real source does: a body cut short, a slow body, a file
+//! behind basic auth, and a source that fails at random and counts how it failed.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tower_http::services::ServeDir;
@@ -17,6 +20,8 @@ use tower_http::services::ServeDir;
 pub struct HttpServer {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// How the `/unreliable/` route answered so far.
+    pub unreliable: Arc<UnreliableTally>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -34,12 +39,16 @@ impl HttpServer {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("server folder");
         let root = dir.path().to_owned();
+        let unreliable = Arc::new(UnreliableTally::default());
+        let unreliable_route = Router::new()
+            .route("/unreliable/{file}", get(unreliable_source))
+            .with_state((root.clone(), unreliable.clone()));
         let app = Router::new()
             .route("/truncated/{file}", get(truncated))
             .route("/flaky/{file}", get(flaky))
             .route("/slow/{file}", get(slow))
             .route("/private/{file}", get(private))
-            .route("/unreliable/{file}", get(unreliable))
+            .merge(unreliable_route)
             .fallback_service(ServeDir::new(&root))
             .with_state(root);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -49,7 +58,12 @@ impl HttpServer {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { addr, dir, task }
+        Self {
+            addr,
+            dir,
+            unreliable,
+            task,
+        }
     }
 
     /// Writes `bytes` as `name` in the served folder.
@@ -113,21 +127,79 @@ fn cut_short(bytes: &[u8], announced: usize) -> Response {
         .expect("response")
 }
 
-/// Fails at random, the ways a source under load does: 15 % of requests get a 503 (which the
-/// mover's client retries), another 15 % a body cut short, whose resume (a Range request) meets
-/// the same odds.
-async fn unreliable(State(root): Root, Path(file): Path<String>) -> Response {
-    let Some(bytes) = read(&root, &file) else {
+/// What the `/unreliable/` route answered to GET requests, counted as it answered, so that a
+/// test reports the failure rate its run met rather than the one it asked for.
+#[derive(Default, Debug)]
+pub struct UnreliableTally {
+    pub requests: AtomicU32,
+    pub unavailable: AtomicU32,
+    pub cut_short: AtomicU32,
+    pub stale: AtomicU32,
+    /// Files answered at least once: the first answer for each is stale.
+    answered: Mutex<BTreeSet<String>>,
+}
+
+impl UnreliableTally {
+    /// Requests answered with a failure of any kind.
+    pub fn failed(&self) -> u32 {
+        [&self.unavailable, &self.cut_short, &self.stale]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn first_answer_for(&self, file: &str) -> bool {
+        self.answered.lock().unwrap().insert(file.to_owned())
+    }
+}
+
+/// Fails the ways a source under load does: about 10 % of GETs get a 503 (which the mover's
+/// client retries), 10 % a body cut short (whose resume meets the same odds) and 10 % a whole
+/// body with one byte wrong, as a stale mirror or a broken proxy sends: the copy completes but
+/// fails verification, so the operator must retry with a new Job. The first GET of each file is
+/// always stale, so every run exercises that retry. HEAD is answered truthfully.
+async fn unreliable_source(
+    State((root, tally)): State<(std::path::PathBuf, Arc<UnreliableTally>)>,
+    Path(file): Path<String>,
+    method: Method,
+) -> Response {
+    let Some(mut bytes) = read(&root, &file) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    match random_below(100) {
-        0..15 => StatusCode::SERVICE_UNAVAILABLE.into_response(),
-        15..30 => cut_short(&bytes, bytes.len()),
-        _ => Response::builder()
-            .header(header::CONTENT_LENGTH, bytes.len())
-            .body(Body::from(bytes))
-            .expect("response"),
+    if method != Method::GET {
+        return whole(bytes);
     }
+    tally.requests.fetch_add(1, Ordering::Relaxed);
+    let roll = if tally.first_answer_for(&file) {
+        25
+    } else {
+        random_below(100)
+    };
+    match roll {
+        0..10 => {
+            tally.unavailable.fetch_add(1, Ordering::Relaxed);
+            StatusCode::SERVICE_UNAVAILABLE.into_response()
+        }
+        10..20 => {
+            tally.cut_short.fetch_add(1, Ordering::Relaxed);
+            cut_short(&bytes, bytes.len())
+        }
+        20..30 => {
+            tally.stale.fetch_add(1, Ordering::Relaxed);
+            if let Some(last) = bytes.last_mut() {
+                *last ^= 0xff;
+            }
+            whole(bytes)
+        }
+        _ => whole(bytes),
+    }
+}
+
+fn whole(bytes: Vec<u8>) -> Response {
+    Response::builder()
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .body(Body::from(bytes))
+        .expect("response")
 }
 
 /// A well-spread random number below `bound` (std's hasher is randomly seeded).
