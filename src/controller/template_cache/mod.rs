@@ -30,6 +30,7 @@ use super::{Context, Error, references};
 use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
 use crate::api::references::{count_references, is_operator_reference};
 use crate::api::{Phase, StagingStore, TemplateCache, TemplateCacheStatus};
+use crate::runtime::metrics::CacheSample;
 
 /// Reconciles one TemplateCache. Public so tests can drive it with a deliberately stale object.
 pub async fn reconcile(cache: Arc<TemplateCache>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -88,8 +89,12 @@ async fn reconcile_live(
     };
     let plan = lifecycle::plan(&observed, &ctx.config.retry);
     let namespace = cache.namespace().unwrap_or_default();
+    let sample = CacheSample {
+        references: observed.references,
+        phase: plan.status.phase.unwrap_or_default(),
+    };
     ctx.metrics
-        .set_references(&namespace, &cache.name_any(), Some(observed.references));
+        .observe_cache(&namespace, &cache.name_any(), Some(sample));
     // During an acquire storm every reference changes the count, and a status write for each
     // would double the writes on the one object all consumers append to. The count is derived
     // from the references, which stay exact; only its record is paced.
@@ -341,7 +346,7 @@ async fn finalize(
             remove_cleanup_finalizer(caches, cache).await?;
             let namespace = cache.namespace().unwrap_or_default();
             ctx.metrics
-                .set_references(&namespace, &cache.name_any(), None);
+                .observe_cache(&namespace, &cache.name_any(), None);
             Ok(None)
         }
         JobState::Failed { message, .. } => Err(Error::CleanupFailed(remove_name, message)),
