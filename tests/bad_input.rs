@@ -13,11 +13,11 @@ use support::corpus::record;
 use support::jobs::wait_for_cache;
 use support::operator::{Operator, TestStore, config};
 use support::{TestNamespace, kubectl};
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, ClientError};
-use templatecache::controller::conditions::{READY, find};
-use templatecache::controller::template_cache::lifecycle::reason;
 
 fn spec(url: &str) -> TemplateCacheSpec {
     serde_json::from_value(json!({"source": {"http": {"url": url}}})).expect("spec")

@@ -28,12 +28,12 @@ use support::executor::Executor;
 use support::http_server::{HttpServer, random_below};
 use support::operator::{OperatorProcess, TestStore};
 use support::rig::{random_bytes, sha256};
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest};
-use templatecache::controller::conditions::{READY, find};
 use templatecache::controller::jobs::JobState;
-use templatecache::controller::template_cache::lifecycle::reason;
 
 const TEMPLATES: usize = 10;
 const CONSUMERS: usize = 200;

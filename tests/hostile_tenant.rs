@@ -21,9 +21,9 @@ use support::jobs::wait_for_cache;
 use support::operator::{Operator, TestStore, config};
 use support::rig::{Rig, random_bytes, ready_message, sha256};
 use support::{TestNamespace, kubectl};
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheClaim};
-use templatecache::controller::conditions::{READY, find};
-use templatecache::controller::template_cache::lifecycle::reason;
 
 const MIB: usize = 1 << 20;
 

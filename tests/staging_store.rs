@@ -16,11 +16,11 @@ use serde_json::json;
 use support::http_server::HttpServer;
 use support::jobs::wait_for_cache;
 use support::rig::{Rig, random_bytes, sha256};
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, Reference};
-use templatecache::controller::conditions::{READY, find};
-use templatecache::controller::template_cache::lifecycle::reason;
 
 const MIB: usize = 1 << 20;
 

@@ -13,11 +13,13 @@ use serde_json::json;
 use support::TestNamespace;
 use support::jobs::{Outcome, finish_copy, finish_job, jobs_of, wait_for_cache, wait_for_job};
 use support::operator::{Operator, TestStore, config};
+use templatecache::api::conditions;
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, ClientError};
-use templatecache::controller::template_cache::{self, lifecycle::reason};
-use templatecache::controller::{Context, Error, conditions};
+use templatecache::controller::template_cache;
+use templatecache::controller::{Context, Error};
 
 const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 

@@ -1,4 +1,5 @@
-//! `TemplateCache`: one staged copy of one template in one StagingStore (contract in DESIGN.md).
+//! `TemplateCache`: one staged copy of one template in one StagingStore (the contract: README,
+//! "How it works").
 //!
 //! The validation here is enforced by the API server (OpenAPI schema plus CEL rules), so a bad
 //! spec is refused at `kubectl apply` time with a message that names the field, and the operator
@@ -238,8 +239,8 @@ pub struct TemplateCacheStatus {
     /// Name of the copy Job of the current attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
-    /// Current copy attempt, from 1. Written with a resourceVersion precondition, so exactly one
-    /// reconciler starts each attempt.
+    /// Current copy attempt, from 1. Written by a JSON patch that first tests the attempt the
+    /// writer saw, so exactly one reconciler starts each attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
     /// The StagingStore that holds the copy.

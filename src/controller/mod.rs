@@ -1,6 +1,5 @@
 //! The controllers of `templatecache run`, one module per reconciler, sharing one [`Context`].
 
-pub mod conditions;
 pub mod events;
 pub mod index;
 pub mod jobs;

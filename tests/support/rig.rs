@@ -3,9 +3,9 @@
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::{Phase, TemplateCache};
-use templatecache::controller::conditions::{READY, find};
-use templatecache::controller::template_cache::lifecycle::reason;
 
 use super::TestNamespace;
 use super::executor::Executor;

@@ -25,9 +25,9 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::conditions::{READY, condition, set_condition};
-use super::template_cache::lifecycle::reason;
 use super::{Context, Error, drop_managed_fields, references};
+use crate::api::conditions::{READY, condition, set_condition};
+use crate::api::reasons::cache as reason;
 use crate::api::{Phase, StagingStore, StorageAdmission, TemplateCache, quantity_bytes};
 use crate::runtime::metrics::StoreSample;
 use tenancy::Tenancy;

@@ -21,8 +21,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
+use crate::api::conditions::{READY, condition, set_condition};
+use crate::api::reasons::cache as reason;
 use crate::api::{Phase, Progress, StagingStore, TemplateCache, TemplateCacheStatus};
-use crate::controller::conditions::{READY, condition, set_condition};
 use crate::controller::jobs::{JobState, Operation, data_path, job_name};
 
 /// How failed copies are retried.
@@ -54,22 +55,6 @@ impl RetryPolicy {
     }
 }
 
-/// Reasons of the Ready condition; each names a state a user can act on.
-pub mod reason {
-    pub const COPYING: &str = "Copying";
-    pub const COPIED: &str = "Copied";
-    pub const COPY_FAILED: &str = "CopyFailed";
-    pub const RETRIES_EXHAUSTED: &str = "RetriesExhausted";
-    pub const STORE_NOT_FOUND: &str = "StoreNotFound";
-    pub const DELETING: &str = "Deleting";
-    pub const STORE_FULL: &str = "StoreFull";
-    pub const EVICTED: &str = "Evicted";
-    pub const EVICTION_FAILED: &str = "EvictionFailed";
-    pub const SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
-    pub const STORE_NOT_ALLOWED: &str = "StoreNotAllowed";
-    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
-}
-
 /// What the reconciler saw.
 pub struct Observed<'a> {
     pub cache: &'a TemplateCache,
@@ -93,11 +78,12 @@ pub struct Observed<'a> {
 pub enum Step {
     /// Only record the status (when it differs).
     Record,
-    /// Win the transition to this attempt with a resourceVersion precondition, then apply its Job.
+    /// Win the transition to this attempt (a patch that tests `status.attempt`), then create its
+    /// Job.
     StartAttempt(u32),
-    /// The current attempt's Job is missing (a crash between the two writes): apply it.
+    /// The current attempt's Job is missing (a crash between the two writes): create it.
     EnsureJob(u32),
-    /// The cache was evicted: apply the remove Job of this attempt.
+    /// The cache was evicted: create the remove Job of this attempt.
     RemoveData(u32),
 }
 

@@ -23,11 +23,12 @@ use serde_json::{Value, json};
 use tracing::{debug, info};
 
 use self::lifecycle::{Observed, Plan, Step};
-use super::conditions::{READY, find};
 use super::jobs::{self, JobState, Operation};
 use super::staging_store::tenancy;
 use super::{Context, Error, references};
+use crate::api::conditions::{READY, find};
 use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
+use crate::api::reasons::cache as reason;
 use crate::api::references::{count_references, is_operator_reference};
 use crate::api::{Phase, StagingStore, TemplateCache, TemplateCacheStatus};
 use crate::runtime::metrics::CacheSample;
@@ -186,11 +187,11 @@ async fn announce(plan: &Plan, cache: &TemplateCache, ctx: &Context) {
         Some(Phase::Ready) => {
             metrics.copies_succeeded.inc();
             metrics.bytes_copied.inc_by(plan.status.size.unwrap_or(0));
-            publish(EventType::Normal, lifecycle::reason::COPIED).await;
+            publish(EventType::Normal, reason::COPIED).await;
         }
         Some(Phase::Failed) => {
             metrics.copies_failed.inc();
-            let reason = ready.map_or(lifecycle::reason::COPY_FAILED, |c| c.reason.as_str());
+            let reason = ready.map_or(reason::COPY_FAILED, |c| c.reason.as_str());
             publish(EventType::Warning, reason).await;
         }
         _ => {}
