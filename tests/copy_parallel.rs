@@ -8,7 +8,7 @@ mod support;
 use std::path::PathBuf;
 
 use support::ranged_server::{RangedServer, Seen};
-use support::rig::{random_bytes, sha256};
+use support::rig::{random_bytes, sha256, store_files};
 use support::throttle::ThrottleProxy;
 use templatecache::copy::{CopyArgs, CopyError, run_copy};
 
@@ -33,11 +33,10 @@ fn args(dest: PathBuf, url: &str, streams: u16) -> CopyArgs {
 
 /// The folder holds exactly `names`: no partial file left behind.
 fn assert_only(dir: &tempfile::TempDir, names: &[&str]) {
-    let mut found: Vec<String> = std::fs::read_dir(dir.path())
-        .expect("list")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+    let found: Vec<String> = store_files(dir.path())
+        .into_iter()
+        .map(|(name, _)| name)
         .collect();
-    found.sort();
     assert_eq!(found, names);
 }
 

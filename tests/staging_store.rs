@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use support::http_server::HttpServer;
 use support::jobs::wait_for_cache;
 use support::rig::{Rig, random_bytes, sha256};
 use templatecache::api::references::count_references;
-use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheSpec};
+use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, Reference};
 use templatecache::controller::conditions::{READY, find};
 use templatecache::controller::template_cache::lifecycle::reason;
@@ -64,17 +63,6 @@ async fn acquire_ready(rig: &Rig, spec: TemplateCacheSpec, name: &str) -> Refere
     reference
 }
 
-/// Bytes of every file (partial files included) under `dir`.
-fn bytes_on_disk(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum()
-}
-
 /// Everything a watch of the namespace's caches saw: (name, phase, references).
 type Seen = Arc<Mutex<Vec<(String, Option<Phase>, u32)>>>;
 
@@ -93,33 +81,6 @@ fn watch_caches(rig: &Rig) -> (Seen, tokio::task::JoinHandle<()>) {
         }
     });
     (seen, task)
-}
-
-/// Samples the store's folder and its reported usage until stopped; returns the largest of each.
-fn sample_usage(rig: &Rig) -> (Arc<Mutex<(u64, u64)>>, tokio::task::JoinHandle<()>) {
-    let peak = Arc::new(Mutex::new((0, 0)));
-    let dir = rig.store.dir.path().join(&rig.ns.name);
-    let stores: Api<StagingStore> = Api::all(rig.ns.client.clone());
-    let store = rig.store.name.clone();
-    let out = peak.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let disk = bytes_on_disk(&dir);
-            let reported = stores
-                .get(&store)
-                .await
-                .ok()
-                .and_then(|s| s.status?.used_bytes)
-                .unwrap_or(0);
-            {
-                let mut peak = out.lock().unwrap();
-                peak.0 = peak.0.max(disk);
-                peak.1 = peak.1.max(reported);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
-    (peak, task)
 }
 
 async fn wait_evicted_and_removed(rig: &Rig, name: &str) {
@@ -169,7 +130,7 @@ async fn a_full_store_evicts_the_least_recently_referenced_and_never_a_reference
     let rig = Rig::with_store("evict", 1, "3Mi", eviction).await;
     let capacity = 3 * MIB as u64;
     let (seen, watch) = watch_caches(&rig);
-    let (peak, sampler) = sample_usage(&rig);
+    let (peak, sampler) = rig.sample_usage();
     let spec_of = |n: &str| spec(&server, n, &sources[n]);
 
     // t1 and t2 are used and released; t3 is held: the store is full, t1 goes first.

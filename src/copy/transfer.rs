@@ -3,7 +3,6 @@
 //! with a range request from the last byte written, conditional on the source's ETag, so a
 //! source that changes under the copy is detected instead of spliced.
 
-use std::path::Path;
 use std::time::Duration;
 
 use std::io::Write;
@@ -15,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::source::Source;
-use super::{CopyError, io_error};
+use super::{CopyError, Partial, io_error};
 
 /// Times a broken stream is resumed before the copy fails as truncated.
 const MAX_RESUMES: u32 = 5;
@@ -37,10 +36,11 @@ pub struct Transferred {
 /// [`CHUNKS_IN_FLIGHT`] of them, so memory stays bounded.
 pub async fn transfer(
     source: &Source,
-    partial: &Path,
+    partial: &Partial<'_>,
     mut progress: impl AsyncFnMut(u64, Option<u64>),
 ) -> Result<Transferred, CopyError> {
-    let file = std::fs::File::create(partial).map_err(|e| io_error(partial, e))?;
+    let file = partial.create()?;
+    let partial = &partial.path();
     let (to_writer, chunks) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
     let writer = tokio::task::spawn_blocking(move || write_all(file, chunks));
     let (to_hasher, chunks) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
