@@ -174,6 +174,36 @@ async fn a_source_replaced_mid_copy_fails_the_attempt_and_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn a_server_answering_parts_longer_than_asked_fails_before_writing_past_the_reservation() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(8 * PART as usize);
+    server.put("disk.img", bytes);
+    let dir = tempfile::tempdir().expect("dest");
+
+    let error = run_copy(args(
+        dir.path().join("disk"),
+        &server.url("long-parts", "disk.img"),
+        8,
+    ))
+    .await
+    .expect_err("a part longer than its range");
+
+    let message = error.to_string();
+    assert!(
+        matches!(error, CopyError::SentMoreThanAnnounced { .. }),
+        "{error:?}"
+    );
+    let announced = format!("sent more than the {PART} bytes it announced");
+    assert!(message.contains(&announced), "{message}");
+    assert!(
+        server.gets().iter().all(|g| g.range.is_some()),
+        "the parallel path was taken: {:?}",
+        server.gets()
+    );
+    assert_only(&dir, &[]);
+}
+
+#[tokio::test]
 async fn a_part_that_breaks_is_fetched_again_alone_from_where_it_broke() {
     let server = RangedServer::start().await;
     let bytes = random_bytes(2 << 20); // 8 parts, each cut halfway once

@@ -7,7 +7,8 @@
 //! removes the partial file.
 //!
 //! The store folder is shared with every Pod of the namespace, so nothing in it is trusted:
-//! every path is reached without following a link (see `folder`).
+//! every path is reached without following a link (see `folder`), and no source may send more
+//! than the size it announced, which is the room the store reserved.
 
 mod folder;
 mod landing;
@@ -55,6 +56,10 @@ pub enum CopyError {
     ChecksumMismatch { expected: String, actual: String },
     #[error("the staging store is full: {0} does not fit")]
     StoreFull(PathBuf),
+    #[error(
+        "{source_name} sent more than the {announced} bytes it announced (the room the store reserved for it); the copy stops there"
+    )]
+    SentMoreThanAnnounced { source_name: String, announced: u64 },
     #[error(
         "{path} is a symbolic link or lies under one: the mover never follows a link in the store, so this copy stops (remove the link)"
     )]
@@ -270,7 +275,8 @@ impl Partial<'_> {
     }
 }
 
-/// Downloads in parts when the source allows it, else as one stream.
+/// Downloads in parts when the source allows it, else as one stream. Either way no more than
+/// `meta.size` (what the HEAD announced and the store reserved) is accepted from the source.
 async fn download(
     args: &CopyArgs,
     source: &source::Source,
@@ -297,7 +303,7 @@ async fn download(
         }
         ranged::Outcome::SingleStream(why) => {
             info!("copying as one stream: {why}");
-            transfer::transfer(source, partial, async |bytes, total| {
+            transfer::transfer(source, meta.size, partial, async |bytes, total| {
                 let front = Front {
                     hashed: bytes,
                     landed: bytes,

@@ -339,6 +339,7 @@ impl Download {
         at: &mut u64,
         end: u64,
     ) -> Result<Option<String>, Stop> {
+        let asked = *at;
         let mut stream = result.into_stream();
         while let Some(chunk) = stream.next().await {
             let bytes = match chunk {
@@ -347,10 +348,17 @@ impl Download {
             };
             let len = bytes.len() as u64;
             if *at + len > end {
-                return Err(self
-                    .parts
-                    .changed("a part came back longer than asked".into())
-                    .into());
+                // Parts tile the announced size, the room the store reserved: a part longer
+                // than its range would write past it (or over the next part).
+                return Err(Stop::Failed(CopyError::SentMoreThanAnnounced {
+                    source_name: format!(
+                        "{} (answering bytes {asked}-{} of {})",
+                        self.parts.display,
+                        end - 1,
+                        self.parts.size
+                    ),
+                    announced: end - asked,
+                }));
             }
             let offset = *at;
             self.chunks
