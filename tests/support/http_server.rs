@@ -1,6 +1,6 @@
 //! A real HTTP server on loopback serving a folder (with Range support, from tower-http), plus
-//! routes that misbehave the ways a real source does: a body cut short, a slow body, and a
-//! file behind basic auth.
+//! routes that misbehave the ways a real source does: a body cut short, a slow body, a file
+//! behind basic auth, and a source that lies about its size.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tower_http::services::ServeDir;
@@ -40,6 +40,7 @@ impl HttpServer {
             .route("/slow/{file}", get(slow))
             .route("/private/{file}", get(private))
             .route("/unreliable/{file}", get(unreliable))
+            .route("/lying/{file}", get(lying))
             .fallback_service(ServeDir::new(&root))
             .with_state(root);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -150,6 +151,26 @@ async fn slow(State(root): Root, Path(file): Path<String>) -> Response {
     Response::builder()
         .header(header::CONTENT_LENGTH, len)
         .body(Body::from_stream(stream))
+        .expect("response")
+}
+
+/// What `/lying/` announces to a HEAD, whatever the file's size.
+pub const LYING_HEAD_BYTES: u64 = 1024;
+
+/// Answers a HEAD with [`LYING_HEAD_BYTES`] and a GET with the whole file: a source that gets a
+/// small reservation and then tries to fill the store.
+async fn lying(State(root): Root, Path(file): Path<String>, method: Method) -> Response {
+    let Some(bytes) = read(&root, &file) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let announced = if method == Method::HEAD {
+        LYING_HEAD_BYTES as usize
+    } else {
+        bytes.len()
+    };
+    Response::builder()
+        .header(header::CONTENT_LENGTH, announced)
+        .body(Body::from(bytes))
         .expect("response")
 }
 
