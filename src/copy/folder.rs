@@ -107,16 +107,31 @@ impl StoreFolder {
         }
     }
 
-    /// Creates (empty) the partial file of `attempt`, for reading and writing, making the
-    /// partial folder if needed.
+    /// Creates the partial file of `attempt`, new and empty, for reading and writing, making
+    /// the partial folder if needed. A file already there (a broken attempt's, or a hard link
+    /// someone planted to another file) is unlinked, never truncated; a link there fails.
     pub fn create_partial(&self, attempt: u32) -> Result<File, CopyError> {
         let partials = self
             .partial_folder(true)?
             .ok_or_else(|| refusal(&self.path.join(PARTIAL_FOLDER), Errno::NOENT))?;
-        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC;
         let name = partial_name(&self.cache, attempt);
-        let file = open_beneath(&partials, &name, flags, Mode::from_raw_mode(0o644))
-            .map_err(|errno| refusal(&self.partial_path(attempt), errno))?;
+        let path = self.partial_path(attempt);
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
+        let fresh = || open_beneath(&partials, &name, flags, Mode::from_raw_mode(0o644));
+        let file = match fresh() {
+            Err(Errno::EXIST) => {
+                // A link there was planted: say so rather than quietly replace it.
+                let held = rustix::fs::statat(&partials, &*name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|errno| refusal(&path, errno))?;
+                if rustix::fs::FileType::from_raw_mode(held.st_mode).is_symlink() {
+                    return Err(CopyError::LinkInStore { path });
+                }
+                unlink_if_present(&partials, &name).map_err(|errno| refusal(&path, errno))?;
+                fresh()
+            }
+            other => other,
+        }
+        .map_err(|errno| refusal(&path, errno))?;
         Ok(File::from(file))
     }
 
@@ -131,7 +146,8 @@ impl StoreFolder {
         rustix::fs::renameat(&partials, &*name, &self.dir, &*self.cache)
             .map_err(|errno| refusal(&self.final_path(), errno))?;
         rustix::fs::fsync(&self.dir).map_err(|errno| refusal(&self.path, errno))?;
-        rustix::fs::fsync(&partials).map_err(|errno| refusal(&self.path, errno))
+        rustix::fs::fsync(&partials)
+            .map_err(|errno| refusal(&self.path.join(PARTIAL_FOLDER), errno))
     }
 
     /// Removes the partial file of `attempt`, if there is one.
@@ -363,6 +379,26 @@ mod tests {
         assert_eq!(
             std::fs::read(&victim).expect("victim"),
             b"another tenant's data"
+        );
+    }
+
+    #[test]
+    fn a_hard_link_at_the_partial_file_is_replaced_not_written_through() {
+        let (_dir, root) = store();
+        std::fs::create_dir(root.join(".partial")).expect("partials");
+        let other = root.join("other");
+        std::fs::write(&other, b"another cache's data").expect("other");
+        std::fs::hard_link(&other, root.join(".partial/img-1")).expect("plant");
+        let folder = StoreFolder::open(&root.join("img")).expect("open");
+        std::io::Write::write_all(&mut folder.create_partial(1).expect("partial"), b"new")
+            .expect("write");
+        assert_eq!(
+            std::fs::read(&other).expect("other"),
+            b"another cache's data"
+        );
+        assert_eq!(
+            std::fs::read(root.join(".partial/img-1")).expect("partial"),
+            b"new"
         );
     }
 
