@@ -258,19 +258,19 @@ async fn copy_into_place(
 }
 
 /// Where one attempt lands: its partial file in the store folder.
-pub struct Partial<'a> {
+struct Partial<'a> {
     folder: &'a StoreFolder,
     attempt: u32,
 }
 
 impl Partial<'_> {
     /// Creates the partial file, empty, for reading and writing.
-    pub fn create(&self) -> Result<std::fs::File, CopyError> {
+    fn create(&self) -> Result<std::fs::File, CopyError> {
         self.folder.create_partial(self.attempt)
     }
 
     /// Its path, for messages.
-    pub fn path(&self) -> PathBuf {
+    fn path(&self) -> PathBuf {
         self.folder.partial_path(self.attempt)
     }
 }
