@@ -403,6 +403,17 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_folder_that_is_a_link_is_refused() {
+        let (dir, root) = store();
+        let elsewhere = dir.path().join("team-a-link");
+        std::os::unix::fs::symlink(&root, &elsewhere).expect("plant");
+        let error = StoreFolder::open(&elsewhere.join("img"))
+            .err()
+            .expect("refused");
+        assert!(matches!(error, CopyError::LinkInStore { .. }), "{error}");
+    }
+
+    #[test]
     fn a_dest_that_is_not_a_cache_name_is_refused() {
         let (_dir, root) = store();
         for dest in [".partial", ".."] {
