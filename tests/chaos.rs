@@ -27,7 +27,7 @@ use support::TestNamespace;
 use support::executor::Executor;
 use support::http_server::{HttpServer, random_below};
 use support::operator::{OperatorProcess, TestStore};
-use support::rig::{random_bytes, sha256};
+use support::rig::{random_bytes, sha256, store_files};
 use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
@@ -360,9 +360,8 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
         ));
     }
     let names: BTreeSet<String> = caches.iter().map(|c| c.name_any()).collect();
-    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        let file = entry.file_name().to_string_lossy().into_owned();
-        if file.contains(".partial-") || !names.contains(&file) {
+    for (file, _) in store_files(&dir) {
+        if !names.contains(&file) {
             problems.push(format!("left in the store: {file}"));
         }
     }

@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,11 +14,11 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::http_server::HttpServer;
 use support::jobs::wait_for_cache;
-use support::rig::{Rig, random_bytes, sha256};
+use support::rig::{Rig, random_bytes, sha256, stop_observer};
 use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
-use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheSpec};
+use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, Reference};
 
 const MIB: usize = 1 << 20;
@@ -64,33 +63,6 @@ async fn acquire_ready(rig: &Rig, spec: TemplateCacheSpec, name: &str) -> Refere
     reference
 }
 
-/// Bytes of every file under `dir`, partial files in any subfolder included; 0 before the
-/// folder exists. A read that fails panics (and so fails the sampler), never counts as 0.
-fn bytes_on_disk(dir: &Path) -> u64 {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
-        Err(e) => panic!("read {}: {e}", dir.display()),
-    };
-    entries
-        .map(|e| e.expect("folder entry"))
-        .map(|e| match e.file_type().expect("file type") {
-            t if t.is_dir() => bytes_on_disk(&e.path()),
-            _ => e.metadata().map_or(0, |m| m.len()),
-        })
-        .sum()
-}
-
-/// Stops a task that watches or samples for the whole test, failing the test if it stopped
-/// early (an error, a panic): what it saw would otherwise be silently short.
-fn stop_observer(task: tokio::task::JoinHandle<()>, what: &str) {
-    assert!(
-        !task.is_finished(),
-        "the {what} stopped before the test ended"
-    );
-    task.abort();
-}
-
 /// Everything a watch of the namespace's caches saw: (name, phase, references).
 type Seen = Arc<Mutex<Vec<(String, Option<Phase>, u32)>>>;
 
@@ -110,34 +82,6 @@ fn watch_caches(rig: &Rig) -> (Seen, tokio::task::JoinHandle<()>) {
         }
     });
     (seen, task)
-}
-
-/// Samples the store's folder and its reported usage until stopped; returns the largest of each.
-fn sample_usage(rig: &Rig) -> (Arc<Mutex<(u64, u64)>>, tokio::task::JoinHandle<()>) {
-    let peak = Arc::new(Mutex::new((0, 0)));
-    let dir = rig.store.dir.path().join(&rig.ns.name);
-    let stores: Api<StagingStore> = Api::all(rig.ns.client.clone());
-    let store = rig.store.name.clone();
-    let out = peak.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let disk = bytes_on_disk(&dir);
-            let reported = stores
-                .get(&store)
-                .await
-                .expect("read the store's usage")
-                .status
-                .and_then(|s| s.used_bytes)
-                .unwrap_or(0);
-            {
-                let mut peak = out.lock().unwrap();
-                peak.0 = peak.0.max(disk);
-                peak.1 = peak.1.max(reported);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
-    (peak, task)
 }
 
 async fn wait_evicted_and_removed(rig: &Rig, name: &str) {
@@ -187,7 +131,7 @@ async fn a_full_store_evicts_the_least_recently_referenced_and_never_a_reference
     let rig = Rig::with_store("evict", 1, "3Mi", eviction).await;
     let capacity = 3 * MIB as u64;
     let (seen, watch) = watch_caches(&rig);
-    let (peak, sampler) = sample_usage(&rig);
+    let (peak, sampler) = rig.sample_usage();
     let spec_of = |n: &str| spec(&server, n, &sources[n]);
 
     // t1 and t2 are used and released; t3 is held: the store is full, t1 goes first.

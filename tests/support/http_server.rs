@@ -1,6 +1,7 @@
 //! A real HTTP server on loopback serving a folder (with Range support, from tower-http), plus
 //! routes that misbehave the ways a real source does: a body cut short, a slow body, a file
-//! behind basic auth, and a source that fails at random and counts how it failed.
+//! behind basic auth, a source that fails at random and counts how it failed, and one that lies
+//! about its size.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -49,6 +50,7 @@ impl HttpServer {
             .route("/slow/{file}", get(slow))
             .route("/private/{file}", get(private))
             .merge(unreliable_route)
+            .route("/lying/{file}", get(lying))
             .fallback_service(ServeDir::new(&root))
             .with_state(root);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -222,6 +224,26 @@ async fn slow(State(root): Root, Path(file): Path<String>) -> Response {
     Response::builder()
         .header(header::CONTENT_LENGTH, len)
         .body(Body::from_stream(stream))
+        .expect("response")
+}
+
+/// What `/lying/` announces to a HEAD, whatever the file's size.
+pub const LYING_HEAD_BYTES: u64 = 1024;
+
+/// Answers a HEAD with [`LYING_HEAD_BYTES`] and a GET with the whole file: a source that gets a
+/// small reservation and then tries to fill the store.
+async fn lying(State(root): Root, Path(file): Path<String>, method: Method) -> Response {
+    let Some(bytes) = read(&root, &file) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let announced = if method == Method::HEAD {
+        LYING_HEAD_BYTES as usize
+    } else {
+        bytes.len()
+    };
+    Response::builder()
+        .header(header::CONTENT_LENGTH, announced)
+        .body(Body::from(bytes))
         .expect("response")
 }
 
