@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::api::names::{JOB_ATTEMPT_LABEL, JOB_CACHE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::api::{AddressingStyle, StagingStore, StoreVolume, TemplateCache, TemplateSource};
+use crate::copy::address::AllowedInternal;
 
 /// Where copy and remove Jobs mount the store.
 pub const STORE_MOUNT: &str = "/store";
@@ -32,6 +33,9 @@ pub struct JobSettings {
     pub service_account: Option<String>,
     /// Streams and part size of copy Jobs (`templatecache copy --streams --part-size`).
     pub copy: crate::copy::Tuning,
+    /// Internal destinations copy Jobs may read from (`templatecache copy
+    /// --allow-internal-address`); every other non-global address is refused by the mover.
+    pub allow_internal_addresses: Vec<AllowedInternal>,
 }
 
 /// What a Job does.
@@ -120,6 +124,14 @@ pub fn copy_job(
         format!("--part-size={}", settings.copy.part_size),
     ];
     args.extend(source_args(&cache.spec.source));
+    // One argument per entry: the Job's spec shows exactly which internal destinations it may
+    // reach, and an empty list (the default) allows none.
+    args.extend(
+        settings
+            .allow_internal_addresses
+            .iter()
+            .map(|allowed| format!("--allow-internal-address={allowed}")),
+    );
     if let Some(checksum) = &cache.spec.checksum {
         args.push(format!("--checksum={checksum}"));
     }
@@ -331,6 +343,10 @@ mod tests {
             image: "i".into(),
             service_account: None,
             copy: Default::default(),
+            allow_internal_addresses: vec![
+                "10.96.0.0/12".parse().expect("network"),
+                "127.0.0.1:9000".parse().expect("endpoint"),
+            ],
         };
         match operation {
             Operation::Copy => copy_job(&cache, &store, 1, &settings),
@@ -350,6 +366,27 @@ mod tests {
             let args = container.args.as_ref().expect("args");
             assert!(args.contains(&"--dest=/store/img".to_owned()), "{args:?}");
         }
+    }
+
+    #[test]
+    fn copy_jobs_carry_the_operators_internal_address_allowlist_and_remove_jobs_do_not() {
+        let args = |operation| {
+            let job = job(operation);
+            let pod = job.spec.expect("spec").template.spec.expect("pod");
+            pod.containers[0].args.clone().expect("args")
+        };
+        let copy = args(Operation::Copy);
+        for expected in [
+            "--allow-internal-address=10.96.0.0/12",
+            "--allow-internal-address=127.0.0.1:9000",
+        ] {
+            assert!(copy.contains(&expected.to_owned()), "{copy:?}");
+        }
+        let remove = args(Operation::Remove);
+        assert!(
+            !remove.iter().any(|a| a.starts_with("--allow-internal")),
+            "{remove:?}"
+        );
     }
 
     #[test]
