@@ -1,7 +1,8 @@
 //! A namespace user attacking the others, against the real API server: a store outside its
 //! namespace selector, a namespace past its quota, a copy Job that could reach other tenants'
-//! folders, a Secret handed to the mover by someone who may not read it, and a forged Ready from a
-//! Pod running as the mover's account. Each attack is refused with a clear reason, nothing of
+//! folders, a Secret handed to the mover by someone who may not read it, a forged Ready from a
+//! Pod running as the mover's account, and a source at an internal address (directly or through a
+//! redirect). Each attack is refused with a clear reason, nothing of
 //! the other tenant's is lost, and each is recorded in the bad-input corpus.
 
 mod support;
@@ -22,6 +23,7 @@ use support::operator::{Operator, TestStore, config};
 use support::rig::{Rig, random_bytes, ready_message, sha256};
 use support::{TestNamespace, kubectl};
 use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheClaim};
+use templatecache::controller::Config as OperatorConfig;
 use templatecache::controller::conditions::{READY, find};
 use templatecache::controller::template_cache::lifecycle::reason;
 
@@ -634,4 +636,146 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
     operator.stop().await;
     store.delete().await;
     ns.delete().await;
+}
+
+/// Waits for the cache's final refusal of its source address; returns the cache.
+async fn address_refused(ns: &TestNamespace, name: &str) -> TemplateCache {
+    let wanted = reason::ADDRESS_NOT_ALLOWED;
+    wait_for_cache(&ns.client, &ns.name, name, wanted, move |c| {
+        let ready = c.status.as_ref().and_then(|s| find(&s.conditions, READY));
+        ready.is_some_and(|r| r.reason == wanted)
+    })
+    .await
+}
+
+/// The refusal is final: Failed after one attempt, no file, and its message names `parts`.
+fn assert_refused_for_good(rig: &Rig, cache: &TemplateCache, parts: &[&str]) -> String {
+    let status = cache.status.clone().expect("status");
+    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.attempt, Some(1), "refused once, not retried");
+    let message = ready_message(cache);
+    for part in parts {
+        assert!(
+            message.contains(part),
+            "the refusal names {part}: {message}"
+        );
+    }
+    assert!(
+        rig.files().is_empty(),
+        "nothing is written: {:?}",
+        rig.files()
+    );
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_addresses_are_refused_with_the_default_config_before_any_request() {
+    // The operator's defaults: no internal destination allowed (the chart's default too).
+    let rig = Rig::with_config("tenant-metadata", |cfg| {
+        cfg.jobs.allow_internal_addresses = OperatorConfig::default().jobs.allow_internal_addresses;
+    })
+    .await;
+    rig.create(
+        "metadata",
+        json!({"source": {"http": {"url": "http://169.254.169.254/latest/meta-data/iam/security-credentials/"}}}),
+    )
+    .await;
+    let cache = address_refused(&rig.ns, "metadata").await;
+    let message = assert_refused_for_good(
+        &rig,
+        &cache,
+        &["169.254.169.254", "link-local", "--allow-internal-address"],
+    );
+    record(
+        "hostile tenant (internal address): a cache of http://169.254.169.254/latest/meta-data/ with the operator's default config",
+        &format!(
+            "Failed for good, Ready reason {}: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+
+    // An internal Service stands in as a real server on loopback: it sees no request at all,
+    // whether the URL names its address or a name that resolves to it.
+    let service = HttpServer::start().await;
+    let (_, spec) = template(&service, "internal.img");
+    rig.create("service", spec).await;
+    let by_name = service
+        .url("internal.img")
+        .replace("127.0.0.1", "localhost");
+    rig.create(
+        "service-by-name",
+        json!({"source": {"http": {"url": by_name}}}),
+    )
+    .await;
+    let cache = address_refused(&rig.ns, "service").await;
+    let message = assert_refused_for_good(&rig, &cache, &["127.0.0.1", "loopback"]);
+    record(
+        "hostile tenant (internal address): a cache of an internal server (loopback) with the operator's default config",
+        &format!(
+            "Failed for good, Ready reason {}, no request reached the server: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+    let cache = address_refused(&rig.ns, "service-by-name").await;
+    let message = assert_refused_for_good(&rig, &cache, &["localhost", "127.0.0.1 is loopback"]);
+    record(
+        "hostile tenant (internal address): a cache of a host name that resolves to loopback, default config",
+        &format!(
+            "Failed for good, Ready reason {}, no request reached the server: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+    assert_eq!(service.requests(), 0, "the internal server saw no request");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_from_an_allowed_host_to_an_internal_one_is_refused() {
+    // Two servers on loopback told apart by address: only 127.0.0.2 is allowed.
+    let allowed = HttpServer::start_on([127, 0, 0, 2].into()).await;
+    let internal = HttpServer::start().await;
+    let rig = Rig::with_config("tenant-redirect", |cfg| {
+        cfg.jobs.allow_internal_addresses = vec!["127.0.0.2".parse().expect("entry")];
+    })
+    .await;
+    let (_, secret) = template(&internal, "secret.img");
+    let secret_url = secret["source"]["http"]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    rig.create(
+        "redirected",
+        json!({"source": {"http": {"url": allowed.redirect("to-internal", &secret_url)}}}),
+    )
+    .await;
+    let cache = address_refused(&rig.ns, "redirected").await;
+    let message = assert_refused_for_good(
+        &rig,
+        &cache,
+        &[
+            &format!("redirect to {secret_url} refused"),
+            &internal.addr.to_string(),
+            "loopback",
+        ],
+    );
+    record(
+        "hostile tenant (internal address): an allowed host (127.0.0.2) answers 302 to an internal one (127.0.0.1)",
+        &format!(
+            "Failed for good, Ready reason {}, the internal server saw no request: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+    assert!(allowed.requests() > 0, "the allowed host was asked");
+    assert_eq!(internal.requests(), 0, "the redirect was not followed");
+
+    // Redirects themselves are fine: one that stays on the allowed host is followed.
+    let (bytes, spec) = template(&allowed, "public.img");
+    let url = spec["source"]["http"]["url"].as_str().expect("url");
+    rig.create(
+        "followed",
+        json!({"source": {"http": {"url": allowed.redirect("to-itself", url)}}, "checksum": spec["checksum"]}),
+    )
+    .await;
+    rig.assert_copied("followed", &bytes).await;
+    rig.stop().await;
 }

@@ -211,7 +211,7 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
         }
         Err(error) => {
             remove_if_present(&partial).await?;
-            reporter.failed(copied, &error.to_string()).await;
+            reporter.failed(copied, &error).await;
             Err(error)
         }
     }

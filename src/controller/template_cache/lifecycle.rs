@@ -68,6 +68,7 @@ pub mod reason {
     pub const SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
     pub const STORE_NOT_ALLOWED: &str = "StoreNotAllowed";
     pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    pub const ADDRESS_NOT_ALLOWED: &str = crate::api::final_reason::ADDRESS_NOT_ALLOWED;
 }
 
 /// What the reconciler saw.
@@ -185,12 +186,28 @@ pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
         }
         JobState::Succeeded => succeeded(status, cache, attempt, observed, policy),
         JobState::Failed { message, at } => {
-            let message = report_of(&current, attempt)
+            let report = report_of(&current, attempt);
+            let message = report
                 .and_then(|r| r.error.clone())
                 .unwrap_or_else(|| message.clone());
+            if report.and_then(|r| r.final_reason.as_deref()) == Some(reason::ADDRESS_NOT_ALLOWED) {
+                return failed_for_good(status, cache, reason::ADDRESS_NOT_ALLOWED, message);
+            }
             failed(status, cache, attempt, message, *at, observed.now, policy)
         }
     }
+}
+
+/// A failure no other attempt would get past (the mover said so): Failed, no retry.
+fn failed_for_good(
+    mut status: TemplateCacheStatus,
+    cache: &TemplateCache,
+    why: &str,
+    message: String,
+) -> Plan {
+    status.phase = Some(Phase::Failed);
+    set_ready(&mut status, false, why, message, cache.metadata.generation);
+    record(status, None)
 }
 
 /// Status for a cache being deleted: it waits for its references to go.
@@ -661,6 +678,39 @@ mod tests {
             p.requeue_after.is_some(),
             "looked at again, for a label added later"
         );
+    }
+
+    #[test]
+    fn a_refused_source_address_fails_for_good_with_its_reason() {
+        let refusal = "source address 169.254.169.254:80 is link-local; the operator's \
+                       --allow-internal-address does not name it";
+        let c = cache(
+            json!({"attempt": 1, "phase": "Copying", "jobName": "img-copy-1",
+            "progress": {"attempt": 1, "bytesCopied": 0, "error": refusal,
+                         "finalReason": "AddressNotAllowed"}}),
+        );
+        let failed = JobState::Failed {
+            message: "BackoffLimitExceeded".into(),
+            at: None,
+        };
+        let p = plan_for(&c, failed.clone(), Some(&store()));
+        assert_eq!(p.step, Step::Record, "no further attempt");
+        assert_eq!(p.requeue_after, None);
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        let ready =
+            crate::controller::conditions::find(&p.status.conditions, READY).expect("Ready");
+        assert_eq!(ready.reason, reason::ADDRESS_NOT_ALLOWED);
+        assert_eq!(ready.message, refusal);
+
+        // A reason the operator does not know is an ordinary failure, retried.
+        let c = cache(
+            json!({"attempt": 1, "phase": "Copying", "jobName": "img-copy-1",
+            "progress": {"attempt": 1, "bytesCopied": 0, "error": "x", "finalReason": "Whatever"}}),
+        );
+        let p = plan_for(&c, failed, Some(&store()));
+        let ready =
+            crate::controller::conditions::find(&p.status.conditions, READY).expect("Ready");
+        assert_eq!(ready.reason, reason::COPY_FAILED);
     }
 
     #[test]
