@@ -1,9 +1,10 @@
 //! A namespace user attacking the others, against the real API server: a store outside its
 //! namespace selector, a namespace past its quota, a copy Job that could reach other tenants'
 //! folders, a Secret handed to the mover by someone who may not read it, a forged Ready from a
-//! Pod running as the mover's account, and a source at an internal address (directly or through a
-//! redirect). Each attack is refused with a clear reason, nothing of
-//! the other tenant's is lost, and each is recorded in the bad-input corpus.
+//! Pod running as the mover's account, a source at an internal address (directly or through a
+//! redirect), and a Job squatting the name of the cache's next copy Job. Each attack is refused
+//! with a clear reason, nothing of the other tenant's is lost, and each is recorded in the
+//! bad-input corpus.
 
 mod support;
 
@@ -777,5 +778,105 @@ async fn a_redirect_from_an_allowed_host_to_an_internal_one_is_refused() {
     )
     .await;
     rig.assert_copied("followed", &bytes).await;
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_squatting_the_next_attempts_name_is_never_taken_for_the_copy() {
+    let rig = Rig::new("tenant-squat", 3).await;
+    let ns = &rig.ns;
+    // A namespace user who may create Jobs, with its own account (the mover's is reserved to
+    // the operator by policy), makes the Job the cache's first attempt will be named after,
+    // before the cache exists, and it completes.
+    account(
+        &ns.name,
+        "tenant",
+        &[&["--verb=create", "--resource=jobs.batch"]],
+    )
+    .await;
+    let tenant = client_as(&ns.name, "tenant", None).await;
+    let squatter: Job = serde_json::from_value(json!({
+        "metadata": {"name": "image-copy-1"},
+        "spec": {"template": {"spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "m", "image": "x"}]}}}
+    }))
+    .expect("job");
+    Api::<Job>::namespaced(tenant, &ns.name)
+        .create(&PostParams::default(), &squatter)
+        .await
+        .expect("the tenant may create Jobs");
+    support::jobs::finish_job(&ns.client, &ns.name, "image-copy-1", true).await;
+
+    let server = HttpServer::start().await;
+    let (bytes, spec) = template(&server, "disk.img");
+    rig.create("image", spec).await;
+    let message = ready_reason(ns, "image", reason::JOB_NOT_OURS).await;
+    record(
+        "hostile tenant (squatted Job): a Job under the next attempt's name, made (and completed) by a namespace user before the operator",
+        &format!(
+            "not taken for the copy, Ready reason {}: {message}",
+            reason::JOB_NOT_OURS
+        ),
+    );
+    for part in [
+        "image-copy-1",
+        "not created by the operator",
+        "no controller",
+    ] {
+        assert!(
+            message.contains(part),
+            "the refusal names {part}: {message}"
+        );
+    }
+    let cache: TemplateCache = ns.api().get("image").await.expect("cache");
+    let status = cache.status.clone().expect("status");
+    assert_ne!(
+        status.phase,
+        Some(Phase::Ready),
+        "nothing goes Ready from it"
+    );
+    assert_eq!(
+        status.job_name, None,
+        "no Pod of it counts as the current Job's"
+    );
+    assert!(
+        rig.files().is_empty(),
+        "nothing is written: {:?}",
+        rig.files()
+    );
+    let job: Job = ns
+        .api()
+        .get("image-copy-1")
+        .await
+        .expect("the squatter's Job");
+    assert_eq!(
+        job.metadata.owner_references, None,
+        "the operator did not adopt it"
+    );
+
+    // Once its owner deletes it, the operator makes its own Job for the same attempt.
+    ns.api::<Job>()
+        .delete("image-copy-1", &kube::api::DeleteParams::background())
+        .await
+        .expect("delete the squatter's Job");
+    rig.assert_copied("image", &bytes).await;
+    let job: Job = ns
+        .api()
+        .get("image-copy-1")
+        .await
+        .expect("the operator's Job");
+    let owner = &job.metadata.owner_references.expect("owned")[0];
+    assert_eq!(Some(&owner.uid), cache.metadata.uid.as_ref());
+    let status = ns
+        .api::<TemplateCache>()
+        .get("image")
+        .await
+        .expect("cache")
+        .status;
+    assert_eq!(
+        status.and_then(|s| s.attempt),
+        Some(1),
+        "no attempt was used up"
+    );
     rig.stop().await;
 }

@@ -74,9 +74,24 @@ pub enum JobState {
         message: String,
         at: Option<k8s_openapi::jiff::Timestamp>,
     },
+    /// A Job has the name but the cache does not control it: someone else made it first (the
+    /// name is predictable). Its state means nothing for the cache, and its Pods are never
+    /// the copy's; the sentence says whose it is and what to do.
+    NotOurs(String),
 }
 
 impl JobState {
+    /// The state of the cache's Job of that name, or [`JobState::NotOurs`] when the Job there is
+    /// not controlled by `cache` (by uid, so a namesake cache of earlier days does not count).
+    pub fn of_cache(job: Option<&Job>, cache: &TemplateCache) -> Self {
+        match job {
+            Some(job) if !is_controlled_by(job, cache) => JobState::NotOurs(not_ours(job, cache)),
+            other => Self::of(other),
+        }
+    }
+
+    /// The Job's own outcome, whoever made it; the controller judges its Jobs with
+    /// [`JobState::of_cache`].
     pub fn of(job: Option<&Job>) -> Self {
         let Some(job) = job else {
             return JobState::Missing;
@@ -106,6 +121,31 @@ impl JobState {
             None => JobState::Running,
         }
     }
+}
+
+fn is_controlled_by(job: &Job, cache: &TemplateCache) -> bool {
+    let uid = cache.metadata.uid.as_deref();
+    let owners = job.metadata.owner_references.as_deref().unwrap_or_default();
+    uid.is_some()
+        && owners
+            .iter()
+            .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}
+
+fn not_ours(job: &Job, cache: &TemplateCache) -> String {
+    let name = job.metadata.name.as_deref().unwrap_or_default();
+    let owners = job.metadata.owner_references.as_deref().unwrap_or_default();
+    let controller = owners.iter().find(|o| o.controller == Some(true));
+    let whose = match controller {
+        Some(o) => format!("its controller is {} {} (uid {})", o.kind, o.name, o.uid),
+        None => "it has no controller".to_owned(),
+    };
+    format!(
+        "Job {name} was not created by the operator for TemplateCache {} ({whose}); a Job \
+         made by someone else is never taken for this cache's copy or trusted for its status. \
+         Delete that Job and the operator creates its own under this name",
+        cache.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 /// The copy Job of `attempt`.
@@ -387,6 +427,45 @@ mod tests {
             !remove.iter().any(|a| a.starts_with("--allow-internal")),
             "{remove:?}"
         );
+    }
+
+    #[test]
+    fn a_job_not_controlled_by_the_cache_is_not_ours_whatever_its_state() {
+        let mut cache = TemplateCache::new(
+            "img",
+            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
+                .expect("spec"),
+        );
+        cache.metadata.uid = Some("cache-uid".into());
+        let complete = |owners: Value| -> Job {
+            serde_json::from_value(json!({
+                "metadata": {"name": "img-copy-2", "ownerReferences": owners},
+                "status": {"conditions": [{"type": "Complete", "status": "True"}]}
+            }))
+            .expect("job")
+        };
+        let owner = |uid: &str, controller: bool| {
+            json!([{"apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
+                    "name": "img", "uid": uid, "controller": controller}])
+        };
+        assert_eq!(
+            JobState::of_cache(Some(&complete(owner("cache-uid", true))), &cache),
+            JobState::Succeeded
+        );
+        for (owners, whose) in [
+            (json!([]), "it has no controller"),
+            (owner("cache-uid", false), "it has no controller"),
+            (owner("other-uid", true), "(uid other-uid)"),
+        ] {
+            match JobState::of_cache(Some(&complete(owners)), &cache) {
+                JobState::NotOurs(message) => {
+                    assert!(message.contains("Job img-copy-2"), "{message}");
+                    assert!(message.contains(whose), "{message}");
+                }
+                other => panic!("a squatted Job must not count, got {other:?}"),
+            }
+        }
+        assert_eq!(JobState::of_cache(None, &cache), JobState::Missing);
     }
 
     #[test]
