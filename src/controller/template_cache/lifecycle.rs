@@ -704,8 +704,7 @@ mod tests {
         assert_eq!(p.step, Step::Record, "no further attempt");
         assert_eq!(p.requeue_after, None);
         assert_eq!(p.status.phase, Some(Phase::Failed));
-        let ready =
-            crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
+        let ready = crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
         assert_eq!(ready.reason, reason::ADDRESS_NOT_ALLOWED);
         assert_eq!(ready.message, refusal);
 
@@ -715,8 +714,7 @@ mod tests {
             "progress": {"attempt": 1, "bytesCopied": 0, "error": "x", "finalReason": "Whatever"}}),
         );
         let p = plan_for(&c, failed, Some(&store()));
-        let ready =
-            crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
+        let ready = crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
         assert_eq!(ready.reason, reason::COPY_FAILED);
     }
 
@@ -733,8 +731,7 @@ mod tests {
         assert_eq!(p.status.phase, Some(Phase::Failed));
         assert_eq!(p.status.attempt, Some(1));
         assert_eq!(p.status.job_name, None, "no Pod of it is the current Job's");
-        let ready =
-            crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
+        let ready = crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
         assert_eq!(ready.reason, reason::JOB_NOT_OURS);
         assert!(ready.message.contains("img-copy-1"));
         assert!(
