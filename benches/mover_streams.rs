@@ -70,6 +70,7 @@ impl Endpoint {
             format!("--streams={streams}"),
             "--part-size=16Mi".into(),
             format!("--dest={}", path(out)),
+            format!("--allow-internal-address={}", support::LOOPBACK_SOURCES),
         ];
         if self.kind == "S3" {
             args.extend([

@@ -28,6 +28,7 @@ fn args(dest: PathBuf, url: &str, streams: u16) -> CopyArgs {
         checksum: None,
         streams,
         part_size: PART,
+        allow_internal_address: support::loopback_sources(),
     }
 }
 
@@ -254,6 +255,7 @@ mod s3 {
         command
             .args(["copy", "--attempt", "1", "--streams", "8"])
             .arg(format!("--part-size={PART}"))
+            .args(["--allow-internal-address", super::support::LOOPBACK_SOURCES])
             .arg("--dest")
             .arg(dest)
             .args(["--s3-bucket", BUCKET, "--s3-key", key, "--s3-endpoint"])

@@ -2,9 +2,10 @@
 //! namespace selector, a namespace past its quota, a copy Job that could reach other tenants'
 //! folders, a Secret handed to the mover by someone who may not read it, a forged Ready from a
 //! Pod running as the mover's account, links planted in its store folder, caches named like
-//! another cache's partial file, and sources that lie about their size to the real mover. Each
-//! attack is refused with a clear reason, nothing of the other tenant's is lost, and each is
-//! recorded in the bad-input corpus.
+//! another cache's partial file, sources that lie about their size to the real mover, a source
+//! at an internal address (directly or through a redirect), and a Job squatting the name of the
+//! cache's next copy Job. Each attack is refused with a clear reason, nothing of the other
+//! tenant's is lost, and each is recorded in the bad-input corpus.
 
 mod support;
 
@@ -27,6 +28,7 @@ use support::{TestNamespace, kubectl};
 use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheClaim};
+use templatecache::controller::Config as OperatorConfig;
 
 const MIB: usize = 1 << 20;
 
@@ -851,5 +853,247 @@ async fn a_ranged_source_answering_parts_longer_than_asked_fails_within_its_rese
         "parts only: {gets:?}"
     );
     assert!(rig.files().is_empty(), "nothing left: {:?}", rig.files());
+    rig.stop().await;
+}
+
+/// Waits for the cache's final refusal of its source address; returns the cache.
+async fn address_refused(ns: &TestNamespace, name: &str) -> TemplateCache {
+    let wanted = reason::ADDRESS_NOT_ALLOWED;
+    wait_for_cache(&ns.client, &ns.name, name, wanted, move |c| {
+        let ready = c.status.as_ref().and_then(|s| find(&s.conditions, READY));
+        ready.is_some_and(|r| r.reason == wanted)
+    })
+    .await
+}
+
+/// The refusal is final: Failed after one attempt, no file, and its message names `parts`.
+fn assert_refused_for_good(rig: &Rig, cache: &TemplateCache, parts: &[&str]) -> String {
+    let status = cache.status.clone().expect("status");
+    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.attempt, Some(1), "refused once, not retried");
+    let message = ready_message(cache);
+    for part in parts {
+        assert!(
+            message.contains(part),
+            "the refusal names {part}: {message}"
+        );
+    }
+    assert!(
+        rig.files().is_empty(),
+        "nothing is written: {:?}",
+        rig.files()
+    );
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_addresses_are_refused_with_the_default_config_before_any_request() {
+    // The operator's defaults: no internal destination allowed (the chart's default too).
+    let rig = Rig::with_config("tenant-metadata", |cfg| {
+        cfg.jobs.allow_internal_addresses = OperatorConfig::default().jobs.allow_internal_addresses;
+    })
+    .await;
+    rig.create(
+        "metadata",
+        json!({"source": {"http": {"url": "http://169.254.169.254/latest/meta-data/iam/security-credentials/"}}}),
+    )
+    .await;
+    let cache = address_refused(&rig.ns, "metadata").await;
+    let message = assert_refused_for_good(
+        &rig,
+        &cache,
+        &["169.254.169.254", "link-local", "--allow-internal-address"],
+    );
+    record(
+        "hostile tenant (internal address): a cache of http://169.254.169.254/latest/meta-data/ with the operator's default config",
+        &format!(
+            "Failed for good, Ready reason {}: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+
+    // An internal Service stands in as a real server on loopback: it sees no request at all,
+    // whether the URL names its address or a name that resolves to it.
+    let service = HttpServer::start().await;
+    let (_, spec) = template(&service, "internal.img");
+    rig.create("service", spec).await;
+    let by_name = service
+        .url("internal.img")
+        .replace("127.0.0.1", "localhost");
+    rig.create(
+        "service-by-name",
+        json!({"source": {"http": {"url": by_name}}}),
+    )
+    .await;
+    let cache = address_refused(&rig.ns, "service").await;
+    let message = assert_refused_for_good(&rig, &cache, &["127.0.0.1", "loopback"]);
+    record(
+        "hostile tenant (internal address): a cache of an internal server (loopback) with the operator's default config",
+        &format!(
+            "Failed for good, Ready reason {}, no request reached the server: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+    let cache = address_refused(&rig.ns, "service-by-name").await;
+    let message = assert_refused_for_good(&rig, &cache, &["localhost", "127.0.0.1 is loopback"]);
+    record(
+        "hostile tenant (internal address): a cache of a host name that resolves to loopback, default config",
+        &format!(
+            "Failed for good, Ready reason {}, no request reached the server: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+    assert_eq!(service.requests(), 0, "the internal server saw no request");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_from_an_allowed_host_to_an_internal_one_is_refused() {
+    // Two servers on loopback told apart by address: only 127.0.0.2 is allowed.
+    let allowed = HttpServer::start_on([127, 0, 0, 2].into()).await;
+    let internal = HttpServer::start().await;
+    let rig = Rig::with_config("tenant-redirect", |cfg| {
+        cfg.jobs.allow_internal_addresses = vec!["127.0.0.2".parse().expect("entry")];
+    })
+    .await;
+    let (_, secret) = template(&internal, "secret.img");
+    let secret_url = secret["source"]["http"]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    rig.create(
+        "redirected",
+        json!({"source": {"http": {"url": allowed.redirect("to-internal", &secret_url)}}}),
+    )
+    .await;
+    let cache = address_refused(&rig.ns, "redirected").await;
+    let message = assert_refused_for_good(
+        &rig,
+        &cache,
+        &[
+            &format!("redirect to {secret_url} refused"),
+            &internal.addr.to_string(),
+            "loopback",
+        ],
+    );
+    record(
+        "hostile tenant (internal address): an allowed host (127.0.0.2) answers 302 to an internal one (127.0.0.1)",
+        &format!(
+            "Failed for good, Ready reason {}, the internal server saw no request: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+    assert!(allowed.requests() > 0, "the allowed host was asked");
+    assert_eq!(internal.requests(), 0, "the redirect was not followed");
+
+    // Redirects themselves are fine: one that stays on the allowed host is followed.
+    let (bytes, spec) = template(&allowed, "public.img");
+    let url = spec["source"]["http"]["url"].as_str().expect("url");
+    rig.create(
+        "followed",
+        json!({"source": {"http": {"url": allowed.redirect("to-itself", url)}}, "checksum": spec["checksum"]}),
+    )
+    .await;
+    rig.assert_copied("followed", &bytes).await;
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_squatting_the_next_attempts_name_is_never_taken_for_the_copy() {
+    let rig = Rig::new("tenant-squat", 3).await;
+    let ns = &rig.ns;
+    // A namespace user who may create Jobs, with its own account (the mover's is reserved to
+    // the operator by policy), makes the Job the cache's first attempt will be named after,
+    // before the cache exists, and it completes.
+    account(
+        &ns.name,
+        "tenant",
+        &[&["--verb=create", "--resource=jobs.batch"]],
+    )
+    .await;
+    let tenant = client_as(&ns.name, "tenant", None).await;
+    let squatter: Job = serde_json::from_value(json!({
+        "metadata": {"name": "image-copy-1"},
+        "spec": {"template": {"spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "m", "image": "x"}]}}}
+    }))
+    .expect("job");
+    Api::<Job>::namespaced(tenant, &ns.name)
+        .create(&PostParams::default(), &squatter)
+        .await
+        .expect("the tenant may create Jobs");
+    support::jobs::finish_job(&ns.client, &ns.name, "image-copy-1", true).await;
+
+    let server = HttpServer::start().await;
+    let (bytes, spec) = template(&server, "disk.img");
+    rig.create("image", spec).await;
+    let message = ready_reason(ns, "image", reason::JOB_NOT_OURS).await;
+    record(
+        "hostile tenant (squatted Job): a Job under the next attempt's name, made (and completed) by a namespace user before the operator",
+        &format!(
+            "not taken for the copy, Ready reason {}: {message}",
+            reason::JOB_NOT_OURS
+        ),
+    );
+    for part in [
+        "image-copy-1",
+        "not created by the operator",
+        "no controller",
+    ] {
+        assert!(
+            message.contains(part),
+            "the refusal names {part}: {message}"
+        );
+    }
+    let cache: TemplateCache = ns.api().get("image").await.expect("cache");
+    let status = cache.status.clone().expect("status");
+    assert_ne!(
+        status.phase,
+        Some(Phase::Ready),
+        "nothing goes Ready from it"
+    );
+    assert_eq!(
+        status.job_name, None,
+        "no Pod of it counts as the current Job's"
+    );
+    assert!(
+        rig.files().is_empty(),
+        "nothing is written: {:?}",
+        rig.files()
+    );
+    let job: Job = ns
+        .api()
+        .get("image-copy-1")
+        .await
+        .expect("the squatter's Job");
+    assert_eq!(
+        job.metadata.owner_references, None,
+        "the operator did not adopt it"
+    );
+
+    // Once its owner deletes it, the operator makes its own Job for the same attempt.
+    ns.api::<Job>()
+        .delete("image-copy-1", &kube::api::DeleteParams::background())
+        .await
+        .expect("delete the squatter's Job");
+    rig.assert_copied("image", &bytes).await;
+    let job: Job = ns
+        .api()
+        .get("image-copy-1")
+        .await
+        .expect("the operator's Job");
+    let owner = &job.metadata.owner_references.expect("owned")[0];
+    assert_eq!(Some(&owner.uid), cache.metadata.uid.as_ref());
+    let status = ns
+        .api::<TemplateCache>()
+        .get("image")
+        .await
+        .expect("cache")
+        .status;
+    assert_eq!(
+        status.and_then(|s| s.attempt),
+        Some(1),
+        "no attempt was used up"
+    );
     rig.stop().await;
 }

@@ -16,6 +16,8 @@ pub mod cache {
     pub const SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
     pub const STORE_NOT_ALLOWED: &str = "StoreNotAllowed";
     pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    pub const JOB_NOT_OURS: &str = "JobNotOurs";
+    pub const ADDRESS_NOT_ALLOWED: &str = crate::api::final_reason::ADDRESS_NOT_ALLOWED;
 }
 
 /// Reasons of a TemplateCacheClaim's Ready condition.

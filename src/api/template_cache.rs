@@ -201,6 +201,18 @@ pub struct Progress {
     /// One-line reason the copy failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Set when the failure is one any further attempt would meet again (see [`final_reason`]):
+    /// the cache is then Failed for good with this reason, and not retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_reason: Option<String>,
+}
+
+/// The values of [`Progress::final_reason`] the operator acts on; any other is ignored and the
+/// attempt is retried as usual.
+pub mod final_reason {
+    /// The source is at an internal address (loopback, link-local, private, ...) that the
+    /// operator's `--allow-internal-address` does not name, or redirects to one.
+    pub const ADDRESS_NOT_ALLOWED: &str = "AddressNotAllowed";
 }
 
 /// Whether a copy may take room in its store. The data mover asks (it reports the template's

@@ -96,6 +96,7 @@ impl Default for Config {
                 .to_owned(),
                 service_account: None,
                 copy: crate::copy::Tuning::default(),
+                allow_internal_addresses: vec![],
             },
             retry: RetryPolicy::default(),
             concurrency: 16,

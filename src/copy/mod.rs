@@ -10,6 +10,7 @@
 //! every path is reached without following a link (see `folder`), and no source may send more
 //! than the size it announced, which is the room the store reserved.
 
+pub mod address;
 mod folder;
 mod landing;
 mod plan;
@@ -79,10 +80,15 @@ pub enum CopyError {
     Report(String),
     #[error("stopped before copying: {0}")]
     Superseded(String),
+    #[error("{0}")]
+    AddressRefused(#[from] address::AddressRefused),
 }
 
 impl CopyError {
     fn from_source(display: &str, error: object_store::Error) -> Self {
+        if let Some(refused) = address::guard::refusal_in(&error) {
+            return CopyError::AddressRefused(refused);
+        }
         match error {
             object_store::Error::NotFound { .. } => CopyError::NotFound(display.to_owned()),
             object_store::Error::PermissionDenied { .. }
@@ -143,6 +149,11 @@ pub struct CopyArgs {
     #[arg(long, default_value = "16Mi", env = "TEMPLATECACHE_COPY_PART_SIZE",
           value_parser = parse_part_size)]
     pub part_size: u64,
+    /// Internal destinations the source may be at, comma-separated or repeated: networks
+    /// (`10.96.0.0/12`), addresses (`10.96.0.10`) or address:port (`10.96.0.10:9000`). Every
+    /// other loopback, link-local, private or otherwise non-global address is refused.
+    #[arg(long, value_delimiter = ',')]
+    pub allow_internal_address: Vec<address::AllowedInternal>,
 }
 
 /// Part size unless told otherwise: AWS's guidance is 8 to 16 MiB ranges.
@@ -227,7 +238,7 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
             if let Err(cleanup) = folder.remove_partial(args.attempt) {
                 warn!("the partial file stays: {cleanup}");
             }
-            reporter.failed(copied, &error.to_string()).await;
+            reporter.failed(copied, &error).await;
             Err(error)
         }
     }

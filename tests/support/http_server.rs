@@ -1,11 +1,11 @@
 //! A real HTTP server on loopback serving a folder (with Range support, from tower-http), plus
 //! routes that misbehave the ways a real source does: a body cut short, a slow body, a file
-//! behind basic auth, a source that fails at random and counts how it failed, and one that lies
-//! about its size.
+//! behind basic auth, a source that fails at random and counts how it failed, one that lies
+//! about its size, and a redirect to anywhere. It counts the requests it receives.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,8 +23,14 @@ pub struct HttpServer {
     pub dir: tempfile::TempDir,
     /// How the `/unreliable/` route answered so far.
     pub unreliable: Arc<UnreliableTally>,
+    requests: Arc<AtomicUsize>,
+    redirects: Redirects,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// Where each `/redirect/<name>` points. A table rather than a query parameter: the mover
+/// reads an HTTP source by its path (object_store drops a URL's query).
+type Redirects = Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>;
 
 impl Drop for HttpServer {
     fn drop(&mut self) {
@@ -38,12 +44,22 @@ pub const PASSWORD: &str = "s3cret";
 
 impl HttpServer {
     pub async fn start() -> Self {
+        Self::start_on(Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// A server on another loopback address (127.0.0.2, say), to tell two servers apart by
+    /// address, as the mover's allowlist does.
+    pub async fn start_on(ip: IpAddr) -> Self {
         let dir = tempfile::tempdir().expect("server folder");
         let root = dir.path().to_owned();
         let unreliable = Arc::new(UnreliableTally::default());
         let unreliable_route = Router::new()
             .route("/unreliable/{file}", get(unreliable_source))
             .with_state((root.clone(), unreliable.clone()));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let redirects = Redirects::default();
+        let table = redirects.clone();
         let app = Router::new()
             .route("/truncated/{file}", get(truncated))
             .route("/flaky/{file}", get(flaky))
@@ -51,9 +67,19 @@ impl HttpServer {
             .route("/private/{file}", get(private))
             .merge(unreliable_route)
             .route("/lying/{file}", get(lying))
+            .route(
+                "/redirect/{name}",
+                get(move |Path(name): Path<String>| redirect(table.clone(), name)),
+            )
             .fallback_service(ServeDir::new(&root))
-            .with_state(root);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .with_state(root)
+            .layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    next.run(request)
+                },
+            ));
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
             .await
             .expect("bind loopback");
         let addr = listener.local_addr().expect("address");
@@ -64,8 +90,24 @@ impl HttpServer {
             addr,
             dir,
             unreliable,
+            requests,
+            redirects,
             task,
         }
+    }
+
+    /// Requests received so far, of any method and path.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// A URL of this server, `/redirect/<name>`, that answers `302 Found` to `target`.
+    pub fn redirect(&self, name: &str, target: &str) -> String {
+        self.redirects
+            .lock()
+            .expect("redirect table")
+            .insert(name.to_owned(), target.to_owned());
+        self.url(&format!("redirect/{name}"))
     }
 
     /// Writes `bytes` as `name` in the served folder.
@@ -244,6 +286,18 @@ async fn lying(State(root): Root, Path(file): Path<String>, method: Method) -> R
     Response::builder()
         .header(header::CONTENT_LENGTH, announced)
         .body(Body::from(bytes))
+        .expect("response")
+}
+
+/// `302 Found` to where the table says `name` points.
+async fn redirect(table: Redirects, name: String) -> Response {
+    let Some(target) = table.lock().expect("redirect table").get(&name).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header(header::LOCATION, target)
+        .body(Body::empty())
         .expect("response")
 }
 

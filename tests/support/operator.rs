@@ -28,6 +28,7 @@ pub fn config(namespace: &str, store: &str) -> Config {
             image: "templatecache:test".to_owned(),
             service_account: None,
             copy: Default::default(),
+            allow_internal_addresses: super::loopback_sources(),
         },
         retry: RetryPolicy {
             max_attempts: 3,
@@ -138,6 +139,8 @@ impl OperatorProcess {
             "templatecache:test",
             "--retry-base-seconds",
             "1",
+            "--allow-internal-address",
+            super::LOOPBACK_SOURCES,
         ];
         let args: Vec<String> = fixed.iter().chain(extra).map(|a| a.to_string()).collect();
         Self::spawn(identity, &args, &super::kubeconfig_path())

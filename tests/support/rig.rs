@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::{Phase, StagingStore, TemplateCache};
+use templatecache::controller::Config;
 
 use super::TestNamespace;
 use super::executor::Executor;
@@ -38,11 +39,28 @@ impl Rig {
         capacity: &str,
         eviction: serde_json::Value,
     ) -> Self {
+        Self::build(prefix, capacity, eviction, |cfg| {
+            cfg.retry.max_attempts = attempts
+        })
+        .await
+    }
+
+    /// A rig whose operator runs with `adjust` applied to the tests' [`config`].
+    pub async fn with_config(prefix: &str, adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::build(prefix, "10Gi", json!({}), adjust).await
+    }
+
+    async fn build(
+        prefix: &str,
+        capacity: &str,
+        eviction: serde_json::Value,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let ns = TestNamespace::new(prefix).await;
         let name = format!("{}-store", ns.name);
         let store = TestStore::with_eviction(&ns.client, &name, capacity, eviction).await;
         let mut cfg = config(&ns.name, &store.name);
-        cfg.retry.max_attempts = attempts;
+        adjust(&mut cfg);
         let operator = Operator::start(cfg).await;
         let executor = Executor::start(&ns.name);
         Self {

@@ -71,10 +71,15 @@ async fn reconcile_live(
     let store_name = ctx.store_name_of(&cache);
     let store = ctx.store(&store_name).await?;
     let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
-    let job = JobState::of(current_copy_job(jobs, &cache, attempt).await?.as_ref());
+    let job = JobState::of_cache(
+        current_copy_job(jobs, &cache, attempt).await?.as_ref(),
+        &cache,
+    );
     let cache = read_report_if_missing(caches, cache, attempt, &job).await?;
     let removal = match cache.status.as_ref().and_then(|s| s.phase) {
-        Some(Phase::Evicted) => JobState::of(removal_job(jobs, &cache, attempt).await?.as_ref()),
+        Some(Phase::Evicted) => {
+            JobState::of_cache(removal_job(jobs, &cache, attempt).await?.as_ref(), &cache)
+        }
         _ => JobState::Missing,
     };
     let observed = Observed {
@@ -328,14 +333,16 @@ async fn finalize(
         return Ok(None);
     };
     let copy_job = current_copy_job(jobs, cache, attempt).await?;
-    if JobState::of(copy_job.as_ref()) == JobState::Running {
+    // Only its own Job is stopped: one someone else made under the name is not the operator's
+    // to delete.
+    if JobState::of_cache(copy_job.as_ref(), cache) == JobState::Running {
         // Stop the copy first, so it cannot write after the data is removed.
         let name = jobs::job_name(&cache.name_any(), Operation::Copy, attempt);
         jobs.delete(&name, &DeleteParams::background()).await?;
         return Ok(Some(Duration::from_secs(1)));
     }
     let remove_name = jobs::job_name(&cache.name_any(), Operation::Remove, attempt);
-    match JobState::of(removal_job(jobs, cache, attempt).await?.as_ref()) {
+    match JobState::of_cache(removal_job(jobs, cache, attempt).await?.as_ref(), cache) {
         JobState::Missing => {
             let job = jobs::remove_job(cache, &store, attempt, &ctx.config.jobs)?;
             create_job(jobs, job).await?;
@@ -350,7 +357,9 @@ async fn finalize(
                 .observe_cache(&namespace, &cache.name_any(), None);
             Ok(None)
         }
-        JobState::Failed { message, .. } => Err(Error::CleanupFailed(remove_name, message)),
+        JobState::Failed { message, .. } | JobState::NotOurs(message) => {
+            Err(Error::CleanupFailed(remove_name, message))
+        }
     }
 }
 
