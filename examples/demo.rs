@@ -63,6 +63,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             image: "templatecache:dev".into(),
             service_account: None,
             copy: Default::default(),
+            oci_plain_http_registries: vec![],
         },
         ..Config::default()
     };

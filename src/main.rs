@@ -106,6 +106,14 @@ struct RunArgs {
     /// S3 sources are matched as `<endpoint>/<bucket>/<key>`, or `s3://<bucket>/<key>` on AWS.
     #[arg(long, value_delimiter = ',', env = "TEMPLATECACHE_SOURCE_ALLOWLIST")]
     source_allowlist: Vec<String>,
+    /// OCI registries served over plain HTTP, comma-separated `host:port` (or `host` for all its
+    /// ports); every other registry is pulled over TLS.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "TEMPLATECACHE_OCI_PLAIN_HTTP_REGISTRIES"
+    )]
+    oci_plain_http_registries: Vec<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -127,6 +135,7 @@ impl RunArgs {
                     streams: self.copy_streams,
                     part_size: self.copy_part_size,
                 },
+                oci_plain_http_registries: self.oci_plain_http_registries.clone(),
             },
             retry: RetryPolicy {
                 max_attempts: self.max_attempts,

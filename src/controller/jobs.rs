@@ -32,6 +32,10 @@ pub struct JobSettings {
     pub service_account: Option<String>,
     /// Streams and part size of copy Jobs (`templatecache copy --streams --part-size`).
     pub copy: crate::copy::Tuning,
+    /// OCI registries (`host:port`, or `host` for all its ports) served over plain HTTP, like
+    /// containerd's and CDI's insecure registries: their copy Jobs get `--oci-plain-http`. TLS
+    /// for every other one.
+    pub oci_plain_http_registries: Vec<String>,
 }
 
 /// What a Job does.
@@ -120,6 +124,24 @@ pub fn copy_job(
         format!("--part-size={}", settings.copy.part_size),
     ];
     args.extend(source_args(&cache.spec.source));
+    if let Some(oci) = &cache.spec.source.oci {
+        let registry = oci.repository().split('/').next().unwrap_or_default();
+        let host = registry.rsplit_once(':').map_or(registry, |(host, _)| host);
+        if settings
+            .oci_plain_http_registries
+            .iter()
+            .any(|r| r == registry || r == host)
+        {
+            args.push("--oci-plain-http".to_owned());
+        }
+        if let Some(digest) = cache
+            .status
+            .as_ref()
+            .and_then(|s| s.resolved_digest.as_ref())
+        {
+            args.push(format!("--oci-digest={digest}"));
+        }
+    }
     if let Some(checksum) = &cache.spec.checksum {
         args.push(format!("--checksum={checksum}"));
     }
@@ -181,6 +203,12 @@ fn source_args(source: &TemplateSource) -> Vec<String> {
             args.push("--s3-virtual-host".to_owned());
         }
     }
+    if let Some(oci) = &source.oci {
+        args.push(format!("--oci-reference={}", oci.reference));
+        if let Some(file) = &oci.file {
+            args.push(format!("--oci-file={file}"));
+        }
+    }
     args
 }
 
@@ -221,6 +249,14 @@ fn credential_env(source: &TemplateSource) -> Vec<Value> {
             "AWS_SESSION_TOKEN",
             &secret.name,
             "sessionToken",
+        ));
+    }
+    if let Some(secret) = source.oci.as_ref().and_then(|o| o.secret_ref.as_ref()) {
+        // The whole pull secret: the mover picks the entry of the reference's registry.
+        env.push(from_secret(
+            crate::copy::OCI_DOCKER_CONFIG,
+            &secret.name,
+            ".dockerconfigjson",
         ));
     }
     env
@@ -331,6 +367,7 @@ mod tests {
             image: "i".into(),
             service_account: None,
             copy: Default::default(),
+            oci_plain_http_registries: vec![],
         };
         match operation {
             Operation::Copy => copy_job(&cache, &store, 1, &settings),

@@ -97,6 +97,7 @@ impl Default for Config {
                 .to_owned(),
                 service_account: None,
                 copy: crate::copy::Tuning::default(),
+                oci_plain_http_registries: vec![],
             },
             retry: RetryPolicy::default(),
             concurrency: 16,

@@ -6,6 +6,7 @@
 //! folder is fsynced so the rename survives a crash). Every failure removes the partial file.
 
 mod landing;
+mod oci;
 mod plan;
 mod ranged;
 mod report;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::info;
 
+pub use oci::OCI_DOCKER_CONFIG;
 pub use plan::{MIN_PARTS, Tuning};
 pub use transfer::Transferred;
 
@@ -58,6 +60,31 @@ pub enum CopyError {
     Report(String),
     #[error("stopped before copying: {0}")]
     Superseded(String),
+    #[error(
+        "{what} has digest {actual}, not {expected}: the registry sent other bytes than it names"
+    )]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{reference} is an index without a {wanted} manifest (it offers {offered})")]
+    NoMatchingPlatform {
+        reference: String,
+        wanted: String,
+        offered: String,
+    },
+    #[error("{reference} has no file {file} (it holds: {candidates})")]
+    FileMissing {
+        reference: String,
+        file: String,
+        candidates: String,
+    },
+    #[error("{reference} holds several files ({candidates}): name one in spec.source.oci.file")]
+    SeveralFiles {
+        reference: String,
+        candidates: String,
+    },
 }
 
 impl CopyError {
@@ -93,8 +120,21 @@ pub struct CopyArgs {
     #[arg(long)]
     pub dest: PathBuf,
     /// Source URL (http or https).
-    #[arg(long, conflicts_with_all = ["s3_bucket"])]
+    #[arg(long, conflicts_with_all = ["s3_bucket", "oci_reference"])]
     pub http_url: Option<String>,
+    /// OCI reference, `registry/repository:tag` or `...@sha256:<hex>`.
+    #[arg(long, conflicts_with_all = ["s3_bucket"])]
+    pub oci_reference: Option<String>,
+    /// The ORAS layer title, or the file under `disk/` of a containerDisk, to stage.
+    #[arg(long, requires = "oci_reference")]
+    pub oci_file: Option<String>,
+    /// The manifest digest an earlier attempt resolved the reference's tag to: pulled instead of
+    /// the tag, so every attempt stages the same version.
+    #[arg(long, requires = "oci_reference")]
+    pub oci_digest: Option<String>,
+    /// Talk to the registry over plain HTTP (a registry the operator lists as served without TLS).
+    #[arg(long, requires = "oci_reference")]
+    pub oci_plain_http: bool,
     /// Source bucket (S3-compatible).
     #[arg(long, requires = "s3_key")]
     pub s3_bucket: Option<String>,
@@ -173,13 +213,19 @@ pub struct RemoveArgs {
 
 /// Copies the template into place and reports the outcome.
 pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
-    let source = source::open(&args)?;
     let mut reporter = report::Reporter::connect(args.cache.as_deref(), args.attempt)
         .await
         .map_err(CopyError::InvalidArguments)?;
     let partial = partial_path(&args.dest, args.attempt)?;
     let mut copied = 0;
     let result = async {
+        if let Some(reference) = &args.oci_reference {
+            create_parent(&args.dest).await?;
+            let done =
+                oci::download(&args, reference, &mut reporter, &partial, &mut copied).await?;
+            return publish(&args, &partial, done).await;
+        }
+        let source = source::open(&args)?;
         // Nothing is written before the store has reserved the room (see StorageAdmission).
         let meta = source.head().await?;
         reporter.wait_for_room(meta.size).await?;
@@ -213,11 +259,26 @@ async fn copy_into_place(
     partial: &Path,
     mut progress: impl AsyncFnMut(Front, Option<u64>),
 ) -> Result<Transferred, CopyError> {
-    let dir = args.dest.parent().unwrap_or(Path::new("."));
+    create_parent(&args.dest).await?;
+    let done = download(args, source, meta, partial, &mut progress).await?;
+    publish(args, partial, done).await
+}
+
+async fn create_parent(dest: &Path) -> Result<(), CopyError> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
     tokio::fs::create_dir_all(dir)
         .await
-        .map_err(|e| io_error(dir, e))?;
-    let done = download(args, source, meta, partial, &mut progress).await?;
+        .map_err(|e| io_error(dir, e))
+}
+
+/// Checks the copy against the expected checksum and renames it into place (then fsyncs the
+/// folder so the rename survives a crash).
+async fn publish(
+    args: &CopyArgs,
+    partial: &Path,
+    done: Transferred,
+) -> Result<Transferred, CopyError> {
+    let dir = args.dest.parent().unwrap_or(Path::new("."));
     if let Some(expected) = &args.checksum
         && *expected != done.checksum
     {

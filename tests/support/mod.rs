@@ -178,6 +178,7 @@ pub mod http_server;
 pub mod jobs;
 pub mod operator;
 pub mod ranged_server;
+pub mod registry;
 pub mod rig;
 pub mod s3_server;
 pub mod throttle;

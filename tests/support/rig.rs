@@ -32,11 +32,24 @@ impl Rig {
         capacity: &str,
         eviction: serde_json::Value,
     ) -> Self {
+        Self::with_config(prefix, capacity, eviction, |cfg| {
+            cfg.retry.max_attempts = attempts;
+        })
+        .await
+    }
+
+    /// A rig whose operator settings `adjust` changes from the tests' defaults.
+    pub async fn with_config(
+        prefix: &str,
+        capacity: &str,
+        eviction: serde_json::Value,
+        adjust: impl FnOnce(&mut templatecache::controller::Config),
+    ) -> Self {
         let ns = TestNamespace::new(prefix).await;
         let name = format!("{}-store", ns.name);
         let store = TestStore::with_eviction(&ns.client, &name, capacity, eviction).await;
         let mut cfg = config(&ns.name, &store.name);
-        cfg.retry.max_attempts = attempts;
+        adjust(&mut cfg);
         let operator = Operator::start(cfg).await;
         let executor = Executor::start(&ns.name);
         Self {

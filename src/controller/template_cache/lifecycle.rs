@@ -223,6 +223,14 @@ fn common_status(observed: &Observed, current: &TemplateCacheStatus) -> Template
         cache.metadata.namespace.as_deref().unwrap_or_default(),
         cache.metadata.name.as_deref().unwrap_or_default(),
     ));
+    // The first digest a mover reports is kept for the life of the cache: every later attempt
+    // pulls it, whatever the tag names by then (the mover's report is cleared between attempts).
+    if status.resolved_digest.is_none()
+        && let Some(attempt) = current.attempt
+        && let Some(digest) = report_of(current, attempt).and_then(|p| p.resolved_digest.clone())
+    {
+        status.resolved_digest = Some(digest);
+    }
     status
 }
 

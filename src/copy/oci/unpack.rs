@@ -1,0 +1,244 @@
+//! What the mover keeps of a blob, on a blocking thread fed by the fetch channel: an ORAS layer
+//! whole, or from a containerDisk's tar layer (gzip, zstd or plain) only the regular file
+//! `disk/<name>`, decompressed and unpacked on the fly. Only that file's bytes are written, to the
+//! partial file the caller names: no path from the archive is ever used, so links and `..` in a
+//! hostile image lead nowhere.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Buf, Bytes};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use super::super::transfer::{Transferred, Writeback, hex};
+use super::super::{CopyError, io_error};
+
+/// The consumer's side of the fetch channel as a `Read`; end of file when the fetch ends (the
+/// fetch's own result says whether that end was complete).
+pub struct ChannelReader {
+    chunks: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl ChannelReader {
+    pub fn new(chunks: mpsc::Receiver<Bytes>) -> Self {
+        Self {
+            chunks,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(bytes) => self.current = bytes,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+/// Bytes written so far and, once known, the size of the file being written: read by the async
+/// side for progress reports.
+#[derive(Default)]
+pub struct Written {
+    pub bytes: AtomicU64,
+    pub total: AtomicU64,
+}
+
+/// Asks the async side for room in the store once the file's size is known, and waits for it.
+pub struct RoomGate {
+    pub ask: Option<oneshot::Sender<u64>>,
+    pub granted: Option<std::sync::mpsc::Receiver<bool>>,
+}
+
+impl RoomGate {
+    fn wait_for(&mut self, size: u64) -> bool {
+        let (Some(ask), Some(granted)) = (self.ask.take(), self.granted.take()) else {
+            return true;
+        };
+        ask.send(size).is_ok() && granted.recv().unwrap_or(false)
+    }
+}
+
+/// Writes the whole stream to `partial`.
+pub fn write_layer(
+    mut reader: impl Read,
+    partial: &Path,
+    written: &Written,
+) -> Result<Transferred, CopyError> {
+    let mut file = FileSink::create(partial, written)?;
+    std::io::copy(&mut reader, &mut file).map_err(|e| io_error(partial, e))?;
+    file.finish(partial)
+}
+
+/// What a containerDisk layer held.
+pub enum DiskLayer {
+    /// The disk file, written to the partial file.
+    Written(Transferred),
+    /// No match in this layer; these are the files under `disk/` it has.
+    NotHere(Vec<String>),
+}
+
+/// Finds `disk/<file>` (the only file under `disk/` when `file` is unset) in the tar stream and
+/// writes it to `partial`, asking `gate` for room first. The rest of the archive is read to list
+/// the files that are there, so an unset `file` with two disks is refused rather than guessed.
+pub fn unpack_disk(
+    reader: impl Read + 'static,
+    file: Option<&str>,
+    display: &str,
+    partial: &Path,
+    written: &Written,
+    gate: &mut RoomGate,
+) -> Result<DiskLayer, CopyError> {
+    let unreadable = |e: std::io::Error| {
+        CopyError::Source(
+            display.to_owned(),
+            format!("the containerDisk layer is not a readable tar: {e}"),
+        )
+    };
+    let mut archive = tar::Archive::new(decompressed(reader).map_err(unreadable)?);
+    let mut candidates = vec![];
+    let mut done = None;
+    for entry in archive.entries().map_err(unreadable)? {
+        let mut entry = entry.map_err(unreadable)?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let path = entry
+            .path()
+            .map_err(unreadable)?
+            .to_string_lossy()
+            .into_owned();
+        let Some(name) = disk_file_name(&path) else {
+            continue;
+        };
+        let name = name.to_owned();
+        candidates.push(name.clone());
+        let wanted = match file {
+            Some(file) => file == name,
+            None => done.is_none(),
+        };
+        if !wanted || done.is_some() {
+            continue;
+        }
+        let size = entry.size();
+        written.total.store(size, Ordering::Relaxed);
+        if !gate.wait_for(size) {
+            return Err(CopyError::Superseded(
+                "no room was granted for the disk".into(),
+            ));
+        }
+        let mut sink = FileSink::create(partial, written)?;
+        std::io::copy(&mut entry, &mut sink).map_err(|e| io_error(partial, e))?;
+        done = Some(sink.finish(partial)?);
+    }
+    if file.is_none() && candidates.len() > 1 {
+        return Err(CopyError::SeveralFiles {
+            reference: display.to_owned(),
+            candidates: candidates.join(", "),
+        });
+    }
+    Ok(match done {
+        Some(done) => DiskLayer::Written(done),
+        None => DiskLayer::NotHere(candidates),
+    })
+}
+
+/// `name` for `disk/name` (also `./disk/name`, `/disk/name`): a file right under `disk/`.
+fn disk_file_name(path: &str) -> Option<&str> {
+    let path = path.trim_start_matches("./").trim_start_matches('/');
+    let name = path.strip_prefix("disk/")?;
+    (!name.is_empty() && !name.contains('/')).then_some(name)
+}
+
+/// The tar stream inside a layer: gzip and zstd are recognised by their magic bytes, whatever
+/// the media type claims; anything else is read as plain tar.
+fn decompressed(reader: impl Read + 'static) -> std::io::Result<Box<dyn Read>> {
+    let mut buffered = BufReader::with_capacity(1 << 20, reader);
+    let head = buffered.fill_buf()?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?)
+    } else {
+        Box::new(buffered)
+    })
+}
+
+/// The partial file, hashed as it is written, with writeback so the final fsync is short.
+struct FileSink<'a> {
+    file: File,
+    hasher: Sha256,
+    writeback: Writeback,
+    written: &'a Written,
+    bytes: u64,
+}
+
+impl<'a> FileSink<'a> {
+    fn create(partial: &Path, written: &'a Written) -> Result<Self, CopyError> {
+        let file = File::create(partial).map_err(|e| io_error(partial, e))?;
+        let writeback = Writeback::start(&file).map_err(|e| io_error(partial, e))?;
+        written.bytes.store(0, Ordering::Relaxed);
+        Ok(Self {
+            file,
+            hasher: Sha256::new(),
+            writeback,
+            written,
+            bytes: 0,
+        })
+    }
+
+    fn finish(self, partial: &Path) -> Result<Transferred, CopyError> {
+        self.writeback.finish();
+        self.file.sync_all().map_err(|e| io_error(partial, e))?;
+        Ok(Transferred {
+            bytes: self.bytes,
+            checksum: format!("sha256:{}", hex(&self.hasher.finalize())),
+        })
+    }
+}
+
+impl Write for FileSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.writeback.wrote(n as u64);
+        self.bytes += n as u64;
+        self.written.bytes.store(self.bytes, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Shared counters for one layer.
+pub fn counters() -> Arc<Written> {
+    Arc::new(Written::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_files_right_under_disk_are_disks() {
+        assert_eq!(disk_file_name("disk/disk.img"), Some("disk.img"));
+        assert_eq!(disk_file_name("./disk/a.qcow2"), Some("a.qcow2"));
+        assert_eq!(disk_file_name("disk/"), None);
+        assert_eq!(disk_file_name("disk/sub/x.img"), None);
+        assert_eq!(disk_file_name("etc/disk/x.img"), None);
+    }
+}
