@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use support::cutting_proxy::CuttingProxy;
 use support::jobs::{jobs_of, wait_for_cache};
 use support::registry::{PASSWORD, Registry};
 use support::rig::{Rig, random_bytes, ready_message, sha256};
@@ -267,5 +268,42 @@ async fn a_retry_pulls_the_digest_the_first_attempt_resolved_not_the_moved_tag()
     .await;
     rig.assert_copied("fresh", &second).await;
     assert!(!rig.data("retry").exists());
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_blob_download_cut_mid_way_resumes_from_its_last_byte() {
+    let registry = Registry::start().await;
+    let model = random_bytes(6 << 20);
+    let digest = registry.push_artifact("models/flaky", "v1", &[("model.bin", &model)]);
+    let upstream = registry.host.parse().expect("registry address");
+    // Every connection drops after 2 MiB: the blob needs at least three.
+    let proxy = CuttingProxy::start(upstream, 2 << 20).await;
+    let via_proxy = proxy.addr.to_string();
+    let rig = Rig::new("oci-resume", 1).await;
+    let secret: Secret =
+        serde_json::from_value(registry.pull_secret_as("pull", PASSWORD, &via_proxy))
+            .expect("secret");
+    rig.ns
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("pull secret");
+    let reference = format!("{via_proxy}/models/flaky:v1");
+    rig.create(
+        "flaky",
+        json!({"source": {"oci": {"reference": reference, "secretRef": {"name": "pull"}}},
+               "checksum": sha256(&model)}),
+    )
+    .await;
+
+    rig.assert_copied("flaky", &model).await;
+    assert_eq!(resolved_digest(&rig.settled("flaky").await), Some(digest));
+    assert!(
+        proxy.connections() >= 3,
+        "the download was cut and resumed: {} connections",
+        proxy.connections()
+    );
+    assert_eq!(rig.files(), ["flaky"], "no partial file left");
     rig.stop().await;
 }

@@ -173,6 +173,7 @@ pub mod api_writes;
 pub mod cache_watch;
 pub mod consumer;
 pub mod corpus;
+pub mod cutting_proxy;
 pub mod executor;
 pub mod http_server;
 pub mod jobs;

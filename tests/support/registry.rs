@@ -267,9 +267,14 @@ impl Registry {
 
     /// A `kubernetes.io/dockerconfigjson` Secret body for this registry with `password`.
     pub fn pull_secret(&self, name: &str, password: &str) -> Value {
+        self.pull_secret_as(name, password, &self.host)
+    }
+
+    /// The same, for the registry reached as `host` (through a proxy, say).
+    pub fn pull_secret_as(&self, name: &str, password: &str, host: &str) -> Value {
         use base64::Engine;
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{password}"));
-        let config = json!({"auths": {self.host.clone(): {"auth": auth}}});
+        let config = json!({"auths": {host: {"auth": auth}}});
         json!({
             "metadata": {"name": name},
             "type": "kubernetes.io/dockerconfigjson",

@@ -233,6 +233,87 @@ pub fn counters() -> Arc<Written> {
 mod tests {
     use super::*;
 
+    /// A tar of `entries`: regular files, or symlinks when the content starts with `->`.
+    fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, content) in entries {
+            let mut header = tar::Header::new_gnu();
+            if let Some(target) = content.strip_prefix(b"->") {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                let target = std::str::from_utf8(target).expect("utf-8");
+                tar.append_link(&mut header, path, target).expect("link");
+            } else {
+                header.set_size(content.len() as u64);
+                header.set_mode(0o644);
+                header.set_cksum();
+                tar.append_data(&mut header, path, *content).expect("entry");
+            }
+        }
+        tar.into_inner().expect("tar")
+    }
+
+    fn unpack(layer: Vec<u8>, file: Option<&str>) -> (Result<DiskLayer, CopyError>, Vec<u8>) {
+        let dir = tempfile::tempdir().expect("dir");
+        let partial = dir.path().join("disk.partial-1");
+        let mut gate = RoomGate {
+            ask: None,
+            granted: None,
+        };
+        let result = unpack_disk(
+            std::io::Cursor::new(layer),
+            file,
+            "reg/vm:1",
+            &partial,
+            &Written::default(),
+            &mut gate,
+        );
+        (result, std::fs::read(&partial).unwrap_or_default())
+    }
+
+    #[test]
+    fn the_disk_is_read_from_gzip_zstd_and_plain_tar_layers() {
+        let disk = vec![7u8; 300_000];
+        let tar = tar_of(&[("disk/", b""), ("disk/disk.img", &disk)]);
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gzip.write_all(&tar).expect("gzip");
+        let zstd = zstd::encode_all(&tar[..], 3).expect("zstd");
+        for layer in [gzip.finish().expect("gzip"), zstd, tar.clone()] {
+            let (result, written) = unpack(layer, None);
+            match result {
+                Ok(DiskLayer::Written(done)) => assert_eq!(done.bytes, disk.len() as u64),
+                other => panic!("the disk is found: {:?}", other.err()),
+            }
+            assert_eq!(written, disk);
+        }
+    }
+
+    #[test]
+    fn links_and_paths_outside_disk_are_never_candidates() {
+        let tar = tar_of(&[
+            ("disk/disk.img", b"->/etc/shadow"),
+            ("etc/disk.img", b"elsewhere"),
+            ("disk/sub/deep.img", b"too deep"),
+        ]);
+        let (result, written) = unpack(tar, Some("disk.img"));
+        assert!(matches!(result, Ok(DiskLayer::NotHere(ref names)) if names.is_empty()));
+        assert!(written.is_empty(), "nothing written");
+    }
+
+    #[test]
+    fn two_disks_without_a_file_named_are_refused_with_both_listed() {
+        let tar = tar_of(&[("disk/a.qcow2", b"a"), ("disk/b.qcow2", b"b")]);
+        let error = unpack(tar.clone(), None)
+            .0
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(error.contains("a.qcow2, b.qcow2"), "{error}");
+        let (result, written) = unpack(tar, Some("b.qcow2"));
+        assert!(matches!(result, Ok(DiskLayer::Written(_))));
+        assert_eq!(written, b"b");
+    }
+
     #[test]
     fn only_files_right_under_disk_are_disks() {
         assert_eq!(disk_file_name("disk/disk.img"), Some("disk.img"));
