@@ -184,11 +184,28 @@ impl Registry {
                 .expect("tar entry");
         }
         let tar = tar.into_inner().expect("tar");
+        self.image_manifest(repository, &tar, arch)
+    }
+
+    /// Pushes a containerDisk-shaped image whose one gzip layer is `tar`, as a hostile or broken
+    /// image would be; returns the manifest digest.
+    pub fn push_tar_image(&self, repository: &str, tag: &str, tar: &[u8]) -> String {
+        let manifest = self.image_manifest(repository, tar, "amd64");
+        self.push_manifest(
+            repository,
+            tag,
+            &manifest,
+            "application/vnd.oci.image.manifest.v1+json",
+        )
+    }
+
+    /// The manifest of an image whose one layer is `tar`, gzipped; its blobs pushed.
+    fn image_manifest(&self, repository: &str, tar: &[u8], arch: &str) -> Vec<u8> {
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gzip, &tar).expect("gzip");
+        std::io::Write::write_all(&mut gzip, tar).expect("gzip");
         let layer = gzip.finish().expect("gzip");
         let config = serde_json::to_vec(&json!({
-            "architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": [sha256(&tar)]},
+            "architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": [sha256(tar)]},
         }))
         .expect("config");
         self.push_blob(repository, &layer);
