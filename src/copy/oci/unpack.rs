@@ -162,6 +162,10 @@ fn disk_file_name(path: &str) -> Option<&str> {
     (!name.is_empty() && !name.contains('/')).then_some(name)
 }
 
+/// Largest zstd window the mover accepts (64 MiB): a frame may ask for up to 2 GiB, and the copy
+/// Job's memory is limited to 128 MiB. Every level without `--long` stays at or under 8 MiB.
+const ZSTD_WINDOW_LOG_MAX: u32 = 26;
+
 /// The tar stream inside a layer: gzip and zstd are recognised by their magic bytes, whatever
 /// the media type claims; anything else is read as plain tar.
 fn decompressed(reader: impl Read + 'static) -> std::io::Result<Box<dyn Read>> {
@@ -170,7 +174,9 @@ fn decompressed(reader: impl Read + 'static) -> std::io::Result<Box<dyn Read>> {
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?)
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(buffered)?;
+        decoder.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+        Box::new(decoder)
     } else {
         Box::new(buffered)
     })
@@ -286,6 +292,18 @@ mod tests {
             }
             assert_eq!(written, disk);
         }
+    }
+
+    #[test]
+    fn a_zstd_layer_that_asks_for_a_window_past_the_memory_limit_is_refused() {
+        let tar = tar_of(&[("disk/disk.img", &[1u8; 4096])]);
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("encoder");
+        encoder.window_log(ZSTD_WINDOW_LOG_MAX + 1).expect("window");
+        encoder.write_all(&tar).expect("zstd");
+        let (result, written) = unpack(encoder.finish().expect("zstd"), None);
+        let error = result.err().expect("refused").to_string();
+        assert!(error.contains("not a readable tar"), "{error}");
+        assert!(written.is_empty());
     }
 
     #[test]
