@@ -606,6 +606,14 @@ async fn invalid_claims_are_refused_with_the_field_named() {
             ),
             vec!["spec.template.checksum"],
         ),
+        (
+            "claim whose OCI template has neither tag nor digest",
+            claim(
+                "oci-latest",
+                json!({"cacheName": "img", "template": {"source": {"oci": {"reference": "reg.example/vms/a"}}}}),
+            ),
+            vec!["spec.template.source.oci.reference", "needs a tag"],
+        ),
     ];
     for (case, object, expected) in cases {
         assert_refused(case, api.create(&pp, &object).await, &expected);

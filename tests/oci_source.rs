@@ -15,6 +15,7 @@ use support::cutting_proxy::CuttingProxy;
 use support::jobs::{jobs_of, wait_for_cache};
 use support::registry::{PASSWORD, Registry};
 use support::rig::{Rig, random_bytes, ready_message, sha256};
+use support::throttle::ThrottleProxy;
 use templatecache::api::{Phase, StagingStore, TemplateCache};
 
 /// The pull secret every test uses, and one with a wrong password.
@@ -305,5 +306,44 @@ async fn a_blob_download_cut_mid_way_resumes_from_its_last_byte() {
         proxy.connections()
     );
     assert_eq!(rig.files(), ["flaky"], "no partial file left");
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_container_disk_copy_reports_its_progress_in_the_disk_files_bytes() {
+    let registry = Registry::start().await;
+    let disk = random_bytes(8 << 20);
+    registry.push_container_disk("vms/slow", "v1", &[("disk.img", &disk)]);
+    // 2 MiB/s: about four seconds for the layer, time for several reports.
+    let proxy = ThrottleProxy::start(registry.host.parse().expect("address"), 2 << 20).await;
+    let via_proxy = proxy.addr.to_string();
+    let rig = Rig::new("oci-progress", 1).await;
+    let secret: Secret =
+        serde_json::from_value(registry.pull_secret_as("pull", PASSWORD, &via_proxy))
+            .expect("secret");
+    rig.ns
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("pull secret");
+    let reference = format!("{via_proxy}/vms/slow:v1");
+    rig.create(
+        "slow",
+        json!({"source": {"oci": {"reference": reference, "secretRef": {"name": "pull"}}}}),
+    )
+    .await;
+
+    let midway = wait_for_cache(&rig.ns.client, &rig.ns.name, "slow", "part copied", |c| {
+        let status = c.status.as_ref();
+        let progress = status.and_then(|s| s.progress.as_ref());
+        status.and_then(|s| s.phase) == Some(Phase::Copying)
+            && progress.is_some_and(|p| p.bytes_copied > 0 && p.checksum.is_none())
+    })
+    .await;
+    let progress = midway.status.and_then(|s| s.progress).expect("progress");
+    // The total is the disk file's size from its tar header, not the compressed layer's.
+    assert_eq!(progress.total_bytes, Some(disk.len() as u64));
+    assert!(progress.bytes_copied < disk.len() as u64, "{progress:?}");
+    rig.assert_copied("slow", &disk).await;
     rig.stop().await;
 }
