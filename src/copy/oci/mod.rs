@@ -179,7 +179,10 @@ async fn pull_layer<T: Send + 'static>(
                 let ok = matches!(granted, Ok(true));
                 let _ = grant.send(ok);
                 if let Err(e) = granted {
-                    break Some(Err(e));
+                    // The attempt is over (superseded, or the cache is going): reading the rest
+                    // of the blob would only delay the exit.
+                    fetching.abort();
+                    return Err(e);
                 }
             }
             result = &mut writing => {
