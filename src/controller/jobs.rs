@@ -390,6 +390,72 @@ mod tests {
     }
 
     #[test]
+    fn an_oci_copy_job_gets_the_pinned_digest_its_pull_secret_and_plain_http_only_when_listed() {
+        let spec: TemplateCacheSpec = serde_json::from_value(json!({"source": {"oci": {
+            "reference": "127.0.0.1:5000/vms/a:1", "file": "disk.img", "secretRef": {"name": "pull"}}}}))
+        .expect("spec");
+        let mut cache = TemplateCache::new("img", spec);
+        cache.metadata.namespace = Some("team-a".into());
+        cache.status = Some(crate::api::TemplateCacheStatus {
+            resolved_digest: Some(format!("sha256:{}", "d".repeat(64))),
+            ..Default::default()
+        });
+        let store: StagingStore = serde_json::from_value(json!({
+            "metadata": {"name": "s"},
+            "spec": {"volume": {"hostPath": {"path": "/srv"}}, "capacity": "1Gi"}
+        }))
+        .expect("store");
+        let container = |plain: &[&str]| {
+            let settings = JobSettings {
+                image: "i".into(),
+                service_account: None,
+                copy: Default::default(),
+                oci_plain_http_registries: plain.iter().map(|r| r.to_string()).collect(),
+            };
+            let job = copy_job(&cache, &store, 2, &settings).expect("job");
+            job.spec
+                .expect("spec")
+                .template
+                .spec
+                .expect("pod")
+                .containers[0]
+                .clone()
+        };
+        let args = container(&["127.0.0.1"]).args.expect("args");
+        for expected in [
+            "--oci-reference=127.0.0.1:5000/vms/a:1".to_owned(),
+            "--oci-file=disk.img".to_owned(),
+            format!("--oci-digest=sha256:{}", "d".repeat(64)),
+            "--oci-plain-http".to_owned(),
+        ] {
+            assert!(args.contains(&expected), "{expected} in {args:?}");
+        }
+        assert!(
+            container(&["127.0.0.1:5000"])
+                .args
+                .expect("args")
+                .contains(&"--oci-plain-http".to_owned())
+        );
+        let tls = container(&["127.0.0.2", "127.0.0.1:5001"]);
+        assert!(
+            !tls.args
+                .expect("args")
+                .contains(&"--oci-plain-http".to_owned())
+        );
+        let env = tls.env.expect("env");
+        let secret = env[0]
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .expect("secret ref");
+        assert_eq!(env[0].name, crate::copy::OCI_DOCKER_CONFIG);
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("pull", ".dockerconfigjson")
+        );
+    }
+
+    #[test]
     fn a_jobs_pods_do_not_carry_the_consumer_label() {
         let job = job(Operation::Copy);
         assert!(job.labels().contains_key(JOB_CACHE_LABEL));

@@ -538,6 +538,29 @@ mod tests {
     }
 
     #[test]
+    fn the_first_resolved_digest_is_kept_for_the_next_attempts_and_never_replaced() {
+        let first = format!("sha256:{}", "1".repeat(64));
+        let c = cache(json!({"attempt": 1, "phase": "Copying",
+            "progress": {"attempt": 1, "bytesCopied": 0, "resolvedDigest": first}}));
+        let failed = JobState::Failed {
+            message: "503".into(),
+            at: Some(Timestamp::UNIX_EPOCH),
+        };
+        let next = plan_for(&c, failed.clone(), Some(&store()));
+        assert_eq!(next.step, Step::StartAttempt(2));
+        assert_eq!(next.status.progress, None, "the report is cleared");
+        assert_eq!(next.status.resolved_digest.as_deref(), Some(&*first));
+
+        let other = format!("sha256:{}", "2".repeat(64));
+        let c = cache(
+            json!({"attempt": 2, "phase": "Copying", "resolvedDigest": first,
+            "progress": {"attempt": 2, "bytesCopied": 0, "resolvedDigest": other}}),
+        );
+        let p = plan_for(&c, failed, Some(&store()));
+        assert_eq!(p.status.resolved_digest.as_deref(), Some(&*first));
+    }
+
+    #[test]
     fn the_last_failed_attempt_is_final() {
         let c = cache(json!({"attempt": 5, "phase": "Copying"}));
         let failed = JobState::Failed {
