@@ -56,10 +56,14 @@ pub async fn download(
             written.total.store(size, Ordering::Relaxed);
             let sink = Arc::clone(&written);
             let partial_path = partial.to_owned();
+            // The fetch verifies the blob's digest; when that is a SHA-256 it is the file's too,
+            // and hashing the bytes a second time on the way to disk would cost a core.
+            let digest = Some(layer.digest.clone()).filter(|d| d.starts_with("sha256:"));
+            let hash_file = digest.is_none();
             let writer = move |reader: unpack::ChannelReader| {
-                unpack::write_layer(reader, &partial_path, &sink)
+                unpack::write_layer(reader, &partial_path, &sink, hash_file)
             };
-            pull_layer(
+            let (bytes, checksum) = pull_layer(
                 &registry,
                 &pinned.image,
                 layer,
@@ -69,7 +73,12 @@ pub async fn download(
                 copied,
                 writer,
             )
-            .await
+            .await?;
+            // pull_layer returns only once the fetch has verified the blob against `digest`.
+            let checksum = checksum.or(digest).ok_or_else(|| {
+                CopyError::Source(registry.display.clone(), "the layer was not hashed".into())
+            })?;
+            Ok(Transferred { bytes, checksum })
         }
         Target::Disk(layers) => {
             let mut seen = vec![];

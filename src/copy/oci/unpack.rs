@@ -33,6 +33,16 @@ impl ChannelReader {
     }
 }
 
+impl ChannelReader {
+    /// The next chunk as it came from the network (after what `read` left of the current one).
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        if !self.current.is_empty() {
+            return Some(std::mem::take(&mut self.current));
+        }
+        self.chunks.blocking_recv()
+    }
+}
+
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
@@ -71,16 +81,41 @@ impl RoomGate {
     }
 }
 
-/// Writes the whole stream to `partial`.
+/// Writes the whole stream to `partial`, each chunk as it arrives (no copy into a small buffer).
+/// The file is hashed only when `hash`: a SHA-256 blob is already hashed by the fetch, and that
+/// verified digest is the file's. Returns the bytes written and the file's digest if computed.
 pub fn write_layer(
-    mut reader: impl Read,
+    mut reader: ChannelReader,
     partial: &Path,
     written: &Written,
-) -> Result<Transferred, CopyError> {
-    let mut file = FileSink::create(partial, written)?;
-    std::io::copy(&mut reader, &mut file).map_err(|e| io_error(partial, e))?;
+    hash: bool,
+) -> Result<(u64, Option<String>), CopyError> {
+    let mut file = FileSink::create(partial, written, hash)?;
+    while let Some(chunk) = reader.next_chunk() {
+        file.write_all(&chunk).map_err(|e| io_error(partial, e))?;
+    }
     file.finish(partial)
 }
+
+/// Copies `reader` into `sink` a MiB at a time (`std::io::copy` uses 8 KiB, a write call each).
+fn copy_large(
+    mut reader: impl Read,
+    sink: &mut FileSink<'_>,
+    partial: &Path,
+) -> Result<(), CopyError> {
+    let mut buffer = vec![0; COPY_BUFFER];
+    loop {
+        let n = reader.read(&mut buffer).map_err(|e| io_error(partial, e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        sink.write_all(&buffer[..n])
+            .map_err(|e| io_error(partial, e))?;
+    }
+}
+
+/// Bytes read from the decompressed tar per write.
+const COPY_BUFFER: usize = 1 << 20;
 
 /// What a containerDisk layer held.
 pub enum DiskLayer {
@@ -139,9 +174,13 @@ pub fn unpack_disk(
                 "no room was granted for the disk".into(),
             ));
         }
-        let mut sink = FileSink::create(partial, written)?;
-        std::io::copy(&mut entry, &mut sink).map_err(|e| io_error(partial, e))?;
-        done = Some(sink.finish(partial)?);
+        let mut sink = FileSink::create(partial, written, true)?;
+        copy_large(&mut entry, &mut sink, partial)?;
+        let (bytes, checksum) = sink.finish(partial)?;
+        done = Some(Transferred {
+            bytes,
+            checksum: checksum.unwrap_or_default(),
+        });
     }
     if file.is_none() && candidates.len() > 1 {
         return Err(CopyError::SeveralFiles {
@@ -185,40 +224,43 @@ fn decompressed(reader: impl Read + 'static) -> std::io::Result<Box<dyn Read>> {
 /// The partial file, hashed as it is written, with writeback so the final fsync is short.
 struct FileSink<'a> {
     file: File,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     writeback: Writeback,
     written: &'a Written,
     bytes: u64,
 }
 
 impl<'a> FileSink<'a> {
-    fn create(partial: &Path, written: &'a Written) -> Result<Self, CopyError> {
+    fn create(partial: &Path, written: &'a Written, hash: bool) -> Result<Self, CopyError> {
         let file = File::create(partial).map_err(|e| io_error(partial, e))?;
         let writeback = Writeback::start(&file).map_err(|e| io_error(partial, e))?;
         written.bytes.store(0, Ordering::Relaxed);
         Ok(Self {
             file,
-            hasher: Sha256::new(),
+            hasher: hash.then(Sha256::new),
             writeback,
             written,
             bytes: 0,
         })
     }
 
-    fn finish(self, partial: &Path) -> Result<Transferred, CopyError> {
+    /// Bytes written and, when hashed, their `sha256:<hex>`, once they are on disk.
+    fn finish(self, partial: &Path) -> Result<(u64, Option<String>), CopyError> {
         self.writeback.finish();
         self.file.sync_all().map_err(|e| io_error(partial, e))?;
-        Ok(Transferred {
-            bytes: self.bytes,
-            checksum: format!("sha256:{}", hex(&self.hasher.finalize())),
-        })
+        let checksum = self
+            .hasher
+            .map(|h| format!("sha256:{}", hex(&h.finalize())));
+        Ok((self.bytes, checksum))
     }
 }
 
 impl Write for FileSink<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.file.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&buf[..n]);
+        }
         self.writeback.wrote(n as u64);
         self.bytes += n as u64;
         self.written.bytes.store(self.bytes, Ordering::Relaxed);
