@@ -21,7 +21,7 @@ use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use tokio::sync::{mpsc, oneshot};
 
 pub use registry::OCI_DOCKER_CONFIG;
-use registry::{Registry, TITLE_ANNOTATION};
+use registry::{Pinned, Registry, TITLE_ANNOTATION};
 use unpack::{DiskLayer, RoomGate, Written};
 
 use super::landing::Front;
@@ -50,84 +50,109 @@ pub async fn download(
         args.oci_file.as_deref(),
     )? {
         Target::Layer(layer) => {
-            let size = u64::try_from(layer.size).unwrap_or(0);
-            reporter.wait_for_room(size).await?;
-            let written = unpack::counters();
-            written.total.store(size, Ordering::Relaxed);
-            let sink = Arc::clone(&written);
-            let partial_path = partial.to_owned();
-            // The fetch verifies the blob's digest; when that is a SHA-256 it is the file's too,
-            // and hashing the bytes a second time on the way to disk would cost a core.
-            let digest = Some(layer.digest.clone()).filter(|d| d.starts_with("sha256:"));
-            let hash_file = digest.is_none();
-            let writer = move |reader: unpack::ChannelReader| {
-                unpack::write_layer(reader, &partial_path, &sink, hash_file)
-            };
-            let (bytes, checksum) = pull_layer(
-                &registry,
-                &pinned.image,
-                layer,
-                written,
-                None,
-                reporter,
-                copied,
-                writer,
-            )
-            .await?;
-            // pull_layer returns only once the fetch has verified the blob against `digest`.
-            let checksum = checksum.or(digest).ok_or_else(|| {
-                CopyError::Source(registry.display.clone(), "the layer was not hashed".into())
-            })?;
-            Ok(Transferred { bytes, checksum })
+            download_layer(&registry, &pinned, layer, reporter, partial, copied).await
         }
         Target::Disk(layers) => {
-            let mut seen = vec![];
-            for layer in layers {
-                let written = unpack::counters();
-                let (ask, asked) = oneshot::channel();
-                let (grant, granted) = std::sync::mpsc::channel();
-                let mut gate = RoomGate {
-                    ask: Some(ask),
-                    granted: Some(granted),
-                };
-                let sink = Arc::clone(&written);
-                let partial_path = partial.to_owned();
-                let file = args.oci_file.clone();
-                let display = registry.display.clone();
-                let writer = move |reader: unpack::ChannelReader| {
-                    unpack::unpack_disk(
-                        reader,
-                        file.as_deref(),
-                        &display,
-                        &partial_path,
-                        &sink,
-                        &mut gate,
-                    )
-                };
-                let room = Room { asked, grant };
-                let found = pull_layer(
-                    &registry,
-                    &pinned.image,
-                    layer,
-                    written,
-                    Some(room),
-                    reporter,
-                    copied,
-                    writer,
-                )
-                .await?;
-                match found {
-                    DiskLayer::Written(done) => return Ok(done),
-                    DiskLayer::NotHere(names) => seen.extend(names),
-                }
-            }
-            Err(CopyError::FileMissing {
-                reference: registry.display.clone(),
-                file: args.oci_file.clone().unwrap_or_else(|| "disk/*".into()),
-                candidates: listing(&seen),
-            })
+            download_disk(args, &registry, &pinned, layers, reporter, partial, copied).await
         }
     }
+}
+
+/// An ORAS layer, written as it is.
+async fn download_layer(
+    registry: &Arc<Registry>,
+    pinned: &Pinned,
+    layer: OciDescriptor,
+    reporter: &mut Reporter,
+    partial: &Path,
+    copied: &mut u64,
+) -> Result<Transferred, CopyError> {
+    let size = u64::try_from(layer.size).unwrap_or(0);
+    reporter.wait_for_room(size).await?;
+    let written = unpack::counters();
+    written.total.store(size, Ordering::Relaxed);
+    let sink = Arc::clone(&written);
+    let partial_path = partial.to_owned();
+    // The fetch verifies the blob's digest; when that is a SHA-256 it is the file's too,
+    // and hashing the bytes a second time on the way to disk would cost a core.
+    let digest = Some(layer.digest.clone()).filter(|d| d.starts_with("sha256:"));
+    let hash_file = digest.is_none();
+    let writer = move |reader: unpack::ChannelReader| {
+        unpack::write_layer(reader, &partial_path, &sink, hash_file)
+    };
+    let (bytes, checksum) = pull_layer(
+        registry,
+        &pinned.image,
+        layer,
+        written,
+        None,
+        reporter,
+        copied,
+        writer,
+    )
+    .await?;
+    // pull_layer returns only once the fetch has verified the blob against `digest`.
+    let checksum = checksum.or(digest).ok_or_else(|| {
+        CopyError::Source(registry.display.clone(), "the layer was not hashed".into())
+    })?;
+    Ok(Transferred { bytes, checksum })
+}
+
+/// The disk file of a containerDisk, looked for in its tar layers from the top one down.
+async fn download_disk(
+    args: &CopyArgs,
+    registry: &Arc<Registry>,
+    pinned: &Pinned,
+    layers: Vec<OciDescriptor>,
+    reporter: &mut Reporter,
+    partial: &Path,
+    copied: &mut u64,
+) -> Result<Transferred, CopyError> {
+    let mut seen = vec![];
+    for layer in layers {
+        let written = unpack::counters();
+        let (ask, asked) = oneshot::channel();
+        let (grant, granted) = std::sync::mpsc::channel();
+        let mut gate = RoomGate {
+            ask: Some(ask),
+            granted: Some(granted),
+        };
+        let sink = Arc::clone(&written);
+        let partial_path = partial.to_owned();
+        let file = args.oci_file.clone();
+        let display = registry.display.clone();
+        let writer = move |reader: unpack::ChannelReader| {
+            unpack::unpack_disk(
+                reader,
+                file.as_deref(),
+                &display,
+                &partial_path,
+                &sink,
+                &mut gate,
+            )
+        };
+        let room = Room { asked, grant };
+        let found = pull_layer(
+            registry,
+            &pinned.image,
+            layer,
+            written,
+            Some(room),
+            reporter,
+            copied,
+            writer,
+        )
+        .await?;
+        match found {
+            DiskLayer::Written(done) => return Ok(done),
+            DiskLayer::NotHere(names) => seen.extend(names),
+        }
+    }
+    Err(CopyError::FileMissing {
+        reference: registry.display.clone(),
+        file: args.oci_file.clone().unwrap_or_else(|| "disk/*".into()),
+        candidates: listing(&seen),
+    })
 }
 
 /// The async side of a room request made from the writing thread.
