@@ -58,11 +58,13 @@ demo: cluster-up
 	$(CARGO) build --quiet --bins --example demo
 	KUBECONFIG=$(KUBECONFIG_LOCAL) target/debug/examples/demo
 
-## Benchmarks on the local control plane; the tables go to docs/benchmarks.md.
+## Benchmarks on the local control plane; the tables go to docs/benchmarks.md, the plots of the
+## same run to docs/plots/.
 bench: cluster-up
 	hack/bench-mover.sh
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) bench --bench contention
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) bench --bench scale
+	$(CARGO) bench --bench plots
 	{ printf '# Benchmarks\n\n'; for s in mover contention scale; do cat target/bench/$$s.md; echo; done; } > docs/benchmarks.md
 
 ## The chaos test for 10 minutes instead of make test's 45 s; report in target/chaos/report.md.

@@ -718,6 +718,7 @@ async fn main() {
          over the whole run, *final count* the count once all have released.\n\n\
          | way | N | copies started | writes to the cache object during the storm | API writes per consumer | p50 until counted | p99 until counted | all counted after | all Ready after the Job completes | lowest count | final count |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n{table}\n\n{ratios}\n\n\
+         ![Time until all consumers are counted, against N, for each way](plots/contention.svg)\n\n\
          Targets: claims and Pods all counted within 0.5x the global lock's time at N = 100 and \
          1,000; at most N/20 + 20 writes to the cache object during a storm; at N = 10 a p99 until \
          counted no worse than 2x the global lock's; one copy whatever N; a count never below 0 \
@@ -734,7 +735,15 @@ async fn main() {
         RESOURCES.join(", "),
     );
     support::write_report("bench/contention.md", &report);
+    support::write_report("bench/contention.tsv", &plot_data(&rows));
     println!("contention: wrote target/bench/contention.md");
+}
+
+/// The rows as tab-separated values for `benches/plots.rs`: way, N, seconds until all counted.
+fn plot_data(rows: &[Row]) -> String {
+    rows.iter()
+        .map(|r| format!("{}\t{}\t{:.4}\n", r.way, r.n, r.all_counted.as_secs_f64()))
+        .collect()
 }
 
 /// Each way's time until all were counted, and its p99, against the global lock's at the same N.

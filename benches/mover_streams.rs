@@ -70,6 +70,7 @@ impl Endpoint {
             format!("--streams={streams}"),
             "--part-size=16Mi".into(),
             format!("--dest={}", path(out)),
+            format!("--allow-internal-address={}", support::LOOPBACK_SOURCES),
         ];
         if self.kind == "S3" {
             args.extend([
@@ -192,7 +193,21 @@ fn table(rows: &[Row], connection_mibs: u64) -> String {
             r.rss_kib / 1024
         );
     }
+    text += "\n![Mover throughput by tool and link](plots/mover-streams.svg)\n";
     text
+}
+
+/// The rows as tab-separated values for `benches/plots.rs`: link, source, tool, streams, MiB/s.
+fn plot_data(rows: &[Row]) -> String {
+    rows.iter()
+        .map(|r| {
+            let rate = r.mib as f64 / r.seconds;
+            format!(
+                "{}\t{}\t{}\t{}\t{rate:.1}\n",
+                r.link, r.source, r.tool, r.streams
+            )
+        })
+        .collect()
 }
 
 fn today() -> String {
@@ -262,6 +277,7 @@ async fn main() {
     let _ = std::fs::remove_dir_all(&work);
     let text = table(&rows, connection_mibs);
     support::write_report("bench/mover-streams.md", &text);
+    support::write_report("bench/mover-streams.tsv", &plot_data(&rows));
     println!("{text}");
 }
 

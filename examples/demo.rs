@@ -19,6 +19,7 @@ use templatecache::api::{StagingStore, TemplateCache, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest};
 use templatecache::controller::jobs::JobSettings;
 use templatecache::controller::{self, Config};
+use templatecache::copy::address::AllowedInternal;
 
 const CONSUMERS: usize = 50;
 const TEMPLATE_MIB: usize = 64;
@@ -39,7 +40,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .collect();
     std::fs::write(served.join("template.img"), &template)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/template.img", listener.local_addr()?);
+    let served_at = listener.local_addr()?;
+    let url = format!("http://{served_at}/template.img");
     let app = axum::Router::new().fallback_service(tower_http::services::ServeDir::new(&served));
     tokio::spawn(async move { axum::serve(listener, app).await });
 
@@ -64,6 +66,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             service_account: None,
             copy: Default::default(),
             oci_plain_http_registries: vec![],
+            // The template is served on loopback, which copy Jobs may not reach unless the
+            // operator names it: exactly this address and port, nothing else of the machine.
+            allow_internal_addresses: vec![AllowedInternal::Endpoint(served_at)],
         },
         ..Config::default()
     };

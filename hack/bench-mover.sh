@@ -56,12 +56,12 @@ best() {
 }
 url="http://127.0.0.1:$http_port/template.img"
 read -r curl_http _ <<<"$(best curl -sS -o "$dir/out/curl.img" "$url")"
-read -r mover_http rss_http <<<"$(best "$mover" copy --attempt 1 --dest "$dir/out/mover.img" --http-url "$url")"
+read -r mover_http rss_http <<<"$(best "$mover" copy --attempt 1 --dest "$dir/out/mover.img" --http-url "$url" --allow-internal-address "127.0.0.1:$http_port")"
 s3url="http://127.0.0.1:$s3_port/templates/template.img"
 read -r curl_s3 _ <<<"$(best curl -sS --aws-sigv4 aws:amz:us-east-1:s3 --user bench:bench-secret -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -o "$dir/out/curl.img" "$s3url")"
-read -r mover_s3 rss_s3 <<<"$(AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret best "$mover" copy --attempt 1 --dest "$dir/out/mover.img" --s3-bucket templates --s3-key template.img --s3-endpoint "http://127.0.0.1:$s3_port")"
+read -r mover_s3 rss_s3 <<<"$(AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret best "$mover" copy --attempt 1 --dest "$dir/out/mover.img" --s3-bucket templates --s3-key template.img --s3-endpoint "http://127.0.0.1:$s3_port" --allow-internal-address "127.0.0.1:$s3_port")"
 read -r oras_oci _ <<<"$(HOME="$dir" best "$oras" pull --plain-http -o "$dir/out" "$oci_ref")"
-read -r mover_oci rss_oci <<<"$(best "$mover" copy --attempt 1 --dest "$dir/out/mover.img" --oci-reference "$oci_ref" --oci-plain-http)"
+read -r mover_oci rss_oci <<<"$(best "$mover" copy --attempt 1 --dest "$dir/out/mover.img" --oci-reference "$oci_ref" --oci-plain-http --allow-internal-address "127.0.0.1:$registry_port")"
 # The floor no mover can beat: SHA-256 of the same file from the page cache, on one core.
 hash_s=999999
 for i in 1 2 3; do

@@ -74,6 +74,7 @@ up() {
     --default-store quickstart --instance quickstart \
     --leader-election-namespace default --leader-election-lease templatecache-quickstart \
     --job-image templatecache:local --retry-base-seconds 2 \
+    --allow-internal-address "127.0.0.1:$http_port" \
     --metrics-address "$metrics_address"
 
   wait_for "the HTTP server" curl -sf "http://127.0.0.1:$http_port/demo.img" -o /dev/null

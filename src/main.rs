@@ -114,6 +114,17 @@ struct RunArgs {
         env = "TEMPLATECACHE_OCI_PLAIN_HTTP_REGISTRIES"
     )]
     oci_plain_http_registries: Vec<String>,
+    /// Internal destinations copy Jobs may read sources from, comma-separated or repeated:
+    /// networks (`10.96.0.0/12`), addresses (`10.96.0.10`) or address:port
+    /// (`10.96.0.10:9000`, `[fd00::10]:9000`). Without it the mover refuses every loopback,
+    /// link-local (the cloud metadata service), private, CGNAT and other non-global address,
+    /// checked on the address it connects to and on every redirect. Host names are refused.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "TEMPLATECACHE_ALLOW_INTERNAL_ADDRESS"
+    )]
+    allow_internal_address: Vec<templatecache::copy::address::AllowedInternal>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -136,6 +147,7 @@ impl RunArgs {
                     part_size: self.copy_part_size,
                 },
                 oci_plain_http_registries: self.oci_plain_http_registries.clone(),
+                allow_internal_addresses: self.allow_internal_address.clone(),
             },
             retry: RetryPolicy {
                 max_attempts: self.max_attempts,

@@ -16,11 +16,11 @@ use support::operator::{Operator, TestStore, config};
 use support::registry::{PASSWORD, Registry};
 use support::rig::{Rig, ready_message};
 use support::{TestNamespace, kubectl};
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, ClientError};
-use templatecache::controller::conditions::{READY, find};
-use templatecache::controller::template_cache::lifecycle::reason;
 
 fn spec(url: &str) -> TemplateCacheSpec {
     serde_json::from_value(json!({"source": {"http": {"url": url}}})).expect("spec")
@@ -104,7 +104,7 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
         );
         record(
             case,
-            &format!("refused by the library before any request: {e}"),
+            &format!("refused by the library: {e}; no claim made, the cache untouched"),
         );
     }
 
@@ -346,11 +346,15 @@ async fn sources_the_operator_must_not_fetch_start_no_job() {
 async fn the_data_mover_refuses_a_key_that_climbs_out_of_its_bucket() {
     let dir = tempfile::tempdir().expect("dir");
     let dest = dir.path().join("ns/img");
+    // A listening endpoint, so that "before any request" is seen, not assumed.
+    let endpoint = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    endpoint.set_nonblocking(true).expect("non-blocking");
+    let url = format!("http://{}", endpoint.local_addr().expect("address"));
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"))
         .args(["copy", "--attempt", "1", "--dest"])
         .arg(&dest)
         .args(["--s3-bucket", "templates", "--s3-key", "../../etc/passwd"])
-        .args(["--s3-endpoint", "http://127.0.0.1:9"])
+        .args(["--s3-endpoint", &url])
         .output()
         .await
         .expect("run the mover");
@@ -361,6 +365,12 @@ async fn the_data_mover_refuses_a_key_that_climbs_out_of_its_bucket() {
         std::fs::read_dir(dir.path()).expect("dir").count(),
         0,
         "nothing written"
+    );
+    let connection = endpoint.accept().map(|_| ()).map_err(|e| e.kind());
+    assert_eq!(
+        connection,
+        Err(std::io::ErrorKind::WouldBlock),
+        "the mover connected to the endpoint"
     );
     record(
         "an S3 key with ../ segments",

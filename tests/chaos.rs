@@ -1,8 +1,10 @@
 //! Chaos: 200 consumers acquire and release 10 templates while the operator (the real binary)
 //! is SIGKILLed at random moments, the API server is restarted, and the source fails at random.
-//! Afterwards every cache must be exactly right: one Job per attempt, refCount equal to the
-//! references held, never negative in a watch over the whole run, no Ready cache without its
-//! data, no orphaned data or partial file in the store.
+//! The source's first answer for each template is stale (a byte wrong), so every cache needs a
+//! second attempt with a new Job. Afterwards every cache must be exactly right: Ready with the
+//! right bytes, one Job per attempt, refCount equal to the references held and, in a watch over
+//! the whole run, never above the references of the same version; no orphaned data or partial
+//! file in the store.
 //!
 //! `make test` runs it for `CHAOS_SECONDS` (default 45); `make chaos` runs it for 10 minutes
 //! and writes the report into docs/reliability.md.
@@ -10,8 +12,8 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -25,13 +27,13 @@ use support::TestNamespace;
 use support::executor::Executor;
 use support::http_server::{HttpServer, random_below};
 use support::operator::{OperatorProcess, TestStore};
-use support::rig::{random_bytes, sha256};
+use support::rig::{random_bytes, sha256, store_files};
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest};
-use templatecache::controller::conditions::{READY, find};
 use templatecache::controller::jobs::JobState;
-use templatecache::controller::template_cache::lifecycle::reason;
 
 const TEMPLATES: usize = 10;
 const CONSUMERS: usize = 200;
@@ -62,8 +64,12 @@ struct Tally {
     releases: AtomicU32,
     kills: AtomicU32,
     restarts: AtomicU32,
-    lowest_ref_count: AtomicI64,
+    last_restart: Mutex<Option<Instant>>,
     watch_events: AtomicU32,
+    watch_errors: AtomicU32,
+    last_watch_event: Mutex<Option<Instant>>,
+    /// Versions whose refCount exceeded the references they held.
+    counts_above_references: Mutex<Vec<String>>,
 }
 
 fn spec_of(server: &HttpServer, t: usize, checksum: &str) -> TemplateCacheSpec {
@@ -162,6 +168,7 @@ async fn chaos_monkey(
             assert!(status.success(), "restart the API server");
             restarted += 1;
             tally.restarts.fetch_add(1, Ordering::Relaxed);
+            *tally.last_restart.lock().unwrap() = Some(Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(random_below(500))).await;
         generation += 1;
@@ -170,22 +177,37 @@ async fn chaos_monkey(
     operator
 }
 
-/// Watches every cache of the namespace as raw JSON for the whole run (across API server
-/// restarts), keeping the lowest refCount seen.
+/// Watches every cache of the namespace as raw JSON for the whole run, resuming across API
+/// server restarts, and notes every version whose refCount is above the references it holds.
+/// The test checks that the watch kept delivering after the last restart, so a watch that died
+/// cannot pass for one that saw nothing wrong.
 fn watch_ref_counts(ns: &TestNamespace, tally: Arc<Tally>) -> tokio::task::JoinHandle<()> {
     let ar = ApiResource::erase::<TemplateCache>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
-    tally.lowest_ref_count.store(i64::MAX, Ordering::Relaxed);
     tokio::spawn(async move {
         let mut events = watcher(api, watcher::Config::default())
             .default_backoff()
             .applied_objects()
             .boxed();
         while let Some(event) = events.next().await {
-            let Ok(obj) = event else { continue };
+            let obj = match event {
+                Ok(obj) => obj,
+                Err(_) => {
+                    tally.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
             tally.watch_events.fetch_add(1, Ordering::Relaxed);
-            if let Some(count) = obj.data["status"]["refCount"].as_i64() {
-                tally.lowest_ref_count.fetch_min(count, Ordering::Relaxed);
+            *tally.last_watch_event.lock().unwrap() = Some(Instant::now());
+            let references = i64::from(count_references(obj.finalizers()));
+            if let Some(count) = obj.data["status"]["refCount"].as_i64()
+                && count > references
+            {
+                tally.counts_above_references.lock().unwrap().push(format!(
+                    "{} rv {}: refCount {count} with {references} references",
+                    obj.name_any(),
+                    obj.resource_version().unwrap_or_default()
+                ));
             }
         }
     })
@@ -304,8 +326,8 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
             ));
         }
         let file = dir.join(&name);
+        let t: usize = name[1..].parse().expect("t<n>");
         if status.phase == Some(Phase::Ready) {
-            let t: usize = name[1..].parse().expect("t<n>");
             match std::fs::read(&file) {
                 Ok(bytes) if bytes == sources[t] => {}
                 Ok(_) => problems.push(format!("{name}: Ready with wrong data")),
@@ -315,8 +337,21 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
             if status.checksum.as_deref() != Some(&*digest) {
                 problems.push(format!("{name}: status checksum {:?}", status.checksum));
             }
-        } else if file.exists() {
-            problems.push(format!("{name}: {:?} but data in the store", status.phase));
+        } else {
+            // 20 attempts against a source that fails about 30 % of requests: a cache that did
+            // not get there lost its way, it was not unlucky.
+            problems.push(format!(
+                "{name}: {:?} after {attempt} attempts",
+                status.phase
+            ));
+            if file.exists() {
+                problems.push(format!("{name}: {:?} but data in the store", status.phase));
+            }
+        }
+        if attempt < 2 {
+            problems.push(format!(
+                "{name}: {attempt} attempt(s), but the source's first answer was stale"
+            ));
         }
         rows.push(format!(
             "| {name} | {:?} | {attempt} | {} | {refs} | {want} |",
@@ -325,47 +360,64 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
         ));
     }
     let names: BTreeSet<String> = caches.iter().map(|c| c.name_any()).collect();
-    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        let file = entry.file_name().to_string_lossy().into_owned();
-        if file.contains(".partial-") || !names.contains(&file) {
+    for (file, _) in store_files(&dir) {
+        if !names.contains(&file) {
             problems.push(format!("left in the store: {file}"));
         }
     }
-    let lowest = tally.lowest_ref_count.load(Ordering::Relaxed);
-    if lowest < 0 {
-        problems.push(format!("the watch saw refCount {lowest}"));
-    }
+    problems.extend(
+        tally
+            .counts_above_references
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned(),
+    );
     let kills = tally.kills.load(Ordering::Relaxed);
     let restarts = tally.restarts.load(Ordering::Relaxed);
+    let last_restart = *tally.last_restart.lock().unwrap();
+    let last_watch_event = *tally.last_watch_event.lock().unwrap();
     let attempts: u32 = caches
         .iter()
         .filter_map(|c| c.status.as_ref()?.attempt)
         .sum();
-    let report = format!(
-        "Ran {:.0} s: {CONSUMERS} consumers, {} acquires, {} releases; operator SIGKILLed {kills} \
-         times, API server restarted {restarts} times; {attempts} copy attempts for {} caches \
-         (the source fails about 30 % of requests); {} watch events, lowest refCount seen {lowest}.\n\n\
-         | cache | phase | attempts | copy Jobs | refCount | references held by consumers |\n\
-         |---|---|---|---|---|---|\n{}\n",
-        begun.elapsed().as_secs_f64(),
-        tally.acquires.load(Ordering::Relaxed),
-        tally.releases.load(Ordering::Relaxed),
-        caches.len(),
-        tally.watch_events.load(Ordering::Relaxed),
-        rows.join("\n"),
-    );
-    println!("{report}");
-    support::write_report("chaos/report.md", &report);
+    let source = &server.unreliable;
+    let requests = source.requests.load(Ordering::Relaxed);
+    let percent = |n: u32| f64::from(n) * 100.0 / f64::from(requests.max(1));
 
     assert!(
         kills >= settings.kills && restarts >= 2,
         "{kills} kills, {restarts} restarts"
     );
     assert!(
-        lowest >= 0 && lowest != i64::MAX,
-        "lowest refCount {lowest}"
+        matches!((last_restart, last_watch_event), (Some(r), Some(e)) if e > r),
+        "the refCount watch delivered nothing after the last API server restart"
     );
     assert!(problems.is_empty(), "{problems:#?}");
+
+    let report = format!(
+        "Ran {:.0} s: {CONSUMERS} consumers, {} acquires, {} releases; operator SIGKILLed {kills} \
+         times, API server restarted {restarts} times; {attempts} copy attempts for {} caches. \
+         The source answered {requests} GETs and failed {:.0} % of them ({:.0} % 503, {:.0} % cut \
+         short, {:.0} % stale bytes, the first answer for each template among them). A raw watch \
+         of the caches saw {} versions ({} watch errors across the restarts, resumed), none with \
+         a refCount above its references. Every cache ended Ready with the right bytes.\n\n\
+         | cache | phase | attempts | copy Jobs | refCount | references held by consumers |\n\
+         |---|---|---|---|---|---|\n{}\n",
+        begun.elapsed().as_secs_f64(),
+        tally.acquires.load(Ordering::Relaxed),
+        tally.releases.load(Ordering::Relaxed),
+        caches.len(),
+        percent(source.failed()),
+        percent(source.unavailable.load(Ordering::Relaxed)),
+        percent(source.cut_short.load(Ordering::Relaxed)),
+        percent(source.stale.load(Ordering::Relaxed)),
+        tally.watch_events.load(Ordering::Relaxed),
+        tally.watch_errors.load(Ordering::Relaxed),
+        rows.join("\n"),
+    );
+    println!("{report}");
+    support::write_report("chaos/report.md", &report);
     drop(operator);
     store.delete().await;
     if let Ok(ns) = Arc::try_unwrap(ns) {

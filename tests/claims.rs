@@ -16,12 +16,12 @@ use support::TestNamespace;
 use support::cache_watch::{CacheWatch, counts_above_references, lost_references};
 use support::jobs::{Outcome, finish_copy, finish_job, jobs_of, wait_for_cache, wait_for_job};
 use support::operator::{Operator, TestStore, config};
+use templatecache::api::conditions::{BOUND, READY, find};
+use templatecache::api::reasons::claim as reason;
 use templatecache::api::references::{claim_reference, count_references};
 use templatecache::api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, ClientError};
 use templatecache::controller::DEFAULT_MAX_REFERENCES;
-use templatecache::controller::conditions::{READY, find};
-use templatecache::controller::template_cache_claim::{BOUND, reason};
 
 const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 

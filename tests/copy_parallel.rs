@@ -8,7 +8,7 @@ mod support;
 use std::path::PathBuf;
 
 use support::ranged_server::{RangedServer, Seen};
-use support::rig::{random_bytes, sha256};
+use support::rig::{random_bytes, sha256, store_files};
 use support::throttle::ThrottleProxy;
 use templatecache::copy::{CopyArgs, CopyError, run_copy};
 
@@ -32,16 +32,16 @@ fn args(dest: PathBuf, url: &str, streams: u16) -> CopyArgs {
         checksum: None,
         streams,
         part_size: PART,
+        allow_internal_address: support::loopback_sources(),
     }
 }
 
 /// The folder holds exactly `names`: no partial file left behind.
 fn assert_only(dir: &tempfile::TempDir, names: &[&str]) {
-    let mut found: Vec<String> = std::fs::read_dir(dir.path())
-        .expect("list")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+    let found: Vec<String> = store_files(dir.path())
+        .into_iter()
+        .map(|(name, _)| name)
         .collect();
-    found.sort();
     assert_eq!(found, names);
 }
 
@@ -179,6 +179,36 @@ async fn a_source_replaced_mid_copy_fails_the_attempt_and_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn a_server_answering_parts_longer_than_asked_fails_before_writing_past_the_reservation() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(8 * PART as usize);
+    server.put("disk.img", bytes);
+    let dir = tempfile::tempdir().expect("dest");
+
+    let error = run_copy(args(
+        dir.path().join("disk"),
+        &server.url("long-parts", "disk.img"),
+        8,
+    ))
+    .await
+    .expect_err("a part longer than its range");
+
+    let message = error.to_string();
+    assert!(
+        matches!(error, CopyError::SentMoreThanAnnounced { .. }),
+        "{error:?}"
+    );
+    let announced = format!("sent more than the {PART} bytes it announced");
+    assert!(message.contains(&announced), "{message}");
+    assert!(
+        server.gets().iter().all(|g| g.range.is_some()),
+        "the parallel path was taken: {:?}",
+        server.gets()
+    );
+    assert_only(&dir, &[]);
+}
+
+#[tokio::test]
 async fn a_part_that_breaks_is_fetched_again_alone_from_where_it_broke() {
     let server = RangedServer::start().await;
     let bytes = random_bytes(2 << 20); // 8 parts, each cut halfway once
@@ -229,6 +259,7 @@ mod s3 {
         command
             .args(["copy", "--attempt", "1", "--streams", "8"])
             .arg(format!("--part-size={PART}"))
+            .args(["--allow-internal-address", super::support::LOOPBACK_SOURCES])
             .arg("--dest")
             .arg(dest)
             .args(["--s3-bucket", BUCKET, "--s3-key", key, "--s3-endpoint"])

@@ -94,6 +94,8 @@ fn the_chart_lints_renders_restricted_pods_and_refuses_bad_values_by_name() {
         "copyJobs.namespaces={team-a,team-b}",
         "--set",
         "metrics.serviceMonitor.enabled=true",
+        "--set-json",
+        r#"operator.allowInternalAddresses=["10.96.0.10:9000","fd00::/8"]"#,
     ])
     .expect("helm template renders");
     let objects: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&rendered)
@@ -151,6 +153,11 @@ fn the_chart_lints_renders_restricted_pods_and_refuses_bad_values_by_name() {
         container["securityContext"]["capabilities"]["drop"],
         json!(["ALL"])
     );
+    let args = container["args"].as_array().expect("args");
+    assert!(
+        args.contains(&json!("--allow-internal-address=10.96.0.10:9000,fd00::/8")),
+        "the operator gets the internal destinations copy Jobs may reach: {args:?}"
+    );
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
 
@@ -171,6 +178,13 @@ fn the_chart_lints_renders_restricted_pods_and_refuses_bad_values_by_name() {
             "/copyJobs/namespaces/0",
         ),
         (vec!["--set", "metrics.port=80"], "/metrics/port"),
+        (
+            vec![
+                "--set",
+                "operator.allowInternalAddresses={minio.storage.svc:9000}",
+            ],
+            "/operator/allowInternalAddresses/0",
+        ),
     ] {
         let refused = template(&values).expect_err(&format!("{values:?} is refused"));
         support::corpus::record(&format!("helm value {}", values[1]), &refused);
@@ -220,6 +234,14 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
         .args(["--set", "defaultStore.create=true"])
         .args(["--set", &format!("defaultStore.name={store_name}")])
         .args(["--set", "defaultStore.capacity=1Gi"])
+        // The test's HTTP server is on loopback, which copy Jobs may not reach by default.
+        .args([
+            "--set-json",
+            &format!(
+                "operator.allowInternalAddresses={}",
+                json!(support::LOOPBACK_SOURCES.split(',').collect::<Vec<_>>())
+            ),
+        ])
         .args([
             "--set-json",
             &format!(

@@ -1,8 +1,11 @@
 //! A namespace user attacking the others, against the real API server: a store outside its
 //! namespace selector, a namespace past its quota, a copy Job that could reach other tenants'
-//! folders, a Secret handed to the mover by someone who may not read it, and a forged Ready from a
-//! Pod running as the mover's account. Each attack is refused with a clear reason, nothing of
-//! the other tenant's is lost, and each is recorded in the bad-input corpus.
+//! folders, a Secret handed to the mover by someone who may not read it, a forged Ready from a
+//! Pod running as the mover's account, links planted in its store folder, caches named like
+//! another cache's partial file, sources that lie about their size to the real mover, a source
+//! at an internal address (directly or through a redirect), and a Job squatting the name of the
+//! cache's next copy Job. Each attack is refused with a clear reason, nothing of the other
+//! tenant's is lost, and each is recorded in the bad-input corpus.
 
 mod support;
 
@@ -11,19 +14,21 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use serde_json::{Value, json};
 use support::corpus::record;
-use support::http_server::HttpServer;
-use support::jobs::wait_for_cache;
+use support::http_server::{HttpServer, LYING_HEAD_BYTES};
+use support::jobs::{wait_for_cache, wait_for_cache_gone};
 use support::operator::{Operator, TestStore, config};
-use support::rig::{Rig, random_bytes, ready_message, sha256};
+use support::ranged_server::RangedServer;
+use support::rig::{Rig, random_bytes, ready_message, sha256, stop_observer, store_files};
 use support::{TestNamespace, kubectl};
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheClaim};
-use templatecache::controller::conditions::{READY, find};
-use templatecache::controller::template_cache::lifecycle::reason;
+use templatecache::controller::Config as OperatorConfig;
 
 const MIB: usize = 1 << 20;
 
@@ -648,4 +653,461 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
     operator.stop().await;
     store.delete().await;
     ns.delete().await;
+}
+
+/// Waits until the cache has failed for good (the rig's last attempt) and returns its message.
+async fn failed_for_good(rig: &Rig, name: &str) -> String {
+    let cache = rig.settled(name).await;
+    let message = ready_message(&cache);
+    let phase = cache.status.as_ref().and_then(|s| s.phase);
+    assert_eq!(phase, Some(Phase::Failed), "{name}: {message}");
+    message
+}
+
+const TENANT_B_DATA: &[u8] = b"tenant B's template, which tenant A must never reach";
+const OUTSIDE_DATA: &[u8] = b"a file of the node, outside the store";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_planted_in_a_tenants_folder_never_lead_the_mover_or_the_remover_out_of_it() {
+    let rig = Rig::new("tenant-links", 1).await;
+    let server = HttpServer::start().await;
+    // Tenant B's folder in the same store, and a file outside the store.
+    let team_b = rig.store.dir.path().join(format!("{}-b", rig.ns.name));
+    std::fs::create_dir_all(&team_b).expect("tenant B's folder");
+    let b_file = team_b.join("image");
+    std::fs::write(&b_file, TENANT_B_DATA).expect("tenant B's data");
+    let outside = tempfile::tempdir().expect("outside the store");
+    let outside_file = outside.path().join("node-file");
+    std::fs::write(&outside_file, OUTSIDE_DATA).expect("outside data");
+    let untouched = || {
+        assert_eq!(std::fs::read(&b_file).expect("B's file"), TENANT_B_DATA);
+        assert_eq!(
+            std::fs::read(&outside_file).expect("node file"),
+            OUTSIDE_DATA
+        );
+        let b_files: Vec<String> = store_files(&team_b).into_iter().map(|f| f.0).collect();
+        assert_eq!(b_files, ["image"], "nothing written into B's folder");
+    };
+    // What a Pod of tenant A's namespace, mounting A's folder, can plant there.
+    let folder = rig.folder();
+    std::fs::create_dir_all(folder.join(".partial")).expect("A's partial folder");
+    let link = |target: &std::path::Path, at: &str| {
+        std::os::unix::fs::symlink(target, folder.join(at)).expect("plant a link");
+        folder.join(at).display().to_string()
+    };
+    let cases = [
+        (
+            "image",
+            link(&b_file, "image"),
+            "a link at the cache's own name, to tenant B's cache file",
+        ),
+        (
+            "other",
+            link(&outside_file, ".partial/other-1"),
+            "a link at the cache's partial file, to a file outside the store",
+        ),
+    ];
+    for (cache, _, _) in &cases {
+        let (_, spec) = template(&server, &format!("{cache}.img"));
+        rig.create(cache, spec).await;
+    }
+    for (cache, planted, case) in &cases {
+        let message = failed_for_good(&rig, cache).await;
+        record(
+            &format!("hostile tenant (symlink redirection): {case}"),
+            &message,
+        );
+        for part in [planted.as_str(), "symbolic link", "never follows a link"] {
+            assert!(message.contains(part), "{cache}: names {part}: {message}");
+        }
+    }
+    untouched();
+
+    // Removing the cache whose name is a link removes the link, never what it points to.
+    rig.ns
+        .api::<TemplateCache>()
+        .delete("image", &DeleteParams::default())
+        .await
+        .expect("delete the cache");
+    wait_for_cache_gone(&rig.ns.client, &rig.ns.name, "image").await;
+    assert!(
+        folder.join("image").symlink_metadata().is_err(),
+        "the planted link went with the cache"
+    );
+    untouched();
+    record(
+        "hostile tenant (symlink redirection): deleting a cache whose name is a link to tenant B's cache file",
+        "the remove Job unlinked the link itself; tenant B's file is intact",
+    );
+
+    // The partial folder itself a link to tenant B's folder.
+    std::fs::remove_dir_all(folder.join(".partial")).expect("clear the partial folder");
+    let planted = link(&team_b, ".partial");
+    let (_, spec) = template(&server, "third.img");
+    rig.create("third", spec).await;
+    let message = failed_for_good(&rig, "third").await;
+    record(
+        "hostile tenant (symlink redirection): the partial folder a link to tenant B's folder",
+        &message,
+    );
+    for part in [planted.as_str(), "symbolic link"] {
+        assert!(message.contains(part), "names {part}: {message}");
+    }
+    untouched();
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caches_named_like_each_others_partial_files_keep_their_own_bytes() {
+    let rig = Rig::new("tenant-clash", 3).await;
+    let server = HttpServer::start().await;
+    // `img.partial-1` was the partial file of cache `img`'s first attempt, and is a legal name.
+    let (clash_bytes, spec) = template(&server, "clash.img");
+    rig.create("img.partial-1", spec).await;
+    rig.assert_copied("img.partial-1", &clash_bytes).await;
+    let (img_bytes, spec) = template(&server, "img.img");
+    rig.create("img", spec).await;
+    rig.assert_copied("img", &img_bytes).await;
+    // Digests, not bytes, so a failure prints two lines rather than a megabyte.
+    let clash = || {
+        std::fs::read(rig.data("img.partial-1"))
+            .ok()
+            .map(|b| sha256(&b))
+    };
+    let intact = Some(sha256(&clash_bytes));
+    assert_eq!(clash(), intact, "img's copy left it alone");
+
+    rig.ns
+        .api::<TemplateCache>()
+        .delete("img", &DeleteParams::default())
+        .await
+        .expect("delete img");
+    wait_for_cache_gone(&rig.ns.client, &rig.ns.name, "img").await;
+    let left = rig.files();
+    record(
+        "hostile tenant (partial-name clash): caches img and img.partial-1 (the old name of img's first partial file) copied, then img deleted",
+        &format!(
+            "both copied byte for byte; after img's removal the store holds {left:?} and img.partial-1's {} bytes are intact",
+            clash_bytes.len()
+        ),
+    );
+    assert_eq!(
+        left,
+        ["img.partial-1"],
+        "img's removal took only img's data"
+    );
+    assert_eq!(clash(), intact, "img's removal left it alone");
+    rig.assert_copied("img.partial-1", &clash_bytes).await;
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_sending_more_than_its_head_announced_fails_and_fills_nothing() {
+    let rig = Rig::with_store("tenant-lying", 1, "4Mi", json!({})).await;
+    let server = HttpServer::start().await;
+    server.put("huge.img", &random_bytes(16 * MIB));
+    let (peak, sampler) = rig.sample_usage();
+    let url = server.url("lying/huge.img");
+    rig.create("huge", json!({"source": {"http": {"url": url}}}))
+        .await;
+
+    let message = failed_for_good(&rig, "huge").await;
+    stop_observer(sampler, "usage sampler");
+    let (disk, reported) = *peak.lock().expect("peak");
+    record(
+        "hostile tenant (lying size): a source whose HEAD announces 1024 bytes and whose GET sends 16 MiB, into a 4Mi store",
+        &format!(
+            "{message} (most bytes ever in the tenant's folder: {disk}; store usage at most {reported})"
+        ),
+    );
+    let announced = format!("sent more than the {LYING_HEAD_BYTES} bytes it announced");
+    assert!(message.contains(&announced), "{message}");
+    assert!(
+        disk <= LYING_HEAD_BYTES,
+        "{disk} bytes landed past the reservation"
+    );
+    assert!(
+        reported <= 4 * MIB as u64,
+        "store usage {reported} past its capacity"
+    );
+    assert!(rig.files().is_empty(), "nothing left: {:?}", rig.files());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ranged_source_answering_parts_longer_than_asked_fails_within_its_reservation() {
+    const SIZE: usize = 64 * MIB; // four parts of the Jobs' 16 MiB: the parallel path
+    let rig = Rig::new("tenant-long-parts", 1).await;
+    let server = RangedServer::start().await;
+    server.put("disk.img", random_bytes(SIZE));
+    let (peak, sampler) = rig.sample_usage();
+    let url = server.url("long-parts", "disk.img");
+    rig.create("disk", json!({"source": {"http": {"url": url}}}))
+        .await;
+
+    let message = failed_for_good(&rig, "disk").await;
+    stop_observer(sampler, "usage sampler");
+    let (disk, _) = *peak.lock().expect("peak");
+    record(
+        "hostile tenant (lying size): a ranged source answering each 16 MiB part of a 64 MiB object with twice the bytes asked for",
+        &format!("{message} (most bytes ever in the tenant's folder: {disk})"),
+    );
+    let part = 16 * MIB;
+    assert!(
+        message.contains(&format!("sent more than the {part} bytes it announced")),
+        "{message}"
+    );
+    assert!(
+        disk <= SIZE as u64,
+        "{disk} bytes landed past the reservation"
+    );
+    let gets = server.gets();
+    assert!(
+        gets.iter().all(|g| g.range.is_some()),
+        "parts only: {gets:?}"
+    );
+    assert!(rig.files().is_empty(), "nothing left: {:?}", rig.files());
+    rig.stop().await;
+}
+
+/// Waits for the cache's final refusal of its source address; returns the cache.
+async fn address_refused(ns: &TestNamespace, name: &str) -> TemplateCache {
+    let wanted = reason::ADDRESS_NOT_ALLOWED;
+    wait_for_cache(&ns.client, &ns.name, name, wanted, move |c| {
+        let ready = c.status.as_ref().and_then(|s| find(&s.conditions, READY));
+        ready.is_some_and(|r| r.reason == wanted)
+    })
+    .await
+}
+
+/// The refusal is final: Failed after one attempt, no file, and its message names `parts`.
+fn assert_refused_for_good(rig: &Rig, cache: &TemplateCache, parts: &[&str]) -> String {
+    let status = cache.status.clone().expect("status");
+    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.attempt, Some(1), "refused once, not retried");
+    let message = ready_message(cache);
+    for part in parts {
+        assert!(
+            message.contains(part),
+            "the refusal names {part}: {message}"
+        );
+    }
+    assert!(
+        rig.files().is_empty(),
+        "nothing is written: {:?}",
+        rig.files()
+    );
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_addresses_are_refused_with_the_default_config_before_any_request() {
+    // The operator's defaults: no internal destination allowed (the chart's default too).
+    let rig = Rig::with_config("tenant-metadata", |cfg| {
+        cfg.jobs.allow_internal_addresses = OperatorConfig::default().jobs.allow_internal_addresses;
+    })
+    .await;
+    rig.create(
+        "metadata",
+        json!({"source": {"http": {"url": "http://169.254.169.254/latest/meta-data/iam/security-credentials/"}}}),
+    )
+    .await;
+    let cache = address_refused(&rig.ns, "metadata").await;
+    let message = assert_refused_for_good(
+        &rig,
+        &cache,
+        &["169.254.169.254", "link-local", "--allow-internal-address"],
+    );
+    record(
+        "hostile tenant (internal address): a cache of http://169.254.169.254/latest/meta-data/ with the operator's default config",
+        &format!(
+            "Failed for good, Ready reason {}: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+
+    // An internal Service stands in as a real server on loopback: it sees no request at all,
+    // whether the URL names its address or a name that resolves to it.
+    let service = HttpServer::start().await;
+    let (_, spec) = template(&service, "internal.img");
+    rig.create("service", spec).await;
+    let by_name = service
+        .url("internal.img")
+        .replace("127.0.0.1", "localhost");
+    rig.create(
+        "service-by-name",
+        json!({"source": {"http": {"url": by_name}}}),
+    )
+    .await;
+    let cache = address_refused(&rig.ns, "service").await;
+    let message = assert_refused_for_good(&rig, &cache, &["127.0.0.1", "loopback"]);
+    record(
+        "hostile tenant (internal address): a cache of an internal server (loopback) with the operator's default config",
+        &format!(
+            "Failed for good, Ready reason {}, no request reached the server: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+    let cache = address_refused(&rig.ns, "service-by-name").await;
+    let message = assert_refused_for_good(&rig, &cache, &["localhost", "127.0.0.1 is loopback"]);
+    record(
+        "hostile tenant (internal address): a cache of a host name that resolves to loopback, default config",
+        &format!(
+            "Failed for good, Ready reason {}, no request reached the server: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+    assert_eq!(service.requests(), 0, "the internal server saw no request");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_from_an_allowed_host_to_an_internal_one_is_refused() {
+    // Two servers on loopback told apart by address: only 127.0.0.2 is allowed.
+    let allowed = HttpServer::start_on([127, 0, 0, 2].into()).await;
+    let internal = HttpServer::start().await;
+    let rig = Rig::with_config("tenant-redirect", |cfg| {
+        cfg.jobs.allow_internal_addresses = vec!["127.0.0.2".parse().expect("entry")];
+    })
+    .await;
+    let (_, secret) = template(&internal, "secret.img");
+    let secret_url = secret["source"]["http"]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    rig.create(
+        "redirected",
+        json!({"source": {"http": {"url": allowed.redirect("to-internal", &secret_url)}}}),
+    )
+    .await;
+    let cache = address_refused(&rig.ns, "redirected").await;
+    let message = assert_refused_for_good(
+        &rig,
+        &cache,
+        &[
+            &format!("redirect to {secret_url} refused"),
+            &internal.addr.to_string(),
+            "loopback",
+        ],
+    );
+    record(
+        "hostile tenant (internal address): an allowed host (127.0.0.2) answers 302 to an internal one (127.0.0.1)",
+        &format!(
+            "Failed for good, Ready reason {}, the internal server saw no request: {message}",
+            reason::ADDRESS_NOT_ALLOWED
+        ),
+    );
+    assert!(allowed.requests() > 0, "the allowed host was asked");
+    assert_eq!(internal.requests(), 0, "the redirect was not followed");
+
+    // Redirects themselves are fine: one that stays on the allowed host is followed.
+    let (bytes, spec) = template(&allowed, "public.img");
+    let url = spec["source"]["http"]["url"].as_str().expect("url");
+    rig.create(
+        "followed",
+        json!({"source": {"http": {"url": allowed.redirect("to-itself", url)}}, "checksum": spec["checksum"]}),
+    )
+    .await;
+    rig.assert_copied("followed", &bytes).await;
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_squatting_the_next_attempts_name_is_never_taken_for_the_copy() {
+    let rig = Rig::new("tenant-squat", 3).await;
+    let ns = &rig.ns;
+    // A namespace user who may create Jobs, with its own account (the mover's is reserved to
+    // the operator by policy), makes the Job the cache's first attempt will be named after,
+    // before the cache exists, and it completes.
+    account(
+        &ns.name,
+        "tenant",
+        &[&["--verb=create", "--resource=jobs.batch"]],
+    )
+    .await;
+    let tenant = client_as(&ns.name, "tenant", None).await;
+    let squatter: Job = serde_json::from_value(json!({
+        "metadata": {"name": "image-copy-1"},
+        "spec": {"template": {"spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "m", "image": "x"}]}}}
+    }))
+    .expect("job");
+    Api::<Job>::namespaced(tenant, &ns.name)
+        .create(&PostParams::default(), &squatter)
+        .await
+        .expect("the tenant may create Jobs");
+    support::jobs::finish_job(&ns.client, &ns.name, "image-copy-1", true).await;
+
+    let server = HttpServer::start().await;
+    let (bytes, spec) = template(&server, "disk.img");
+    rig.create("image", spec).await;
+    let message = ready_reason(ns, "image", reason::JOB_NOT_OURS).await;
+    record(
+        "hostile tenant (squatted Job): a Job under the next attempt's name, made (and completed) by a namespace user before the operator",
+        &format!(
+            "not taken for the copy, Ready reason {}: {message}",
+            reason::JOB_NOT_OURS
+        ),
+    );
+    for part in [
+        "image-copy-1",
+        "not created by the operator",
+        "no controller",
+    ] {
+        assert!(
+            message.contains(part),
+            "the refusal names {part}: {message}"
+        );
+    }
+    let cache: TemplateCache = ns.api().get("image").await.expect("cache");
+    let status = cache.status.clone().expect("status");
+    assert_ne!(
+        status.phase,
+        Some(Phase::Ready),
+        "nothing goes Ready from it"
+    );
+    assert_eq!(
+        status.job_name, None,
+        "no Pod of it counts as the current Job's"
+    );
+    assert!(
+        rig.files().is_empty(),
+        "nothing is written: {:?}",
+        rig.files()
+    );
+    let job: Job = ns
+        .api()
+        .get("image-copy-1")
+        .await
+        .expect("the squatter's Job");
+    assert_eq!(
+        job.metadata.owner_references, None,
+        "the operator did not adopt it"
+    );
+
+    // Once its owner deletes it, the operator makes its own Job for the same attempt.
+    ns.api::<Job>()
+        .delete("image-copy-1", &kube::api::DeleteParams::background())
+        .await
+        .expect("delete the squatter's Job");
+    rig.assert_copied("image", &bytes).await;
+    let job: Job = ns
+        .api()
+        .get("image-copy-1")
+        .await
+        .expect("the operator's Job");
+    let owner = &job.metadata.owner_references.expect("owned")[0];
+    assert_eq!(Some(&owner.uid), cache.metadata.uid.as_ref());
+    let status = ns
+        .api::<TemplateCache>()
+        .get("image")
+        .await
+        .expect("cache")
+        .status;
+    assert_eq!(
+        status.and_then(|s| s.attempt),
+        Some(1),
+        "no attempt was used up"
+    );
+    rig.stop().await;
 }

@@ -208,10 +208,15 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_one_the_operator_exp
         }
         println!("{what}s query {queried:?}");
     }
-    // The panels the dashboard exists for: copies and their bytes, references, reconcile
-    // errors and latency, the leader.
+    // The panels the dashboard exists for: caches by phase, store usage against its watermark
+    // and what eviction can free, copies and their bytes, references, reconcile errors and
+    // latency, the leader.
     let panels: BTreeSet<String> = panel_exprs.iter().flat_map(|e| metric_names(e)).collect();
     for name in [
+        "templatecache_caches",
+        "templatecache_store_used_bytes",
+        "templatecache_store_high_watermark_bytes",
+        "templatecache_store_evictable_bytes",
         "templatecache_copies_failed_total",
         "templatecache_bytes_copied_total",
         "templatecache_references_held",

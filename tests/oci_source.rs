@@ -16,6 +16,8 @@ use support::jobs::{jobs_of, wait_for_cache};
 use support::registry::{PASSWORD, Registry};
 use support::rig::{Rig, random_bytes, ready_message, sha256};
 use support::throttle::ThrottleProxy;
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::{Phase, StagingStore, TemplateCache};
 
 /// The pull secret every test uses, and one with a wrong password.
@@ -211,7 +213,7 @@ async fn a_retry_pulls_the_digest_the_first_attempt_resolved_not_the_moved_tag()
     let first_digest = registry.push_artifact("models/retry", "stable", &[("m.bin", &first)]);
     // The first version's blob is broken, so every attempt at it fails.
     registry.corrupt_blob(&registry.layer_of("models/retry", &first_digest));
-    let rig = Rig::with_config("oci-retry", "10Gi", json!({}), |cfg| {
+    let rig = Rig::with_config("oci-retry", |cfg| {
         cfg.retry.max_attempts = 2;
         cfg.retry.base_delay = Duration::from_secs(5);
         cfg.retry.max_delay = Duration::from_secs(5);
@@ -345,5 +347,78 @@ async fn a_container_disk_copy_reports_its_progress_in_the_disk_files_bytes() {
     assert_eq!(progress.total_bytes, Some(disk.len() as u64));
     assert!(progress.bytes_copied < disk.len() as u64, "{progress:?}");
     rig.assert_copied("slow", &disk).await;
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_internal_registry() {
+    let registry = Registry::start().await;
+    let bytes = random_bytes(1 << 20);
+    registry.push_artifact("models/guarded", "v1", &[("a.bin", &bytes)]);
+
+    // Links a Pod of the namespace could plant: at a cache's name, at a cache's partial file.
+    let rig = Rig::new("oci-links", 1).await;
+    pull_secrets(&rig, &registry).await;
+    let outside = tempfile::tempdir().expect("outside the store");
+    let victim = outside.path().join("node-file");
+    std::fs::write(&victim, b"a file outside the store").expect("victim");
+    let folder = rig.folder();
+    std::fs::create_dir_all(folder.join(".partial")).expect("the partial folder");
+    let planted = [
+        ("at-name", folder.join("at-name")),
+        ("at-partial", folder.join(".partial/at-partial-1")),
+    ];
+    for (name, link) in &planted {
+        std::os::unix::fs::symlink(&victim, link).expect("plant a link");
+        rig.create(
+            name,
+            json!({"source": oci(&registry, "models/guarded:v1", None)}),
+        )
+        .await;
+    }
+    for (name, link) in &planted {
+        let cache = rig.settled(name).await;
+        let message = ready_message(&cache);
+        assert_eq!(
+            cache.status.as_ref().and_then(|s| s.phase),
+            Some(Phase::Failed),
+            "{name}: {message}"
+        );
+        for part in [&*link.display().to_string(), "symbolic link"] {
+            assert!(message.contains(part), "{name} names {part}: {message}");
+        }
+    }
+    assert_eq!(
+        std::fs::read(&victim).expect("victim"),
+        b"a file outside the store"
+    );
+    rig.stop().await;
+
+    // The operator's default: no internal destination, so a registry on loopback is refused
+    // for good, like an HTTP source there.
+    let rig = Rig::with_config("oci-internal", |cfg| {
+        cfg.jobs.allow_internal_addresses = vec![];
+    })
+    .await;
+    pull_secrets(&rig, &registry).await;
+    rig.create(
+        "internal",
+        json!({"source": oci(&registry, "models/guarded:v1", None)}),
+    )
+    .await;
+    let wanted = reason::ADDRESS_NOT_ALLOWED;
+    let cache = wait_for_cache(&rig.ns.client, &rig.ns.name, "internal", wanted, |c| {
+        let ready = c.status.as_ref().and_then(|s| find(&s.conditions, READY));
+        ready.is_some_and(|r| r.reason == wanted)
+    })
+    .await;
+    let status = cache.status.clone().expect("status");
+    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.attempt, Some(1), "refused once, not retried");
+    let message = ready_message(&cache);
+    for part in [&*registry.host, "loopback", "--allow-internal-address"] {
+        assert!(message.contains(part), "names {part}: {message}");
+    }
+    assert!(rig.files().is_empty(), "nothing written: {:?}", rig.files());
     rig.stop().await;
 }

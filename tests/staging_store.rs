@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,12 +14,12 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::http_server::HttpServer;
 use support::jobs::wait_for_cache;
-use support::rig::{Rig, random_bytes, sha256};
+use support::rig::{Rig, random_bytes, sha256, stop_observer};
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
-use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheSpec};
+use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, Reference};
-use templatecache::controller::conditions::{READY, find};
-use templatecache::controller::template_cache::lifecycle::reason;
 
 const MIB: usize = 1 << 20;
 
@@ -64,17 +63,6 @@ async fn acquire_ready(rig: &Rig, spec: TemplateCacheSpec, name: &str) -> Refere
     reference
 }
 
-/// Bytes of every file (partial files included) under `dir`.
-fn bytes_on_disk(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum()
-}
-
 /// Everything a watch of the namespace's caches saw: (name, phase, references).
 type Seen = Arc<Mutex<Vec<(String, Option<Phase>, u32)>>>;
 
@@ -86,40 +74,14 @@ fn watch_caches(rig: &Rig) -> (Seen, tokio::task::JoinHandle<()>) {
         let mut stream = watcher(api, watcher::Config::default())
             .applied_objects()
             .boxed();
-        while let Some(Ok(cache)) = stream.next().await {
+        while let Some(event) = stream.next().await {
+            let cache = event.expect("watch of the caches");
             let phase = cache.status.as_ref().and_then(|s| s.phase);
             let refs = count_references(cache.finalizers());
             log.lock().unwrap().push((cache.name_any(), phase, refs));
         }
     });
     (seen, task)
-}
-
-/// Samples the store's folder and its reported usage until stopped; returns the largest of each.
-fn sample_usage(rig: &Rig) -> (Arc<Mutex<(u64, u64)>>, tokio::task::JoinHandle<()>) {
-    let peak = Arc::new(Mutex::new((0, 0)));
-    let dir = rig.store.dir.path().join(&rig.ns.name);
-    let stores: Api<StagingStore> = Api::all(rig.ns.client.clone());
-    let store = rig.store.name.clone();
-    let out = peak.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let disk = bytes_on_disk(&dir);
-            let reported = stores
-                .get(&store)
-                .await
-                .ok()
-                .and_then(|s| s.status?.used_bytes)
-                .unwrap_or(0);
-            {
-                let mut peak = out.lock().unwrap();
-                peak.0 = peak.0.max(disk);
-                peak.1 = peak.1.max(reported);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
-    (peak, task)
 }
 
 async fn wait_evicted_and_removed(rig: &Rig, name: &str) {
@@ -169,7 +131,7 @@ async fn a_full_store_evicts_the_least_recently_referenced_and_never_a_reference
     let rig = Rig::with_store("evict", 1, "3Mi", eviction).await;
     let capacity = 3 * MIB as u64;
     let (seen, watch) = watch_caches(&rig);
-    let (peak, sampler) = sample_usage(&rig);
+    let (peak, sampler) = rig.sample_usage();
     let spec_of = |n: &str| spec(&server, n, &sources[n]);
 
     // t1 and t2 are used and released; t3 is held: the store is full, t1 goes first.
@@ -219,8 +181,8 @@ async fn a_full_store_evicts_the_least_recently_referenced_and_never_a_reference
     let t1_now = rig.ns.api::<TemplateCache>().get("t1").await.expect("t1");
     assert_eq!(t1_now.status.and_then(|s| s.attempt), Some(2));
 
-    sampler.abort();
-    watch.abort();
+    stop_observer(sampler, "usage sampler");
+    stop_observer(watch, "watch of the caches");
     let (disk, reported) = *peak.lock().unwrap();
     println!("peak: {disk} bytes on disk, {reported} reported, capacity {capacity}");
     assert!(
@@ -245,37 +207,46 @@ async fn a_full_store_evicts_the_least_recently_referenced_and_never_a_reference
     rig.stop().await;
 }
 
-/// Samples a cache until stopped and counts reads where it was Ready, before and after the
-/// file check, at the same attempt, while its file was missing: a Ready cache without data.
+/// Reads where a cache was Ready (before and after the file check, at the same attempt), and
+/// how many of them found its file missing: a Ready cache without data.
+#[derive(Default)]
+struct ReadyChecks {
+    made: u32,
+    without_data: u32,
+}
+
+/// Samples a cache until stopped, checking its file whenever it is Ready. A failed read panics,
+/// which [`stop_observer`] turns into a failed test.
 fn watch_for_ready_without_data(
     rig: &Rig,
     name: &str,
     size: u64,
-) -> (Arc<Mutex<u32>>, tokio::task::JoinHandle<()>) {
-    let violations = Arc::new(Mutex::new(0));
+) -> (Arc<Mutex<ReadyChecks>>, tokio::task::JoinHandle<()>) {
+    let checks = Arc::new(Mutex::new(ReadyChecks::default()));
     let caches: Api<TemplateCache> = rig.ns.api();
     let path = rig.data(name);
     let name = name.to_owned();
-    let out = violations.clone();
+    let out = checks.clone();
     let task = tokio::spawn(async move {
         let ready_at = |c: &Option<TemplateCache>| {
             let status = c.as_ref()?.status.as_ref()?;
             (status.phase == Some(Phase::Ready)).then_some(status.attempt)
         };
         loop {
-            let before = caches.get_opt(&name).await.ok().flatten();
+            let before = caches.get_opt(&name).await.expect("read the cache");
             let present = std::fs::metadata(&path).is_ok_and(|m| m.len() == size);
-            let after = caches.get_opt(&name).await.ok().flatten();
+            let after = caches.get_opt(&name).await.expect("read the cache");
             if let (Some(a), Some(b)) = (ready_at(&before), ready_at(&after))
                 && a == b
-                && !present
             {
-                *out.lock().unwrap() += 1;
+                let mut checks = out.lock().unwrap();
+                checks.made += 1;
+                checks.without_data += u32::from(!present);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
-    (violations, task)
+    (checks, task)
 }
 
 async fn current_attempt(rig: &Rig, name: &str) -> Option<u32> {
@@ -283,8 +254,13 @@ async fn current_attempt(rig: &Rig, name: &str) -> Option<u32> {
     cache.status.and_then(|s| s.attempt)
 }
 
+/// How long after the release the new acquire comes, one round each: from at once (the acquire
+/// wins and keeps the copy) to long after the eviction (the cache is copied again). The test
+/// requires both outcomes, so the sweep provably crossed the moment the two race for.
+const RACE_PAUSES_MS: [u64; 9] = [0, 20, 50, 100, 200, 400, 800, 1600, 3200];
+
 #[tokio::test]
-async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data() {
+async fn eviction_racing_a_new_reference_never_evicts_it_nor_leaves_a_ready_cache_without_data() {
     let server = HttpServer::start().await;
     let sources = templates(&server, &["img"]);
     let bytes = &sources["img"];
@@ -292,10 +268,11 @@ async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data
     let eviction =
         json!({"highWatermarkPercent": 40, "lowWatermarkPercent": 10, "minUnusedSeconds": 0});
     let rig = Rig::with_store("race", 1, "2Mi", eviction).await;
-    let (violations, checker) = watch_for_ready_without_data(&rig, "img", bytes.len() as u64);
-    let (mut kept, mut copied_again) = (0, 0);
+    let (checks, checker) = watch_for_ready_without_data(&rig, "img", bytes.len() as u64);
+    let (seen, watch) = watch_caches(&rig);
+    let mut outcomes = vec![];
 
-    for round in 0..6u64 {
+    for pause_ms in RACE_PAUSES_MS {
         let first = acquire(&rig, spec(&server, "img", bytes), "img", "first").await;
         first
             .wait_ready(Duration::from_secs(120))
@@ -303,9 +280,8 @@ async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data
             .expect("Ready");
         let attempt = current_attempt(&rig, "img").await;
         // The release makes the cache evictable at once; the new acquire races the eviction.
-        let pause = Duration::from_millis(round * 15);
         let (released, second) = tokio::join!(first.release(), async {
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
             acquire(&rig, spec(&server, "img", bytes), "img", "second").await
         });
         released.expect("release");
@@ -314,22 +290,32 @@ async fn eviction_racing_a_new_reference_never_leaves_a_ready_cache_without_data
             .await
             .expect("Ready again");
         rig.assert_copied("img", bytes).await;
-        if current_attempt(&rig, "img").await == attempt {
-            kept += 1;
-        } else {
-            copied_again += 1;
-        }
+        let kept = current_attempt(&rig, "img").await == attempt;
+        outcomes.push((pause_ms, if kept { "kept" } else { "copied again" }));
         second.release().await.expect("release");
         wait_evicted_and_removed(&rig, "img").await;
     }
-    checker.abort();
+    stop_observer(checker, "Ready-without-data checker");
+    stop_observer(watch, "watch of the caches");
+    assert_eq!(
+        referenced_evictions(&seen),
+        0,
+        "the cache was evicted while the new acquire held it"
+    );
+    let checks = std::mem::take(&mut *checks.lock().unwrap());
     println!(
-        "6 races: the acquire won {kept} times, the cache was copied again {copied_again} times"
+        "races (pause ms, outcome): {outcomes:?}; {} reads of a Ready cache checked its file",
+        checks.made
     );
     assert_eq!(
-        *violations.lock().unwrap(),
-        0,
+        checks.without_data, 0,
         "a Ready cache was seen without its data"
+    );
+    assert!(checks.made > 0, "no read ever found the cache Ready");
+    let won = |o: &str| outcomes.iter().any(|(_, outcome)| *outcome == o);
+    assert!(
+        won("kept") && won("copied again"),
+        "the pauses did not cross the race: {outcomes:?}"
     );
     rig.stop().await;
 }

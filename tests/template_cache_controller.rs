@@ -13,11 +13,13 @@ use serde_json::json;
 use support::TestNamespace;
 use support::jobs::{Outcome, finish_copy, finish_job, jobs_of, wait_for_cache, wait_for_job};
 use support::operator::{Operator, TestStore, config};
+use templatecache::api::conditions;
+use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, ClientError};
-use templatecache::controller::template_cache::{self, lifecycle::reason};
-use templatecache::controller::{Context, Error, conditions};
+use templatecache::controller::template_cache;
+use templatecache::controller::{Context, Error};
 
 const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
@@ -42,8 +44,11 @@ async fn create_cache(ns: &TestNamespace, name: &str) -> TemplateCache {
         .expect("create cache")
 }
 
+/// The test plays the copy Job (it reports a success, no bytes move): what it checks is the
+/// controller's side, one owned Job and Ready on the Job's report. Real copies are in
+/// `copy_end_to_end.rs`.
 #[tokio::test]
-async fn a_cache_is_copied_once_and_becomes_ready() {
+async fn a_cache_gets_one_copy_job_and_its_reported_success_makes_it_ready() {
     let ns = TestNamespace::new("lifecycle").await;
     let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
     let operator = Operator::start(config(&ns.name, &store.name)).await;

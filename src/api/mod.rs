@@ -3,7 +3,9 @@
 // `printcolumn(... type_ = "integer" ...)` repeats by design in the derive attributes.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod conditions;
 pub mod names;
+pub mod reasons;
 pub mod references;
 mod staging_store;
 mod template_cache;

@@ -1,5 +1,5 @@
-//! References are finalizers on a TemplateCache (contract in DESIGN.md). The reference count is
-//! the size of that set, so it is derived, never kept: it cannot drift or go negative, a double
+//! References are finalizers on a TemplateCache (the contract: README, "How it works"). The
+//! reference count is the size of that set, so it is derived, never kept: it cannot drift or go negative, a double
 //! release is a no-op, and a referenced cache cannot disappear.
 
 use super::names::{CLAIM_REF_PREFIX, CONSUMER_REF_PREFIX, MAX_CONSUMER_ID_LEN, POD_REF_PREFIX};

@@ -1,4 +1,5 @@
-//! `TemplateCache`: one staged copy of one template in one StagingStore (contract in DESIGN.md).
+//! `TemplateCache`: one staged copy of one template in one StagingStore (the contract: README,
+//! "How it works").
 //!
 //! The validation here is enforced by the API server (OpenAPI schema plus CEL rules), so a bad
 //! spec is refused at `kubectl apply` time with a message that names the field, and the operator
@@ -258,6 +259,18 @@ pub struct Progress {
     /// this attempt resolved it. The controller keeps it in `status.resolvedDigest`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_digest: Option<String>,
+    /// Set when the failure is one any further attempt would meet again (see [`final_reason`]):
+    /// the cache is then Failed for good with this reason, and not retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_reason: Option<String>,
+}
+
+/// The values of [`Progress::final_reason`] the operator acts on; any other is ignored and the
+/// attempt is retried as usual.
+pub mod final_reason {
+    /// The source is at an internal address (loopback, link-local, private, ...) that the
+    /// operator's `--allow-internal-address` does not name, or redirects to one.
+    pub const ADDRESS_NOT_ALLOWED: &str = "AddressNotAllowed";
 }
 
 /// Whether a copy may take room in its store. The data mover asks (it reports the template's
@@ -296,8 +309,8 @@ pub struct TemplateCacheStatus {
     /// Name of the copy Job of the current attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
-    /// Current copy attempt, from 1. Written with a resourceVersion precondition, so exactly one
-    /// reconciler starts each attempt.
+    /// Current copy attempt, from 1. Written by a JSON patch that first tests the attempt the
+    /// writer saw, so exactly one reconciler starts each attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
     /// The StagingStore that holds the copy.

@@ -1,5 +1,5 @@
-//! `TemplateCacheClaim`: what a consumer creates to use a cache (contract in DESIGN.md), the
-//! Kubernetes claim pattern of PersistentVolumeClaims and ResourceClaims.
+//! `TemplateCacheClaim`: what a consumer creates to use a cache (the contract: README, "How it
+//! works"), the Kubernetes claim pattern of PersistentVolumeClaims and ResourceClaims.
 //!
 //! A consumer writes only its own small claim; the operator records the claim's reference on the
 //! shared cache together with every other new reference in one write (group commit), so a

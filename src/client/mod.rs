@@ -1,6 +1,6 @@
 //! Acquire, wait for and release a TemplateCache from an in-cluster controller written in Rust,
-//! through a TemplateCacheClaim (contract in DESIGN.md). The library writes only the consumer's
-//! own claim, never the shared cache: the operator records the claim's reference on the cache
+//! through a TemplateCacheClaim (the contract: README, "How it works"). The library writes only
+//! the consumer's own claim, never the shared cache: the operator records the claim's reference on the cache
 //! together with every other new one in one write, so a storm of consumers does not queue on
 //! the one object they all want.
 //!
@@ -22,10 +22,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 
+use crate::api::conditions::{READY, find};
+use crate::api::reasons::claim as reason;
 use crate::api::references::{InvalidConsumerId, consumer_reference};
 use crate::api::{ClaimPhase, TemplateCacheClaim, TemplateCacheClaimSpec, TemplateCacheSpec};
-use crate::controller::conditions::{READY, find};
-use crate::controller::template_cache_claim::reason;
 
 /// Failures of acquire, wait and release, each a sentence a caller can act on.
 #[derive(Debug, thiserror::Error)]

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::api::names::{JOB_ATTEMPT_LABEL, JOB_CACHE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::api::{AddressingStyle, StagingStore, StoreVolume, TemplateCache, TemplateSource};
+use crate::copy::address::AllowedInternal;
 
 /// Where copy and remove Jobs mount the store.
 pub const STORE_MOUNT: &str = "/store";
@@ -36,6 +37,9 @@ pub struct JobSettings {
     /// containerd's and CDI's insecure registries: their copy Jobs get `--oci-plain-http`. TLS
     /// for every other one.
     pub oci_plain_http_registries: Vec<String>,
+    /// Internal destinations copy Jobs may read from (`templatecache copy
+    /// --allow-internal-address`); every other non-global address is refused by the mover.
+    pub allow_internal_addresses: Vec<AllowedInternal>,
 }
 
 /// What a Job does.
@@ -74,9 +78,24 @@ pub enum JobState {
         message: String,
         at: Option<k8s_openapi::jiff::Timestamp>,
     },
+    /// A Job has the name but the cache does not control it: someone else made it first (the
+    /// name is predictable). Its state means nothing for the cache, and its Pods are never
+    /// the copy's; the sentence says whose it is and what to do.
+    NotOurs(String),
 }
 
 impl JobState {
+    /// The state of the cache's Job of that name, or [`JobState::NotOurs`] when the Job there is
+    /// not controlled by `cache` (by uid, so a namesake cache of earlier days does not count).
+    pub fn of_cache(job: Option<&Job>, cache: &TemplateCache) -> Self {
+        match job {
+            Some(job) if !is_controlled_by(job, cache) => JobState::NotOurs(not_ours(job, cache)),
+            other => Self::of(other),
+        }
+    }
+
+    /// The Job's own outcome, whoever made it; the controller judges its Jobs with
+    /// [`JobState::of_cache`].
     pub fn of(job: Option<&Job>) -> Self {
         let Some(job) = job else {
             return JobState::Missing;
@@ -106,6 +125,31 @@ impl JobState {
             None => JobState::Running,
         }
     }
+}
+
+fn is_controlled_by(job: &Job, cache: &TemplateCache) -> bool {
+    let uid = cache.metadata.uid.as_deref();
+    let owners = job.metadata.owner_references.as_deref().unwrap_or_default();
+    uid.is_some()
+        && owners
+            .iter()
+            .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}
+
+fn not_ours(job: &Job, cache: &TemplateCache) -> String {
+    let name = job.metadata.name.as_deref().unwrap_or_default();
+    let owners = job.metadata.owner_references.as_deref().unwrap_or_default();
+    let controller = owners.iter().find(|o| o.controller == Some(true));
+    let whose = match controller {
+        Some(o) => format!("its controller is {} {} (uid {})", o.kind, o.name, o.uid),
+        None => "it has no controller".to_owned(),
+    };
+    format!(
+        "Job {name} was not created by the operator for TemplateCache {} ({whose}); a Job \
+         made by someone else is never taken for this cache's copy or trusted for its status. \
+         Delete that Job and the operator creates its own under this name",
+        cache.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 /// The copy Job of `attempt`.
@@ -142,6 +186,14 @@ pub fn copy_job(
             args.push(format!("--oci-digest={digest}"));
         }
     }
+    // One argument per entry: the Job's spec shows exactly which internal destinations it may
+    // reach, and an empty list (the default) allows none.
+    args.extend(
+        settings
+            .allow_internal_addresses
+            .iter()
+            .map(|allowed| format!("--allow-internal-address={allowed}")),
+    );
     if let Some(checksum) = &cache.spec.checksum {
         args.push(format!("--checksum={checksum}"));
     }
@@ -368,6 +420,10 @@ mod tests {
             service_account: None,
             copy: Default::default(),
             oci_plain_http_registries: vec![],
+            allow_internal_addresses: vec![
+                "10.96.0.0/12".parse().expect("network"),
+                "127.0.0.1:9000".parse().expect("endpoint"),
+            ],
         };
         match operation {
             Operation::Copy => copy_job(&cache, &store, 1, &settings),
@@ -411,6 +467,7 @@ mod tests {
                 service_account: None,
                 copy: Default::default(),
                 oci_plain_http_registries: plain.iter().map(|r| r.to_string()).collect(),
+                allow_internal_addresses: vec![],
             };
             let job = copy_job(&cache, &store, 2, &settings).expect("job");
             job.spec
@@ -453,6 +510,66 @@ mod tests {
             (secret.name.as_str(), secret.key.as_str()),
             ("pull", ".dockerconfigjson")
         );
+    }
+
+    #[test]
+    fn copy_jobs_carry_the_operators_internal_address_allowlist_and_remove_jobs_do_not() {
+        let args = |operation| {
+            let job = job(operation);
+            let pod = job.spec.expect("spec").template.spec.expect("pod");
+            pod.containers[0].args.clone().expect("args")
+        };
+        let copy = args(Operation::Copy);
+        for expected in [
+            "--allow-internal-address=10.96.0.0/12",
+            "--allow-internal-address=127.0.0.1:9000",
+        ] {
+            assert!(copy.contains(&expected.to_owned()), "{copy:?}");
+        }
+        let remove = args(Operation::Remove);
+        assert!(
+            !remove.iter().any(|a| a.starts_with("--allow-internal")),
+            "{remove:?}"
+        );
+    }
+
+    #[test]
+    fn a_job_not_controlled_by_the_cache_is_not_ours_whatever_its_state() {
+        let mut cache = TemplateCache::new(
+            "img",
+            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
+                .expect("spec"),
+        );
+        cache.metadata.uid = Some("cache-uid".into());
+        let complete = |owners: Value| -> Job {
+            serde_json::from_value(json!({
+                "metadata": {"name": "img-copy-2", "ownerReferences": owners},
+                "status": {"conditions": [{"type": "Complete", "status": "True"}]}
+            }))
+            .expect("job")
+        };
+        let owner = |uid: &str, controller: bool| {
+            json!([{"apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
+                    "name": "img", "uid": uid, "controller": controller}])
+        };
+        assert_eq!(
+            JobState::of_cache(Some(&complete(owner("cache-uid", true))), &cache),
+            JobState::Succeeded
+        );
+        for (owners, whose) in [
+            (json!([]), "it has no controller"),
+            (owner("cache-uid", false), "it has no controller"),
+            (owner("other-uid", true), "(uid other-uid)"),
+        ] {
+            match JobState::of_cache(Some(&complete(owners)), &cache) {
+                JobState::NotOurs(message) => {
+                    assert!(message.contains("Job img-copy-2"), "{message}");
+                    assert!(message.contains(whose), "{message}");
+                }
+                other => panic!("a squatted Job must not count, got {other:?}"),
+            }
+        }
+        assert_eq!(JobState::of_cache(None, &cache), JobState::Missing);
     }
 
     #[test]

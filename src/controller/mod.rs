@@ -1,6 +1,5 @@
 //! The controllers of `templatecache run`, one module per reconciler, sharing one [`Context`].
 
-pub mod conditions;
 pub mod events;
 pub mod index;
 pub mod jobs;
@@ -98,6 +97,7 @@ impl Default for Config {
                 service_account: None,
                 copy: crate::copy::Tuning::default(),
                 oci_plain_http_registries: vec![],
+                allow_internal_addresses: vec![],
             },
             retry: RetryPolicy::default(),
             concurrency: 16,

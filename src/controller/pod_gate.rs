@@ -23,10 +23,10 @@ use serde_json::json;
 use tracing::info;
 
 use super::{Context, Error};
+use crate::api::conditions::{READY, find};
 use crate::api::names::{POD_CACHE_LABEL, READY_GATE};
 use crate::api::references::pod_reference;
 use crate::api::{Phase, TemplateCache};
-use crate::controller::conditions::{READY, find};
 
 /// Event reasons on Pods.
 pub mod reason {

@@ -1,8 +1,8 @@
 //! Group commit of references: one reconcile of a cache adds the reference of every claim and
 //! gated Pod that names it and is not on it yet, and removes the reference of every claim or
 //! Pod that is gone, in **one** patch of the cache's finalizers. Consumers never write to the
-//! cache (contract in DESIGN.md), so a storm of N consumers is N creates of their own small
-//! objects plus a handful of writes to the one shared object, instead of N writes to it, each
+//! cache (the contract: README, "How it works"), so a storm of N consumers is N creates of their
+//! own small objects plus a handful of writes to the one shared object, instead of N writes to it, each
 //! serialized by the API server and each costing the object's whole size.
 //!
 //! Invariants:

@@ -18,30 +18,16 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
-use super::conditions::{READY, condition, find, set_condition};
 use super::references::template_matches;
-use super::template_cache::lifecycle::reason as cache_reason;
 use super::{Context, Error};
+use crate::api::conditions::{BOUND, READY, condition, find, set_condition};
 use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
+use crate::api::reasons::cache as cache_reason;
+use crate::api::reasons::claim as reason;
 use crate::api::references::{claim_reference, count_references};
 use crate::api::{
     ClaimPhase, ClaimedCache, Phase, TemplateCache, TemplateCacheClaim, TemplateCacheClaimStatus,
 };
-
-/// The condition that says the claim's reference is on the cache.
-pub const BOUND: &str = "Bound";
-
-/// Reasons of a claim's conditions.
-pub mod reason {
-    pub const CACHE_NOT_FOUND: &str = "CacheNotFound";
-    pub const CREATING_CACHE: &str = "CreatingCache";
-    pub const BINDING: &str = "Binding";
-    pub const BOUND: &str = "Bound";
-    pub const CACHE_DELETING: &str = "CacheDeleting";
-    pub const TEMPLATE_MISMATCH: &str = "TemplateMismatch";
-    pub const REFERENCE_LIMIT: &str = "ReferenceLimit";
-    pub const CACHE_READY: &str = "CacheReady";
-}
 
 /// Cache reasons after which the operator will not try the copy again: a claim on such a cache
 /// has failed.

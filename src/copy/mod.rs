@@ -1,10 +1,17 @@
 //! The data mover: what a copy Job runs. It knows nothing of controllers; it copies one template
 //! into one path of a staging store and reports to the cache's status.
 //!
-//! A reader never sees a half copy: bytes go to `<dest>.partial-<attempt>`, are hashed on the
-//! way, verified against the expected checksum, fsynced, and renamed into place (then the
-//! folder is fsynced so the rename survives a crash). Every failure removes the partial file.
+//! A reader never sees a half copy: bytes go to `.partial/<cache>-<attempt>` beside the final
+//! file, are hashed on the way, verified against the expected checksum, fsynced, and renamed
+//! into place (then the folders are fsynced so the rename survives a crash). Every failure
+//! removes the partial file.
+//!
+//! The store folder is shared with every Pod of the namespace, so nothing in it is trusted:
+//! every path is reached without following a link (see `folder`), and no source may send more
+//! than the size it announced, which is the room the store reserved.
 
+pub mod address;
+mod folder;
 mod landing;
 mod oci;
 mod plan;
@@ -14,13 +21,15 @@ mod source;
 mod transfer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use tracing::info;
+use tracing::{info, warn};
 
 pub use oci::OCI_DOCKER_CONFIG;
 pub use plan::{MIN_PARTS, Tuning};
 pub use transfer::Transferred;
 
+use folder::StoreFolder;
 use landing::Front;
 
 /// Failures of the data mover, each a single line a user can act on.
@@ -51,6 +60,20 @@ pub enum CopyError {
     ChecksumMismatch { expected: String, actual: String },
     #[error("the staging store is full: {0} does not fit")]
     StoreFull(PathBuf),
+    #[error(
+        "{source_name} sent more than the {announced} bytes it announced (the room the store reserved for it); the copy stops there"
+    )]
+    SentMoreThanAnnounced { source_name: String, announced: u64 },
+    #[error(
+        "{path} is a symbolic link or lies under one: the mover never follows a link in the store, so this copy stops (remove the link)"
+    )]
+    LinkInStore { path: PathBuf },
+    #[error("{path} is not a regular file: the cache's name is taken by something else")]
+    NotAFile { path: PathBuf },
+    #[error(
+        "this kernel has no openat2 (Linux 5.6 or newer): the mover cannot open store paths without following links, so it does not copy"
+    )]
+    NoSafeOpen,
     #[error("cannot write {path}: {source}")]
     Io {
         path: PathBuf,
@@ -85,10 +108,15 @@ pub enum CopyError {
         reference: String,
         candidates: String,
     },
+    #[error("{0}")]
+    AddressRefused(#[from] address::AddressRefused),
 }
 
 impl CopyError {
     fn from_source(display: &str, error: object_store::Error) -> Self {
+        if let Some(refused) = address::guard::refusal_in(&error) {
+            return CopyError::AddressRefused(refused);
+        }
         match error {
             object_store::Error::NotFound { .. } => CopyError::NotFound(display.to_owned()),
             object_store::Error::PermissionDenied { .. }
@@ -162,6 +190,11 @@ pub struct CopyArgs {
     #[arg(long, default_value = "16Mi", env = "TEMPLATECACHE_COPY_PART_SIZE",
           value_parser = parse_part_size)]
     pub part_size: u64,
+    /// Internal destinations the source may be at, comma-separated or repeated: networks
+    /// (`10.96.0.0/12`), addresses (`10.96.0.10`) or address:port (`10.96.0.10:9000`). Every
+    /// other loopback, link-local, private or otherwise non-global address is refused.
+    #[arg(long, value_delimiter = ',')]
+    pub allow_internal_address: Vec<address::AllowedInternal>,
 }
 
 /// Part size unless told otherwise: AWS's guidance is 8 to 16 MiB ranges.
@@ -206,30 +239,48 @@ pub fn parse_part_size(text: &str) -> Result<u64, String> {
 /// Arguments of `templatecache remove`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RemoveArgs {
-    /// Final path of the copy inside the mounted store; partial files beside it go too.
+    /// Final path of the copy inside the mounted store; its partial files (in `.partial/`) go too.
     #[arg(long)]
     pub dest: PathBuf,
 }
 
+/// Where a copy reads from: an object (HTTP(S) or S3) or an OCI registry.
+enum Origin<'a> {
+    Object(source::Source),
+    Oci(&'a str),
+}
+
 /// Copies the template into place and reports the outcome.
 pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
+    // A source refused by its arguments is refused before the store is touched.
+    let origin = match &args.oci_reference {
+        Some(reference) => Origin::Oci(reference),
+        None => Origin::Object(source::open(&args)?),
+    };
     let mut reporter = report::Reporter::connect(args.cache.as_deref(), args.attempt)
         .await
         .map_err(CopyError::InvalidArguments)?;
-    let partial = partial_path(&args.dest, args.attempt)?;
+    let folder = Arc::new(StoreFolder::open(&args.dest)?);
     let mut copied = 0;
     let result = async {
-        if let Some(reference) = &args.oci_reference {
-            create_parent(&args.dest).await?;
-            let done =
-                oci::download(&args, reference, &mut reporter, &partial, &mut copied).await?;
-            return publish(&args, &partial, done).await;
-        }
-        let source = source::open(&args)?;
+        // A link planted at the cache's name stops the copy before a byte is fetched.
+        folder.check_final()?;
+        let partial = Partial {
+            folder: Arc::clone(&folder),
+            attempt: args.attempt,
+        };
+        let source = match &origin {
+            Origin::Object(source) => source,
+            Origin::Oci(reference) => {
+                let done =
+                    oci::download(&args, reference, &mut reporter, &partial, &mut copied).await?;
+                return publish(&args, &folder, done);
+            }
+        };
         // Nothing is written before the store has reserved the room (see StorageAdmission).
         let meta = source.head().await?;
         reporter.wait_for_room(meta.size).await?;
-        copy_into_place(&args, &source, &meta, &partial, async |front, total| {
+        copy_into_place(&args, source, &meta, &partial, async |front, total| {
             copied = front.hashed;
             reporter.progress(front, total).await;
         })
@@ -245,8 +296,12 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
             Ok(done)
         }
         Err(error) => {
-            remove_if_present(&partial).await?;
-            reporter.failed(copied, &error.to_string()).await;
+            // The copy's own error is the one to report; a link in the way of the cleanup is
+            // left alone (never removed through).
+            if let Err(cleanup) = folder.remove_partial(args.attempt) {
+                warn!("the partial file stays: {cleanup}");
+            }
+            reporter.failed(copied, &error).await;
             Err(error)
         }
     }
@@ -256,29 +311,20 @@ async fn copy_into_place(
     args: &CopyArgs,
     source: &source::Source,
     meta: &object_store::ObjectMeta,
-    partial: &Path,
+    partial: &Partial,
     mut progress: impl AsyncFnMut(Front, Option<u64>),
 ) -> Result<Transferred, CopyError> {
-    create_parent(&args.dest).await?;
     let done = download(args, source, meta, partial, &mut progress).await?;
-    publish(args, partial, done).await
+    publish(args, &partial.folder, done)
 }
 
-async fn create_parent(dest: &Path) -> Result<(), CopyError> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    tokio::fs::create_dir_all(dir)
-        .await
-        .map_err(|e| io_error(dir, e))
-}
-
-/// Checks the copy against the expected checksum and renames it into place (then fsyncs the
-/// folder so the rename survives a crash).
-async fn publish(
+/// Checks the copy against the expected checksum and renames it into place through the store
+/// folder (which syncs both folders so the rename survives a crash).
+fn publish(
     args: &CopyArgs,
-    partial: &Path,
+    folder: &StoreFolder,
     done: Transferred,
 ) -> Result<Transferred, CopyError> {
-    let dir = args.dest.parent().unwrap_or(Path::new("."));
     if let Some(expected) = &args.checksum
         && *expected != done.checksum
     {
@@ -287,22 +333,37 @@ async fn publish(
             actual: done.checksum,
         });
     }
-    tokio::fs::rename(partial, &args.dest)
-        .await
-        .map_err(|e| io_error(&args.dest, e))?;
-    let folder = tokio::fs::File::open(dir)
-        .await
-        .map_err(|e| io_error(dir, e))?;
-    folder.sync_all().await.map_err(|e| io_error(dir, e))?;
+    folder.publish(args.attempt)?;
     Ok(done)
 }
 
-/// Downloads in parts when the source allows it, else as one stream.
+/// Where one attempt lands: its partial file in the store folder. Cheap to clone, so a blocking
+/// writer thread (the OCI unpacker) can own one.
+#[derive(Clone)]
+struct Partial {
+    folder: Arc<StoreFolder>,
+    attempt: u32,
+}
+
+impl Partial {
+    /// Creates the partial file, empty, for reading and writing.
+    fn create(&self) -> Result<std::fs::File, CopyError> {
+        self.folder.create_partial(self.attempt)
+    }
+
+    /// Its path, for messages.
+    fn path(&self) -> PathBuf {
+        self.folder.partial_path(self.attempt)
+    }
+}
+
+/// Downloads in parts when the source allows it, else as one stream. Either way no more than
+/// `meta.size` (what the HEAD announced and the store reserved) is accepted from the source.
 async fn download(
     args: &CopyArgs,
     source: &source::Source,
     meta: &object_store::ObjectMeta,
-    partial: &Path,
+    partial: &Partial,
     progress: &mut impl AsyncFnMut(Front, Option<u64>),
 ) -> Result<Transferred, CopyError> {
     let tuning = Tuning {
@@ -324,7 +385,7 @@ async fn download(
         }
         ranged::Outcome::SingleStream(why) => {
             info!("copying as one stream: {why}");
-            transfer::transfer(source, partial, async |bytes, total| {
+            transfer::transfer(source, meta.size, partial, async |bytes, total| {
                 let front = Front {
                     hashed: bytes,
                     landed: bytes,
@@ -337,40 +398,9 @@ async fn download(
     }
 }
 
-/// `<dest>.partial-<attempt>`.
-fn partial_path(dest: &Path, attempt: u32) -> Result<PathBuf, CopyError> {
-    let name = dest.file_name().ok_or_else(|| {
-        CopyError::InvalidArguments(format!("--dest {} has no file name", dest.display()))
-    })?;
-    Ok(dest.with_file_name(format!("{}.partial-{attempt}", name.to_string_lossy())))
-}
-
-/// Removes a cache's data: the final file and every partial file of any attempt.
+/// Removes a cache's data: the final file and every partial file of any attempt of this cache.
 pub async fn run_remove(args: RemoveArgs) -> Result<(), CopyError> {
-    remove_if_present(&args.dest).await?;
-    let (Some(dir), Some(name)) = (args.dest.parent(), args.dest.file_name()) else {
-        return Ok(());
-    };
-    let prefix = format!("{}.partial-", name.to_string_lossy());
-    let mut entries = match tokio::fs::read_dir(dir).await {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(io_error(dir, source)),
-    };
-    while let Some(entry) = entries.next_entry().await.map_err(|e| io_error(dir, e))? {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            remove_if_present(&entry.path()).await?;
-        }
-    }
-    Ok(())
-}
-
-async fn remove_if_present(path: &Path) -> Result<(), CopyError> {
-    match tokio::fs::remove_file(path).await {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(io_error(path, source)),
-    }
+    StoreFolder::open(&args.dest)?.remove_all()
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> CopyError {

@@ -15,7 +15,6 @@
 //! Sources that cannot be split this way take the single-stream path (see `plan`).
 
 use std::ops::Range;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,7 +29,7 @@ use super::landing::{Front, Landing, Sink};
 use super::plan::{Fallback, Pin, Tuning, plan};
 use super::source::Source;
 use super::transfer::{Transferred, hex};
-use super::{CopyError, io_error};
+use super::{CopyError, Partial, io_error};
 
 /// Times one part is fetched again after it broke, before the copy fails.
 const PART_RETRIES: u32 = 5;
@@ -46,7 +45,7 @@ pub enum Outcome {
 pub async fn transfer(
     source: &Source,
     meta: &ObjectMeta,
-    partial: &Path,
+    partial: &Partial,
     tuning: Tuning,
     mut progress: impl AsyncFnMut(Front, u64),
 ) -> Result<Outcome, CopyError> {
@@ -71,13 +70,8 @@ pub async fn transfer(
     };
     parts.check(&first.meta)?;
     // Read as well as write: the hasher reads parts back (see `landing`).
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(partial)
-        .map_err(|e| io_error(partial, e))?;
+    let file = partial.create()?;
+    let partial = &partial.path();
     // Sized up front so every part can be written at its offset; the store already reserved
     // the room (see StorageAdmission).
     file.set_len(meta.size).map_err(|e| io_error(partial, e))?;
@@ -345,6 +339,7 @@ impl Download {
         at: &mut u64,
         end: u64,
     ) -> Result<Option<String>, Stop> {
+        let asked = *at;
         let mut stream = result.into_stream();
         while let Some(chunk) = stream.next().await {
             let bytes = match chunk {
@@ -353,10 +348,17 @@ impl Download {
             };
             let len = bytes.len() as u64;
             if *at + len > end {
-                return Err(self
-                    .parts
-                    .changed("a part came back longer than asked".into())
-                    .into());
+                // Parts tile the announced size, the room the store reserved: a part longer
+                // than its range would write past it (or over the next part).
+                return Err(Stop::Failed(CopyError::SentMoreThanAnnounced {
+                    source_name: format!(
+                        "{} (answering bytes {asked}-{} of {})",
+                        self.parts.display,
+                        end - 1,
+                        self.parts.size
+                    ),
+                    announced: end - asked,
+                }));
             }
             let offset = *at;
             self.chunks

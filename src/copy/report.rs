@@ -164,9 +164,10 @@ impl Reporter {
         result
     }
 
-    /// The one-line reason the copy failed.
-    pub async fn failed(&self, bytes: u64, error: &str) {
-        let report = json!({"attempt": self.attempt, "bytesCopied": bytes, "error": error, "checksum": null});
+    /// The one-line reason the copy failed, and whether another attempt would fail the same way.
+    pub async fn failed(&self, bytes: u64, error: &CopyError) {
+        let report = json!({"attempt": self.attempt, "bytesCopied": bytes,
+            "error": error.to_string(), "checksum": null, "finalReason": final_reason(error)});
         if let Err(e) = self.write(report).await {
             warn!("could not report the failure: {e}");
         }
@@ -184,6 +185,15 @@ impl Reporter {
         api.patch_status(name, &params, &Patch::Merge(&patch))
             .await
             .map(drop)
+    }
+}
+
+/// A refused address stays refused whatever the attempt: the operator's allowlist decides, and
+/// the operator fails the cache for good instead of retrying.
+fn final_reason(error: &CopyError) -> Option<&'static str> {
+    match error {
+        CopyError::AddressRefused(_) => Some(crate::api::final_reason::ADDRESS_NOT_ALLOWED),
+        _ => None,
     }
 }
 

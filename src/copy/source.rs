@@ -11,6 +11,8 @@ use object_store::path::Path;
 use object_store::{ClientOptions, ObjectMeta, RetryConfig};
 use object_store::{ObjectStore, ObjectStoreExt};
 
+use super::address::AddressPolicy;
+use super::address::guard::GuardedConnector;
 use super::{CopyArgs, CopyError};
 
 /// Environment variables the copy Job fills from the cache's Secret (never from arguments).
@@ -39,21 +41,34 @@ impl Source {
 
 /// Builds the source the arguments name.
 pub fn open(args: &CopyArgs) -> Result<Source, CopyError> {
+    let policy = Arc::new(AddressPolicy::new(args.allow_internal_address.clone()));
     match (&args.http_url, &args.s3_bucket, &args.s3_key) {
-        (Some(url), None, None) => open_http(url),
-        (None, Some(bucket), Some(key)) => open_s3(args, bucket, key),
+        (Some(url), None, None) => open_http(url, policy),
+        (None, Some(bucket), Some(key)) => open_s3(args, bucket, key, policy),
         _ => Err(CopyError::InvalidArguments(
             "give either --http-url, or --s3-bucket with --s3-key".into(),
         )),
     }
 }
 
+/// Timeout to connect to a stalled peer; none for a large body, which is streamed.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn client_options() -> ClientOptions {
-    // Timeouts for a stalled peer, not for a large body: the body is streamed.
     ClientOptions::new()
-        .with_connect_timeout(std::time::Duration::from_secs(10))
+        .with_connect_timeout(CONNECT_TIMEOUT)
         .with_timeout_disabled()
         .with_allow_http(true)
+}
+
+/// Every source is read through this client: the internal-address rule is applied to every
+/// request, redirect, resolved name and connection (see `address::guard`).
+fn connector(policy: Arc<AddressPolicy>, default_headers: HeaderMap) -> GuardedConnector {
+    GuardedConnector {
+        policy,
+        default_headers,
+        connect_timeout: CONNECT_TIMEOUT,
+    }
 }
 
 fn retry_config() -> RetryConfig {
@@ -64,7 +79,7 @@ fn retry_config() -> RetryConfig {
     }
 }
 
-fn open_http(url: &str) -> Result<Source, CopyError> {
+fn open_http(url: &str, policy: Arc<AddressPolicy>) -> Result<Source, CopyError> {
     let parsed = url::Url::parse(url)
         .map_err(|e| CopyError::InvalidArguments(format!("--http-url {url}: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
@@ -75,15 +90,14 @@ fn open_http(url: &str) -> Result<Source, CopyError> {
     let base = parsed[..url::Position::BeforePath].to_owned();
     let path = Path::from_url_path(parsed.path())
         .map_err(|e| CopyError::InvalidArguments(format!("--http-url {url}: {e}")))?;
-    let mut options = client_options();
+    let mut headers = HeaderMap::new();
     if let Some(header) = http_authorization()? {
-        let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, header);
-        options = options.with_default_headers(headers);
     }
     let store = HttpBuilder::new()
         .with_url(base)
-        .with_client_options(options)
+        .with_client_options(client_options())
+        .with_http_connector(connector(policy, headers))
         .with_retry(retry_config())
         .build()
         .map_err(|e| CopyError::InvalidArguments(format!("--http-url {url}: {e}")))?;
@@ -120,12 +134,18 @@ fn http_authorization() -> Result<Option<HeaderValue>, CopyError> {
     Ok(Some(header))
 }
 
-fn open_s3(args: &CopyArgs, bucket: &str, key: &str) -> Result<Source, CopyError> {
+fn open_s3(
+    args: &CopyArgs,
+    bucket: &str,
+    key: &str,
+    policy: Arc<AddressPolicy>,
+) -> Result<Source, CopyError> {
     let mut builder = AmazonS3Builder::new()
         .with_bucket_name(bucket)
         .with_region(args.s3_region.as_deref().unwrap_or("us-east-1"))
         .with_virtual_hosted_style_request(args.s3_virtual_host)
         .with_client_options(client_options())
+        .with_http_connector(connector(policy, HeaderMap::new()))
         .with_retry(retry_config());
     if let Some(endpoint) = &args.s3_endpoint {
         builder = builder.with_endpoint(endpoint).with_allow_http(true);

@@ -1,9 +1,10 @@
 //! The streaming copy: source bytes go through a SHA-256 hasher into the partial file, one chunk
 //! at a time, so memory stays bounded whatever the template's size. A dropped stream is resumed
 //! with a range request from the last byte written, conditional on the source's ETag, so a
-//! source that changes under the copy is detected instead of spliced.
+//! source that changes under the copy is detected instead of spliced. The source may send no
+//! more than it announced: the room the store reserved is that size, and a source that goes on
+//! past it fails the copy before the extra bytes reach the file.
 
-use std::path::Path;
 use std::time::Duration;
 
 use std::io::Write;
@@ -15,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::source::Source;
-use super::{CopyError, io_error};
+use super::{CopyError, Partial, io_error};
 
 /// Times a broken stream is resumed before the copy fails as truncated.
 const MAX_RESUMES: u32 = 5;
@@ -28,7 +29,8 @@ pub struct Transferred {
     pub checksum: String,
 }
 
-/// Copies `source` into `partial`, calling `progress(bytes, total)` after every chunk.
+/// Copies `source`, which announced `announced` bytes, into `partial`, calling
+/// `progress(bytes, total)` after every chunk.
 ///
 /// Three things run side by side, so the copy goes as fast as the slowest of them rather than
 /// their sum: this task reads the network; one thread hashes; one thread writes, and a helper
@@ -37,16 +39,18 @@ pub struct Transferred {
 /// [`CHUNKS_IN_FLIGHT`] of them, so memory stays bounded.
 pub async fn transfer(
     source: &Source,
-    partial: &Path,
+    announced: u64,
+    partial: &Partial,
     mut progress: impl AsyncFnMut(u64, Option<u64>),
 ) -> Result<Transferred, CopyError> {
-    let file = std::fs::File::create(partial).map_err(|e| io_error(partial, e))?;
+    let file = partial.create()?;
+    let partial = &partial.path();
     let (to_writer, chunks) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
     let writer = tokio::task::spawn_blocking(move || write_all(file, chunks));
     let (to_hasher, chunks) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
     let hasher = tokio::task::spawn_blocking(move || hash_all(chunks));
     let sinks = [to_writer, to_hasher];
-    let read = read_all(source, &sinks, &mut progress).await;
+    let read = read_all(source, announced, &sinks, &mut progress).await;
     drop(sinks);
     let written = writer
         .await
@@ -69,9 +73,11 @@ const CHUNKS_IN_FLIGHT: usize = 32;
 /// How much is written between requests to the kernel to flush to disk.
 const WRITEBACK_STEP: u64 = 64 << 20;
 
-/// Reads the whole object, resuming a broken stream, and hands every chunk to `sinks`.
+/// Reads the whole object, resuming a broken stream, and hands every chunk to `sinks`; stops
+/// before handing on a byte past `announced`.
 async fn read_all(
     source: &Source,
+    announced: u64,
     sinks: &[mpsc::Sender<Bytes>],
     progress: &mut impl AsyncFnMut(u64, Option<u64>),
 ) -> Result<u64, CopyError> {
@@ -98,6 +104,10 @@ async fn read_all(
             Err(e) => return Err(CopyError::from_source(&source.display, e)),
         };
         let size = result.meta.size;
+        if size > announced {
+            // The answer itself says it will go past the reservation: stop before reading it.
+            return Err(sent_more(source, announced));
+        }
         match &expected {
             None => expected = Some((size, result.meta.e_tag.clone())),
             Some((total, _)) if *total != size => {
@@ -111,6 +121,9 @@ async fn read_all(
             match chunk {
                 Ok(bytes) => {
                     written += bytes.len() as u64;
+                    if written > announced {
+                        return Err(sent_more(source, announced));
+                    }
                     if written > size {
                         return Err(CopyError::SourceChanged(source.display.clone()));
                     }
@@ -141,6 +154,13 @@ async fn read_all(
         }
         resumes += 1;
         tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(resumes))).await;
+    }
+}
+
+fn sent_more(source: &Source, announced: u64) -> CopyError {
+    CopyError::SentMoreThanAnnounced {
+        source_name: source.display.clone(),
+        announced,
     }
 }
 
@@ -209,4 +229,52 @@ pub fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
         s
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use object_store::ObjectStoreExt;
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::copy::folder::StoreFolder;
+
+    #[tokio::test]
+    async fn a_source_sending_more_than_it_announced_stops_before_the_file_grows_past_it() {
+        let store = InMemory::new();
+        let path = object_store::path::Path::from("disk.img");
+        store
+            .put(&path, vec![7u8; 64 << 10].into())
+            .await
+            .expect("put");
+        let source = Source {
+            store: Arc::new(store),
+            path,
+            display: "mem://disk.img".into(),
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let folder = StoreFolder::open(&dir.path().join("img")).expect("folder");
+        let partial = Partial {
+            folder: Arc::new(folder),
+            attempt: 1,
+        };
+
+        let error = transfer(&source, 1024, &partial, async |_, _| {})
+            .await
+            .expect_err("more than announced");
+        assert_eq!(
+            error.to_string(),
+            "mem://disk.img sent more than the 1024 bytes it announced (the room the store \
+             reserved for it); the copy stops there"
+        );
+        let landed = std::fs::metadata(partial.path()).expect("partial").len();
+        assert!(landed <= 1024, "{landed} bytes landed past the reservation");
+
+        let whole = transfer(&source, 64 << 10, &partial, async |_, _| {})
+            .await
+            .expect("the announced size is accepted");
+        assert_eq!(whole.bytes, 64 << 10);
+    }
 }

@@ -15,10 +15,52 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::api::Phase;
+
 /// Which controller a reconcile belongs to.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabel {
     pub controller: &'static str,
+}
+
+/// A cache phase, as the API writes it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
+/// A StagingStore, by name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabel {
+    pub store: String,
+}
+
+/// Every phase, so that a phase no cache is in any more shows 0 rather than its last count.
+const PHASES: [Phase; 6] = [
+    Phase::Pending,
+    Phase::Copying,
+    Phase::Ready,
+    Phase::Failed,
+    Phase::Evicted,
+    Phase::Deleting,
+];
+
+/// A cache as the metrics count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheSample {
+    pub references: u32,
+    pub phase: Phase,
+}
+
+/// A store's room, as its last reconcile saw it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreSample {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub high_watermark_bytes: u64,
+    pub evictable_bytes: u64,
+    /// Copies waiting for room (refused as StoreFull).
+    pub waiting_copies: u64,
 }
 
 /// Every metric the operator exports.
@@ -36,9 +78,15 @@ pub struct Metrics {
     pub references_added: Counter,
     pub references_removed: Counter,
     pub references_held: Gauge,
+    pub caches: Family<PhaseLabel, Gauge>,
+    pub store_capacity_bytes: Family<StoreLabel, Gauge>,
+    pub store_used_bytes: Family<StoreLabel, Gauge>,
+    pub store_high_watermark_bytes: Family<StoreLabel, Gauge>,
+    pub store_evictable_bytes: Family<StoreLabel, Gauge>,
+    pub store_waiting_copies: Family<StoreLabel, Gauge>,
     pub leader: Gauge,
-    /// References per cache, summed into `references_held`.
-    references: Mutex<BTreeMap<(String, String), i64>>,
+    /// Each cache's references and phase, summed into `references_held` and `caches`.
+    cache_samples: Mutex<BTreeMap<(String, String), CacheSample>>,
 }
 
 impl Default for Metrics {
@@ -70,8 +118,14 @@ impl Metrics {
             references_added: Counter::default(),
             references_removed: Counter::default(),
             references_held: Gauge::default(),
+            caches: Family::default(),
+            store_capacity_bytes: Family::default(),
+            store_used_bytes: Family::default(),
+            store_high_watermark_bytes: Family::default(),
+            store_evictable_bytes: Family::default(),
+            store_waiting_copies: Family::default(),
             leader: Gauge::default(),
-            references: Mutex::default(),
+            cache_samples: Mutex::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -132,6 +186,36 @@ impl Metrics {
             metrics.references_held.clone(),
         );
         r.register(
+            "caches",
+            "Caches this operator reconciles, by phase",
+            metrics.caches.clone(),
+        );
+        r.register(
+            "store_capacity_bytes",
+            "A StagingStore's capacity",
+            metrics.store_capacity_bytes.clone(),
+        );
+        r.register(
+            "store_used_bytes",
+            "Bytes a StagingStore's caches hold or have reserved",
+            metrics.store_used_bytes.clone(),
+        );
+        r.register(
+            "store_high_watermark_bytes",
+            "Usage past which a StagingStore evicts",
+            metrics.store_high_watermark_bytes.clone(),
+        );
+        r.register(
+            "store_evictable_bytes",
+            "Bytes of Ready, unreferenced caches that eviction may take from a StagingStore",
+            metrics.store_evictable_bytes.clone(),
+        );
+        r.register(
+            "store_waiting_copies",
+            "Copies waiting for room in a StagingStore",
+            metrics.store_waiting_copies.clone(),
+        );
+        r.register(
             "leader",
             "Whether this replica holds the leader Lease (1) or stands by (0)",
             metrics.leader.clone(),
@@ -154,15 +238,45 @@ impl Metrics {
         }
     }
 
-    /// Records the references a cache holds now; `None` once the cache is gone.
-    pub fn set_references(&self, namespace: &str, name: &str, references: Option<u32>) {
-        let mut all = self.references.lock().unwrap_or_else(|e| e.into_inner());
+    /// Records a cache's references and phase now; `None` once the cache is gone.
+    pub fn observe_cache(&self, namespace: &str, name: &str, sample: Option<CacheSample>) {
+        let mut all = self.cache_samples.lock().unwrap_or_else(|e| e.into_inner());
         let key = (namespace.to_owned(), name.to_owned());
-        match references {
-            Some(n) => all.insert(key, i64::from(n)),
+        match sample {
+            Some(sample) => all.insert(key, sample),
             None => all.remove(&key),
         };
-        self.references_held.set(all.values().sum());
+        let references: i64 = all.values().map(|s| i64::from(s.references)).sum();
+        self.references_held.set(references);
+        for phase in PHASES {
+            let count = all.values().filter(|s| s.phase == phase).count();
+            let label = PhaseLabel {
+                phase: format!("{phase:?}"),
+            };
+            self.caches
+                .get_or_create(&label)
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Records a store's room as its reconcile saw it.
+    pub fn observe_store(&self, store: &str, sample: StoreSample) {
+        let label = StoreLabel {
+            store: store.to_owned(),
+        };
+        let gauge = |bytes: u64| i64::try_from(bytes).unwrap_or(i64::MAX);
+        for (family, value) in [
+            (&self.store_capacity_bytes, sample.capacity_bytes),
+            (&self.store_used_bytes, sample.used_bytes),
+            (
+                &self.store_high_watermark_bytes,
+                sample.high_watermark_bytes,
+            ),
+            (&self.store_evictable_bytes, sample.evictable_bytes),
+            (&self.store_waiting_copies, sample.waiting_copies),
+        ] {
+            family.get_or_create(&label).set(gauge(value));
+        }
     }
 
     /// The text exposition of every metric.
@@ -178,17 +292,51 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn sample(references: u32, phase: Phase) -> Option<CacheSample> {
+        Some(CacheSample { references, phase })
+    }
+
     #[test]
-    fn references_are_summed_over_caches_and_dropped_with_them() {
+    fn references_and_phases_are_summed_over_caches_and_dropped_with_them() {
         let m = Metrics::new();
-        m.set_references("a", "x", Some(3));
-        m.set_references("b", "x", Some(2));
-        m.set_references("a", "x", Some(1));
+        m.observe_cache("a", "x", sample(3, Phase::Copying));
+        m.observe_cache("b", "x", sample(2, Phase::Ready));
+        m.observe_cache("a", "x", sample(1, Phase::Ready));
         assert_eq!(m.references_held.get(), 3);
-        m.set_references("b", "x", None);
+        m.observe_cache("b", "x", None);
         assert_eq!(m.references_held.get(), 1);
         let text = m.encode();
         assert!(text.contains("templatecache_references_held 1"), "{text}");
+        assert!(
+            text.contains("templatecache_caches{phase=\"Ready\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("templatecache_caches{phase=\"Copying\"} 0"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn a_store_is_exported_by_name() {
+        let m = Metrics::new();
+        let room = StoreSample {
+            capacity_bytes: 100,
+            used_bytes: 95,
+            high_watermark_bytes: 90,
+            evictable_bytes: 0,
+            waiting_copies: 2,
+        };
+        m.observe_store("fast", room);
+        let text = m.encode();
+        for line in [
+            "templatecache_store_used_bytes{store=\"fast\"} 95",
+            "templatecache_store_high_watermark_bytes{store=\"fast\"} 90",
+            "templatecache_store_evictable_bytes{store=\"fast\"} 0",
+            "templatecache_store_waiting_copies{store=\"fast\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -1,14 +1,18 @@
 //! A real HTTP server on loopback serving a folder (with Range support, from tower-http), plus
-//! routes that misbehave the ways a real source does: a body cut short, a slow body, and a
-//! file behind basic auth.
+//! routes that misbehave the ways a real source does: a body cut short, a slow body, a file
+//! behind basic auth, a source that fails at random and counts how it failed, one that lies
+//! about its size, and a redirect to anywhere. It counts the requests it receives.
 
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tower_http::services::ServeDir;
@@ -17,8 +21,16 @@ use tower_http::services::ServeDir;
 pub struct HttpServer {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// How the `/unreliable/` route answered so far.
+    pub unreliable: Arc<UnreliableTally>,
+    requests: Arc<AtomicUsize>,
+    redirects: Redirects,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// Where each `/redirect/<name>` points. A table rather than a query parameter: the mover
+/// reads an HTTP source by its path (object_store drops a URL's query).
+type Redirects = Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>;
 
 impl Drop for HttpServer {
     fn drop(&mut self) {
@@ -32,24 +44,70 @@ pub const PASSWORD: &str = "s3cret";
 
 impl HttpServer {
     pub async fn start() -> Self {
+        Self::start_on(Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// A server on another loopback address (127.0.0.2, say), to tell two servers apart by
+    /// address, as the mover's allowlist does.
+    pub async fn start_on(ip: IpAddr) -> Self {
         let dir = tempfile::tempdir().expect("server folder");
         let root = dir.path().to_owned();
+        let unreliable = Arc::new(UnreliableTally::default());
+        let unreliable_route = Router::new()
+            .route("/unreliable/{file}", get(unreliable_source))
+            .with_state((root.clone(), unreliable.clone()));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let redirects = Redirects::default();
+        let table = redirects.clone();
         let app = Router::new()
             .route("/truncated/{file}", get(truncated))
             .route("/flaky/{file}", get(flaky))
             .route("/slow/{file}", get(slow))
             .route("/private/{file}", get(private))
-            .route("/unreliable/{file}", get(unreliable))
+            .merge(unreliable_route)
+            .route("/lying/{file}", get(lying))
+            .route(
+                "/redirect/{name}",
+                get(move |Path(name): Path<String>| redirect(table.clone(), name)),
+            )
             .fallback_service(ServeDir::new(&root))
-            .with_state(root);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .with_state(root)
+            .layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    next.run(request)
+                },
+            ));
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
             .await
             .expect("bind loopback");
         let addr = listener.local_addr().expect("address");
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { addr, dir, task }
+        Self {
+            addr,
+            dir,
+            unreliable,
+            requests,
+            redirects,
+            task,
+        }
+    }
+
+    /// Requests received so far, of any method and path.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// A URL of this server, `/redirect/<name>`, that answers `302 Found` to `target`.
+    pub fn redirect(&self, name: &str, target: &str) -> String {
+        self.redirects
+            .lock()
+            .expect("redirect table")
+            .insert(name.to_owned(), target.to_owned());
+        self.url(&format!("redirect/{name}"))
     }
 
     /// Writes `bytes` as `name` in the served folder.
@@ -113,21 +171,79 @@ fn cut_short(bytes: &[u8], announced: usize) -> Response {
         .expect("response")
 }
 
-/// Fails at random, the ways a source under load does: 15 % of requests get a 503 (which the
-/// mover's client retries), another 15 % a body cut short, whose resume (a Range request) meets
-/// the same odds.
-async fn unreliable(State(root): Root, Path(file): Path<String>) -> Response {
-    let Some(bytes) = read(&root, &file) else {
+/// What the `/unreliable/` route answered to GET requests, counted as it answered, so that a
+/// test reports the failure rate its run met rather than the one it asked for.
+#[derive(Default, Debug)]
+pub struct UnreliableTally {
+    pub requests: AtomicU32,
+    pub unavailable: AtomicU32,
+    pub cut_short: AtomicU32,
+    pub stale: AtomicU32,
+    /// Files answered at least once: the first answer for each is stale.
+    answered: Mutex<BTreeSet<String>>,
+}
+
+impl UnreliableTally {
+    /// Requests answered with a failure of any kind.
+    pub fn failed(&self) -> u32 {
+        [&self.unavailable, &self.cut_short, &self.stale]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn first_answer_for(&self, file: &str) -> bool {
+        self.answered.lock().unwrap().insert(file.to_owned())
+    }
+}
+
+/// Fails the ways a source under load does: about 10 % of GETs get a 503 (which the mover's
+/// client retries), 10 % a body cut short (whose resume meets the same odds) and 10 % a whole
+/// body with one byte wrong, as a stale mirror or a broken proxy sends: the copy completes but
+/// fails verification, so the operator must retry with a new Job. The first GET of each file is
+/// always stale, so every run exercises that retry. HEAD is answered truthfully.
+async fn unreliable_source(
+    State((root, tally)): State<(std::path::PathBuf, Arc<UnreliableTally>)>,
+    Path(file): Path<String>,
+    method: Method,
+) -> Response {
+    let Some(mut bytes) = read(&root, &file) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    match random_below(100) {
-        0..15 => StatusCode::SERVICE_UNAVAILABLE.into_response(),
-        15..30 => cut_short(&bytes, bytes.len()),
-        _ => Response::builder()
-            .header(header::CONTENT_LENGTH, bytes.len())
-            .body(Body::from(bytes))
-            .expect("response"),
+    if method != Method::GET {
+        return whole(bytes);
     }
+    tally.requests.fetch_add(1, Ordering::Relaxed);
+    let roll = if tally.first_answer_for(&file) {
+        25
+    } else {
+        random_below(100)
+    };
+    match roll {
+        0..10 => {
+            tally.unavailable.fetch_add(1, Ordering::Relaxed);
+            StatusCode::SERVICE_UNAVAILABLE.into_response()
+        }
+        10..20 => {
+            tally.cut_short.fetch_add(1, Ordering::Relaxed);
+            cut_short(&bytes, bytes.len())
+        }
+        20..30 => {
+            tally.stale.fetch_add(1, Ordering::Relaxed);
+            if let Some(last) = bytes.last_mut() {
+                *last ^= 0xff;
+            }
+            whole(bytes)
+        }
+        _ => whole(bytes),
+    }
+}
+
+fn whole(bytes: Vec<u8>) -> Response {
+    Response::builder()
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .body(Body::from(bytes))
+        .expect("response")
 }
 
 /// A well-spread random number below `bound` (std's hasher is randomly seeded).
@@ -150,6 +266,38 @@ async fn slow(State(root): Root, Path(file): Path<String>) -> Response {
     Response::builder()
         .header(header::CONTENT_LENGTH, len)
         .body(Body::from_stream(stream))
+        .expect("response")
+}
+
+/// What `/lying/` announces to a HEAD, whatever the file's size.
+pub const LYING_HEAD_BYTES: u64 = 1024;
+
+/// Answers a HEAD with [`LYING_HEAD_BYTES`] and a GET with the whole file: a source that gets a
+/// small reservation and then tries to fill the store.
+async fn lying(State(root): Root, Path(file): Path<String>, method: Method) -> Response {
+    let Some(bytes) = read(&root, &file) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let announced = if method == Method::HEAD {
+        LYING_HEAD_BYTES as usize
+    } else {
+        bytes.len()
+    };
+    Response::builder()
+        .header(header::CONTENT_LENGTH, announced)
+        .body(Body::from(bytes))
+        .expect("response")
+}
+
+/// `302 Found` to where the table says `name` points.
+async fn redirect(table: Redirects, name: String) -> Response {
+    let Some(target) = table.lock().expect("redirect table").get(&name).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header(header::LOCATION, target)
+        .body(Body::empty())
         .expect("response")
 }
 

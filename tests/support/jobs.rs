@@ -105,3 +105,15 @@ pub async fn wait_for_cache(
     .expect("watch TemplateCache");
     found.expect("cache exists")
 }
+
+/// Waits until `cache` is gone (its finalizers done).
+pub async fn wait_for_cache_gone(client: &Client, namespace: &str, cache: &str) {
+    let caches: Api<TemplateCache> = Api::namespaced(client.clone(), namespace);
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        await_condition(caches, cache, |c: Option<&TemplateCache>| c.is_none()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("TemplateCache {namespace}/{cache} was not gone within 120s"))
+    .expect("watch TemplateCache");
+}

@@ -82,6 +82,20 @@ pub fn ensure_cluster() {
     });
 }
 
+/// Where the tests' sources are: every test server (HTTP, S3, throttling proxies) listens on
+/// loopback, which the data mover refuses unless the operator names it. The one place the tests
+/// allow it: the operator's config ([`operator::config`]), the operator process's arguments and
+/// the tests that run the mover themselves all take it from here.
+pub const LOOPBACK_SOURCES: &str = "127.0.0.0/8,::1";
+
+/// [`LOOPBACK_SOURCES`] as the operator's setting.
+pub fn loopback_sources() -> Vec<templatecache::copy::address::AllowedInternal> {
+    LOOPBACK_SOURCES
+        .split(',')
+        .map(|entry| entry.parse().expect("a valid allowlist entry"))
+        .collect()
+}
+
 /// A client for the local control plane, made on the calling test's runtime.
 pub async fn client() -> Client {
     ensure_cluster();

@@ -30,6 +30,7 @@ pub fn config(namespace: &str, store: &str) -> Config {
             copy: Default::default(),
             // The tests' registry serves plain HTTP on loopback.
             oci_plain_http_registries: vec!["127.0.0.1".to_owned()],
+            allow_internal_addresses: super::loopback_sources(),
         },
         retry: RetryPolicy {
             max_attempts: 3,
@@ -140,6 +141,8 @@ impl OperatorProcess {
             "templatecache:test",
             "--retry-base-seconds",
             "1",
+            "--allow-internal-address",
+            super::LOOPBACK_SOURCES,
         ];
         let args: Vec<String> = fixed.iter().chain(extra).map(|a| a.to_string()).collect();
         Self::spawn(identity, &args, &super::kubeconfig_path())

@@ -9,6 +9,9 @@
 //!   right after the third ranged request, as if someone uploaded a new image mid-copy.
 //! - `/breaking/<name>`: the first answer for a range ending at any offset is cut halfway, like
 //!   a flaky link; asking again for the rest of that range works.
+//! - `/long-parts/<name>`: announces the object truthfully (HEAD, `Content-Range`), but answers
+//!   each ranged GET with twice the bytes asked for: a source trying to write past the room
+//!   reserved for it.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -161,9 +164,13 @@ async fn serve(
         && method == axum::http::Method::GET
         && shared.broken_once.insert((name.clone(), end));
     drop(shared);
+    let sent = match route.as_str() {
+        "long-parts" if status == StatusCode::PARTIAL_CONTENT => 2 * body.len(),
+        _ => body.len(),
+    };
     let mut response = Response::builder()
         .status(status)
-        .header(header::CONTENT_LENGTH, body.len())
+        .header(header::CONTENT_LENGTH, sent)
         .header(header::ACCEPT_RANGES, "bytes");
     if route != "no-etag" {
         response = response.header(header::ETAG, &tag);
@@ -171,7 +178,9 @@ async fn serve(
     if status == StatusCode::PARTIAL_CONTENT {
         response = response.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"));
     }
-    let body = if cut {
+    let body = if route == "long-parts" && status == StatusCode::PARTIAL_CONTENT {
+        Body::from([body.clone(), body].concat())
+    } else if cut {
         cut_halfway(body)
     } else {
         Body::from(body)

@@ -1,11 +1,18 @@
 //! A namespace with a store, an operator and a local Job executor: everything an end-to-end
 //! test of real copies needs, and the checks those tests share.
 
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::Api;
+
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use templatecache::api::{Phase, TemplateCache};
-use templatecache::controller::conditions::{READY, find};
-use templatecache::controller::template_cache::lifecycle::reason;
+use templatecache::api::conditions::{READY, find};
+use templatecache::api::reasons::cache as reason;
+use templatecache::api::{Phase, StagingStore, TemplateCache};
+use templatecache::controller::Config;
 
 use super::TestNamespace;
 use super::executor::Executor;
@@ -32,18 +39,24 @@ impl Rig {
         capacity: &str,
         eviction: serde_json::Value,
     ) -> Self {
-        Self::with_config(prefix, capacity, eviction, |cfg| {
-            cfg.retry.max_attempts = attempts;
+        Self::build(prefix, capacity, eviction, |cfg| {
+            cfg.retry.max_attempts = attempts
         })
         .await
     }
 
-    /// A rig whose operator settings `adjust` changes from the tests' defaults.
-    pub async fn with_config(
+    /// A rig whose operator runs with `adjust` applied to the tests' [`config`].
+    pub async fn with_config(prefix: &str, adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::build(prefix, "10Gi", json!({}), adjust).await
+    }
+
+    /// A rig whose store has `capacity` and the `eviction` policy, and whose operator runs with
+    /// `adjust` applied to the tests' [`config`].
+    pub async fn build(
         prefix: &str,
         capacity: &str,
         eviction: serde_json::Value,
-        adjust: impl FnOnce(&mut templatecache::controller::Config),
+        adjust: impl FnOnce(&mut Config),
     ) -> Self {
         let ns = TestNamespace::new(prefix).await;
         let name = format!("{}-store", ns.name);
@@ -68,15 +81,46 @@ impl Rig {
         self.store.dir.path().join(&self.ns.name).join(name)
     }
 
-    /// Files of the namespace's folder in the store.
+    /// The namespace's folder in the store.
+    pub fn folder(&self) -> std::path::PathBuf {
+        self.store.dir.path().join(&self.ns.name)
+    }
+
+    /// Files of the namespace's folder in the store, partial files as `.partial/<name>`.
     pub fn files(&self) -> Vec<String> {
-        let dir = self.store.dir.path().join(&self.ns.name);
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return vec![];
-        };
-        entries
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        store_files(&self.folder())
+            .into_iter()
+            .map(|(name, _)| name)
             .collect()
+    }
+
+    /// Samples the namespace's folder in the store and the store's reported usage every 20 ms
+    /// until the task is aborted; the largest of each so far.
+    pub fn sample_usage(&self) -> (Arc<Mutex<(u64, u64)>>, tokio::task::JoinHandle<()>) {
+        let peak = Arc::new(Mutex::new((0, 0)));
+        let dir = self.folder();
+        let stores: Api<StagingStore> = Api::all(self.ns.client.clone());
+        let store = self.store.name.clone();
+        let out = peak.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let disk = bytes_on_disk(&dir);
+                let reported = stores
+                    .get(&store)
+                    .await
+                    .expect("read the store's usage")
+                    .status
+                    .and_then(|s| s.used_bytes)
+                    .unwrap_or(0);
+                {
+                    let mut peak = out.lock().unwrap();
+                    peak.0 = peak.0.max(disk);
+                    peak.1 = peak.1.max(reported);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        (peak, task)
     }
 
     pub async fn settled(&self, name: &str) -> TemplateCache {
@@ -116,6 +160,46 @@ impl Rig {
         self.store.delete().await;
         self.ns.delete().await;
     }
+}
+
+/// Entries of a store folder with their sizes, sorted, partial files as `.partial/<name>`. The
+/// partial folder itself is not listed: it stays, empty, between copies.
+pub fn store_files(dir: &Path) -> Vec<(String, u64)> {
+    let mut found = vec![];
+    for (prefix, folder) in [("", dir.to_owned()), (".partial/", dir.join(".partial"))] {
+        // A folder not made yet holds nothing; any other failure must not read as empty.
+        let entries = match std::fs::read_dir(&folder) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("read {}: {e}", folder.display()),
+        };
+        for entry in entries {
+            let entry = entry.expect("entry");
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let meta = entry.path().symlink_metadata().expect("metadata");
+            if prefix.is_empty() && name == ".partial" && meta.is_dir() {
+                continue;
+            }
+            found.push((format!("{prefix}{name}"), meta.len()));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Bytes of every file (partial files included) in a store folder.
+pub fn bytes_on_disk(dir: &Path) -> u64 {
+    store_files(dir).iter().map(|(_, bytes)| bytes).sum()
+}
+
+/// Stops a task that watches or samples for the whole test, failing the test if it stopped
+/// early (an error, a panic): what it saw would otherwise be silently short.
+pub fn stop_observer(task: tokio::task::JoinHandle<()>, what: &str) {
+    assert!(
+        !task.is_finished(),
+        "the {what} stopped before the test ended"
+    );
+    task.abort();
 }
 
 pub fn random_bytes(len: usize) -> Vec<u8> {

@@ -25,10 +25,11 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::conditions::{READY, condition, set_condition};
-use super::template_cache::lifecycle::reason;
 use super::{Context, Error, drop_managed_fields, references};
+use crate::api::conditions::{READY, condition, set_condition};
+use crate::api::reasons::cache as reason;
 use crate::api::{Phase, StagingStore, StorageAdmission, TemplateCache, quantity_bytes};
+use crate::runtime::metrics::StoreSample;
 use tenancy::Tenancy;
 use usage::Refusal;
 
@@ -104,6 +105,14 @@ pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Ac
         grant(&caches[refusal.index], refusal.bytes, Some(refusal), &ctx).await?;
     }
     record_usage(&store, &decision, &ctx).await?;
+    let room = StoreSample {
+        capacity_bytes: capacity,
+        used_bytes: decision.used_bytes,
+        high_watermark_bytes: usage::high_watermark_bytes(capacity, &store.spec.eviction),
+        evictable_bytes: decision.evictable_bytes,
+        waiting_copies: waiting_for_room(&decision),
+    };
+    ctx.metrics.observe_store(&name, room);
     let requeue = if contended {
         Some(Duration::from_secs(1))
     } else if refused_by_tenancy(&decision) {
@@ -118,6 +127,15 @@ pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Ac
 
 /// How soon a store looks again at copies it refused on tenancy grounds.
 const TENANCY_RECHECK: Duration = Duration::from_secs(30);
+
+/// Copies refused for want of room (not on tenancy grounds).
+fn waiting_for_room(decision: &usage::Decision) -> u64 {
+    let full = decision
+        .refuse
+        .iter()
+        .filter(|r| r.reason == reason::STORE_FULL);
+    u64::try_from(full.count()).unwrap_or(u64::MAX)
+}
 
 fn refused_by_tenancy(decision: &usage::Decision) -> bool {
     decision

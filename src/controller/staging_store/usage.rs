@@ -16,9 +16,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::tenancy::Tenancy;
+use crate::api::reasons::cache as reason;
 use crate::api::references::count_references;
 use crate::api::{EvictionPolicy, Phase, TemplateCache};
-use crate::controller::template_cache::lifecycle::reason;
 
 /// What the store controller should do now.
 #[derive(Debug, Default, PartialEq)]
@@ -27,6 +27,10 @@ pub struct Decision {
     pub used_bytes: u64,
     /// Caches holding or reserving bytes.
     pub caches: u32,
+    /// Bytes of the caches eviction may take, now or once unused for `minUnusedSeconds`
+    /// (Ready, unreferenced, not being deleted): a store past its high watermark with none
+    /// can only be helped by a person.
+    pub evictable_bytes: u64,
     /// Indices (into the caches given) to evict, in order.
     pub evict: Vec<usize>,
     /// Indices of copies granted room, with the bytes reserved.
@@ -63,6 +67,12 @@ pub fn decide(
     let mut decision = Decision {
         used_bytes: used,
         caches: u32::try_from(occupied.iter().filter(|b| **b > 0).count()).unwrap_or(u32::MAX),
+        evictable_bytes: caches
+            .iter()
+            .zip(&occupied)
+            .filter(|(cache, _)| unused_since(cache).is_some())
+            .map(|(_, bytes)| bytes)
+            .sum(),
         ..Decision::default()
     };
     let min_unused = Duration::from_secs(policy.min_unused_seconds);
@@ -114,7 +124,7 @@ pub fn decide(
         break;
     }
 
-    let high = percent_of(capacity, policy.high_watermark_percent);
+    let high = high_watermark_bytes(capacity, policy);
     let low = percent_of(capacity, policy.low_watermark_percent);
     if used > high {
         while used >= low && !candidates.is_empty() {
@@ -128,6 +138,11 @@ pub fn decide(
         decision.recheck_after = next_candidate_in(caches, now, min_unused);
     }
     decision
+}
+
+/// The usage past which the store evicts.
+pub fn high_watermark_bytes(capacity: u64, policy: &EvictionPolicy) -> u64 {
+    percent_of(capacity, policy.high_watermark_percent)
 }
 
 /// Bytes each namespace holds or has reserved in the store: what its quota is counted against.
@@ -332,6 +347,22 @@ mod tests {
             d.refuse[0].message
         );
         assert_eq!(d.refuse[0].reason, reason::STORE_FULL);
+    }
+
+    #[test]
+    fn evictable_bytes_are_those_of_ready_unreferenced_caches_even_if_used_recently() {
+        let caches = [
+            ready("held", 1, 0),
+            ready("free", 0, 9_990),
+            copying("c", MIB),
+        ];
+        let mut p = policy(50, 10);
+        p.min_unused_seconds = 60;
+        let d = decide("s", 4 * MIB, &p, &Tenancy::default(), &caches, now());
+        assert_eq!(d.evictable_bytes, MIB);
+        let all_held = [ready("a", 1, 0), ready("b", 2, 0)];
+        let d = decide("s", 2 * MIB, &p, &Tenancy::default(), &all_held, now());
+        assert_eq!(d.evictable_bytes, 0);
     }
 
     #[test]

@@ -21,8 +21,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
+use crate::api::conditions::{READY, condition, set_condition};
+use crate::api::reasons::cache as reason;
 use crate::api::{Phase, Progress, StagingStore, TemplateCache, TemplateCacheStatus};
-use crate::controller::conditions::{READY, condition, set_condition};
 use crate::controller::jobs::{JobState, Operation, data_path, job_name};
 
 /// How failed copies are retried.
@@ -54,22 +55,6 @@ impl RetryPolicy {
     }
 }
 
-/// Reasons of the Ready condition; each names a state a user can act on.
-pub mod reason {
-    pub const COPYING: &str = "Copying";
-    pub const COPIED: &str = "Copied";
-    pub const COPY_FAILED: &str = "CopyFailed";
-    pub const RETRIES_EXHAUSTED: &str = "RetriesExhausted";
-    pub const STORE_NOT_FOUND: &str = "StoreNotFound";
-    pub const DELETING: &str = "Deleting";
-    pub const STORE_FULL: &str = "StoreFull";
-    pub const EVICTED: &str = "Evicted";
-    pub const EVICTION_FAILED: &str = "EvictionFailed";
-    pub const SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
-    pub const STORE_NOT_ALLOWED: &str = "StoreNotAllowed";
-    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
-}
-
 /// What the reconciler saw.
 pub struct Observed<'a> {
     pub cache: &'a TemplateCache,
@@ -93,11 +78,12 @@ pub struct Observed<'a> {
 pub enum Step {
     /// Only record the status (when it differs).
     Record,
-    /// Win the transition to this attempt with a resourceVersion precondition, then apply its Job.
+    /// Win the transition to this attempt (a patch that tests `status.attempt`), then create its
+    /// Job.
     StartAttempt(u32),
-    /// The current attempt's Job is missing (a crash between the two writes): apply it.
+    /// The current attempt's Job is missing (a crash between the two writes): create it.
     EnsureJob(u32),
-    /// The cache was evicted: apply the remove Job of this attempt.
+    /// The cache was evicted: create the remove Job of this attempt.
     RemoveData(u32),
 }
 
@@ -185,12 +171,50 @@ pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
         }
         JobState::Succeeded => succeeded(status, cache, attempt, observed, policy),
         JobState::Failed { message, at } => {
-            let message = report_of(&current, attempt)
+            let report = report_of(&current, attempt);
+            let message = report
                 .and_then(|r| r.error.clone())
                 .unwrap_or_else(|| message.clone());
+            if report.and_then(|r| r.final_reason.as_deref()) == Some(reason::ADDRESS_NOT_ALLOWED) {
+                return failed_for_good(status, cache, reason::ADDRESS_NOT_ALLOWED, message);
+            }
             failed(status, cache, attempt, message, *at, observed.now, policy)
         }
+        JobState::NotOurs(message) => not_ours(status, cache, message),
     }
+}
+
+/// A failure no other attempt would get past (the mover said so): Failed, no retry.
+fn failed_for_good(
+    mut status: TemplateCacheStatus,
+    cache: &TemplateCache,
+    why: &str,
+    message: String,
+) -> Plan {
+    status.phase = Some(Phase::Failed);
+    set_ready(&mut status, false, why, message, cache.metadata.generation);
+    record(status, None)
+}
+
+/// The attempt's Job name is taken by a Job the cache does not control. Taking it would run
+/// someone else's Pod as "the copy" (and the status policy trusts the current Job's Pods), and
+/// moving on to the next name would only invite squatting that one too; so the cache says so
+/// and trusts no Job (`jobName` empty) until that Job is gone, when the operator creates its
+/// own under the same name and the attempt goes on. No attempt is used up meanwhile.
+fn not_ours(mut status: TemplateCacheStatus, cache: &TemplateCache, message: &str) -> Plan {
+    status.phase = Some(Phase::Failed);
+    status.job_name = None;
+    let generation = cache.metadata.generation;
+    let message = message.to_owned();
+    set_ready(
+        &mut status,
+        false,
+        reason::JOB_NOT_OURS,
+        message,
+        generation,
+    );
+    // The operator watches only the Jobs it owns: look again for the squatter's removal.
+    record(status, Some(Duration::from_secs(10)))
 }
 
 /// Status for a cache being deleted: it waits for its references to go.
@@ -305,7 +329,7 @@ fn evicted(mut status: TemplateCacheStatus, observed: &Observed, attempt: u32) -
             set_ready(&mut status, false, reason::EVICTED, removing, generation);
             record(status, None)
         }
-        JobState::Failed { message, .. } => {
+        JobState::Failed { message, .. } | JobState::NotOurs(message) => {
             let message = format!("removing the evicted data failed: {message}");
             set_ready(
                 &mut status,
@@ -692,6 +716,65 @@ mod tests {
             p.requeue_after.is_some(),
             "looked at again, for a label added later"
         );
+    }
+
+    #[test]
+    fn a_refused_source_address_fails_for_good_with_its_reason() {
+        let refusal = "source address 169.254.169.254:80 is link-local; the operator's \
+                       --allow-internal-address does not name it";
+        let c = cache(
+            json!({"attempt": 1, "phase": "Copying", "jobName": "img-copy-1",
+            "progress": {"attempt": 1, "bytesCopied": 0, "error": refusal,
+                         "finalReason": "AddressNotAllowed"}}),
+        );
+        let failed = JobState::Failed {
+            message: "BackoffLimitExceeded".into(),
+            at: None,
+        };
+        let p = plan_for(&c, failed.clone(), Some(&store()));
+        assert_eq!(p.step, Step::Record, "no further attempt");
+        assert_eq!(p.requeue_after, None);
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        let ready = crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
+        assert_eq!(ready.reason, reason::ADDRESS_NOT_ALLOWED);
+        assert_eq!(ready.message, refusal);
+
+        // A reason the operator does not know is an ordinary failure, retried.
+        let c = cache(
+            json!({"attempt": 1, "phase": "Copying", "jobName": "img-copy-1",
+            "progress": {"attempt": 1, "bytesCopied": 0, "error": "x", "finalReason": "Whatever"}}),
+        );
+        let p = plan_for(&c, failed, Some(&store()));
+        let ready = crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
+        assert_eq!(ready.reason, reason::COPY_FAILED);
+    }
+
+    #[test]
+    fn a_job_of_the_attempt_made_by_someone_else_is_never_trusted_nor_uses_an_attempt() {
+        let c = cache(
+            json!({"attempt": 1, "phase": "Copying", "jobName": "img-copy-1",
+            "progress": {"attempt": 1, "bytesCopied": 5, "totalBytes": 5,
+                         "checksum": format!("sha256:{}", "0".repeat(64))}}),
+        );
+        let squatted = JobState::NotOurs("Job img-copy-1 was not created".into());
+        let p = plan_for(&c, squatted, Some(&store()));
+        assert_eq!(p.step, Step::Record, "no new attempt, no Job");
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        assert_eq!(p.status.attempt, Some(1));
+        assert_eq!(p.status.job_name, None, "no Pod of it is the current Job's");
+        let ready = crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
+        assert_eq!(ready.reason, reason::JOB_NOT_OURS);
+        assert!(ready.message.contains("img-copy-1"));
+        assert!(
+            p.requeue_after.is_some(),
+            "looks again for the squatter's removal"
+        );
+
+        // Once it is gone, the operator makes its own Job for the same attempt.
+        let after = cache(json!({"attempt": 1, "phase": "Failed"}));
+        let p = plan_for(&after, JobState::Missing, Some(&store()));
+        assert_eq!(p.step, Step::EnsureJob(1));
+        assert_eq!(p.status.job_name.as_deref(), Some("img-copy-1"));
     }
 
     #[test]

@@ -23,13 +23,15 @@ use serde_json::{Value, json};
 use tracing::{debug, info};
 
 use self::lifecycle::{Observed, Plan, Step};
-use super::conditions::{READY, find};
 use super::jobs::{self, JobState, Operation};
 use super::staging_store::tenancy;
 use super::{Context, Error, references};
+use crate::api::conditions::{READY, find};
 use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
+use crate::api::reasons::cache as reason;
 use crate::api::references::{count_references, is_operator_reference};
 use crate::api::{Phase, StagingStore, TemplateCache, TemplateCacheStatus};
+use crate::runtime::metrics::CacheSample;
 
 /// Reconciles one TemplateCache. Public so tests can drive it with a deliberately stale object.
 pub async fn reconcile(cache: Arc<TemplateCache>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -69,10 +71,15 @@ async fn reconcile_live(
     let store_name = ctx.store_name_of(&cache);
     let store = ctx.store(&store_name).await?;
     let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
-    let job = JobState::of(current_copy_job(jobs, &cache, attempt).await?.as_ref());
+    let job = JobState::of_cache(
+        current_copy_job(jobs, &cache, attempt).await?.as_ref(),
+        &cache,
+    );
     let cache = read_report_if_missing(caches, cache, attempt, &job).await?;
     let removal = match cache.status.as_ref().and_then(|s| s.phase) {
-        Some(Phase::Evicted) => JobState::of(removal_job(jobs, &cache, attempt).await?.as_ref()),
+        Some(Phase::Evicted) => {
+            JobState::of_cache(removal_job(jobs, &cache, attempt).await?.as_ref(), &cache)
+        }
         _ => JobState::Missing,
     };
     let observed = Observed {
@@ -88,8 +95,12 @@ async fn reconcile_live(
     };
     let plan = lifecycle::plan(&observed, &ctx.config.retry);
     let namespace = cache.namespace().unwrap_or_default();
+    let sample = CacheSample {
+        references: observed.references,
+        phase: plan.status.phase.unwrap_or_default(),
+    };
     ctx.metrics
-        .set_references(&namespace, &cache.name_any(), Some(observed.references));
+        .observe_cache(&namespace, &cache.name_any(), Some(sample));
     // During an acquire storm every reference changes the count, and a status write for each
     // would double the writes on the one object all consumers append to. The count is derived
     // from the references, which stay exact; only its record is paced.
@@ -181,11 +192,11 @@ async fn announce(plan: &Plan, cache: &TemplateCache, ctx: &Context) {
         Some(Phase::Ready) => {
             metrics.copies_succeeded.inc();
             metrics.bytes_copied.inc_by(plan.status.size.unwrap_or(0));
-            publish(EventType::Normal, lifecycle::reason::COPIED).await;
+            publish(EventType::Normal, reason::COPIED).await;
         }
         Some(Phase::Failed) => {
             metrics.copies_failed.inc();
-            let reason = ready.map_or(lifecycle::reason::COPY_FAILED, |c| c.reason.as_str());
+            let reason = ready.map_or(reason::COPY_FAILED, |c| c.reason.as_str());
             publish(EventType::Warning, reason).await;
         }
         _ => {}
@@ -322,14 +333,16 @@ async fn finalize(
         return Ok(None);
     };
     let copy_job = current_copy_job(jobs, cache, attempt).await?;
-    if JobState::of(copy_job.as_ref()) == JobState::Running {
+    // Only its own Job is stopped: one someone else made under the name is not the operator's
+    // to delete.
+    if JobState::of_cache(copy_job.as_ref(), cache) == JobState::Running {
         // Stop the copy first, so it cannot write after the data is removed.
         let name = jobs::job_name(&cache.name_any(), Operation::Copy, attempt);
         jobs.delete(&name, &DeleteParams::background()).await?;
         return Ok(Some(Duration::from_secs(1)));
     }
     let remove_name = jobs::job_name(&cache.name_any(), Operation::Remove, attempt);
-    match JobState::of(removal_job(jobs, cache, attempt).await?.as_ref()) {
+    match JobState::of_cache(removal_job(jobs, cache, attempt).await?.as_ref(), cache) {
         JobState::Missing => {
             let job = jobs::remove_job(cache, &store, attempt, &ctx.config.jobs)?;
             create_job(jobs, job).await?;
@@ -341,10 +354,12 @@ async fn finalize(
             remove_cleanup_finalizer(caches, cache).await?;
             let namespace = cache.namespace().unwrap_or_default();
             ctx.metrics
-                .set_references(&namespace, &cache.name_any(), None);
+                .observe_cache(&namespace, &cache.name_any(), None);
             Ok(None)
         }
-        JobState::Failed { message, .. } => Err(Error::CleanupFailed(remove_name, message)),
+        JobState::Failed { message, .. } | JobState::NotOurs(message) => {
+            Err(Error::CleanupFailed(remove_name, message))
+        }
     }
 }
 

@@ -56,8 +56,12 @@ pub async fn fetch(
                 skip -= cut;
             }
             received += bytes.len() as u64;
+            // The manifest's size is the room the store reserved: not a byte more is taken.
             if received > expected_size {
-                return Err(CopyError::SourceChanged(registry.display.clone()));
+                return Err(CopyError::SentMoreThanAnnounced {
+                    source_name: registry.display.clone(),
+                    announced: expected_size,
+                });
             }
             hasher.update(&bytes);
             // A reader that has what it needs stops reading; the rest is still hashed.

@@ -3,15 +3,15 @@
 //!
 //! The registry side fetches one blob on the async runtime, in order, verified against its
 //! digest; a blocking thread writes what is kept of it (the layer, or the disk file out of the
-//! decompressed tar) into the partial file. The same publish rules as every source then apply:
-//! the cache's checksum is checked against the staged file, and the file is renamed into place
-//! only when all of that holds.
+//! decompressed tar) into the partial file, created through the store folder like every
+//! source's (so a link planted in `.partial/` fails the copy). The same publish rules as every
+//! source then apply: the cache's checksum is checked against the staged file, and the file is
+//! renamed into place through the folder only when all of that holds.
 
 mod fetch;
 mod registry;
 mod unpack;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -24,9 +24,10 @@ pub use registry::OCI_DOCKER_CONFIG;
 use registry::{Pinned, Registry, TITLE_ANNOTATION};
 use unpack::{DiskLayer, RoomGate, Written};
 
+use super::address::AddressPolicy;
 use super::landing::Front;
 use super::report::Reporter;
-use super::{CopyArgs, CopyError, Transferred};
+use super::{CopyArgs, CopyError, Partial, Transferred};
 
 /// How often progress is read from the writing thread.
 const PROGRESS_TICK: Duration = Duration::from_millis(500);
@@ -36,10 +37,11 @@ pub async fn download(
     args: &CopyArgs,
     reference: &str,
     reporter: &mut Reporter,
-    partial: &Path,
+    partial: &Partial,
     copied: &mut u64,
 ) -> Result<Transferred, CopyError> {
-    let registry = Arc::new(Registry::open(reference, args.oci_plain_http)?);
+    let policy = AddressPolicy::new(args.allow_internal_address.clone());
+    let registry = Arc::new(Registry::open(reference, args.oci_plain_http, policy).await?);
     let pinned = registry.pin(args.oci_digest.as_deref()).await?;
     if args.oci_digest.is_none() {
         reporter.resolved(&pinned.digest).await?;
@@ -64,7 +66,7 @@ async fn download_layer(
     pinned: &Pinned,
     layer: OciDescriptor,
     reporter: &mut Reporter,
-    partial: &Path,
+    partial: &Partial,
     copied: &mut u64,
 ) -> Result<Transferred, CopyError> {
     let size = u64::try_from(layer.size).unwrap_or(0);
@@ -72,13 +74,13 @@ async fn download_layer(
     let written = unpack::counters();
     written.total.store(size, Ordering::Relaxed);
     let sink = Arc::clone(&written);
-    let partial_path = partial.to_owned();
+    let partial = partial.clone();
     // The fetch verifies the blob's digest; when that is a SHA-256 it is the file's too,
     // and hashing the bytes a second time on the way to disk would cost a core.
     let digest = Some(layer.digest.clone()).filter(|d| d.starts_with("sha256:"));
     let hash_file = digest.is_none();
     let writer = move |reader: unpack::ChannelReader| {
-        unpack::write_layer(reader, &partial_path, &sink, hash_file)
+        unpack::write_layer(reader, &partial, &sink, hash_file)
     };
     let (bytes, checksum) = pull_layer(
         registry,
@@ -105,7 +107,7 @@ async fn download_disk(
     pinned: &Pinned,
     layers: Vec<OciDescriptor>,
     reporter: &mut Reporter,
-    partial: &Path,
+    partial: &Partial,
     copied: &mut u64,
 ) -> Result<Transferred, CopyError> {
     let mut seen = vec![];
@@ -118,7 +120,7 @@ async fn download_disk(
             granted: Some(granted),
         };
         let sink = Arc::clone(&written);
-        let partial_path = partial.to_owned();
+        let partial = partial.clone();
         let file = args.oci_file.clone();
         let display = registry.display.clone();
         let writer = move |reader: unpack::ChannelReader| {
@@ -126,7 +128,7 @@ async fn download_disk(
                 reader,
                 file.as_deref(),
                 &display,
-                &partial_path,
+                &partial,
                 &sink,
                 &mut gate,
             )

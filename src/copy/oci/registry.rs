@@ -17,6 +17,8 @@ use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
 use super::super::CopyError;
+use super::super::address::AddressPolicy;
+use super::super::address::proxy::CheckedProxy;
 use super::super::transfer::hex;
 
 /// Environment variable the copy Job fills with the `.dockerconfigjson` of the cache's pull
@@ -41,6 +43,9 @@ const MANIFEST_TYPES: &[&str] = &[
 /// One repository of one registry, with the credentials for it.
 pub struct Registry {
     client: Client,
+    /// Every connection `client` makes goes through this proxy, which applies the mover's
+    /// internal-address rule (and stops with the registry).
+    proxy: CheckedProxy,
     auth: RegistryAuth,
     /// The reference as the user wrote it, for messages (it holds no credentials).
     pub display: String,
@@ -58,14 +63,28 @@ pub struct Pinned {
 
 impl Registry {
     /// A client for `reference`, over plain HTTP when `plain_http` (a registry the operator was
-    /// told is served without TLS), with the credentials of the pull secret in the environment.
-    pub fn open(reference: &str, plain_http: bool) -> Result<Self, CopyError> {
+    /// told is served without TLS), with the credentials of the pull secret in the environment,
+    /// reaching only the addresses `policy` allows.
+    pub async fn open(
+        reference: &str,
+        plain_http: bool,
+        policy: AddressPolicy,
+    ) -> Result<Self, CopyError> {
         let parsed = Reference::try_from(reference).map_err(|e| {
             CopyError::InvalidArguments(format!("--oci-reference {reference}: {e}"))
         })?;
         let auth = credentials_for(parsed.resolve_registry())?;
+        let proxy = CheckedProxy::start(std::sync::Arc::new(policy))
+            .await
+            .map_err(|e| {
+                CopyError::Source(
+                    reference.to_owned(),
+                    format!("no address-checking proxy: {e}"),
+                )
+            })?;
         Ok(Self {
-            client: registry_client(plain_http),
+            client: registry_client(plain_http, &proxy.url),
+            proxy,
             auth,
             display: reference.to_owned(),
             reference: parsed,
@@ -169,6 +188,11 @@ impl Registry {
     /// The registry's answer as one of our errors: refused credentials and missing manifests
     /// or blobs get their own kinds, since they are what users get wrong.
     pub fn error(&self, error: OciDistributionError) -> CopyError {
+        // The proxy refused a destination: whatever the client made of its 403 or failed
+        // tunnel, the refusal is what happened.
+        if let Some(refused) = self.proxy.refusal() {
+            return CopyError::AddressRefused(refused);
+        }
         let display = self.display.clone();
         match &error {
             OciDistributionError::UnauthorizedError { .. }
@@ -210,11 +234,12 @@ pub struct BlobStream {
     pub starts_at: u64,
 }
 
-/// Every connection to a registry is made by the client built here, and only here: a check of
-/// the addresses the mover may reach belongs in this function. oci-client builds its own reqwest
-/// client from `ClientConfig`, so such a check would go through its proxy settings or a resolver
-/// it does not expose yet.
-fn registry_client(plain_http: bool) -> Client {
+/// Every connection to a registry is made by the client built here, and only here. oci-client
+/// builds its own reqwest client from `ClientConfig`, which takes no resolver, redirect policy
+/// or connector: so the client is given the mover's address-checking proxy (`proxy_url`) for
+/// both schemes and nothing else, and every destination (registry, token realm, blob redirect,
+/// foreign-layer URL) is judged there.
+fn registry_client(plain_http: bool, proxy_url: &str) -> Client {
     // reqwest is built without a crypto provider of its own; use ring, as kube does. Installing
     // twice is refused harmlessly.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -229,6 +254,9 @@ fn registry_client(plain_http: bool) -> Client {
         read_timeout: Some(std::time::Duration::from_secs(60)),
         // Indexes are resolved by `choose_platform`, never by the client's guess.
         platform_resolver: None,
+        https_proxy: Some(proxy_url.to_owned()),
+        http_proxy: Some(proxy_url.to_owned()),
+        no_proxy: None,
         ..ClientConfig::default()
     })
 }

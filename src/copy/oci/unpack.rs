@@ -1,12 +1,11 @@
 //! What the mover keeps of a blob, on a blocking thread fed by the fetch channel: an ORAS layer
 //! whole, or from a containerDisk's tar layer (gzip, zstd or plain) only the regular file
 //! `disk/<name>`, decompressed and unpacked on the fly. Only that file's bytes are written, to the
-//! partial file the caller names: no path from the archive is ever used, so links and `..` in a
-//! hostile image lead nowhere.
+//! attempt's partial file (created through the store folder, never by path): no path from the
+//! archive is ever used, so links and `..` in a hostile image lead nowhere.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::super::transfer::{Transferred, Writeback, hex};
-use super::super::{CopyError, io_error};
+use super::super::{CopyError, Partial, io_error};
 
 /// The consumer's side of the fetch channel as a `Read`; end of file when the fetch ends (the
 /// fetch's own result says whether that end was complete).
@@ -86,13 +85,14 @@ impl RoomGate {
 /// verified digest is the file's. Returns the bytes written and the file's digest if computed.
 pub fn write_layer(
     mut reader: ChannelReader,
-    partial: &Path,
+    partial: &Partial,
     written: &Written,
     hash: bool,
 ) -> Result<(u64, Option<String>), CopyError> {
     let mut file = FileSink::create(partial, written, hash)?;
     while let Some(chunk) = reader.next_chunk() {
-        file.write_all(&chunk).map_err(|e| io_error(partial, e))?;
+        file.write_all(&chunk)
+            .map_err(|e| io_error(&partial.path(), e))?;
     }
     file.finish(partial)
 }
@@ -101,16 +101,18 @@ pub fn write_layer(
 fn copy_large(
     mut reader: impl Read,
     sink: &mut FileSink<'_>,
-    partial: &Path,
+    partial: &Partial,
 ) -> Result<(), CopyError> {
     let mut buffer = vec![0; COPY_BUFFER];
     loop {
-        let n = reader.read(&mut buffer).map_err(|e| io_error(partial, e))?;
+        let n = reader
+            .read(&mut buffer)
+            .map_err(|e| io_error(&partial.path(), e))?;
         if n == 0 {
             return Ok(());
         }
         sink.write_all(&buffer[..n])
-            .map_err(|e| io_error(partial, e))?;
+            .map_err(|e| io_error(&partial.path(), e))?;
     }
 }
 
@@ -132,7 +134,7 @@ pub fn unpack_disk(
     reader: impl Read + 'static,
     file: Option<&str>,
     display: &str,
-    partial: &Path,
+    partial: &Partial,
     written: &Written,
     gate: &mut RoomGate,
 ) -> Result<DiskLayer, CopyError> {
@@ -231,9 +233,9 @@ struct FileSink<'a> {
 }
 
 impl<'a> FileSink<'a> {
-    fn create(partial: &Path, written: &'a Written, hash: bool) -> Result<Self, CopyError> {
-        let file = File::create(partial).map_err(|e| io_error(partial, e))?;
-        let writeback = Writeback::start(&file).map_err(|e| io_error(partial, e))?;
+    fn create(partial: &Partial, written: &'a Written, hash: bool) -> Result<Self, CopyError> {
+        let file = partial.create()?;
+        let writeback = Writeback::start(&file).map_err(|e| io_error(&partial.path(), e))?;
         written.bytes.store(0, Ordering::Relaxed);
         Ok(Self {
             file,
@@ -245,9 +247,11 @@ impl<'a> FileSink<'a> {
     }
 
     /// Bytes written and, when hashed, their `sha256:<hex>`, once they are on disk.
-    fn finish(self, partial: &Path) -> Result<(u64, Option<String>), CopyError> {
+    fn finish(self, partial: &Partial) -> Result<(u64, Option<String>), CopyError> {
         self.writeback.finish();
-        self.file.sync_all().map_err(|e| io_error(partial, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| io_error(&partial.path(), e))?;
         let checksum = self
             .hasher
             .map(|h| format!("sha256:{}", hex(&h.finalize())));
@@ -303,7 +307,11 @@ mod tests {
 
     fn unpack(layer: Vec<u8>, file: Option<&str>) -> (Result<DiskLayer, CopyError>, Vec<u8>) {
         let dir = tempfile::tempdir().expect("dir");
-        let partial = dir.path().join("disk.partial-1");
+        let folder = crate::copy::folder::StoreFolder::open(&dir.path().join("disk"));
+        let partial = Partial {
+            folder: Arc::new(folder.expect("store folder")),
+            attempt: 1,
+        };
         let mut gate = RoomGate {
             ask: None,
             granted: None,
@@ -316,7 +324,7 @@ mod tests {
             &Written::default(),
             &mut gate,
         );
-        (result, std::fs::read(&partial).unwrap_or_default())
+        (result, std::fs::read(partial.path()).unwrap_or_default())
     }
 
     #[test]

@@ -1,11 +1,15 @@
-//! Conditions in Kubernetes' conventions: one entry per type, `lastTransitionTime` moves only when
-//! the status flips, so a reconcile that changes nothing writes nothing.
+//! The condition types of the API, and conditions in Kubernetes' conventions: one entry per
+//! type, `lastTransitionTime` moves only when the status flips, so a reconcile that changes
+//! nothing writes nothing.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 /// The condition every TemplateCache carries; `kubectl wait --for=condition=Ready` waits on it.
 pub const READY: &str = "Ready";
+
+/// The condition that says a claim's reference is on its cache.
+pub const BOUND: &str = "Bound";
 
 /// Builds a condition observed now at `generation`.
 pub fn condition(

@@ -1,0 +1,316 @@
+//! The HTTP client every source is read with (object_store's `HttpConnector` hook, for HTTP and
+//! S3 alike), with the [`AddressPolicy`] applied at each point where an address becomes known:
+//!
+//! 1. every request object_store sends: its scheme, and its host when that is an IP literal
+//!    (literals are never resolved, so step 3 would not see them);
+//! 2. every redirect hop, before it is followed: the same checks on the new URL;
+//! 3. every name, as it is resolved at connect time: internal addresses are dropped from the
+//!    answer, so a name that resolves (or rebinds) to one is never connected to;
+//! 4. every connection, once made and before a request is written on it: its peer address and
+//!    port, the address actually connected to.
+//!
+//! A refusal is not retried (it would be refused again) and reaches the copy's error unchanged.
+//! No proxy is used: a proxy would connect on the mover's behalf, out of the checks' sight.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::HeaderMap;
+use hyper_util::client::legacy::connect::{Connection, HttpInfo};
+use object_store::ClientOptions;
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
+};
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::redirect;
+
+use super::{AddressPolicy, AddressRefused};
+
+/// Redirects followed per request, as browsers and curl's `--max-redirs` default to about.
+const MAX_REDIRECTS: usize = 10;
+
+/// Builds the mover's checked HTTP client for object_store.
+///
+/// The client is built here rather than from object_store's `ClientOptions`, whose builder
+/// cannot take a resolver, a redirect policy or a connector layer: the options object_store
+/// passes are ignored, and the settings that matter are this struct's.
+#[derive(Debug, Clone)]
+pub struct GuardedConnector {
+    pub policy: Arc<AddressPolicy>,
+    /// Sent with every request (the Authorization header of an HTTP source); reqwest drops
+    /// it on a redirect to another host.
+    pub default_headers: HeaderMap,
+    pub connect_timeout: Duration,
+}
+
+impl HttpConnector for GuardedConnector {
+    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
+        let policy = self.policy.clone();
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("templatecache/", env!("CARGO_PKG_VERSION")))
+            .default_headers(self.default_headers.clone())
+            .connect_timeout(self.connect_timeout)
+            // A compressed body would not have the Content-Length the copy reserves room for.
+            .no_gzip()
+            .no_brotli()
+            .no_zstd()
+            .no_deflate()
+            .no_proxy()
+            .dns_resolver(Arc::new(CheckedResolver {
+                policy: policy.clone(),
+            }))
+            .redirect(redirect::Policy::custom({
+                let policy = policy.clone();
+                move |attempt| {
+                    if attempt.previous().len() >= MAX_REDIRECTS {
+                        let url = attempt.url().to_string();
+                        let limit = MAX_REDIRECTS;
+                        return attempt.error(AddressRefused::TooManyRedirects { url, limit });
+                    }
+                    match check_url(&policy, attempt.url()) {
+                        Ok(()) => attempt.follow(),
+                        Err(reason) => {
+                            let url = attempt.url().to_string();
+                            let reason = Box::new(reason);
+                            attempt.error(AddressRefused::Redirect { url, reason })
+                        }
+                    }
+                }
+            }))
+            .connector_layer(PeerCheckLayer { policy })
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "templatecache",
+                source: Box::new(e),
+            })?;
+        Ok(HttpClient::new(GuardedClient {
+            client,
+            policy: self.policy.clone(),
+        }))
+    }
+}
+
+/// Scheme, and IP-literal host with its port, of a URL about to be requested.
+fn check_url(policy: &AddressPolicy, url: &url::Url) -> Result<(), AddressRefused> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(AddressRefused::Scheme {
+            url: url.to_string(),
+        });
+    }
+    let port = url.port_or_known_default().unwrap_or(80);
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.into(),
+        Some(url::Host::Ipv6(ip)) => ip.into(),
+        // Names are checked as they are resolved and once connected.
+        _ => return Ok(()),
+    };
+    policy.check(SocketAddr::new(ip, port))
+}
+
+/// object_store's view of the client: requests are checked before they are sent, and a
+/// refusal found anywhere in an error's causes becomes a final, not retried, error.
+#[derive(Debug)]
+struct GuardedClient {
+    client: reqwest::Client,
+    policy: Arc<AddressPolicy>,
+}
+
+#[async_trait::async_trait]
+impl HttpService for GuardedClient {
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let url = url::Url::parse(&request.uri().to_string())
+            .map_err(|e| HttpError::new(HttpErrorKind::Unknown, e))?;
+        check_url(&self.policy, &url).map_err(|r| HttpError::new(HttpErrorKind::Unknown, r))?;
+        HttpService::call(&self.client, request)
+            .await
+            .map_err(|error| match refusal_in(&error) {
+                Some(refused) => HttpError::new(HttpErrorKind::Unknown, refused),
+                None => error,
+            })
+    }
+}
+
+/// The [`AddressRefused`] among `error`'s causes, if any.
+pub fn refusal_in(error: &(dyn std::error::Error + 'static)) -> Option<AddressRefused> {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(refused) = current.downcast_ref::<AddressRefused>() {
+            return Some(refused.clone());
+        }
+        cause = current.source();
+    }
+    None
+}
+
+/// Resolves names with the system resolver and keeps only the addresses the policy allows.
+struct CheckedResolver {
+    policy: Arc<AddressPolicy>,
+}
+
+impl Resolve for CheckedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let resolved: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = resolved
+                .iter()
+                .copied()
+                .filter(|a| policy.may_connect_to(a.ip()).is_ok())
+                .collect();
+            if allowed.is_empty() && !resolved.is_empty() {
+                let addresses = resolved
+                    .iter()
+                    .map(|a| {
+                        let class = policy.may_connect_to(a.ip()).err();
+                        let class = class.map(|c| c.to_string()).unwrap_or_default();
+                        format!("{} is {class}", a.ip())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(AddressRefused::AllResolvedInternal { host, addresses }.into());
+            }
+            Ok(Box::new(allowed.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Wraps reqwest's connector: a connection whose peer the policy refuses is dropped before
+/// anything is written on it.
+#[derive(Clone)]
+struct PeerCheckLayer {
+    policy: Arc<AddressPolicy>,
+}
+
+impl<S> tower_layer::Layer<S> for PeerCheckLayer {
+    type Service = PeerCheck<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        PeerCheck {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct PeerCheck<S> {
+    inner: S,
+    policy: Arc<AddressPolicy>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S, Target> tower_service::Service<Target> for PeerCheck<S>
+where
+    S: tower_service::Service<Target, Error = BoxError>,
+    S::Response: Connection + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, target: Target) -> Self::Future {
+        let connecting = self.inner.call(target);
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let connection = connecting.await?;
+            let mut extras = http::Extensions::new();
+            connection.connected().get_extras(&mut extras);
+            let peer = extras
+                .get::<HttpInfo>()
+                .map(HttpInfo::remote_addr)
+                .ok_or(AddressRefused::UnknownPeer)?;
+            policy.check(peer)?;
+            Ok(connection)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::ObjectStoreExt;
+    use object_store::http::HttpBuilder;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A loopback server that answers every request with a 3-byte body; counts the request
+    /// bytes it receives.
+    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let received = Arc::new(AtomicUsize::new(0));
+        let counter = received.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(n) = socket.read(&mut buffer).await {
+                        if n == 0 {
+                            return;
+                        }
+                        counter.fetch_add(n, Ordering::SeqCst);
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc";
+                        let _ = socket.write_all(answer.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        (addr, received)
+    }
+
+    async fn head(url: &str, allowed: &str) -> Result<u64, AddressRefused> {
+        let connector = GuardedConnector {
+            policy: Arc::new(AddressPolicy::new(vec![allowed.parse().expect("entry")])),
+            default_headers: HeaderMap::new(),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let store = HttpBuilder::new()
+            .with_url(url)
+            .with_client_options(ClientOptions::new().with_allow_http(true))
+            .with_http_connector(connector)
+            .build()
+            .expect("store");
+        store
+            .head(&"f".into())
+            .await
+            .map(|meta| meta.size)
+            .map_err(|e| refusal_in(&e).unwrap_or_else(|| panic!("not a refusal: {e}")))
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_to_an_allowed_address_on_another_port_is_refused_once_connected() {
+        let (addr, received) = server().await;
+        let by_name = format!("http://localhost:{}", addr.port());
+        // The allowlist names the address, but with another port: the resolver cannot tell
+        // (it knows no port), the peer check can, before a byte of the request is written.
+        let other_port = format!("127.0.0.1:{}", addr.port() + 1);
+        let refused = head(&by_name, &other_port).await.expect_err("refused");
+        assert_eq!(
+            refused,
+            AddressRefused::Internal {
+                address: addr.to_string(),
+                class: super::super::Internal::Loopback
+            }
+        );
+        assert_eq!(received.load(Ordering::SeqCst), 0, "no request was written");
+
+        let allowed = addr.to_string();
+        assert_eq!(head(&by_name, &allowed).await.expect("allowed endpoint"), 3);
+        assert!(received.load(Ordering::SeqCst) > 0);
+    }
+}

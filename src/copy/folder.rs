@@ -1,0 +1,426 @@
+//! The mover's and the remover's only way into the staging store.
+//!
+//! A copy Job mounts its namespace's folder of the store, and every Pod of that namespace that
+//! mounts it may have planted anything there: a symbolic link at a cache name, at the partial
+//! folder or at a partial file, pointing into another tenant's folder or anywhere else. So the
+//! folder is opened once, and every name under it is reached from that handle: opened with
+//! `openat2` and `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, created with `mkdirat`, published with
+//! `renameat`, removed with `unlinkat`. A link on the way makes the operation fail with the path
+//! named; nothing is ever written, renamed or removed through one.
+//!
+//! Partial files live in `.partial/<cache>-<attempt>` beside the caches. A cache name is a DNS
+//! name and never starts with a dot, so no cache can be named like the partial folder or
+//! anything in it (`<cache>.partial-<attempt>` could: it is a legal cache name), and the folder
+//! is on the same filesystem, so publishing stays one atomic rename.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
+
+use super::CopyError;
+
+/// The folder of partial files, beside the caches.
+pub const PARTIAL_FOLDER: &str = ".partial";
+
+/// The name of the partial file of `attempt` of `cache` in [`PARTIAL_FOLDER`].
+pub fn partial_name(cache: &str, attempt: u32) -> String {
+    format!("{cache}-{attempt}")
+}
+
+/// Which cache a partial file belongs to. The attempt follows the last `-` and is only digits,
+/// so `img-1-2` is attempt 2 of cache `img-1`, never a file of cache `img`.
+pub fn partial_owner(file: &str) -> Option<&str> {
+    let (cache, attempt) = file.rsplit_once('-')?;
+    let digits = !attempt.is_empty() && attempt.bytes().all(|b| b.is_ascii_digit());
+    (digits && !cache.is_empty()).then_some(cache)
+}
+
+/// The store folder a copy's `--dest` lies in, opened, and the cache's name in it.
+pub struct StoreFolder {
+    dir: OwnedFd,
+    path: PathBuf,
+    cache: String,
+}
+
+impl StoreFolder {
+    /// Opens the folder holding `dest`. The folder itself is the Job's mount of its namespace's
+    /// folder (created by the kubelet, not by a tenant), so it is opened by its path; only its
+    /// last component must not be a link. `dest`'s file name must be a cache name: one
+    /// component, not starting with a dot.
+    pub fn open(dest: &Path) -> Result<Self, CopyError> {
+        let cache = dest
+            .file_name()
+            .and_then(|name| name.to_str())
+            .filter(|name| !name.starts_with('.') && !name.contains('/'))
+            .ok_or_else(|| {
+                CopyError::InvalidArguments(format!(
+                    "--dest {} does not end in a cache name",
+                    dest.display()
+                ))
+            })?
+            .to_owned();
+        let path = match dest.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&path).map_err(|e| super::io_error(&path, e))?;
+        // Not O_DIRECTORY: with O_NOFOLLOW it reports a link as "not a directory", and a link
+        // should be named as one (ELOOP).
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let dir =
+            rustix::fs::open(&path, flags, Mode::empty()).map_err(|errno| refusal(&path, errno))?;
+        let stat = rustix::fs::fstat(&dir).map_err(|errno| refusal(&path, errno))?;
+        if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_dir() {
+            return Err(refusal(&path, Errno::NOTDIR));
+        }
+        Ok(Self { dir, path, cache })
+    }
+
+    /// The cache's final file, for messages.
+    pub fn final_path(&self) -> PathBuf {
+        self.path.join(&self.cache)
+    }
+
+    /// The partial file of `attempt`, for messages.
+    pub fn partial_path(&self, attempt: u32) -> PathBuf {
+        self.path
+            .join(PARTIAL_FOLDER)
+            .join(partial_name(&self.cache, attempt))
+    }
+
+    /// Fails if something other than a regular file (or nothing) holds the cache's name: a link
+    /// planted there would be replaced by the rename, never written through, but it says
+    /// someone is playing with the folder, and the copy stops before fetching a byte.
+    pub fn check_final(&self) -> Result<(), CopyError> {
+        let path = self.final_path();
+        match rustix::fs::statat(&self.dir, &*self.cache, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) if rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file() => Ok(()),
+            Ok(stat) if rustix::fs::FileType::from_raw_mode(stat.st_mode).is_symlink() => {
+                Err(CopyError::LinkInStore { path })
+            }
+            Ok(_) => Err(CopyError::NotAFile { path }),
+            Err(Errno::NOENT) => Ok(()),
+            Err(errno) => Err(refusal(&path, errno)),
+        }
+    }
+
+    /// Creates the partial file of `attempt`, new and empty, for reading and writing, making
+    /// the partial folder if needed. A file already there (a broken attempt's, or a hard link
+    /// someone planted to another file) is unlinked, never truncated; a link there fails.
+    pub fn create_partial(&self, attempt: u32) -> Result<File, CopyError> {
+        let partials = self
+            .partial_folder(true)?
+            .ok_or_else(|| refusal(&self.path.join(PARTIAL_FOLDER), Errno::NOENT))?;
+        let name = partial_name(&self.cache, attempt);
+        let path = self.partial_path(attempt);
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
+        let fresh = || open_beneath(&partials, &name, flags, Mode::from_raw_mode(0o644));
+        let file = match fresh() {
+            Err(Errno::EXIST) => {
+                // A link there was planted: say so rather than quietly replace it.
+                let held = rustix::fs::statat(&partials, &*name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|errno| refusal(&path, errno))?;
+                if rustix::fs::FileType::from_raw_mode(held.st_mode).is_symlink() {
+                    return Err(CopyError::LinkInStore { path });
+                }
+                unlink_if_present(&partials, &name).map_err(|errno| refusal(&path, errno))?;
+                fresh()
+            }
+            other => other,
+        }
+        .map_err(|errno| refusal(&path, errno))?;
+        Ok(File::from(file))
+    }
+
+    /// Moves the partial file of `attempt` into the cache's name, then syncs both folders so
+    /// the rename survives a crash.
+    pub fn publish(&self, attempt: u32) -> Result<(), CopyError> {
+        self.check_final()?;
+        let partials = self
+            .partial_folder(false)?
+            .ok_or_else(|| refusal(&self.partial_path(attempt), Errno::NOENT))?;
+        let name = partial_name(&self.cache, attempt);
+        rustix::fs::renameat(&partials, &*name, &self.dir, &*self.cache)
+            .map_err(|errno| refusal(&self.final_path(), errno))?;
+        rustix::fs::fsync(&self.dir).map_err(|errno| refusal(&self.path, errno))?;
+        rustix::fs::fsync(&partials)
+            .map_err(|errno| refusal(&self.path.join(PARTIAL_FOLDER), errno))
+    }
+
+    /// Removes the partial file of `attempt`, if there is one.
+    pub fn remove_partial(&self, attempt: u32) -> Result<(), CopyError> {
+        let Some(partials) = self.partial_folder(false)? else {
+            return Ok(());
+        };
+        let name = partial_name(&self.cache, attempt);
+        unlink_if_present(&partials, &name).map_err(|e| refusal(&self.partial_path(attempt), e))
+    }
+
+    /// Removes the cache's data: its final file (a link there is removed itself, its target is
+    /// left alone) and the partial files of every attempt of this cache, and of no other.
+    pub fn remove_all(&self) -> Result<(), CopyError> {
+        unlink_if_present(&self.dir, &self.cache)
+            .map_err(|errno| refusal(&self.final_path(), errno))?;
+        let Some(partials) = self.partial_folder(false)? else {
+            return Ok(());
+        };
+        let folder = self.path.join(PARTIAL_FOLDER);
+        let entries = rustix::fs::Dir::read_from(&partials).map_err(|e| refusal(&folder, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| refusal(&folder, e))?;
+            let name = entry.file_name().to_string_lossy();
+            if partial_owner(&name) == Some(self.cache.as_str()) {
+                unlink_if_present(&partials, &name)
+                    .map_err(|e| refusal(&folder.join(&*name), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The partial folder, opened without following a link; made first when `create`, else
+    /// `None` when it does not exist.
+    fn partial_folder(&self, create: bool) -> Result<Option<OwnedFd>, CopyError> {
+        let path = self.path.join(PARTIAL_FOLDER);
+        if create {
+            match rustix::fs::mkdirat(&self.dir, PARTIAL_FOLDER, Mode::from_raw_mode(0o755)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(errno) => return Err(refusal(&path, errno)),
+            }
+        }
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        match open_beneath(&self.dir, PARTIAL_FOLDER, flags, Mode::empty()) {
+            Ok(dir) => Ok(Some(dir)),
+            Err(Errno::NOENT) if !create => Ok(None),
+            Err(errno) => Err(refusal(&path, errno)),
+        }
+    }
+}
+
+/// Opens `name` under `dir`, refusing any symbolic link on the way and any path out of `dir`.
+#[cfg(target_os = "linux")]
+fn open_beneath(
+    dir: &OwnedFd,
+    name: &str,
+    flags: OFlags,
+    mode: Mode,
+) -> rustix::io::Result<OwnedFd> {
+    use rustix::fs::ResolveFlags;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    // RESOLVE_NO_SYMLINKS refuses a link as the last component too (ELOOP), even with O_CREAT.
+    rustix::fs::openat2(dir, name, flags, mode, resolve)
+}
+
+/// Without `openat2` the mover cannot prove a path stays in the store, so it does not try.
+#[cfg(not(target_os = "linux"))]
+fn open_beneath(_: &OwnedFd, _: &str, _: OFlags, _: Mode) -> rustix::io::Result<OwnedFd> {
+    Err(Errno::NOSYS)
+}
+
+fn unlink_if_present(dir: &OwnedFd, name: &str) -> rustix::io::Result<()> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(errno) => Err(errno),
+    }
+}
+
+/// The error for `errno` met at `path`: a link (`ELOOP` under `RESOLVE_NO_SYMLINKS`, or
+/// `O_NOFOLLOW`) or a way out of the folder (`EXDEV` under `RESOLVE_BENEATH`) is named as such.
+fn refusal(path: &Path, errno: Errno) -> CopyError {
+    match errno {
+        Errno::LOOP | Errno::XDEV => CopyError::LinkInStore {
+            path: path.to_owned(),
+        },
+        Errno::NOSYS => CopyError::NoSafeOpen,
+        errno => super::io_error(path, std::io::Error::from(errno)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_file_belongs_to_exactly_one_cache() {
+        assert_eq!(partial_owner(&partial_name("img", 1)), Some("img"));
+        assert_eq!(partial_owner(&partial_name("img-1", 2)), Some("img-1"));
+        assert_eq!(partial_owner(&partial_name("img", 12)), Some("img"));
+        assert_eq!(
+            partial_owner(&partial_name("img.partial", 1)),
+            Some("img.partial")
+        );
+        for stray in ["img", "img-", "-1", "img-1a", "img-x"] {
+            assert_eq!(partial_owner(stray), None, "{stray}");
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("team-a");
+        std::fs::create_dir(&root).expect("namespace folder");
+        (dir, root)
+    }
+
+    #[test]
+    fn a_copy_lands_in_the_partial_folder_and_is_published_under_its_name() {
+        let (_dir, root) = store();
+        let folder = StoreFolder::open(&root.join("img")).expect("open");
+        std::io::Write::write_all(&mut folder.create_partial(3).expect("partial"), b"bytes")
+            .expect("write");
+        assert_eq!(
+            std::fs::read(root.join(".partial/img-3")).expect("partial"),
+            b"bytes"
+        );
+        folder.publish(3).expect("publish");
+        assert_eq!(std::fs::read(root.join("img")).expect("final"), b"bytes");
+        assert!(!root.join(".partial/img-3").exists());
+    }
+
+    #[test]
+    fn removing_a_cache_removes_its_files_and_no_other_caches() {
+        let (_dir, root) = store();
+        std::fs::create_dir(root.join(".partial")).expect("partials");
+        for file in [
+            "img",
+            "img.partial-1",
+            "img-1",
+            ".partial/img-1",
+            ".partial/img-22",
+            ".partial/img-1-1",
+            ".partial/img.partial-1-1",
+        ] {
+            std::fs::write(root.join(file), file).expect("file");
+        }
+        StoreFolder::open(&root.join("img"))
+            .expect("open")
+            .remove_all()
+            .expect("remove");
+        let mut left: Vec<String> = ["img", "img.partial-1", "img-1", ".partial/img-1"]
+            .iter()
+            .chain(&[
+                ".partial/img-22",
+                ".partial/img-1-1",
+                ".partial/img.partial-1-1",
+            ])
+            .filter(|f| root.join(f).exists())
+            .map(|f| f.to_string())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".partial/img-1-1",
+                ".partial/img.partial-1-1",
+                "img-1",
+                "img.partial-1"
+            ]
+        );
+    }
+
+    /// A file outside the namespace's folder, and a link to it planted at `planted`.
+    fn plant(root: &Path, planted: &str) -> PathBuf {
+        let victim = root.parent().expect("store").join("victim");
+        std::fs::write(&victim, b"another tenant's data").expect("victim");
+        std::os::unix::fs::symlink(&victim, root.join(planted)).expect("plant the link");
+        victim
+    }
+
+    #[test]
+    fn a_link_at_the_cache_name_fails_the_copy_and_is_removed_without_its_target() {
+        let (_dir, root) = store();
+        let victim = plant(&root, "img");
+        let folder = StoreFolder::open(&root.join("img")).expect("open");
+        let error = folder.check_final().expect_err("refused");
+        assert!(matches!(error, CopyError::LinkInStore { .. }), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains(&*root.join("img").to_string_lossy())
+        );
+        folder.create_partial(1).expect("partial");
+        assert!(matches!(
+            folder.publish(1),
+            Err(CopyError::LinkInStore { .. })
+        ));
+        folder.remove_all().expect("remove");
+        assert!(
+            root.join("img").symlink_metadata().is_err(),
+            "the link is gone"
+        );
+        assert_eq!(
+            std::fs::read(&victim).expect("victim"),
+            b"another tenant's data"
+        );
+    }
+
+    #[test]
+    fn a_link_as_the_partial_folder_or_a_partial_file_is_never_written_through() {
+        let (_dir, root) = store();
+        let outside = root.parent().expect("store").join("team-b");
+        std::fs::create_dir(&outside).expect("team-b");
+        std::os::unix::fs::symlink(&outside, root.join(".partial")).expect("plant");
+        let folder = StoreFolder::open(&root.join("img")).expect("open");
+        let error = folder.create_partial(1).expect_err("refused");
+        assert!(matches!(error, CopyError::LinkInStore { .. }), "{error}");
+        assert!(matches!(
+            folder.remove_all(),
+            Err(CopyError::LinkInStore { .. })
+        ));
+        assert_eq!(std::fs::read_dir(&outside).expect("team-b").count(), 0);
+
+        std::fs::remove_file(root.join(".partial")).expect("unplant");
+        std::fs::create_dir(root.join(".partial")).expect("partials");
+        let victim = plant(&root, ".partial/img-1");
+        let error = folder.create_partial(1).expect_err("refused");
+        assert!(error.to_string().contains(".partial/img-1"), "{error}");
+        folder.remove_all().expect("the link itself goes");
+        assert_eq!(
+            std::fs::read(&victim).expect("victim"),
+            b"another tenant's data"
+        );
+    }
+
+    #[test]
+    fn a_hard_link_at_the_partial_file_is_replaced_not_written_through() {
+        let (_dir, root) = store();
+        std::fs::create_dir(root.join(".partial")).expect("partials");
+        let other = root.join("other");
+        std::fs::write(&other, b"another cache's data").expect("other");
+        std::fs::hard_link(&other, root.join(".partial/img-1")).expect("plant");
+        let folder = StoreFolder::open(&root.join("img")).expect("open");
+        std::io::Write::write_all(&mut folder.create_partial(1).expect("partial"), b"new")
+            .expect("write");
+        assert_eq!(
+            std::fs::read(&other).expect("other"),
+            b"another cache's data"
+        );
+        assert_eq!(
+            std::fs::read(root.join(".partial/img-1")).expect("partial"),
+            b"new"
+        );
+    }
+
+    #[test]
+    fn a_namespace_folder_that_is_a_link_is_refused() {
+        let (dir, root) = store();
+        let elsewhere = dir.path().join("team-a-link");
+        std::os::unix::fs::symlink(&root, &elsewhere).expect("plant");
+        let error = StoreFolder::open(&elsewhere.join("img"))
+            .err()
+            .expect("refused");
+        assert!(matches!(error, CopyError::LinkInStore { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_dest_that_is_not_a_cache_name_is_refused() {
+        let (_dir, root) = store();
+        for dest in [".partial", ".."] {
+            assert!(matches!(
+                StoreFolder::open(&root.join(dest)),
+                Err(CopyError::InvalidArguments(_))
+            ));
+        }
+    }
+}
