@@ -29,6 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     secret_ref: None,
                 }),
                 s3: None,
+                oci: None,
             },
             checksum: None,
             store_ref: None,

@@ -65,6 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             image: "templatecache:dev".into(),
             service_account: None,
             copy: Default::default(),
+            oci_plain_http_registries: vec![],
             // The template is served on loopback, which copy Jobs may not reach unless the
             // operator names it: exactly this address and port, nothing else of the machine.
             allow_internal_addresses: vec![AllowedInternal::Endpoint(served_at)],

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The data mover against curl on the same 1 GiB file on loopback: over HTTP (python's
-# http.server) against `curl -o`, and from S3 (versitygw) against a plain SigV4 read by curl.
+# http.server) against `curl -o`, from S3 (versitygw) against a plain SigV4 read by curl, and
+# from an OCI registry (distribution, the file pushed as an ORAS artifact) against `oras pull`.
 # Best of 3 runs each; peak RSS of the mover from /usr/bin/time. Then `cargo bench --bench
 # mover_streams` (parallel ranged download: 1 vs 8 streams, throttled and not). Writes
 # target/bench/mover.md, which `make bench` puts into docs/benchmarks.md.
@@ -23,8 +24,20 @@ http_pid=$!
 s3=$(hack/s3/build.sh)
 "$s3" --access bench --secret bench-secret --port "127.0.0.1:$s3_port" posix "$dir/served" >/dev/null 2>&1 &
 s3_pid=$!
-trap 'kill $http_pid $s3_pid 2>/dev/null' EXIT
+# The registry without auth: one token or basic-auth exchange per pull costs nothing at this size.
+registry=$(hack/registry/build.sh)
+oras=$(hack/oras/build.sh)
+registry_port=$(port)
+rm -rf "$dir/registry"
+mkdir -p "$dir/registry"
+printf 'version: 0.1\nlog: {level: error}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: 127.0.0.1:%s}\n' \
+  "$(cd "$dir/registry" && pwd)" "$registry_port" > "$dir/registry.yml"
+OTEL_TRACES_EXPORTER=none "$registry" serve "$dir/registry.yml" >/dev/null 2>&1 &
+registry_pid=$!
+trap 'kill $http_pid $s3_pid $registry_pid 2>/dev/null' EXIT
 sleep 1
+oci_ref="127.0.0.1:$registry_port/bench/template:v1"
+(cd "$dir/served/templates" && HOME="$dir" "$oras" push --plain-http "$oci_ref" template.img >/dev/null)
 
 # best SECONDS_VAR RSS_VAR -- command...: best wall time (and the mover's peak RSS) of 3 runs.
 best() {
@@ -47,6 +60,8 @@ read -r mover_http rss_http <<<"$(best "$mover" copy --attempt 1 --dest "$dir/ou
 s3url="http://127.0.0.1:$s3_port/templates/template.img"
 read -r curl_s3 _ <<<"$(best curl -sS --aws-sigv4 aws:amz:us-east-1:s3 --user bench:bench-secret -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -o "$dir/out/curl.img" "$s3url")"
 read -r mover_s3 rss_s3 <<<"$(AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret best "$mover" copy --attempt 1 --dest "$dir/out/mover.img" --s3-bucket templates --s3-key template.img --s3-endpoint "http://127.0.0.1:$s3_port" --allow-internal-address "127.0.0.1:$s3_port")"
+read -r oras_oci _ <<<"$(HOME="$dir" best "$oras" pull --plain-http -o "$dir/out" "$oci_ref")"
+read -r mover_oci rss_oci <<<"$(best "$mover" copy --attempt 1 --dest "$dir/out/mover.img" --oci-reference "$oci_ref" --oci-plain-http --allow-internal-address "127.0.0.1:$registry_port")"
 # The floor no mover can beat: SHA-256 of the same file from the page cache, on one core.
 hash_s=999999
 for i in 1 2 3; do
@@ -64,12 +79,15 @@ cat > target/bench/mover.md <<MD
 
 \`bash hack/bench-mover.sh\` (also \`make bench\`), $(date -u +%Y-%m-%d), this machine: $(nproc) cores.
 One ${size_mib} MiB file of random bytes on loopback, best of 3 runs each. The mover streams into
-a partial file, SHA-256 hashes every byte, fsyncs and renames; curl only writes the file.
+a partial file, SHA-256 hashes every byte, fsyncs and renames; curl only writes the file; oras
+pull checks the blob's digest too. The OCI mover reads one stream (a registry blob has no parts
+to fetch in parallel here), hashing it as it reads, and writes on another thread.
 
 | source | reference | reference MiB/s | mover MiB/s | mover / reference | bound set by SHA-256 | mover peak RSS |
 |---|---|---|---|---|---|---|
 | HTTP (python http.server) | \`curl -o\` | $(mibs "$curl_http") | $(mibs "$mover_http") | $(ratio "$mover_http" "$curl_http") | $(bound "$curl_http") | $((rss_http / 1024)) MiB |
 | S3 (versitygw) | \`curl --aws-sigv4 -o\` | $(mibs "$curl_s3") | $(mibs "$mover_s3") | $(ratio "$mover_s3" "$curl_s3") | $(bound "$curl_s3") | $((rss_s3 / 1024)) MiB |
+| OCI registry (distribution, ORAS artifact) | \`oras pull\` | $(mibs "$oras_oci") | $(mibs "$mover_oci") | $(ratio "$mover_oci" "$oras_oci") | $(bound "$oras_oci") | $((rss_oci / 1024)) MiB |
 
 Targets: at least 0.9 of the reference's throughput with checksumming on; under 64 MiB peak RSS.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds a Go program pinned in a tools module into .cache/<name>/<version>/bin once per version
-# and prints its path. Used by hack/s3 and hack/helm.
+# and prints its path. Used by hack/s3, hack/helm, hack/promtool, hack/registry and hack/oras.
 #   hack/build-go-tool.sh <folder with go.mod> <module> <package> <binary> <cache name>
 set -euo pipefail
 dir=$(cd "$1" && pwd); module=$2; package=$3; binary=$4; name=$5

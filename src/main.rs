@@ -106,6 +106,14 @@ struct RunArgs {
     /// S3 sources are matched as `<endpoint>/<bucket>/<key>`, or `s3://<bucket>/<key>` on AWS.
     #[arg(long, value_delimiter = ',', env = "TEMPLATECACHE_SOURCE_ALLOWLIST")]
     source_allowlist: Vec<String>,
+    /// OCI registries served over plain HTTP, comma-separated `host:port` (or `host` for all its
+    /// ports); every other registry is pulled over TLS.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "TEMPLATECACHE_OCI_PLAIN_HTTP_REGISTRIES"
+    )]
+    oci_plain_http_registries: Vec<String>,
     /// Internal destinations copy Jobs may read sources from, comma-separated or repeated:
     /// networks (`10.96.0.0/12`), addresses (`10.96.0.10`) or address:port
     /// (`10.96.0.10:9000`, `[fd00::10]:9000`). Without it the mover refuses every loopback,
@@ -138,6 +146,7 @@ impl RunArgs {
                     streams: self.copy_streams,
                     part_size: self.copy_part_size,
                 },
+                oci_plain_http_registries: self.oci_plain_http_registries.clone(),
                 allow_internal_addresses: self.allow_internal_address.clone(),
             },
             retry: RetryPolicy {

@@ -66,7 +66,7 @@ async fn invalid_template_caches_are_refused_with_the_field_named() {
             ),
             vec![
                 "spec.source",
-                "exactly one of spec.source.http or spec.source.s3",
+                "exactly one of spec.source.http, spec.source.s3 or spec.source.oci",
             ],
         ),
         (
@@ -281,6 +281,105 @@ async fn invalid_template_caches_are_refused_with_the_field_named() {
         api.patch_status("valid", &params, &status(json!({"phase": "Hacked"})))
             .await,
         &["status.phase", "supported values"],
+    );
+    ns.delete().await;
+}
+
+fn oci(source: Value) -> Value {
+    json!({"source": {"oci": source}})
+}
+
+#[tokio::test]
+async fn invalid_oci_sources_are_refused_with_the_field_named() {
+    let ns = TestNamespace::new("invalid-oci").await;
+    let ar = ApiResource::erase::<TemplateCache>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
+    let pp = PostParams::default();
+    let digest = format!("sha256:{}", "c".repeat(64));
+
+    let cases: Vec<(&str, DynamicObject, Vec<&str>)> = vec![
+        (
+            "an OCI source beside an http one",
+            cache(
+                "two",
+                json!({"source": {"http": {"url": "http://a.example/x"},
+                                  "oci": {"reference": "reg.example/vms/a:1"}}}),
+            ),
+            vec!["spec.source", "exactly one of"],
+        ),
+        (
+            "a scheme in the reference",
+            cache(
+                "scheme",
+                oci(json!({"reference": "oci://reg.example/vms/a:1"})),
+            ),
+            vec!["spec.source.oci.reference", "without a scheme"],
+        ),
+        (
+            "neither tag nor digest (an implicit latest)",
+            cache(
+                "latest",
+                oci(json!({"reference": "reg.example:5000/vms/a"})),
+            ),
+            vec!["spec.source.oci.reference", "needs a tag"],
+        ),
+        (
+            "no registry host (no implicit Docker Hub)",
+            cache("hub", oci(json!({"reference": "ubuntu:24.04"}))),
+            vec!["spec.source.oci.reference"],
+        ),
+        (
+            "a malformed digest",
+            cache(
+                "digest",
+                oci(json!({"reference": "reg.example/vms/a@sha256:abc"})),
+            ),
+            vec!["spec.source.oci.reference"],
+        ),
+        (
+            "a file name that climbs out of the folder",
+            cache(
+                "file",
+                oci(json!({"reference": "reg.example/vms/a:1", "file": "../etc/passwd"})),
+            ),
+            vec!["spec.source.oci.file"],
+        ),
+        (
+            "an empty pull secret name",
+            cache(
+                "secret",
+                oci(json!({"reference": "reg.example/vms/a:1", "secretRef": {"name": ""}})),
+            ),
+            vec!["spec.source.oci.secretRef.name"],
+        ),
+    ];
+    for (case, obj, expected) in cases {
+        assert_refused(case, api.create(&pp, &obj).await, &expected);
+    }
+
+    for (name, reference) in [
+        ("tag", "reg.example:5000/vms/ubuntu:24.04".to_owned()),
+        ("digest", format!("localhost/models/llama@{digest}")),
+        ("both", format!("127.0.0.1:5000/a/b_c/d-e:v1.0@{digest}")),
+    ] {
+        let source = oci(
+            json!({"reference": reference, "file": "disk.qcow2", "secretRef": {"name": "pull"}}),
+        );
+        api.create(&pp, &cache(name, source))
+            .await
+            .unwrap_or_else(|e| panic!("{reference} is accepted: {e}"));
+    }
+    assert_refused(
+        "changing spec.source.oci.reference",
+        api.patch(
+            "tag",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": oci(json!({"reference": "reg.example:5000/vms/ubuntu:26.04"}))}),
+            ),
+        )
+        .await,
+        &["spec.source", "immutable"],
     );
     ns.delete().await;
 }
@@ -506,6 +605,14 @@ async fn invalid_claims_are_refused_with_the_field_named() {
                 json!({"cacheName": "img", "template": {"source": http("http://a.example/x"), "checksum": "md5:abc"}}),
             ),
             vec!["spec.template.checksum"],
+        ),
+        (
+            "claim whose OCI template has neither tag nor digest",
+            claim(
+                "oci-latest",
+                json!({"cacheName": "img", "template": {"source": {"oci": {"reference": "reg.example/vms/a"}}}}),
+            ),
+            vec!["spec.template.source.oci.reference", "needs a tag"],
         ),
     ];
     for (case, object, expected) in cases {

@@ -6,17 +6,20 @@ mod support;
 
 use futures::future::join_all;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::corpus::record;
 use support::jobs::wait_for_cache;
 use support::operator::{Operator, TestStore, config};
+use support::registry::{PASSWORD, Registry};
+use support::rig::{Rig, ready_message};
 use support::{TestNamespace, kubectl};
 use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
-use templatecache::api::{TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
+use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
 use templatecache::client::{self, CacheRequest, ClientError};
 
 fn spec(url: &str) -> TemplateCacheSpec {
@@ -260,7 +263,10 @@ async fn sources_the_operator_must_not_fetch_start_no_job() {
     let ns = TestNamespace::new("bad-source").await;
     let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
     let mut cfg = config(&ns.name, &store.name);
-    cfg.source_allowlist = vec!["https://images.example.com/".into()];
+    cfg.source_allowlist = vec![
+        "https://images.example.com/".into(),
+        "oci://registry.example.com/vms/".into(),
+    ];
     let operator = Operator::start(cfg).await;
 
     ns.create_cache(
@@ -287,6 +293,32 @@ async fn sources_the_operator_must_not_fetch_start_no_job() {
         "a look-alike host that shares the allowlisted prefix but not its slash",
         "Failed, reason SourceNotAllowed, no Job",
     );
+
+    for (name, reference, case) in [
+        (
+            "oci-lookalike",
+            "registry.example.com/vms-evil/ubuntu:24.04",
+            "an OCI repository that shares the allowlisted oci:// prefix but not its slash",
+        ),
+        (
+            "oci-metadata",
+            "169.254.169.254/latest:1",
+            "an OCI registry outside the allowlist (cloud metadata address)",
+        ),
+    ] {
+        ns.create_cache(name, json!({"source": {"oci": {"reference": reference}}}))
+            .await;
+        let message = ready_reason(&ns, name, reason::SOURCE_NOT_ALLOWED).await;
+        let repository = reference.rsplit_once(':').map_or(reference, |(r, _)| r);
+        assert!(
+            message.contains(&format!("source oci://{repository} is outside")),
+            "{message}"
+        );
+        record(
+            case,
+            &format!("Failed, reason SourceNotAllowed, no Job: {message}"),
+        );
+    }
 
     ns.create_cache(
         "nowhere",
@@ -347,6 +379,53 @@ async fn the_data_mover_refuses_a_key_that_climbs_out_of_its_bucket() {
             stderr.trim()
         ),
     );
+}
+
+#[tokio::test]
+async fn a_container_disk_whose_disk_is_a_link_or_outside_disk_stages_nothing() {
+    let registry = Registry::start().await;
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Symlink);
+    link.set_size(0);
+    tar.append_link(&mut link, "disk/disk.img", "/etc/shadow")
+        .expect("link entry");
+    let mut beside = tar::Header::new_gnu();
+    beside.set_size(4);
+    beside.set_mode(0o644);
+    beside.set_cksum();
+    tar.append_data(&mut beside, "etc/disk.img", &b"evil"[..])
+        .expect("file entry");
+    let tar = tar.into_inner().expect("tar");
+    registry.push_tar_image("vms/hostile", "v1", &tar);
+    let rig = Rig::new("bad-disk", 1).await;
+    let secret: Secret =
+        serde_json::from_value(registry.pull_secret("pull", PASSWORD)).expect("secret");
+    rig.ns
+        .api::<Secret>()
+        .create(&Default::default(), &secret)
+        .await
+        .expect("pull secret");
+    let reference = format!("{}/vms/hostile:v1", registry.host);
+    rig.create(
+        "hostile",
+        json!({"source": {"oci": {"reference": reference, "file": "disk.img", "secretRef": {"name": "pull"}}}}),
+    )
+    .await;
+    let cache = rig.settled("hostile").await;
+    let message = ready_message(&cache);
+    assert_eq!(
+        cache.status.as_ref().and_then(|s| s.phase),
+        Some(Phase::Failed),
+        "{message}"
+    );
+    assert!(message.contains("has no file disk.img"), "{message}");
+    assert!(rig.files().is_empty(), "nothing staged: {:?}", rig.files());
+    record(
+        "a containerDisk whose disk/disk.img is a symlink to /etc/shadow, with a disk.img outside disk/",
+        &format!("Failed, nothing staged (links and other paths are never read): {message}"),
+    );
+    rig.stop().await;
 }
 
 #[tokio::test]

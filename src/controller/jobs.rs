@@ -33,6 +33,10 @@ pub struct JobSettings {
     pub service_account: Option<String>,
     /// Streams and part size of copy Jobs (`templatecache copy --streams --part-size`).
     pub copy: crate::copy::Tuning,
+    /// OCI registries (`host:port`, or `host` for all its ports) served over plain HTTP, like
+    /// containerd's and CDI's insecure registries: their copy Jobs get `--oci-plain-http`. TLS
+    /// for every other one.
+    pub oci_plain_http_registries: Vec<String>,
     /// Internal destinations copy Jobs may read from (`templatecache copy
     /// --allow-internal-address`); every other non-global address is refused by the mover.
     pub allow_internal_addresses: Vec<AllowedInternal>,
@@ -164,6 +168,24 @@ pub fn copy_job(
         format!("--part-size={}", settings.copy.part_size),
     ];
     args.extend(source_args(&cache.spec.source));
+    if let Some(oci) = &cache.spec.source.oci {
+        let registry = oci.repository().split('/').next().unwrap_or_default();
+        let host = registry.rsplit_once(':').map_or(registry, |(host, _)| host);
+        if settings
+            .oci_plain_http_registries
+            .iter()
+            .any(|r| r == registry || r == host)
+        {
+            args.push("--oci-plain-http".to_owned());
+        }
+        if let Some(digest) = cache
+            .status
+            .as_ref()
+            .and_then(|s| s.resolved_digest.as_ref())
+        {
+            args.push(format!("--oci-digest={digest}"));
+        }
+    }
     // One argument per entry: the Job's spec shows exactly which internal destinations it may
     // reach, and an empty list (the default) allows none.
     args.extend(
@@ -233,6 +255,12 @@ fn source_args(source: &TemplateSource) -> Vec<String> {
             args.push("--s3-virtual-host".to_owned());
         }
     }
+    if let Some(oci) = &source.oci {
+        args.push(format!("--oci-reference={}", oci.reference));
+        if let Some(file) = &oci.file {
+            args.push(format!("--oci-file={file}"));
+        }
+    }
     args
 }
 
@@ -273,6 +301,14 @@ fn credential_env(source: &TemplateSource) -> Vec<Value> {
             "AWS_SESSION_TOKEN",
             &secret.name,
             "sessionToken",
+        ));
+    }
+    if let Some(secret) = source.oci.as_ref().and_then(|o| o.secret_ref.as_ref()) {
+        // The whole pull secret: the mover picks the entry of the reference's registry.
+        env.push(from_secret(
+            crate::copy::OCI_DOCKER_CONFIG,
+            &secret.name,
+            ".dockerconfigjson",
         ));
     }
     env
@@ -383,6 +419,7 @@ mod tests {
             image: "i".into(),
             service_account: None,
             copy: Default::default(),
+            oci_plain_http_registries: vec![],
             allow_internal_addresses: vec![
                 "10.96.0.0/12".parse().expect("network"),
                 "127.0.0.1:9000".parse().expect("endpoint"),
@@ -406,6 +443,73 @@ mod tests {
             let args = container.args.as_ref().expect("args");
             assert!(args.contains(&"--dest=/store/img".to_owned()), "{args:?}");
         }
+    }
+
+    #[test]
+    fn an_oci_copy_job_gets_the_pinned_digest_its_pull_secret_and_plain_http_only_when_listed() {
+        let spec: TemplateCacheSpec = serde_json::from_value(json!({"source": {"oci": {
+            "reference": "127.0.0.1:5000/vms/a:1", "file": "disk.img", "secretRef": {"name": "pull"}}}}))
+        .expect("spec");
+        let mut cache = TemplateCache::new("img", spec);
+        cache.metadata.namespace = Some("team-a".into());
+        cache.status = Some(crate::api::TemplateCacheStatus {
+            resolved_digest: Some(format!("sha256:{}", "d".repeat(64))),
+            ..Default::default()
+        });
+        let store: StagingStore = serde_json::from_value(json!({
+            "metadata": {"name": "s"},
+            "spec": {"volume": {"hostPath": {"path": "/srv"}}, "capacity": "1Gi"}
+        }))
+        .expect("store");
+        let container = |plain: &[&str]| {
+            let settings = JobSettings {
+                image: "i".into(),
+                service_account: None,
+                copy: Default::default(),
+                oci_plain_http_registries: plain.iter().map(|r| r.to_string()).collect(),
+                allow_internal_addresses: vec![],
+            };
+            let job = copy_job(&cache, &store, 2, &settings).expect("job");
+            job.spec
+                .expect("spec")
+                .template
+                .spec
+                .expect("pod")
+                .containers[0]
+                .clone()
+        };
+        let args = container(&["127.0.0.1"]).args.expect("args");
+        for expected in [
+            "--oci-reference=127.0.0.1:5000/vms/a:1".to_owned(),
+            "--oci-file=disk.img".to_owned(),
+            format!("--oci-digest=sha256:{}", "d".repeat(64)),
+            "--oci-plain-http".to_owned(),
+        ] {
+            assert!(args.contains(&expected), "{expected} in {args:?}");
+        }
+        assert!(
+            container(&["127.0.0.1:5000"])
+                .args
+                .expect("args")
+                .contains(&"--oci-plain-http".to_owned())
+        );
+        let tls = container(&["127.0.0.2", "127.0.0.1:5001"]);
+        assert!(
+            !tls.args
+                .expect("args")
+                .contains(&"--oci-plain-http".to_owned())
+        );
+        let env = tls.env.expect("env");
+        let secret = env[0]
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .expect("secret ref");
+        assert_eq!(env[0].name, crate::copy::OCI_DOCKER_CONFIG);
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("pull", ".dockerconfigjson")
+        );
     }
 
     #[test]

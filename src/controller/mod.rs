@@ -96,6 +96,7 @@ impl Default for Config {
                 .to_owned(),
                 service_account: None,
                 copy: crate::copy::Tuning::default(),
+                oci_plain_http_registries: vec![],
                 allow_internal_addresses: vec![],
             },
             retry: RetryPolicy::default(),

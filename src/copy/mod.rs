@@ -13,6 +13,7 @@
 pub mod address;
 mod folder;
 mod landing;
+mod oci;
 mod plan;
 mod ranged;
 mod report;
@@ -20,9 +21,11 @@ mod source;
 mod transfer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tracing::{info, warn};
 
+pub use oci::OCI_DOCKER_CONFIG;
 pub use plan::{MIN_PARTS, Tuning};
 pub use transfer::Transferred;
 
@@ -80,6 +83,31 @@ pub enum CopyError {
     Report(String),
     #[error("stopped before copying: {0}")]
     Superseded(String),
+    #[error(
+        "{what} has digest {actual}, not {expected}: the registry sent other bytes than it names"
+    )]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{reference} is an index without a {wanted} manifest (it offers {offered})")]
+    NoMatchingPlatform {
+        reference: String,
+        wanted: String,
+        offered: String,
+    },
+    #[error("{reference} has no file {file} (it holds: {candidates})")]
+    FileMissing {
+        reference: String,
+        file: String,
+        candidates: String,
+    },
+    #[error("{reference} holds several files ({candidates}): name one in spec.source.oci.file")]
+    SeveralFiles {
+        reference: String,
+        candidates: String,
+    },
     #[error("{0}")]
     AddressRefused(#[from] address::AddressRefused),
 }
@@ -120,8 +148,21 @@ pub struct CopyArgs {
     #[arg(long)]
     pub dest: PathBuf,
     /// Source URL (http or https).
-    #[arg(long, conflicts_with_all = ["s3_bucket"])]
+    #[arg(long, conflicts_with_all = ["s3_bucket", "oci_reference"])]
     pub http_url: Option<String>,
+    /// OCI reference, `registry/repository:tag` or `...@sha256:<hex>`.
+    #[arg(long, conflicts_with_all = ["s3_bucket"])]
+    pub oci_reference: Option<String>,
+    /// The ORAS layer title, or the file under `disk/` of a containerDisk, to stage.
+    #[arg(long, requires = "oci_reference")]
+    pub oci_file: Option<String>,
+    /// The manifest digest an earlier attempt resolved the reference's tag to: pulled instead of
+    /// the tag, so every attempt stages the same version.
+    #[arg(long, requires = "oci_reference")]
+    pub oci_digest: Option<String>,
+    /// Talk to the registry over plain HTTP (a registry the operator lists as served without TLS).
+    #[arg(long, requires = "oci_reference")]
+    pub oci_plain_http: bool,
     /// Source bucket (S3-compatible).
     #[arg(long, requires = "s3_key")]
     pub s3_bucket: Option<String>,
@@ -203,21 +244,43 @@ pub struct RemoveArgs {
     pub dest: PathBuf,
 }
 
+/// Where a copy reads from: an object (HTTP(S) or S3) or an OCI registry.
+enum Origin<'a> {
+    Object(source::Source),
+    Oci(&'a str),
+}
+
 /// Copies the template into place and reports the outcome.
 pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
-    let source = source::open(&args)?;
+    // A source refused by its arguments is refused before the store is touched.
+    let origin = match &args.oci_reference {
+        Some(reference) => Origin::Oci(reference),
+        None => Origin::Object(source::open(&args)?),
+    };
     let mut reporter = report::Reporter::connect(args.cache.as_deref(), args.attempt)
         .await
         .map_err(CopyError::InvalidArguments)?;
-    let folder = StoreFolder::open(&args.dest)?;
+    let folder = Arc::new(StoreFolder::open(&args.dest)?);
     let mut copied = 0;
     let result = async {
         // A link planted at the cache's name stops the copy before a byte is fetched.
         folder.check_final()?;
+        let partial = Partial {
+            folder: Arc::clone(&folder),
+            attempt: args.attempt,
+        };
+        let source = match &origin {
+            Origin::Object(source) => source,
+            Origin::Oci(reference) => {
+                let done =
+                    oci::download(&args, reference, &mut reporter, &partial, &mut copied).await?;
+                return publish(&args, &folder, done);
+            }
+        };
         // Nothing is written before the store has reserved the room (see StorageAdmission).
         let meta = source.head().await?;
         reporter.wait_for_room(meta.size).await?;
-        copy_into_place(&args, &source, &meta, &folder, async |front, total| {
+        copy_into_place(&args, source, &meta, &partial, async |front, total| {
             copied = front.hashed;
             reporter.progress(front, total).await;
         })
@@ -248,14 +311,20 @@ async fn copy_into_place(
     args: &CopyArgs,
     source: &source::Source,
     meta: &object_store::ObjectMeta,
-    folder: &StoreFolder,
+    partial: &Partial,
     mut progress: impl AsyncFnMut(Front, Option<u64>),
 ) -> Result<Transferred, CopyError> {
-    let partial = Partial {
-        folder,
-        attempt: args.attempt,
-    };
-    let done = download(args, source, meta, &partial, &mut progress).await?;
+    let done = download(args, source, meta, partial, &mut progress).await?;
+    publish(args, &partial.folder, done)
+}
+
+/// Checks the copy against the expected checksum and renames it into place through the store
+/// folder (which syncs both folders so the rename survives a crash).
+fn publish(
+    args: &CopyArgs,
+    folder: &StoreFolder,
+    done: Transferred,
+) -> Result<Transferred, CopyError> {
     if let Some(expected) = &args.checksum
         && *expected != done.checksum
     {
@@ -268,13 +337,15 @@ async fn copy_into_place(
     Ok(done)
 }
 
-/// Where one attempt lands: its partial file in the store folder.
-struct Partial<'a> {
-    folder: &'a StoreFolder,
+/// Where one attempt lands: its partial file in the store folder. Cheap to clone, so a blocking
+/// writer thread (the OCI unpacker) can own one.
+#[derive(Clone)]
+struct Partial {
+    folder: Arc<StoreFolder>,
     attempt: u32,
 }
 
-impl Partial<'_> {
+impl Partial {
     /// Creates the partial file, empty, for reading and writing.
     fn create(&self) -> Result<std::fs::File, CopyError> {
         self.folder.create_partial(self.attempt)
@@ -292,7 +363,7 @@ async fn download(
     args: &CopyArgs,
     source: &source::Source,
     meta: &object_store::ObjectMeta,
-    partial: &Partial<'_>,
+    partial: &Partial,
     progress: &mut impl AsyncFnMut(Front, Option<u64>),
 ) -> Result<Transferred, CopyError> {
     let tuning = Tuning {

@@ -45,7 +45,7 @@ pub enum Outcome {
 pub async fn transfer(
     source: &Source,
     meta: &ObjectMeta,
-    partial: &Partial<'_>,
+    partial: &Partial,
     tuning: Tuning,
     mut progress: impl AsyncFnMut(Front, u64),
 ) -> Result<Outcome, CopyError> {

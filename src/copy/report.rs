@@ -131,6 +131,22 @@ impl Reporter {
         }
     }
 
+    /// The digest an OCI tag resolved to, which every later attempt must pull: written before
+    /// anything is copied, and the copy stops if it cannot be written (a retry would otherwise
+    /// resolve the tag again and could stage another version).
+    pub async fn resolved(&self, digest: &str) -> Result<(), CopyError> {
+        let report = json!({"attempt": self.attempt, "bytesCopied": 0, "resolvedDigest": digest});
+        let mut result = self.write(report.clone()).await;
+        for pause in [1, 2, 4] {
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(pause)).await;
+            result = self.write(report.clone()).await;
+        }
+        result.map_err(|e| CopyError::Report(format!("recording the resolved digest: {e}")))
+    }
+
     /// The final report of a copy that is in place.
     pub async fn succeeded(&self, bytes: u64, checksum: &str) -> Result<(), kube::Error> {
         let report = json!({

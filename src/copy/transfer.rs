@@ -40,7 +40,7 @@ pub struct Transferred {
 pub async fn transfer(
     source: &Source,
     announced: u64,
-    partial: &Partial<'_>,
+    partial: &Partial,
     mut progress: impl AsyncFnMut(u64, Option<u64>),
 ) -> Result<Transferred, CopyError> {
     let file = partial.create()?;
@@ -257,7 +257,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let folder = StoreFolder::open(&dir.path().join("img")).expect("folder");
         let partial = Partial {
-            folder: &folder,
+            folder: Arc::new(folder),
             attempt: 1,
         };
 

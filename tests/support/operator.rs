@@ -28,6 +28,8 @@ pub fn config(namespace: &str, store: &str) -> Config {
             image: "templatecache:test".to_owned(),
             service_account: None,
             copy: Default::default(),
+            // The tests' registry serves plain HTTP on loopback.
+            oci_plain_http_registries: vec!["127.0.0.1".to_owned()],
             allow_internal_addresses: super::loopback_sources(),
         },
         retry: RetryPolicy {

@@ -50,7 +50,9 @@ impl Rig {
         Self::build(prefix, "10Gi", json!({}), adjust).await
     }
 
-    async fn build(
+    /// A rig whose store has `capacity` and the `eviction` policy, and whose operator runs with
+    /// `adjust` applied to the tests' [`config`].
+    pub async fn build(
         prefix: &str,
         capacity: &str,
         eviction: serde_json::Value,

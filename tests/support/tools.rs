@@ -10,7 +10,7 @@ use super::repo_root;
 
 /// The binary `hack/<tool>/build.sh` builds (a no-op once built), built at most once per test
 /// binary.
-fn built(tool: &str) -> PathBuf {
+pub fn built(tool: &str) -> PathBuf {
     static PATHS: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
     let mut paths = PATHS.lock().unwrap_or_else(|e| e.into_inner());
     paths

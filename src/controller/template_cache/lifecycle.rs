@@ -247,6 +247,14 @@ fn common_status(observed: &Observed, current: &TemplateCacheStatus) -> Template
         cache.metadata.namespace.as_deref().unwrap_or_default(),
         cache.metadata.name.as_deref().unwrap_or_default(),
     ));
+    // The first digest a mover reports is kept for the life of the cache: every later attempt
+    // pulls it, whatever the tag names by then (the mover's report is cleared between attempts).
+    if status.resolved_digest.is_none()
+        && let Some(attempt) = current.attempt
+        && let Some(digest) = report_of(current, attempt).and_then(|p| p.resolved_digest.clone())
+    {
+        status.resolved_digest = Some(digest);
+    }
     status
 }
 
@@ -551,6 +559,29 @@ mod tests {
             plan_for(&c, long_ago, Some(&store())).step,
             Step::StartAttempt(2)
         );
+    }
+
+    #[test]
+    fn the_first_resolved_digest_is_kept_for_the_next_attempts_and_never_replaced() {
+        let first = format!("sha256:{}", "1".repeat(64));
+        let c = cache(json!({"attempt": 1, "phase": "Copying",
+            "progress": {"attempt": 1, "bytesCopied": 0, "resolvedDigest": first}}));
+        let failed = JobState::Failed {
+            message: "503".into(),
+            at: Some(Timestamp::UNIX_EPOCH),
+        };
+        let next = plan_for(&c, failed.clone(), Some(&store()));
+        assert_eq!(next.step, Step::StartAttempt(2));
+        assert_eq!(next.status.progress, None, "the report is cleared");
+        assert_eq!(next.status.resolved_digest.as_deref(), Some(&*first));
+
+        let other = format!("sha256:{}", "2".repeat(64));
+        let c = cache(
+            json!({"attempt": 2, "phase": "Copying", "resolvedDigest": first,
+            "progress": {"attempt": 2, "bytesCopied": 0, "resolvedDigest": other}}),
+        );
+        let p = plan_for(&c, failed, Some(&store()));
+        assert_eq!(p.status.resolved_digest.as_deref(), Some(&*first));
     }
 
     #[test]

@@ -8,9 +8,12 @@
 //! The rule is applied to addresses, never to names, because a name can resolve to anything (and
 //! to something else a second later: DNS rebinding). [`guard`] applies it where the address is
 //! known: every request's IP-literal host, every redirect hop, every name as it is resolved, and
-//! the peer address of every connection before a request is written on it.
+//! the peer address of every connection before a request is written on it. A client that takes
+//! none of those hooks (oci-client's) is given [`proxy`]: a forward proxy in the mover that
+//! applies the same rule to every connection it makes on the client's behalf.
 
 pub mod guard;
+pub mod proxy;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
