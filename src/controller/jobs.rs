@@ -402,19 +402,13 @@ fn build_job(
 mod tests {
     use super::*;
     use crate::api::TemplateCacheSpec;
+    use crate::controller::fixtures;
     use kube::ResourceExt;
 
     fn job(operation: Operation) -> Job {
-        let spec: TemplateCacheSpec =
-            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
-                .expect("spec");
-        let mut cache = TemplateCache::new("img", spec);
+        let mut cache = fixtures::cache("img", Value::Null);
         cache.metadata.namespace = Some("team-a".into());
-        let store: StagingStore = serde_json::from_value(json!({
-            "metadata": {"name": "s"},
-            "spec": {"volume": {"hostPath": {"path": "/srv"}}, "capacity": "1Gi"}
-        }))
-        .expect("store");
+        let store = fixtures::store("s", "1Gi");
         let settings = JobSettings {
             image: "i".into(),
             service_account: None,
@@ -456,11 +450,7 @@ mod tests {
             resolved_digest: Some(format!("sha256:{}", "d".repeat(64))),
             ..Default::default()
         });
-        let store: StagingStore = serde_json::from_value(json!({
-            "metadata": {"name": "s"},
-            "spec": {"volume": {"hostPath": {"path": "/srv"}}, "capacity": "1Gi"}
-        }))
-        .expect("store");
+        let store = fixtures::store("s", "1Gi");
         let container = |plain: &[&str]| {
             let settings = JobSettings {
                 image: "i".into(),
@@ -535,11 +525,7 @@ mod tests {
 
     #[test]
     fn a_job_not_controlled_by_the_cache_is_not_ours_whatever_its_state() {
-        let mut cache = TemplateCache::new(
-            "img",
-            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
-                .expect("spec"),
-        );
+        let mut cache = fixtures::cache("img", Value::Null);
         cache.metadata.uid = Some("cache-uid".into());
         let complete = |owners: Value| -> Job {
             serde_json::from_value(json!({

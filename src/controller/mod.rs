@@ -1,6 +1,8 @@
 //! The controllers of `templatecache run`, one module per reconciler, sharing one [`Context`].
 
 pub mod events;
+#[cfg(test)]
+mod fixtures;
 pub mod index;
 pub mod jobs;
 pub mod pacing;
@@ -10,6 +12,7 @@ pub mod staging_store;
 pub mod template_cache;
 pub mod template_cache_claim;
 pub mod watched;
+pub mod writes;
 
 use std::sync::Arc;
 use std::time::Duration;

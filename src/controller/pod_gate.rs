@@ -14,14 +14,14 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams};
+use kube::api::PatchParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use tracing::info;
 
+use super::writes::{self, Answer};
 use super::{Context, Error};
 use crate::api::conditions::{READY, find};
 use crate::api::names::{POD_CACHE_LABEL, READY_GATE};
@@ -108,28 +108,21 @@ async fn ungate(pod: &Pod, ctx: &Context) -> Result<(), Error> {
     let Some(index) = gate_index(pod) else {
         return Ok(());
     };
-    let path = format!("/spec/schedulingGates/{index}");
-    let patch: json_patch::Patch = serde_json::from_value(json!([
-        {"op": "test", "path": format!("{path}/name"), "value": READY_GATE},
-        {"op": "remove", "path": path},
-    ]))?;
+    let index = index.to_string();
+    let patch = writes::json_patch(vec![
+        writes::test(
+            writes::pointer(["spec", "schedulingGates", &index, "name"]),
+            READY_GATE,
+        )?,
+        writes::remove(writes::pointer(["spec", "schedulingGates", &index])),
+    ]);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
-    match pods
-        .patch(
-            &pod.name_any(),
-            &PatchParams::default(),
-            &Patch::<()>::Json(patch),
-        )
+    // Gone: nothing to ungate; its reference is collected with the cache.
+    pods.patch(&pod.name_any(), &PatchParams::default(), &patch)
         .await
-    {
-        Ok(_) => Ok(()),
-        // Gone: nothing to ungate; its reference is collected with the cache.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(kube::Error::Api(s)) if matches!(s.code, 409 | 422) => {
-            Err(Error::Conflict(pod.name_any()))
-        }
-        Err(e) => Err(e.into()),
-    }
+        .unless_gone()
+        .or_conflict(&pod.name_any())
+        .map(drop)
 }
 
 async fn warn_gated(ctx: &Context, pod: &Pod, reason: &str, note: &str) {

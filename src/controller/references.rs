@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{ListParams, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info};
 
+use super::writes::{self, Answer};
 use super::{Context, Error};
 use crate::api::names::{CLEANUP_FINALIZER, POD_CACHE_LABEL};
 use crate::api::references::{
@@ -286,24 +287,16 @@ async fn lower_count_before_removal(
     if changes.remove.is_empty() || recorded.is_none_or(|r| r <= after) {
         return Ok(cache);
     }
-    let patch = json!({
-        "metadata": {"resourceVersion": cache.resource_version()},
-        "status": {"refCount": after, "lastReferenced": Time(Timestamp::now())},
-    });
-    let api = caches_of(&cache, ctx);
-    match api
-        .patch_status(
-            &cache.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+    let patch = writes::status_merge(
+        cache.resource_version().as_deref(),
+        json!({"refCount": after, "lastReferenced": Time(Timestamp::now())}),
+    );
+    let lowered = caches_of(&cache, ctx)
+        .patch_status(&cache.name_any(), &PatchParams::default(), &patch)
         .await
-    {
-        Ok(lowered) => Ok(Arc::new(lowered)),
-        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Conflict(cache.name_any())),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(cache),
-        Err(e) => Err(e.into()),
-    }
+        .unless_gone()
+        .or_conflict(&cache.name_any())?;
+    Ok(lowered.map_or(cache, Arc::new))
 }
 
 fn record(cache: &TemplateCache, changes: &Changes, ctx: &Context) {
@@ -327,24 +320,17 @@ async fn patch_finalizers(
     ctx: &Context,
 ) -> Result<TemplateCache, Error> {
     let finalizers = changes.applied_to(cache.finalizers());
-    let patch: json_patch::Patch = serde_json::from_value(json!([
-        {"op": "test", "path": "/metadata/resourceVersion", "value": cache.resource_version()},
-        {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
-    ]))?;
-    let api = caches_of(cache, ctx);
-    match api
-        .patch(
-            &cache.name_any(),
-            &PatchParams::default(),
-            &Patch::<()>::Json(patch),
-        )
+    let patch = writes::json_patch(vec![
+        writes::test(
+            writes::pointer(["metadata", "resourceVersion"]),
+            cache.resource_version(),
+        )?,
+        writes::add(writes::pointer(["metadata", "finalizers"]), finalizers)?,
+    ]);
+    caches_of(cache, ctx)
+        .patch(&cache.name_any(), &PatchParams::default(), &patch)
         .await
-    {
-        Err(kube::Error::Api(s)) if matches!(s.code, 409 | 422) => {
-            Err(Error::Conflict(cache.name_any()))
-        }
-        other => other.map_err(Error::from),
-    }
+        .or_conflict(&cache.name_any())
 }
 
 fn caches_of(cache: &TemplateCache, ctx: &Context) -> Api<TemplateCache> {
@@ -414,18 +400,15 @@ pub async fn unbound_consumers(cache: &TemplateCache, ctx: &Context) -> Result<u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::fixtures;
     use kube::api::ObjectMeta;
     use serde_json::json;
 
     fn cache(finalizers: &[&str]) -> TemplateCache {
-        let mut cache = TemplateCache::new(
-            "img",
-            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
-                .expect("spec"),
-        );
-        cache.metadata.namespace = Some("ns".into());
-        cache.metadata.finalizers = Some(finalizers.iter().map(|f| f.to_string()).collect());
-        cache
+        fixtures::holding(
+            fixtures::cache("img", json!(null)),
+            finalizers.iter().copied(),
+        )
     }
 
     fn meta(uid: &str, created_secs: i64) -> ObjectMeta {

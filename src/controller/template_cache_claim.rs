@@ -10,15 +10,15 @@
 
 use std::sync::Arc;
 
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
-use serde_json::json;
 use tracing::info;
 
 use super::references::template_matches;
+use super::writes::{self, Answer};
 use super::{Context, Error};
 use crate::api::conditions::{BOUND, READY, condition, find, set_condition};
 use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
@@ -259,26 +259,21 @@ async fn write_status(
         return Ok(());
     }
     let api: Api<TemplateCacheClaim> = Api::namespaced(ctx.client.clone(), namespace);
-    let patch = json!({"status": desired});
-    match api
-        .patch_status(
-            &claim.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+    let patch = writes::status_merge(None, serde_json::to_value(desired)?);
+    // Deleted meanwhile: nothing to tell.
+    api.patch_status(&claim.name_any(), &PatchParams::default(), &patch)
         .await
-    {
-        // Deleted meanwhile: nothing to tell.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        other => other.map(drop).map_err(Error::from),
-    }
+        .unless_gone()?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::fixtures;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
+    use serde_json::json;
 
     fn claim(template: Option<&str>) -> TemplateCacheClaim {
         let template = template.map(|url| json!({"source": {"http": {"url": url}}}));
@@ -293,15 +288,24 @@ mod tests {
     }
 
     fn cache(finalizers: &[&str], status: serde_json::Value) -> TemplateCache {
-        let mut cache = TemplateCache::new(
-            "img",
-            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
-                .expect("spec"),
-        );
-        cache.metadata.namespace = Some("ns".into());
-        cache.metadata.finalizers = Some(finalizers.iter().map(|f| f.to_string()).collect());
-        cache.status = serde_json::from_value(status).expect("status");
-        cache
+        fixtures::holding(fixtures::cache("img", status), finalizers.iter().copied())
+    }
+
+    /// A cache with `finalizers` in `phase`, whose Ready condition is `ready` for `reason`.
+    fn cache_in(
+        finalizers: &[&str],
+        phase: &str,
+        ready: bool,
+        reason: &str,
+        message: &str,
+    ) -> TemplateCache {
+        let status = if ready { "True" } else { "False" };
+        cache(
+            finalizers,
+            json!({"phase": phase, "conditions": [
+                {"type": "Ready", "status": status, "reason": reason, "message": message,
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+        )
     }
 
     fn reason_of(plan: &ClaimPlan, type_: &str) -> String {
@@ -325,24 +329,17 @@ mod tests {
 
     #[test]
     fn bound_then_ready_as_the_cache_says() {
-        let copying = cache(
-            &[MINE],
-            json!({"phase": "Copying", "conditions": [
-            {"type": "Ready", "status": "False", "reason": "Copying", "message": "copying",
-             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
-        );
+        let copying = cache_in(&[MINE], "Copying", false, "Copying", "copying");
         let plan = claim_status(&claim(None), Some(&copying), 100);
         assert_eq!(plan.status.phase, Some(ClaimPhase::Bound));
         assert_eq!(reason_of(&plan, BOUND), reason::BOUND);
         assert_eq!(reason_of(&plan, READY), "Copying");
 
-        let ready = cache(
-            &[MINE],
-            json!({"phase": "Ready", "path": "ns/img", "size": 3,
-            "checksum": "sha256:00", "conditions": [
-            {"type": "Ready", "status": "True", "reason": "Copied", "message": "copied",
-             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
-        );
+        let mut ready = cache_in(&[MINE], "Ready", true, "Copied", "copied");
+        let data = ready.status.as_mut().expect("status");
+        data.path = Some("ns/img".into());
+        data.size = Some(3);
+        data.checksum = Some("sha256:00".into());
         let plan = claim_status(&claim(None), Some(&ready), 100);
         assert_eq!(plan.status.phase, Some(ClaimPhase::Ready));
         assert_eq!(plan.status.cache.as_ref().and_then(|c| c.size), Some(3));
@@ -350,12 +347,7 @@ mod tests {
 
     #[test]
     fn ready_is_never_claimed_without_the_reference() {
-        let ready = cache(
-            &[],
-            json!({"phase": "Ready", "conditions": [
-            {"type": "Ready", "status": "True", "reason": "Copied", "message": "copied",
-             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
-        );
+        let ready = cache_in(&[], "Ready", true, "Copied", "copied");
         let plan = claim_status(&claim(None), Some(&ready), 100);
         assert_eq!(plan.status.phase, Some(ClaimPhase::Pending));
         assert_eq!(reason_of(&plan, READY), reason::BINDING);
@@ -363,11 +355,12 @@ mod tests {
 
     #[test]
     fn a_copy_that_failed_for_good_fails_the_claim_with_the_caches_message() {
-        let failed = cache(
+        let failed = cache_in(
             &[MINE],
-            json!({"phase": "Failed", "conditions": [
-            {"type": "Ready", "status": "False", "reason": "RetriesExhausted",
-             "message": "attempt 5 of 5 failed: 404", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+            "Failed",
+            false,
+            "RetriesExhausted",
+            "attempt 5 of 5 failed: 404",
         );
         let plan = claim_status(&claim(None), Some(&failed), 100);
         assert_eq!(plan.status.phase, Some(ClaimPhase::Failed));

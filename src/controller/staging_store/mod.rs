@@ -25,6 +25,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::writes::{self, Answer};
 use super::{Context, Error, drop_managed_fields, references};
 use crate::api::conditions::{READY, condition, set_condition};
 use crate::api::reasons::cache as reason;
@@ -202,12 +203,16 @@ async fn evict(cache: &TemplateCache, store: &str, ctx: &Context) -> Result<bool
         &mut conditions,
         condition(READY, false, reason::EVICTED, message.clone(), generation),
     );
-    let patch = json!({
-        "metadata": {"resourceVersion": cache.resource_version()},
-        "status": {"phase": Phase::Evicted, "conditions": conditions},
-    });
-    match merge_status(cache, &patch, ctx).await {
-        Ok(_) => {
+    let patch = writes::status_merge(
+        cache.resource_version().as_deref(),
+        json!({"phase": Phase::Evicted, "conditions": conditions}),
+    );
+    match merge_status(cache, &patch, ctx)
+        .await
+        .unless_gone()
+        .or_conflict(&cache.name_any())
+    {
+        Ok(Some(_)) => {
             info!(cache = %cache.name_any(), store, "evicted");
             ctx.metrics.evictions.inc();
             ctx.events
@@ -216,8 +221,8 @@ async fn evict(cache: &TemplateCache, store: &str, ctx: &Context) -> Result<bool
             Ok(true)
         }
         // Changed since we read it (a new reference, a new attempt) or gone: it stays.
-        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409) => Ok(false),
-        Err(e) => Err(e.into()),
+        Ok(None) | Err(Error::Conflict(_)) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -251,22 +256,19 @@ async fn grant(
             )
             .await;
     }
-    let patch = json!({"status": {"storage": answer}});
-    match merge_status(cache, &patch, ctx).await {
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        other => other.map(drop).map_err(Error::from),
-    }
+    let patch = writes::status_merge(None, json!({"storage": answer}));
+    merge_status(cache, &patch, ctx).await.unless_gone()?;
+    Ok(())
 }
 
 async fn merge_status(
     cache: &TemplateCache,
-    patch: &serde_json::Value,
+    patch: &Patch<serde_json::Value>,
     ctx: &Context,
 ) -> kube::Result<TemplateCache> {
     let api: Api<TemplateCache> =
         Api::namespaced(ctx.client.clone(), &cache.namespace().unwrap_or_default());
-    let params = PatchParams::default();
-    api.patch_status(&cache.name_any(), &params, &Patch::Merge(patch))
+    api.patch_status(&cache.name_any(), &PatchParams::default(), patch)
         .await
 }
 
@@ -279,13 +281,12 @@ async fn record_usage(
     if current.used_bytes == Some(decision.used_bytes) && current.caches == Some(decision.caches) {
         return Ok(());
     }
-    let patch = json!({"status": {"usedBytes": decision.used_bytes, "caches": decision.caches}});
+    let patch = writes::status_merge(
+        None,
+        json!({"usedBytes": decision.used_bytes, "caches": decision.caches}),
+    );
     ctx.stores()
-        .patch_status(
-            &store.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+        .patch_status(&store.name_any(), &PatchParams::default(), &patch)
         .await?;
     Ok(())
 }

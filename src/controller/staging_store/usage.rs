@@ -256,24 +256,16 @@ fn percent_of(capacity: u64, percent: u8) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::TemplateCacheSpec;
+    use crate::controller::fixtures;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::json;
 
     const MIB: u64 = 1 << 20;
 
     fn cache(name: &str, refs: usize, status: serde_json::Value) -> TemplateCache {
-        let spec: TemplateCacheSpec =
-            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
-                .unwrap();
-        let mut cache = TemplateCache::new(name, spec);
-        cache.metadata.finalizers = Some(
-            (0..refs)
-                .map(|i| format!("ref.templatecache.io/c{i}"))
-                .collect(),
-        );
+        let references = (0..refs).map(|i| format!("ref.templatecache.io/c{i}"));
+        let mut cache = fixtures::holding(fixtures::cache(name, status), references);
         cache.metadata.creation_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
-        cache.status = serde_json::from_value(status).unwrap();
         cache
     }
 

@@ -455,42 +455,38 @@ fn set_ready(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{StagingStoreSpec, TemplateCacheSpec};
+    use crate::controller::fixtures;
     use serde_json::json;
 
     fn cache(status: serde_json::Value) -> TemplateCache {
-        let mut cache = TemplateCache::new(
-            "img",
-            serde_json::from_value::<TemplateCacheSpec>(
-                json!({"source": {"http": {"url": "http://example/x"}}}),
-            )
-            .unwrap(),
-        );
-        cache.metadata.namespace = Some("ns".into());
-        cache.metadata.generation = Some(1);
-        cache.status = serde_json::from_value(status).unwrap();
-        cache
+        fixtures::cache("img", status)
     }
 
     fn store() -> StagingStore {
-        let spec: StagingStoreSpec = serde_json::from_value(
-            json!({"volume": {"hostPath": {"path": "/s"}}, "capacity": "1Gi"}),
-        )
-        .unwrap();
-        StagingStore::new("s", spec)
+        fixtures::store("s", "1Gi")
     }
 
-    fn plan_for(cache: &TemplateCache, job: JobState, store: Option<&StagingStore>) -> Plan {
-        let observed = Observed {
+    /// What a reconcile sees of `cache` in `store` with one reference, no Jobs and no refusal;
+    /// each test changes what it is about.
+    fn observed<'a>(cache: &'a TemplateCache, store: Option<&'a StagingStore>) -> Observed<'a> {
+        Observed {
             cache,
-            references: 2,
+            references: 1,
             store_name: "s",
             store,
-            job,
+            job: JobState::Missing,
             removal: JobState::Missing,
             source_refusal: None,
             namespace_refusal: None,
             now: Timestamp::now(),
+        }
+    }
+
+    fn plan_for(cache: &TemplateCache, job: JobState, store: Option<&StagingStore>) -> Plan {
+        let observed = Observed {
+            references: 2,
+            job,
+            ..observed(cache, store)
         };
         plan(&observed, &RetryPolicy::default())
     }
@@ -625,21 +621,13 @@ mod tests {
     #[test]
     fn an_evicted_cache_is_copied_again_only_after_its_data_is_removed() {
         let c = cache(json!({"attempt": 3, "phase": "Evicted", "size": 10}));
-        let observe = |removal| Observed {
-            cache: &c,
-            references: 1,
-            store_name: "s",
-            store: None,
-            job: JobState::Succeeded,
-            removal,
-            source_refusal: None,
-            namespace_refusal: None,
-            now: Timestamp::now(),
-        };
         let s = store();
         let with_store = |removal| {
-            let mut o = observe(removal);
-            o.store = Some(&s);
+            let o = Observed {
+                job: JobState::Succeeded,
+                removal,
+                ..observed(&c, Some(&s))
+            };
             plan(&o, &RetryPolicy::default())
         };
         assert_eq!(with_store(JobState::Missing).step, Step::RemoveData(3));
@@ -655,18 +643,13 @@ mod tests {
     fn an_unreferenced_evicted_cache_stays_evicted() {
         let c = cache(json!({"attempt": 1, "phase": "Evicted"}));
         let s = store();
-        let observed = Observed {
-            cache: &c,
+        let unreferenced = Observed {
             references: 0,
-            store_name: "s",
-            store: Some(&s),
             job: JobState::Succeeded,
             removal: JobState::Succeeded,
-            source_refusal: None,
-            namespace_refusal: None,
-            now: Timestamp::now(),
+            ..observed(&c, Some(&s))
         };
-        let p = plan(&observed, &RetryPolicy::default());
+        let p = plan(&unreferenced, &RetryPolicy::default());
         assert_eq!(p.step, Step::Record);
         assert_eq!(p.status.phase, Some(Phase::Evicted));
         assert_eq!(p.status.conditions[0].reason, reason::EVICTED);
@@ -676,18 +659,11 @@ mod tests {
     fn a_source_outside_the_allowlist_fails_for_good_without_a_job() {
         let c = cache(json!(null));
         let s = store();
-        let observed = Observed {
-            cache: &c,
-            references: 1,
-            store_name: "s",
-            store: Some(&s),
-            job: JobState::Missing,
-            removal: JobState::Missing,
+        let refused = Observed {
             source_refusal: Some("not allowed".into()),
-            namespace_refusal: None,
-            now: Timestamp::now(),
+            ..observed(&c, Some(&s))
         };
-        let p = plan(&observed, &RetryPolicy::default());
+        let p = plan(&refused, &RetryPolicy::default());
         assert_eq!(p.step, Step::Record);
         assert_eq!(p.status.phase, Some(Phase::Failed));
         assert_eq!(p.status.conditions[0].reason, reason::SOURCE_NOT_ALLOWED);
@@ -697,18 +673,11 @@ mod tests {
     fn a_new_cache_in_a_namespace_the_store_does_not_admit_waits_without_a_job() {
         let c = cache(json!(null));
         let s = store();
-        let observed = Observed {
-            cache: &c,
-            references: 1,
-            store_name: "s",
-            store: Some(&s),
-            job: JobState::Missing,
-            removal: JobState::Missing,
-            source_refusal: None,
+        let refused = Observed {
             namespace_refusal: Some("not admitted".into()),
-            now: Timestamp::now(),
+            ..observed(&c, Some(&s))
         };
-        let p = plan(&observed, &RetryPolicy::default());
+        let p = plan(&refused, &RetryPolicy::default());
         assert_eq!(p.step, Step::Record);
         assert_eq!(p.status.phase, Some(Phase::Pending));
         assert_eq!(p.status.conditions[0].reason, reason::STORE_NOT_ALLOWED);

@@ -15,16 +15,17 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::{debug, info};
 
 use self::lifecycle::{Observed, Plan, Step};
 use super::jobs::{self, JobState, Operation};
 use super::staging_store::tenancy;
+use super::writes::{self, Answer};
 use super::{Context, Error, references};
 use crate::api::conditions::{READY, find};
 use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
@@ -391,41 +392,33 @@ async fn write_status(
         .flatten();
     let result = match (&cache.status, diff.contains_key("phase")) {
         (Some(_), true) => {
-            let mut ops =
-                vec![json!({"op": "test", "path": "/status/phase", "value": current.phase})];
+            let mut ops = vec![writes::test(
+                writes::pointer(["status", "phase"]),
+                current.phase,
+            )?];
             if let Some(version) = &counted_on {
-                ops.push(
-                    json!({"op": "test", "path": "/metadata/resourceVersion", "value": version}),
-                );
+                ops.push(writes::test(
+                    writes::pointer(["metadata", "resourceVersion"]),
+                    version,
+                )?);
             }
             for (key, value) in diff {
-                let path = format!("/status/{key}");
+                let path = writes::pointer(["status", key.as_str()]);
                 ops.push(match value {
-                    Value::Null => json!({"op": "remove", "path": path}),
-                    value => json!({"op": "add", "path": path, "value": value}),
+                    Value::Null => writes::remove(path),
+                    value => writes::add(path, value)?,
                 });
             }
-            let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops))?;
             caches
-                .patch_status(&name, &params, &Patch::<()>::Json(patch))
+                .patch_status(&name, &params, &writes::json_patch(ops))
                 .await
         }
         _ => {
-            let patch = match &counted_on {
-                Some(version) => json!({"metadata": {"resourceVersion": version}, "status": diff}),
-                None => json!({"status": diff}),
-            };
-            caches
-                .patch_status(&name, &params, &Patch::Merge(&patch))
-                .await
+            let patch = writes::status_merge(counted_on.as_deref(), Value::Object(diff));
+            caches.patch_status(&name, &params, &patch).await
         }
     };
-    match result {
-        Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => {
-            Err(Error::Conflict(name))
-        }
-        other => other.map(drop).map_err(Error::from),
-    }
+    result.or_conflict(&name).map(drop)
 }
 
 /// The transition that starts an attempt, written only if no one has started another attempt
@@ -440,31 +433,20 @@ async fn win_attempt(
 ) -> Result<(), Error> {
     let mut status = desired.clone();
     status.progress = None;
-    let ops = match &cache.status {
+    let seen = match &cache.status {
+        Some(current) => writes::test(writes::pointer(["status", "attempt"]), current.attempt)?,
         // `test` against null passes only while the field is absent.
-        Some(current) => json!([
-            {"op": "test", "path": "/status/attempt", "value": current.attempt},
-            {"op": "add", "path": "/status", "value": status},
-        ]),
-        None => json!([
-            {"op": "test", "path": "/status", "value": null},
-            {"op": "add", "path": "/status", "value": status},
-        ]),
+        None => writes::test(writes::pointer(["status"]), Value::Null)?,
     };
-    let patch: json_patch::Patch = serde_json::from_value(ops)?;
-    let result = caches
-        .patch_status(
-            &cache.name_any(),
-            &PatchParams::default(),
-            &Patch::<()>::Json(patch),
-        )
-        .await;
-    match result {
-        Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => {
-            Err(Error::Conflict(cache.name_any()))
-        }
-        other => other.map(drop).map_err(Error::from),
-    }
+    let patch = writes::json_patch(vec![
+        seen,
+        writes::add(writes::pointer(["status"]), status)?,
+    ]);
+    caches
+        .patch_status(&cache.name_any(), &PatchParams::default(), &patch)
+        .await
+        .or_conflict(&cache.name_any())
+        .map(drop)
 }
 
 /// The top-level status fields [`write_status`] would write: those that differ, except the
@@ -533,36 +515,24 @@ async fn remove_cleanup_finalizer(
         .rev()
         .filter(|(_, f)| *f == CLEANUP_FINALIZER)
     {
-        let path = format!("/metadata/finalizers/{index}");
-        ops.push(json!({"op": "test", "path": path, "value": CLEANUP_FINALIZER}));
-        ops.push(json!({"op": "remove", "path": path}));
+        let index = index.to_string();
+        let path = || writes::pointer(["metadata", "finalizers", &index]);
+        ops.push(writes::test(path(), CLEANUP_FINALIZER)?);
+        ops.push(writes::remove(path()));
     }
     if ops.is_empty() {
         return Ok(());
     }
-    let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops))?;
-    patch_finalizers(caches, cache, patch).await
-}
-
-async fn patch_finalizers(
-    caches: &Api<TemplateCache>,
-    cache: &TemplateCache,
-    patch: json_patch::Patch,
-) -> Result<(), Error> {
-    let result = caches
+    // A failed `test` (422) or a vanished object means our view was stale: look again.
+    caches
         .patch(
             &cache.name_any(),
             &PatchParams::default(),
-            &Patch::<()>::Json(patch),
+            &writes::json_patch(ops),
         )
-        .await;
-    match result {
-        // A failed `test` (422) or a vanished object means our view was stale: look again.
-        Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => {
-            Err(Error::Conflict(cache.name_any()))
-        }
-        other => other.map(drop).map_err(Error::from),
-    }
+        .await
+        .or_conflict(&cache.name_any())
+        .map(drop)
 }
 
 #[cfg(test)]
@@ -570,13 +540,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::*;
-    use crate::api::TemplateCacheSpec;
+    use crate::controller::fixtures;
 
     fn cache_with(status: TemplateCacheStatus) -> TemplateCache {
-        let spec: TemplateCacheSpec =
-            serde_json::from_value(json!({"source": {"http": {"url": "http://example/x"}}}))
-                .expect("spec");
-        let mut cache = TemplateCache::new("img", spec);
+        let mut cache = fixtures::cache("img", Value::Null);
         cache.status = Some(status);
         cache
     }
