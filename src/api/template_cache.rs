@@ -163,6 +163,13 @@ impl OciSource {
     }
 }
 
+impl TemplateCacheSpec {
+    /// The StagingStore the cache lives in: its `storeRef`, else `default` (the operator's).
+    pub fn store_name<'a>(&'a self, default: &'a str) -> &'a str {
+        self.store_ref.as_ref().map_or(default, |s| s.name.as_str())
+    }
+}
+
 impl TemplateSource {
     /// Where the template is, as one string to match against the operator's source allowlist:
     /// the URL for http, `<endpoint>/<bucket>/<key>` for S3 with an endpoint, and

@@ -140,13 +140,34 @@ pub struct Context {
 }
 
 impl Context {
+    /// A context whose watches show nothing, for a test that drives one reconcile by hand: it
+    /// sees no consumers (so removes no reference) and reads stores from the API server.
     pub fn new(client: Client, config: Config) -> Self {
+        let store_view = reflector::store().0;
+        Self::watching(
+            client,
+            config,
+            Arc::default(),
+            Watched::unwatched(),
+            store_view,
+        )
+    }
+
+    /// The context of running controllers: they read what `watched` and `store_view` show and
+    /// count into `metrics`.
+    fn watching(
+        client: Client,
+        config: Config,
+        metrics: Arc<Metrics>,
+        watched: Watched,
+        store_view: Store<StagingStore>,
+    ) -> Self {
         let events = Events::new(client.clone(), config.instance.clone());
         Self {
             client,
             config,
             events,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             store_lists: Pacer::new(Duration::from_secs(5)),
             count_writes: Pacer::new(Duration::from_secs(2)),
             // At most 100 ms between the commits of one cache: a storm of N consumers is
@@ -154,31 +175,14 @@ impl Context {
             // second however large N is (docs/design-notes.md).
             reference_commits: Pacer::new(Duration::from_millis(100)),
             cache_creations: Pacer::new(Duration::from_secs(5)),
-            watched: Watched::unwatched(),
-            store_view: reflector::store().0,
+            watched,
+            store_view,
         }
     }
 
-    /// The StagingStore a cache lives in: its `storeRef`, else the operator's default.
-    pub fn store_name_of(&self, cache: &TemplateCache) -> String {
-        cache
-            .spec
-            .store_ref
-            .as_ref()
-            .map_or_else(|| self.config.default_store.clone(), |s| s.name.clone())
-    }
-
-    /// Why the cache's source is refused by the allowlist, if it is.
-    pub fn source_refusal(&self, cache: &TemplateCache) -> Option<String> {
-        let allowlist = &self.config.source_allowlist;
-        let location = cache.spec.source.location();
-        if allowlist.is_empty() || allowlist.iter().any(|p| location.starts_with(p)) {
-            return None;
-        }
-        Some(format!(
-            "source {location} is outside the operator's source allowlist ({})",
-            allowlist.join(", ")
-        ))
+    /// The StagingStore `cache` lives in: its `storeRef`, else the operator's default.
+    pub fn store_name_of<'a>(&'a self, cache: &'a TemplateCache) -> &'a str {
+        cache.spec.store_name(&self.config.default_store)
     }
 
     /// The StagingStore `name`: as watched when the watch has it, else read from the API server.
@@ -226,14 +230,11 @@ pub async fn run_with(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let mut ctx = Context::new(client, config);
-    ctx.metrics = metrics;
     let (store_view, store_writer) = reflector::store();
-    ctx.store_view = store_view;
     let (caches, cache_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
     let (claims, claim_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
     let (pods, pod_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
-    ctx.watched = Watched {
+    let watched = Watched {
         caches,
         claims,
         pods,
@@ -248,7 +249,9 @@ pub async fn run_with(
     let (wake_claims, claim_wakeups) = Wakeups::channel();
     let (wake_pods, pod_wakeups) = Wakeups::channel();
 
-    let ctx = Arc::new(ctx);
+    let ctx = Arc::new(Context::watching(
+        client, config, metrics, watched, store_view,
+    ));
     let shutdown = shutdown.shared();
     let watched = ctx.watched.clone();
     // A cache's change concerns the claims and Pods that name it (its deletion too: a claim
@@ -399,12 +402,8 @@ async fn run_staging_stores(
         ctx.scoped::<TemplateCache>(),
         watcher::Config::default(),
         move |cache| {
-            let store = cache
-                .spec
-                .store_ref
-                .as_ref()
-                .map_or_else(|| default_store.clone(), |s| s.name.clone());
-            Some(ObjectRef::<StagingStore>::new(&store))
+            let store = cache.spec.store_name(&default_store);
+            Some(ObjectRef::<StagingStore>::new(store))
         },
     );
     run_controller(

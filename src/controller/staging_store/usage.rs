@@ -262,6 +262,15 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// [`decide`] for store `s` of `capacity` bytes, with no namespace rules, now.
+    fn decide_untenanted(
+        capacity: u64,
+        policy: &EvictionPolicy,
+        caches: &[TemplateCache],
+    ) -> Decision {
+        decide("s", capacity, policy, &Tenancy::default(), caches, now())
+    }
+
     fn cache(name: &str, refs: usize, status: serde_json::Value) -> TemplateCache {
         let references = (0..refs).map(|i| format!("ref.templatecache.io/c{i}"));
         let mut cache = fixtures::holding(fixtures::cache(name, status), references);
@@ -307,14 +316,7 @@ mod tests {
             ready("oldest", 0, 100),
             ready("middle", 0, 200),
         ];
-        let d = decide(
-            "s",
-            4 * MIB,
-            &policy(80, 50),
-            &Tenancy::default(),
-            &caches,
-            now(),
-        );
+        let d = decide_untenanted(4 * MIB, &policy(80, 50), &caches);
         assert_eq!(d.used_bytes, 4 * MIB);
         // 4 → 3 → 2 MiB (50 %, not under it) → 1 MiB: the held cache is never chosen.
         assert_eq!(d.evict, vec![2, 3, 0]);
@@ -323,14 +325,7 @@ mod tests {
     #[test]
     fn a_referenced_cache_is_never_evicted_whatever_the_pressure() {
         let caches = [ready("a", 1, 0), ready("b", 2, 0), copying("c", 10 * MIB)];
-        let d = decide(
-            "s",
-            2 * MIB,
-            &policy(50, 10),
-            &Tenancy::default(),
-            &caches,
-            now(),
-        );
+        let d = decide_untenanted(2 * MIB, &policy(50, 10), &caches);
         assert!(d.evict.is_empty());
         assert_eq!(d.refuse.len(), 1);
         assert!(
@@ -350,24 +345,17 @@ mod tests {
         ];
         let mut p = policy(50, 10);
         p.min_unused_seconds = 60;
-        let d = decide("s", 4 * MIB, &p, &Tenancy::default(), &caches, now());
+        let d = decide_untenanted(4 * MIB, &p, &caches);
         assert_eq!(d.evictable_bytes, MIB);
         let all_held = [ready("a", 1, 0), ready("b", 2, 0)];
-        let d = decide("s", 2 * MIB, &p, &Tenancy::default(), &all_held, now());
+        let d = decide_untenanted(2 * MIB, &p, &all_held);
         assert_eq!(d.evictable_bytes, 0);
     }
 
     #[test]
     fn a_copy_that_fits_is_admitted_and_counts_against_the_next() {
         let caches = [copying("a", 2 * MIB), copying("b", 2 * MIB)];
-        let d = decide(
-            "s",
-            3 * MIB,
-            &policy(100, 90),
-            &Tenancy::default(),
-            &caches,
-            now(),
-        );
+        let d = decide_untenanted(3 * MIB, &policy(100, 90), &caches);
         assert_eq!(d.admit, vec![(0, 2 * MIB)]);
         assert_eq!(d.refuse.len(), 1);
     }
@@ -375,14 +363,7 @@ mod tests {
     #[test]
     fn a_copy_that_fits_after_eviction_waits_for_the_removal() {
         let caches = [ready("old", 0, 0), ready("held", 1, 0), copying("new", MIB)];
-        let d = decide(
-            "s",
-            2 * MIB,
-            &policy(100, 90),
-            &Tenancy::default(),
-            &caches,
-            now(),
-        );
+        let d = decide_untenanted(2 * MIB, &policy(100, 90), &caches);
         assert_eq!(d.evict, vec![0]);
         assert!(
             d.admit.is_empty(),
@@ -396,7 +377,7 @@ mod tests {
         let caches = [ready("recent", 0, 9_990)];
         let mut p = policy(10, 0);
         p.min_unused_seconds = 60;
-        let d = decide("s", 2 * MIB, &p, &Tenancy::default(), &caches, now());
+        let d = decide_untenanted(2 * MIB, &p, &caches);
         assert!(d.evict.is_empty());
         assert_eq!(d.recheck_after, Some(Duration::from_secs(51)));
     }
@@ -417,13 +398,10 @@ mod tests {
         );
         let evicted = cache("c", 0, json!({"phase": "Evicted", "size": 11}));
         let failed = cache("d", 0, json!({"phase": "Failed", "attempt": 1}));
-        let d = decide(
-            "s",
+        let d = decide_untenanted(
             100,
             &policy(100, 90),
-            &Tenancy::default(),
             &[admitted, stale_grant, evicted, failed],
-            now(),
         );
         assert_eq!(d.used_bytes, 16);
         assert_eq!(d.caches, 2);

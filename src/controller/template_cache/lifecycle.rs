@@ -95,6 +95,19 @@ pub struct Plan {
     pub requeue_after: Option<Duration>,
 }
 
+/// Why the cache's source is refused by the operator's source `allowlist` (prefixes of
+/// [`TemplateSource::location`](crate::api::TemplateSource::location); empty allows all), if it is.
+pub fn source_refusal(cache: &TemplateCache, allowlist: &[String]) -> Option<String> {
+    let location = cache.spec.source.location();
+    if allowlist.is_empty() || allowlist.iter().any(|p| location.starts_with(p)) {
+        return None;
+    }
+    Some(format!(
+        "source {location} is outside the operator's source allowlist ({})",
+        allowlist.join(", ")
+    ))
+}
+
 /// Decides the next step for a cache that is not being deleted.
 pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
     let cache = observed.cache;
@@ -653,6 +666,16 @@ mod tests {
         assert_eq!(p.step, Step::Record);
         assert_eq!(p.status.phase, Some(Phase::Evicted));
         assert_eq!(p.status.conditions[0].reason, reason::EVICTED);
+    }
+
+    #[test]
+    fn a_source_is_refused_only_outside_a_non_empty_allowlist() {
+        let c = cache(json!(null));
+        assert_eq!(source_refusal(&c, &[]), None);
+        assert_eq!(source_refusal(&c, &["http://example/".into()]), None);
+        let refusal = source_refusal(&c, &["https://mirror/".into()]).expect("refused");
+        assert!(refusal.contains("http://example/x"), "{refusal}");
+        assert!(refusal.contains("https://mirror/"), "{refusal}");
     }
 
     #[test]

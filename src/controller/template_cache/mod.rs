@@ -69,7 +69,7 @@ async fn reconcile_live(
         return Ok(None);
     }
 
-    let store_name = ctx.store_name_of(&cache);
+    let store_name = ctx.store_name_of(&cache).to_owned();
     let store = ctx.store(&store_name).await?;
     let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
     let job = JobState::of_cache(
@@ -90,7 +90,7 @@ async fn reconcile_live(
         store: store.as_deref(),
         job,
         removal,
-        source_refusal: ctx.source_refusal(&cache),
+        source_refusal: lifecycle::source_refusal(&cache, &ctx.config.source_allowlist),
         namespace_refusal: namespace_refusal(&cache, store.as_deref(), &store_name, ctx).await?,
         now: Timestamp::now(),
     };
@@ -309,12 +309,12 @@ async fn finalize(
         return Ok(None);
     }
     let store_name = ctx.store_name_of(cache);
-    let store = ctx.store(&store_name).await?;
+    let store = ctx.store(store_name).await?;
     let references = count_references(cache.finalizers());
     let observed = Observed {
         cache,
         references,
-        store_name: &store_name,
+        store_name,
         store: store.as_deref(),
         job: JobState::Missing,
         removal: JobState::Missing,
