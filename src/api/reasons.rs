@@ -18,6 +18,12 @@ pub mod cache {
     pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
     pub const JOB_NOT_OURS: &str = "JobNotOurs";
     pub const ADDRESS_NOT_ALLOWED: &str = crate::api::final_reason::ADDRESS_NOT_ALLOWED;
+
+    /// The message of [`EVICTED`] from the eviction until the data is removed: the store
+    /// controller writes it when it evicts, the cache controller while its remove Job runs.
+    pub fn evicted_removing(store: &str) -> String {
+        format!("evicted from StagingStore {store} to free space; removing the data")
+    }
 }
 
 /// Reasons of a TemplateCacheClaim's Ready condition.

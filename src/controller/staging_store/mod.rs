@@ -197,7 +197,7 @@ async fn evict(cache: &TemplateCache, store: &str, ctx: &Context) -> Result<bool
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let message = format!("evicted from StagingStore {store} to free space; removing the data");
+    let message = reason::evicted_removing(store);
     let generation = cache.metadata.generation;
     set_condition(
         &mut conditions,

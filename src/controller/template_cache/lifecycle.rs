@@ -328,7 +328,7 @@ fn evicted(mut status: TemplateCacheStatus, observed: &Observed, attempt: u32) -
     let cache = observed.cache;
     let generation = cache.metadata.generation;
     let store = observed.store_name;
-    let removing = format!("evicted from StagingStore {store} to free space; removing the data");
+    let removing = reason::evicted_removing(store);
     match &observed.removal {
         JobState::Missing if status.size.is_some() => {
             set_ready(&mut status, false, reason::EVICTED, removing, generation);

@@ -64,7 +64,7 @@ async fn reconcile_live(
     jobs: &Api<Job>,
     ctx: &Context,
 ) -> Result<Option<Duration>, Error> {
-    if !cache.finalizers().iter().any(|f| f == CLEANUP_FINALIZER) {
+    if !has_cleanup_finalizer(&cache) {
         // The reference commit adds it; it had to wait its turn.
         return Ok(None);
     }
@@ -305,7 +305,8 @@ async fn finalize(
     jobs: &Api<Job>,
     ctx: &Context,
 ) -> Result<Option<Duration>, Error> {
-    if !cache.finalizers().iter().any(|f| f == CLEANUP_FINALIZER) {
+    if !has_cleanup_finalizer(cache) {
+        // Released already: nothing is left to remove.
         return Ok(None);
     }
     let store_name = ctx.store_name_of(cache);
@@ -499,6 +500,12 @@ async fn create_job(jobs: &Api<Job>, job: Job) -> Result<(), Error> {
         Err(kube::Error::Api(status)) if status.reason == "AlreadyExists" => Ok(()),
         other => other.map(drop).map_err(Error::from),
     }
+}
+
+/// Whether the operator's cleanup finalizer is on the cache: the data it copies is removed
+/// before the cache goes, so no copy starts before it is there.
+fn has_cleanup_finalizer(cache: &TemplateCache) -> bool {
+    cache.finalizers().iter().any(|f| f == CLEANUP_FINALIZER)
 }
 
 /// Removes every copy of the cleanup finalizer, each at its index under a `test`, so a list that
