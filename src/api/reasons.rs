@@ -19,6 +19,11 @@ pub mod cache {
     pub const JOB_NOT_OURS: &str = "JobNotOurs";
     pub const ADDRESS_NOT_ALLOWED: &str = crate::api::final_reason::ADDRESS_NOT_ALLOWED;
 
+    /// The reasons of a Failed cache that no further attempt changes: the operator will not
+    /// copy it again, so a claim on it has failed too. (A cache is also Failed between
+    /// attempts, with `CopyFailed`, and while a foreign Job holds its name, with `JobNotOurs`.)
+    pub const FINAL: [&str; 3] = [RETRIES_EXHAUSTED, SOURCE_NOT_ALLOWED, ADDRESS_NOT_ALLOWED];
+
     /// The message of [`EVICTED`] from the eviction until the data is removed: the store
     /// controller writes it when it evicts, the cache controller while its remove Job runs.
     pub fn evicted_removing(store: &str) -> String {

@@ -29,13 +29,6 @@ use crate::api::{
     ClaimPhase, ClaimedCache, Phase, TemplateCache, TemplateCacheClaim, TemplateCacheClaimStatus,
 };
 
-/// Cache reasons after which the operator will not try the copy again: a claim on such a cache
-/// has failed.
-const FINAL_CACHE_REASONS: [&str; 2] = [
-    cache_reason::RETRIES_EXHAUSTED,
-    cache_reason::SOURCE_NOT_ALLOWED,
-];
-
 /// The status a claim should have, and whether its cache must be created from its template.
 #[derive(Debug, PartialEq)]
 pub struct ClaimPlan {
@@ -165,7 +158,7 @@ fn mirrored_readiness(cache: &TemplateCache) -> (ClaimPhase, bool, String, Strin
     if status.phase == Some(Phase::Ready) && ready.is_some_and(|c| c.status == "True") {
         return (ClaimPhase::Ready, true, reason::CACHE_READY.into(), message);
     }
-    if FINAL_CACHE_REASONS.contains(&cache_reason) {
+    if cache_reason::FINAL.contains(&cache_reason) {
         return (ClaimPhase::Failed, false, cache_reason.into(), message);
     }
     (ClaimPhase::Bound, false, cache_reason.into(), message)
@@ -366,6 +359,24 @@ mod tests {
         assert_eq!(plan.status.phase, Some(ClaimPhase::Failed));
         let ready = find(&plan.status.conditions, READY).expect("Ready");
         assert!(ready.message.contains("404"));
+
+        // A refused address is final on the cache: a claim that stayed Bound would keep its
+        // consumer waiting until its own timeout.
+        let refused = cache_in(
+            &[MINE],
+            "Failed",
+            false,
+            "AddressNotAllowed",
+            "127.0.0.1 is a loopback address",
+        );
+        let plan = claim_status(&claim(None), Some(&refused), 100);
+        assert_eq!(plan.status.phase, Some(ClaimPhase::Failed));
+        assert_eq!(reason_of(&plan, READY), "AddressNotAllowed");
+
+        // Between attempts the cache is Failed too, but the claim waits for the next attempt.
+        let retrying = cache_in(&[MINE], "Failed", false, "CopyFailed", "attempt 1 of 5");
+        let plan = claim_status(&claim(None), Some(&retrying), 100);
+        assert_eq!(plan.status.phase, Some(ClaimPhase::Bound));
     }
 
     #[test]
