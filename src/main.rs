@@ -81,7 +81,7 @@ struct RunArgs {
     /// gone (a backstop for missed deletion events).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     reference_sweep_seconds: u64,
-    /// Name of this replica in Events and the leader Lease (the host name when unset).
+    /// Name of this replica in Events and the leader Lease (`<host name>-<pid>` when unset).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
     /// Elect a leader among replicas on a Lease; only the leader reconciles.

@@ -30,13 +30,13 @@ pub const JOB_CACHE_LABEL: &str = "templatecache.io/cache";
 /// Label on every copy Job: the attempt number it runs.
 pub const JOB_ATTEMPT_LABEL: &str = "templatecache.io/attempt";
 
-/// Label on every object the operator creates.
+/// Label on every Job the operator creates (and, through its template, the Job's Pods).
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "templatecache";
 
-/// Field manager of the operator's server-side applies.
+/// Field manager of the operator's creates (Jobs, caches made from a claim's template).
 pub const OPERATOR_MANAGER: &str = "templatecache-operator";
 
 /// Field manager of the data mover's progress reports.
@@ -46,5 +46,6 @@ pub const COPY_MANAGER: &str = "templatecache-copy";
 pub const MAX_CONSUMER_ID_LEN: usize = 63;
 
 /// Longest TemplateCache name: `<name>-copy-<attempt>` must stay a valid 63-character label value
-/// (the Job controller copies the Job name into a pod label), leaving room for a 5-digit attempt.
+/// (the Job controller copies the Job name into a pod label), leaving room for a 5-digit attempt;
+/// `<name>-remove-<attempt>` has room for a 3-digit one.
 pub const MAX_CACHE_NAME_LEN: usize = 52;

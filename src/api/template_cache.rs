@@ -266,7 +266,7 @@ pub struct Progress {
     /// this attempt resolved it. The controller keeps it in `status.resolvedDigest`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_digest: Option<String>,
-    /// Set when the failure is one any further attempt would meet again (see [`final_reason`]):
+    /// Set when the failure is one any further attempt would meet again (`AddressNotAllowed`):
     /// the cache is then Failed for good with this reason, and not retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_reason: Option<String>,

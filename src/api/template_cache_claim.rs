@@ -61,8 +61,8 @@ pub enum ClaimPhase {
     Bound,
     /// The reference is on the cache and the cache is Ready: its data may be read.
     Ready,
-    /// The cache failed for good, or the claim cannot be bound (`TemplateMismatch`, the
-    /// cache's reference limit).
+    /// The cache failed for good, or the claim's template differs from the cache's spec
+    /// (`TemplateMismatch`). A claim past the cache's reference limit stays Pending.
     Failed,
 }
 

@@ -114,7 +114,7 @@ impl Default for Config {
 }
 
 /// The default of [`Config::max_references`]: a cache with this many claim references still
-/// weighs well under etcd's 1.5 MiB object limit (measured in `tests/reference_limit.rs`).
+/// weighs well under etcd's 1.5 MiB object limit (see the README's "Limits").
 pub const DEFAULT_MAX_REFERENCES: usize = 5_000;
 
 /// What every reconcile shares.
@@ -440,7 +440,8 @@ fn labelled_pods() -> watcher::Config {
     watcher::Config::default().labels(POD_CACHE_LABEL)
 }
 
-/// Conflicts are expected under concurrency and retried at once; other errors back off.
+/// Conflicts are expected under concurrency and looked at again after 200 ms, without a log line;
+/// other errors are logged here (only here: the run stream is drained silently) and back off.
 fn error_policy<K: ResourceExt>(object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
     match error {
         Error::Conflict(_) => Action::requeue(Duration::from_millis(200)),

@@ -382,7 +382,7 @@ async fn confirmed_gone(
 }
 
 /// How many claims and Pods, by a live list, should hold a reference on `cache` but do not yet
-/// (their commit is still to come). While any do, the cache is neither evicted nor released.
+/// (their commit is still to come). While any do, the cache is not evicted.
 pub async fn unbound_consumers(cache: &TemplateCache, ctx: &Context) -> Result<usize, Error> {
     let (claims, pods) = live_consumers(cache, ctx).await?;
     let present: BTreeSet<&str> = cache.finalizers().iter().map(String::as_str).collect();

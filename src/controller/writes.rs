@@ -4,8 +4,8 @@
 //! Every conditional write of the operator is a JSON patch whose `test` operations hold the view
 //! the decision was made from, or a merge patch carrying the `resourceVersion` it was made on.
 //! When that view is stale the API server refuses the write (422 for a failed `test`, 409 for a
-//! resourceVersion) and the reconcile looks again: [`Error::Conflict`], which is retried at once
-//! and not counted as a failure.
+//! resourceVersion) and the reconcile looks again: [`Error::Conflict`], requeued after 200 ms and
+//! not counted as a failure.
 
 use json_patch::jsonptr::{PointerBuf, Token};
 use json_patch::{AddOperation, PatchOperation, RemoveOperation, TestOperation};

@@ -2,8 +2,8 @@
 //! writes the difference.
 //!
 //! Exactly one copy Job per attempt, under any concurrency: the status write that starts attempt
-//! N carries the resourceVersion the decision was made on, so of several reconcilers (a stale
-//! reflector, a second operator) only the one that saw the latest object wins; the Job name
+//! N tests `status.attempt` against the value the decision saw, so of several reconcilers (a
+//! stale reflector, a second operator) only one passes the test; the Job name
 //! `<cache>-copy-<N>` is deterministic, so even a repeated create meets the one Job; and a Job that
 //! seems missing is created again only after a fresh read confirms the attempt is still current.
 
@@ -370,8 +370,9 @@ async fn finalize(
 /// them in [`win_attempt`]).
 ///
 /// A change of phase is written only if the phase is still the one the decision saw, so a
-/// reconcile working from an old read cannot, say, write `Ready` over an eviction. Other fields
-/// are merged without a precondition: a storm of reference writes cannot starve them.
+/// reconcile working from an old read cannot, say, write `Ready` over an eviction. A changed
+/// `refCount` is written only on the resourceVersion it was counted from. Other fields are
+/// merged without a precondition: a storm of reference writes cannot starve them.
 async fn write_status(
     caches: &Api<TemplateCache>,
     cache: &TemplateCache,
@@ -530,7 +531,7 @@ async fn remove_cleanup_finalizer(
     if ops.is_empty() {
         return Ok(());
     }
-    // A failed `test` (422) or a vanished object means our view was stale: look again.
+    // A failed `test` (422) means our view was stale: look again. Gone: nothing to release.
     caches
         .patch(
             &cache.name_any(),
@@ -538,6 +539,7 @@ async fn remove_cleanup_finalizer(
             &writes::json_patch(ops),
         )
         .await
+        .unless_gone()
         .or_conflict(&cache.name_any())
         .map(drop)
 }

@@ -30,7 +30,8 @@ use reqwest::redirect;
 
 use super::{AddressPolicy, AddressRefused};
 
-/// Redirects followed per request, as browsers and curl's `--max-redirs` default to about.
+/// Redirects followed per request: enough for a CDN's and a bucket's hops, few enough that a
+/// loop ends quickly.
 const MAX_REDIRECTS: usize = 10;
 
 /// Builds the mover's checked HTTP client for object_store.
