@@ -308,8 +308,8 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
         "operator deletes no Pod"
     );
     assert!(
-        operator_may(&["get", "namespaces"]) && operator_may(&["watch", "namespaces"]),
-        "operator reads namespaces' labels for StagingStore namespaceSelectors"
+        operator_may(&["get", "namespaces"]) && !operator_may(&["list", "namespaces"]),
+        "operator gets the namespaces' labels for StagingStore namespaceSelectors, one by one"
     );
     assert!(
         !operator_may(&["patch", "namespaces"]),
