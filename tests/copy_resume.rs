@@ -16,6 +16,10 @@ use support::throttle::ThrottleProxy;
 const PART: u64 = 1 << 20;
 const SIZE: usize = 24 << 20;
 
+/// Per connection: one stream for the first 4 MiB (4 s), then 4 (5 s more). Slow enough that
+/// the kill lands mid-copy even on a loaded machine, with a record every second.
+const CONNECTION_RATE: u64 = 1 << 20;
+
 /// A rig whose copies use 4 streams of 1 MiB parts, with two attempts.
 async fn rig(prefix: &str) -> Rig {
     Rig::with_config(prefix, |cfg| {
@@ -92,9 +96,8 @@ fn parts_from(from: u64) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Starts a copy of `disk.img` through a proxy of 2 MiB/s per connection (about 4 s for the
-/// whole object) and kills its first attempt once a third is verified. The GETs logged so far,
-/// and the verified length the record held.
+/// Starts a copy of `disk.img` through the throttling proxy and kills its first attempt once a
+/// third is verified. The GETs logged so far, and the verified length the record held.
 async fn copy_and_kill_halfway(
     rig: &Rig,
     server: &RangedServer,
@@ -119,7 +122,7 @@ async fn a_copy_killed_halfway_is_resumed_by_the_next_attempt_which_fetches_only
     let server = RangedServer::start().await;
     let bytes = random_bytes(SIZE);
     server.put("disk.img", bytes.clone());
-    let proxy = ThrottleProxy::start(server.addr, 2 << 20).await;
+    let proxy = ThrottleProxy::start(server.addr, CONNECTION_RATE).await;
     let rig = rig("resume").await;
 
     let (first_gets, verified) =
@@ -151,7 +154,7 @@ async fn a_source_replaced_between_attempts_is_fetched_whole_not_spliced() {
     let old = random_bytes(SIZE);
     let new: Vec<u8> = old.iter().map(|b| b ^ 0x5a).collect();
     server.put("disk.img", old);
-    let proxy = ThrottleProxy::start(server.addr, 2 << 20).await;
+    let proxy = ThrottleProxy::start(server.addr, CONNECTION_RATE).await;
     let rig = rig("resume-changed").await;
 
     let (first_gets, _) = copy_and_kill_halfway(&rig, &server, &proxy, None).await;
