@@ -4,7 +4,8 @@
 //! Sources on loopback: the ranged HTTP server of `tests/support` (strong ETag, Range,
 //! If-Match) and versitygw, each also behind the throttling proxy of `tests/support`, which
 //! limits every connection to `BENCH_CONNECTION_MIBS` MiB/s (default 32). Tools, each timed to a
-//! verified file with its peak RSS (`/usr/bin/time`): curl then `sha256sum`, and the mover
+//! verified file with its peak RSS (`/usr/bin/time`): curl then `sha256sum`, rclone with 8
+//! streams of 16 MiB chunks then `sha256sum` (built from `hack/rclone`), and the mover
 //! (`target/release/templatecache copy`, which verifies as it copies) with 1 and with 8 streams
 //! of 16 MiB parts. Throttled runs copy `BENCH_THROTTLED_MIB` (default 256), unthrottled ones
 //! `BENCH_SIZE_MIB` (default 1024), so the whole run stays within about two minutes.
@@ -58,6 +59,37 @@ impl Endpoint {
         } else {
             args.push(format!("{}/files/{KEY}", self.base));
         }
+        args
+    }
+
+    /// rclone with `streams` ranged reads of 16 MiB (the mover's part size; rclone's default
+    /// 64 MiB would give a 256 MiB object only 4 chunks), no config file.
+    fn rclone(&self, rclone: &Path, out: &Path, streams: u16) -> Vec<String> {
+        let mut args = vec![
+            path(rclone),
+            "--config=/dev/null".into(),
+            "copyto".into(),
+            format!("--multi-thread-streams={streams}"),
+            "--multi-thread-chunk-size=16Mi".into(),
+            "--multi-thread-cutoff=16Mi".into(),
+        ];
+        if self.kind == "S3" {
+            args.extend([
+                "--s3-provider=Other".into(),
+                format!("--s3-endpoint={}", self.base),
+                format!("--s3-access-key-id={ACCESS_KEY}"),
+                format!("--s3-secret-access-key={SECRET_KEY}"),
+                "--s3-region=us-east-1".into(),
+                "--s3-force-path-style".into(),
+                format!(":s3:{BUCKET}/{KEY}"),
+            ]);
+        } else {
+            args.extend([
+                format!("--http-url={}/files/", self.base),
+                format!(":http:{KEY}"),
+            ]);
+        }
+        args.push(path(out));
         args
     }
 
@@ -138,11 +170,18 @@ fn measure(
     expected: &[u8],
 ) {
     let out = out_dir.join("copy.img");
-    let runs: [(&'static str, u16, Vec<Vec<String>>); 3] = [
+    let sha256sum = || vec!["sha256sum".into(), path(&out)];
+    let rclone = support::tools::built("rclone");
+    let runs: [(&'static str, u16, Vec<Vec<String>>); 4] = [
         (
             "curl + sha256sum",
             1,
-            vec![endpoint.curl(&out), vec!["sha256sum".into(), path(&out)]],
+            vec![endpoint.curl(&out), sha256sum()],
+        ),
+        (
+            "rclone + sha256sum",
+            8,
+            vec![endpoint.rclone(&rclone, &out, 8), sha256sum()],
         ),
         ("mover", 1, vec![endpoint.mover(&out, 1)]),
         ("mover", 8, vec![endpoint.mover(&out, 8)]),
@@ -174,8 +213,9 @@ fn table(rows: &[Row], connection_mibs: u64) -> String {
          `hack/bench-mover.sh`), {}, this machine: {} cores, in the same run. \"Throttled\" \
          puts the throttling proxy of `tests/support` in front of the source: every connection at \
          most {connection_mibs} MiB/s, as a remote store serves one GET. The mover uses 16 MiB \
-         parts and hashes as it copies; curl's time includes `sha256sum` of its file. One run \
-         each.\n\n| link | source | tool | streams | MiB | MiB/s | time to a verified file | \
+         parts and hashes as it copies; rclone (v1.76.0, `copyto --multi-thread-streams 8 \
+         --multi-thread-chunk-size 16Mi`) uses 16 MiB chunks too; the times of curl and rclone \
+         include `sha256sum` of their file. One run each.\n\n| link | source | tool | streams | MiB | MiB/s | time to a verified file | \
          peak RSS |\n|---|---|---|---|---|---|---|---|\n",
         today(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -231,6 +271,8 @@ async fn main() {
     let connection_mibs = env_mib("BENCH_CONNECTION_MIBS", 32);
     let throttled_mib = env_mib("BENCH_THROTTLED_MIB", 256);
     let unthrottled_mib = env_mib("BENCH_SIZE_MIB", 1024);
+    // Built (or found built) before anything is timed.
+    support::tools::built("rclone");
     let work: PathBuf = support::repo_root().join("target/bench/streams");
     std::fs::create_dir_all(&work).expect("work folder");
     let http = RangedServer::start().await;

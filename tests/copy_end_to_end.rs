@@ -316,3 +316,49 @@ async fn a_source_replaced_mid_copy_fails_with_the_reason_named_and_nothing_left
     assert!(rig.files().is_empty(), "nothing left: {:?}", rig.files());
     rig.stop().await;
 }
+
+#[tokio::test]
+async fn progress_counts_the_parts_landed_ahead_of_the_bytes_hashed_in_order() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(32 << 20);
+    server.put("disk.img", bytes.clone());
+    // 2 MiB/s per connection, 4 streams of 1 MiB parts: about 5 s, parts always in flight.
+    let proxy = ThrottleProxy::start(server.addr, 2 << 20).await;
+    let rig = Rig::with_config("e2e-landed", |cfg| {
+        cfg.jobs.copy.streams = 4;
+        cfg.jobs.copy.part_size = 1 << 20;
+    })
+    .await;
+    let url = format!("http://{}/files/disk.img", proxy.addr);
+    rig.create("disk", json!({"source": {"http": {"url": url}}}))
+        .await;
+
+    let caches = rig.ns.api::<TemplateCache>();
+    let mut seen = vec![];
+    for _ in 0..600 {
+        let cache = caches.get("disk").await.expect("cache");
+        let status = cache.status.unwrap_or_default();
+        if let Some(progress) = status.progress.filter(|p| p.bytes_copied > 0) {
+            seen.push((progress.bytes_copied, progress.bytes_landed));
+        }
+        if status.phase == Some(Phase::Ready) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("(bytesCopied, bytesLanded) seen: {seen:?}");
+    rig.assert_copied("disk", &bytes).await;
+    let total = bytes.len() as u64;
+    assert!(
+        seen.iter()
+            .all(|(copied, landed)| landed.is_some_and(|l| l >= *copied)),
+        "bytesLanded is never behind bytesCopied: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|(copied, landed)| landed.is_some_and(|l| l > *copied)),
+        "parts landed ahead of the hashed front were counted: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&(total, Some(total))), "{seen:?}");
+    rig.stop().await;
+}

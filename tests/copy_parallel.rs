@@ -234,6 +234,57 @@ async fn a_part_that_breaks_is_fetched_again_alone_from_where_it_broke() {
     assert_only(&dir, &["disk"]);
 }
 
+#[tokio::test]
+async fn a_forged_resume_record_over_a_bad_prefix_fails_the_checksum_and_the_next_attempt_starts_clean()
+ {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(4 << 20); // 16 parts
+    server.put("disk.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+    let url = server.url("files", "disk.img");
+    // What a Pod of the namespace could plant: attempt 1's partial file, all zeroes, and a
+    // record naming the very version the server serves, claiming half of it verified.
+    std::fs::create_dir(dir.path().join(".partial")).expect("partials");
+    std::fs::write(dir.path().join(".partial/disk-1"), vec![0u8; bytes.len()]).expect("plant");
+    let record = serde_json::json!({"format": 1, "verified": bytes.len() / 2, "identity": {
+        "source": url, "size": bytes.len(), "eTag": server.etag("disk.img"), "version": null}});
+    std::fs::write(
+        dir.path().join(".partial/disk-1.resume"),
+        record.to_string(),
+    )
+    .expect("plant");
+
+    let mut second = args(dest.clone(), &url, 4);
+    second.attempt = 2;
+    second.checksum = Some(sha256(&bytes));
+    let error = run_copy(second.clone()).await.expect_err("a bad prefix");
+
+    assert!(
+        matches!(error, CopyError::ChecksumMismatch { .. }),
+        "{error:?}"
+    );
+    let first_asked = ranged(&server.gets()).iter().map(|r| r.0).min();
+    assert_eq!(
+        first_asked,
+        Some(bytes.len() as u64 / 2),
+        "the record was taken at its word, and the checksum caught it"
+    );
+    assert_only(&dir, &[]);
+
+    let gets_before = server.gets().len();
+    let mut third = second;
+    third.attempt = 3;
+    run_copy(third).await.expect("a clean start");
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    let asked = ranged(&server.gets()[gets_before..])
+        .iter()
+        .map(|r| r.0)
+        .min();
+    assert_eq!(asked, Some(0), "attempt 3 fetched everything");
+    assert_only(&dir, &["disk"]);
+}
+
 mod s3 {
     //! The same against versitygw, through the throttling proxy of `tests/support` (which also
     //! counts the connections the mover opened). The mover runs as the copy Job runs it: as the

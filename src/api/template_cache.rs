@@ -248,8 +248,17 @@ pub struct Progress {
     /// The attempt this report belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
-    /// Bytes written to the staging store so far.
+    /// Bytes written to the staging store and hashed in order from the start: the settled part
+    /// of the copy.
     pub bytes_copied: u64,
+    /// Bytes written to the staging store in any order: `bytesCopied` plus the parts of a
+    /// parallel download that landed ahead of it. At least `bytesCopied`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_landed: Option<u64>,
+    /// Bytes this attempt took over from the partial file of an earlier attempt that was cut
+    /// off (same source, same version): hashed again from the store, not fetched again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_resumed: Option<u64>,
     /// Size of the template, when the source announced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_bytes: Option<u64>,

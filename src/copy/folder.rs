@@ -30,12 +30,34 @@ pub fn partial_name(cache: &str, attempt: u32) -> String {
     format!("{cache}-{attempt}")
 }
 
-/// Which cache a partial file belongs to. The attempt follows the last `-` and is only digits,
-/// so `img-1-2` is attempt 2 of cache `img-1`, never a file of cache `img`.
+/// The resume record of a partial file, beside it: `<cache>-<attempt>.resume` (see `resume`).
+/// A cache name never holds `.resume` after `-<digits>`, so it names no other cache's file.
+const RESUME_SUFFIX: &str = ".resume";
+
+/// The resume record being written, renamed over [`RESUME_SUFFIX`] once it is whole.
+const RESUME_NEW_SUFFIX: &str = ".resume.new";
+
+/// Which cache a partial file (or its resume record) belongs to. The attempt follows the last
+/// `-` and is only digits, so `img-1-2` is attempt 2 of cache `img-1`, never a file of cache
+/// `img`.
 pub fn partial_owner(file: &str) -> Option<&str> {
-    let (cache, attempt) = file.rsplit_once('-')?;
+    partial_of(file).map(|(cache, _)| cache)
+}
+
+/// The cache and attempt a partial file or its resume record belongs to.
+fn partial_of(file: &str) -> Option<(&str, u32)> {
+    let data = [RESUME_NEW_SUFFIX, RESUME_SUFFIX]
+        .iter()
+        .find_map(|suffix| file.strip_suffix(suffix))
+        .unwrap_or(file);
+    let (cache, attempt) = data.rsplit_once('-')?;
     let digits = !attempt.is_empty() && attempt.bytes().all(|b| b.is_ascii_digit());
-    (digits && !cache.is_empty()).then_some(cache)
+    if !digits || cache.is_empty() {
+        return None;
+    }
+    // More digits than an attempt has: still this cache's file (the remover takes it), but no
+    // attempt to resume from.
+    Some((cache, attempt.parse().unwrap_or(u32::MAX)))
 }
 
 /// The store folder a copy's `--dest` lies in, opened, and the cache's name in it.
@@ -109,11 +131,13 @@ impl StoreFolder {
 
     /// Creates the partial file of `attempt`, new and empty, for reading and writing, making
     /// the partial folder if needed. A file already there (a broken attempt's, or a hard link
-    /// someone planted to another file) is unlinked, never truncated; a link there fails.
+    /// someone planted to another file) is unlinked, never truncated; a link there fails. Its
+    /// resume record goes first: it described the file this one replaces.
     pub fn create_partial(&self, attempt: u32) -> Result<File, CopyError> {
         let partials = self
             .partial_folder(true)?
             .ok_or_else(|| refusal(&self.path.join(PARTIAL_FOLDER), Errno::NOENT))?;
+        self.remove_resume_records(&partials, attempt)?;
         let name = partial_name(&self.cache, attempt);
         let path = self.partial_path(attempt);
         let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
@@ -147,16 +171,160 @@ impl StoreFolder {
             .map_err(|errno| refusal(&self.final_path(), errno))?;
         rustix::fs::fsync(&self.dir).map_err(|errno| refusal(&self.path, errno))?;
         rustix::fs::fsync(&partials)
-            .map_err(|errno| refusal(&self.path.join(PARTIAL_FOLDER), errno))
+            .map_err(|errno| refusal(&self.path.join(PARTIAL_FOLDER), errno))?;
+        // The copy is in place; a record left behind (the remove failed) names no file, and the
+        // next copy of this cache removes it.
+        if let Err(error) = self.remove_resume_records(&partials, attempt) {
+            tracing::warn!("the resume record stays: {error}");
+        }
+        Ok(())
     }
 
-    /// Removes the partial file of `attempt`, if there is one.
+    /// Removes the partial file of `attempt` and its resume record, if there are any.
     pub fn remove_partial(&self, attempt: u32) -> Result<(), CopyError> {
         let Some(partials) = self.partial_folder(false)? else {
             return Ok(());
         };
+        self.remove_resume_records(&partials, attempt)?;
         let name = partial_name(&self.cache, attempt);
         unlink_if_present(&partials, &name).map_err(|e| refusal(&self.partial_path(attempt), e))
+    }
+
+    /// The resume record of `attempt`, for messages.
+    pub fn resume_path(&self, attempt: u32) -> PathBuf {
+        let mut name = partial_name(&self.cache, attempt);
+        name.push_str(RESUME_SUFFIX);
+        self.path.join(PARTIAL_FOLDER).join(name)
+    }
+
+    /// Attempts of this cache up to `attempt` that left a partial file or a resume record,
+    /// newest first.
+    pub fn attempts_left_behind(&self, attempt: u32) -> Result<Vec<u32>, CopyError> {
+        let Some(partials) = self.partial_folder(false)? else {
+            return Ok(vec![]);
+        };
+        let folder = self.path.join(PARTIAL_FOLDER);
+        let entries = rustix::fs::Dir::read_from(&partials).map_err(|e| refusal(&folder, e))?;
+        let mut found = vec![];
+        for entry in entries {
+            let entry = entry.map_err(|e| refusal(&folder, e))?;
+            let name = entry.file_name().to_string_lossy();
+            if let Some((cache, earlier)) = partial_of(&name)
+                && cache == self.cache
+                && earlier <= attempt
+            {
+                found.push(earlier);
+            }
+        }
+        found.sort_unstable_by(|a, b| b.cmp(a));
+        found.dedup();
+        Ok(found)
+    }
+
+    /// The resume record of `attempt`, at most `limit` bytes: `None` when there is none, or
+    /// when what holds its name is not a regular file of at most that size (a link is never
+    /// followed; it is no record).
+    pub fn read_resume(&self, attempt: u32, limit: usize) -> Result<Option<Vec<u8>>, CopyError> {
+        let Some(partials) = self.partial_folder(false)? else {
+            return Ok(None);
+        };
+        let mut name = partial_name(&self.cache, attempt);
+        name.push_str(RESUME_SUFFIX);
+        let path = self.resume_path(attempt);
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let file = match open_beneath(&partials, &name, flags, Mode::empty()) {
+            Ok(fd) => File::from(fd),
+            Err(Errno::NOENT | Errno::LOOP | Errno::XDEV) => return Ok(None),
+            Err(errno) => return Err(refusal(&path, errno)),
+        };
+        let meta = file.metadata().map_err(|e| super::io_error(&path, e))?;
+        if !meta.is_file() || meta.len() > limit as u64 {
+            return Ok(None);
+        }
+        let mut bytes = Vec::with_capacity(limit);
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(&file, limit as u64 + 1),
+            &mut bytes,
+        )
+        .map_err(|e| super::io_error(&path, e))?;
+        Ok((bytes.len() <= limit).then_some(bytes))
+    }
+
+    /// Replaces the resume record of `attempt` with `record`, whole or not at all: written to a
+    /// new file, synced, then renamed over the old one.
+    pub fn write_resume(&self, attempt: u32, record: &[u8]) -> Result<(), CopyError> {
+        let partials = self
+            .partial_folder(false)?
+            .ok_or_else(|| refusal(&self.path.join(PARTIAL_FOLDER), Errno::NOENT))?;
+        let base = partial_name(&self.cache, attempt);
+        let (new, done) = (
+            format!("{base}{RESUME_NEW_SUFFIX}"),
+            format!("{base}{RESUME_SUFFIX}"),
+        );
+        let path = self.resume_path(attempt);
+        unlink_if_present(&partials, &new).map_err(|e| refusal(&path, e))?;
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
+        let fd = open_beneath(&partials, &new, flags, Mode::from_raw_mode(0o644))
+            .map_err(|e| refusal(&path, e))?;
+        let mut file = File::from(fd);
+        std::io::Write::write_all(&mut file, record).map_err(|e| super::io_error(&path, e))?;
+        file.sync_all().map_err(|e| super::io_error(&path, e))?;
+        rustix::fs::renameat(&partials, &*new, &partials, &*done).map_err(|e| refusal(&path, e))
+    }
+
+    /// Makes the partial file of `from` (an earlier attempt, or this one run again) the partial
+    /// file of `to`, with its resume record, and opens it for reading and writing. `None` when
+    /// `from` left no partial file, or left something that must not be written into: a link
+    /// (never followed), anything but a regular file, or a file with another name elsewhere (a
+    /// hard link: writing it would change that other file). Those are removed (the link
+    /// itself, never its target), so the copy starts clean.
+    pub fn take_over_partial(&self, from: u32, to: u32) -> Result<Option<File>, CopyError> {
+        let Some(partials) = self.partial_folder(false)? else {
+            return Ok(None);
+        };
+        let old = partial_name(&self.cache, from);
+        let path = self.partial_path(from);
+        let flags = OFlags::RDWR | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let file = match open_beneath(&partials, &old, flags, Mode::empty()) {
+            Ok(fd) => File::from(fd),
+            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::LOOP | Errno::XDEV) => {
+                self.remove_partial(from)?;
+                return Ok(None);
+            }
+            Err(errno) => return Err(refusal(&path, errno)),
+        };
+        let stat = rustix::fs::fstat(&file).map_err(|e| refusal(&path, e))?;
+        if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file() || stat.st_nlink != 1 {
+            drop(file);
+            self.remove_partial(from)?;
+            return Ok(None);
+        }
+        if from != to {
+            self.remove_partial(to)?;
+            let new = partial_name(&self.cache, to);
+            rustix::fs::renameat(&partials, &*old, &partials, &*new)
+                .map_err(|e| refusal(&path, e))?;
+            let (old_record, new_record) = (
+                format!("{old}{RESUME_SUFFIX}"),
+                format!("{new}{RESUME_SUFFIX}"),
+            );
+            match rustix::fs::renameat(&partials, &*old_record, &partials, &*new_record) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(errno) => return Err(refusal(&self.resume_path(from), errno)),
+            }
+            self.remove_partial(from)?;
+        }
+        Ok(Some(file))
+    }
+
+    fn remove_resume_records(&self, partials: &OwnedFd, attempt: u32) -> Result<(), CopyError> {
+        let base = partial_name(&self.cache, attempt);
+        for suffix in [RESUME_SUFFIX, RESUME_NEW_SUFFIX] {
+            unlink_if_present(partials, &format!("{base}{suffix}"))
+                .map_err(|e| refusal(&self.resume_path(attempt), e))?;
+        }
+        Ok(())
     }
 
     /// Removes the cache's data: its final file (a link there is removed itself, its target is
@@ -251,7 +419,18 @@ mod tests {
             partial_owner(&partial_name("img.partial", 1)),
             Some("img.partial")
         );
-        for stray in ["img", "img-", "-1", "img-1a", "img-x"] {
+        assert_eq!(partial_owner("img-1.resume"), Some("img"));
+        assert_eq!(partial_owner("img-1-2.resume.new"), Some("img-1"));
+        assert_eq!(partial_of("img-12.resume"), Some(("img", 12)));
+        for stray in [
+            "img",
+            "img-",
+            "-1",
+            "img-1a",
+            "img-x",
+            "img.resume",
+            "img-1.resumed",
+        ] {
             assert_eq!(partial_owner(stray), None, "{stray}");
         }
     }
@@ -288,7 +467,10 @@ mod tests {
             "img-1",
             ".partial/img-1",
             ".partial/img-22",
+            ".partial/img-22.resume",
+            ".partial/img-22.resume.new",
             ".partial/img-1-1",
+            ".partial/img-1-1.resume",
             ".partial/img.partial-1-1",
         ] {
             std::fs::write(root.join(file), file).expect("file");
@@ -301,7 +483,10 @@ mod tests {
             .iter()
             .chain(&[
                 ".partial/img-22",
+                ".partial/img-22.resume",
+                ".partial/img-22.resume.new",
                 ".partial/img-1-1",
+                ".partial/img-1-1.resume",
                 ".partial/img.partial-1-1",
             ])
             .filter(|f| root.join(f).exists())
@@ -312,6 +497,7 @@ mod tests {
             left,
             [
                 ".partial/img-1-1",
+                ".partial/img-1-1.resume",
                 ".partial/img.partial-1-1",
                 "img-1",
                 "img.partial-1"

@@ -29,8 +29,10 @@ pub struct Landing {
 pub struct Front {
     /// Bytes hashed in order from offset 0: written, and verified-in-order so far.
     pub hashed: u64,
-    /// Bytes written anywhere in the file, in order or not.
+    /// Bytes written anywhere in the file, in order or not (a prefix taken over included).
     pub landed: u64,
+    /// Bytes taken over from an earlier attempt's partial file: re-hashed, not fetched.
+    pub resumed: u64,
     /// Time the hasher spent hashing (and reading back): set against the wall time, it says
     /// whether the hash or the source is the bottleneck.
     pub hashing: std::time::Duration,
@@ -43,28 +45,72 @@ const QUEUED_CHUNKS: usize = 32;
 /// Read-back buffer of the hasher.
 const READ_BACK: usize = 1 << 20;
 
+/// The hashed front is offered to the checkpoint whenever it has moved this much, or
+/// [`CHECKPOINT_EVERY`] has passed: what a killed copy may have to fetch again.
+const CHECKPOINT_STEP: u64 = 64 << 20;
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Where hashing starts: at offset 0, or past a prefix already in the file and hashed into
+/// `hasher` (taken over from an earlier attempt).
+#[derive(Default)]
+pub struct Start {
+    pub hasher: Sha256,
+    pub at: u64,
+}
+
+/// Told the hashed front now and then, on a thread of its own, so a slow sync never holds up
+/// the hash; a front offered while it is busy is skipped, a later one follows.
+pub type Checkpoint = Box<dyn FnMut(u64) + Send>;
+
 /// The running writer and hasher of one file.
 pub struct Sink {
     pub chunks: mpsc::Sender<Landing>,
     pub front: watch::Receiver<Front>,
     writer: std::thread::JoinHandle<std::io::Result<()>>,
     hasher: std::thread::JoinHandle<std::io::Result<[u8; 32]>>,
+    checkpoints: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Sink {
-    /// Starts writing into `file` (already sized) and hashing its first `size` bytes.
-    pub fn start(file: File, size: u64) -> std::io::Result<Self> {
+    /// Starts writing into `file` (already sized) and hashing its first `size` bytes from
+    /// `start`, offering the hashed front to `checkpoint` now and then.
+    pub fn start(
+        file: File,
+        size: u64,
+        start: Start,
+        checkpoint: Option<Checkpoint>,
+    ) -> std::io::Result<Self> {
         let reader = file.try_clone()?;
         let (chunks, to_write) = mpsc::channel(QUEUED_CHUNKS);
         let (to_hasher, to_hash) = mpsc::channel(QUEUED_CHUNKS);
-        let (front_tx, front) = watch::channel(Front::default());
+        let (front_tx, front) = watch::channel(Front {
+            hashed: start.at,
+            landed: start.at,
+            resumed: start.at,
+            ..Front::default()
+        });
+        let (offers, checkpoints) = match checkpoint {
+            Some(mut checkpoint) => {
+                let (offer, offered) = std::sync::mpsc::sync_channel::<u64>(1);
+                let thread = std::thread::spawn(move || {
+                    while let Ok(front) = offered.recv() {
+                        checkpoint(front);
+                    }
+                });
+                (Some(offer), Some(thread))
+            }
+            None => (None, None),
+        };
         let writer = std::thread::spawn(move || write_in_place(file, to_write, to_hasher));
-        let hasher = std::thread::spawn(move || hash_in_order(reader, size, to_hash, front_tx));
+        let hasher = std::thread::spawn(move || {
+            hash_in_order(reader, size, start, to_hash, front_tx, offers)
+        });
         Ok(Self {
             chunks,
             front,
             writer,
             hasher,
+            checkpoints,
         })
     }
 
@@ -74,6 +120,10 @@ impl Sink {
         drop(self.chunks);
         let written = join(self.writer);
         let digest = join(self.hasher);
+        // The hasher dropped its end: the checkpoint thread ends after its last record.
+        if let Some(checkpoints) = self.checkpoints {
+            let _ = checkpoints.join();
+        }
         written?;
         digest
     }
@@ -104,15 +154,20 @@ fn write_in_place(
     file.sync_all()
 }
 
-/// Hashes the file from offset 0 to `size` in order, as chunks land, and publishes the front.
+/// Hashes the file from `start` to `size` in order, as chunks land, publishes the front, and
+/// offers it to the checkpoint (bytes below it are written: the writer passes a chunk on only
+/// once it is in the file).
 fn hash_in_order(
     file: File,
     size: u64,
+    start: Start,
     mut landed: mpsc::Receiver<Landing>,
     front: watch::Sender<Front>,
+    checkpoint: Option<std::sync::mpsc::SyncSender<u64>>,
 ) -> std::io::Result<[u8; 32]> {
-    let mut hasher = Sha256::new();
-    let mut state = Front::default();
+    let mut hasher = start.hasher;
+    let mut state = *front.borrow();
+    let (mut offered, mut offered_at) = (state.hashed, std::time::Instant::now());
     // Landed ranges beyond the hashed front, start -> end, merged when they touch.
     let mut ahead = BTreeMap::<u64, u64>::new();
     let mut buffer = vec![0; READ_BACK];
@@ -133,6 +188,13 @@ fn hash_in_order(
         }
         state.hashing += busy.elapsed();
         front.send_replace(state);
+        let due = state.hashed >= offered + CHECKPOINT_STEP
+            || (state.hashed > offered && offered_at.elapsed() >= CHECKPOINT_EVERY);
+        if let Some(checkpoint) = checkpoint.as_ref().filter(|_| due)
+            && checkpoint.try_send(state.hashed).is_ok()
+        {
+            (offered, offered_at) = (state.hashed, std::time::Instant::now());
+        }
     }
     if state.hashed != size {
         return Err(std::io::Error::other(format!(
@@ -194,7 +256,7 @@ mod tests {
         let path = dir.path().join("f");
         let file = File::create_new(&path).expect("file");
         file.set_len(bytes.len() as u64).expect("size");
-        let sink = Sink::start(file, bytes.len() as u64).expect("sink");
+        let sink = Sink::start(file, bytes.len() as u64, Start::default(), None).expect("sink");
         let pieces: Vec<(usize, usize)> = (0..bytes.len())
             .step_by(100_000)
             .map(|s| (s, (s + 100_000).min(bytes.len())))

@@ -17,6 +17,7 @@ mod oci;
 mod plan;
 mod ranged;
 mod report;
+mod resume;
 mod source;
 mod transfer;
 
@@ -290,15 +291,22 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
     match result {
         Ok(done) => {
             reporter
-                .succeeded(done.bytes, &done.checksum)
+                .succeeded(&done)
                 .await
                 .map_err(|e| CopyError::Report(e.to_string()))?;
             Ok(done)
         }
         Err(error) => {
             // The copy's own error is the one to report; a link in the way of the cleanup is
-            // left alone (never removed through).
-            if let Err(cleanup) = folder.remove_partial(args.attempt) {
+            // left alone (never removed through). A download the source broke off keeps what
+            // it verified for the next attempt (see `resume`); any other failure leaves nothing.
+            let partial = Partial {
+                folder: Arc::clone(&folder),
+                attempt: args.attempt,
+            };
+            if resume::worth_keeping(&partial, &error) {
+                info!("the partial file stays for the next attempt to resume");
+            } else if let Err(cleanup) = folder.remove_partial(args.attempt) {
                 warn!("the partial file stays: {cleanup}");
             }
             reporter.failed(copied, &error).await;

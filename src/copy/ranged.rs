@@ -25,8 +25,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use super::landing::{Front, Landing, Sink};
+use std::fs::File;
+
+use super::landing::{Checkpoint, Front, Landing, Sink, Start};
 use super::plan::{Fallback, Pin, Tuning, plan};
+use super::resume::{self, Identity, Recorder, TakenOver};
 use super::source::Source;
 use super::transfer::{Transferred, hex};
 use super::{CopyError, Partial, io_error};
@@ -41,7 +44,8 @@ pub enum Outcome {
 }
 
 /// Downloads the object `meta` describes into `partial` in parts, or says why it cannot.
-/// `progress(front, total)` follows the hashed and the landed bytes.
+/// `progress(front, total)` follows the hashed and the landed bytes. A partial file an earlier
+/// attempt left of the same version is taken over (see `resume`): only the rest is fetched.
 pub async fn transfer(
     source: &Source,
     meta: &ObjectMeta,
@@ -53,6 +57,12 @@ pub async fn transfer(
         Ok(pin) => pin,
         Err(fallback) => return Ok(Outcome::SingleStream(fallback)),
     };
+    let identity = Identity {
+        source: source.display.clone(),
+        size: meta.size,
+        e_tag: pin.e_tag.clone(),
+        version: pin.version.clone(),
+    };
     let parts = Parts {
         store: source.store.clone(),
         path: source.path.clone(),
@@ -61,8 +71,17 @@ pub async fn transfer(
         part_size: pin.part_size,
         pin,
     };
+    let taken = resume::take_over(partial, &identity)?;
+    let (file, start) = match taken {
+        Some(taken) => {
+            let start = rehash(&parts, taken, partial, &mut progress).await?;
+            (Some(start.0), start.1)
+        }
+        None => (None, Start::default()),
+    };
+    let (first_part, resumed_at) = (start.at / parts.part_size, start.at);
     // The first part's answer tells whether the server splits at all, before a byte is written.
-    let first = match parts.get(parts.range(0)).await {
+    let first = match parts.get(parts.range(first_part)).await {
         Err(object_store::Error::NotSupported { .. }) => {
             return Ok(Outcome::SingleStream(Fallback::NoRanges));
         }
@@ -70,20 +89,40 @@ pub async fn transfer(
     };
     parts.check(&first.meta)?;
     // Read as well as write: the hasher reads parts back (see `landing`).
-    let file = partial.create()?;
+    let file = match file {
+        Some(file) => file,
+        None => partial.create()?,
+    };
+    let recorder =
+        Recorder::new(partial, identity, &file).map_err(|e| io_error(&partial.path(), e))?;
     let partial = &partial.path();
     // Sized up front so every part can be written at its offset; the store already reserved
     // the room (see StorageAdmission).
     file.set_len(meta.size).map_err(|e| io_error(partial, e))?;
-    let sink = Sink::start(file, meta.size).map_err(|e| io_error(partial, e))?;
+    let checkpoint: Checkpoint = Box::new(move |verified| {
+        if let Err(error) = recorder.record(verified) {
+            warn!(
+                "could not record how far the copy is verified (a retry would start over): {error}"
+            );
+        }
+    });
+    let sink =
+        Sink::start(file, meta.size, start, Some(checkpoint)).map_err(|e| io_error(partial, e))?;
     let download = Arc::new(Download {
         parts,
         window: u64::from(tuning.streams),
-        next: AtomicU64::new(1),
+        next: AtomicU64::new(first_part + 1),
         chunks: sink.chunks.clone(),
         front: sink.front.clone(),
     });
-    let fetched = fetch_all(download, first, tuning.streams, &sink, &mut progress).await;
+    let fetched = fetch_all(
+        download,
+        (first_part, first),
+        tuning.streams,
+        &sink,
+        &mut progress,
+    )
+    .await;
     // Joining the writer waits for its last fsync: not on the runtime's threads.
     let digest = tokio::task::spawn_blocking(move || sink.finish())
         .await
@@ -92,6 +131,7 @@ pub async fn transfer(
         (Ok(()), Ok(digest)) => Ok(Outcome::Done(Transferred {
             bytes: meta.size,
             checksum: format!("sha256:{}", hex(&digest)),
+            resumed: resumed_at,
         })),
         // The writer or hasher stopped first: its error is the cause.
         (Err(Stop::SinkClosed), Err(e)) | (Ok(()), Err(e)) => Err(io_error(partial, e)),
@@ -101,6 +141,40 @@ pub async fn transfer(
         )),
         (Err(Stop::Failed(error)), _) => Err(error),
     }
+}
+
+/// How often progress is told while a taken-over prefix is re-hashed.
+const REHASH_REPORTS: Duration = Duration::from_secs(2);
+
+/// Re-hashes the verified prefix of a taken-over file from disk, down to a part boundary (the
+/// part it ends in is fetched again whole: parts stay aligned, and at least one part is left to
+/// fetch, whose answer says the server still splits). The file and where hashing goes on.
+async fn rehash(
+    parts: &Parts,
+    taken: TakenOver,
+    partial: &Partial,
+    progress: &mut impl AsyncFnMut(Front, u64),
+) -> Result<(File, Start), CopyError> {
+    let at = taken.verified.min(parts.size - 1) / parts.part_size * parts.part_size;
+    info!(at, "re-hashing the prefix taken over from disk");
+    let done = Arc::new(AtomicU64::new(0));
+    let (file, counted) = (taken.file, done.clone());
+    let mut hashing = tokio::task::spawn_blocking(move || {
+        let hasher = resume::rehash(&file, at, &counted);
+        (file, hasher)
+    });
+    let mut ticks = tokio::time::interval(REHASH_REPORTS);
+    let (file, hasher) = loop {
+        tokio::select! {
+            joined = &mut hashing => break joined.map_err(|e| io_error(&partial.path(), std::io::Error::other(e)))?,
+            _ = ticks.tick() => {
+                let hashed = done.load(Ordering::Relaxed);
+                progress(Front { hashed, landed: at, resumed: at, ..Front::default() }, parts.size).await;
+            }
+        }
+    };
+    let hasher = hasher.map_err(|e| io_error(&partial.path(), e))?;
+    Ok((file, Start { hasher, at }))
 }
 
 /// Why a worker stopped.
@@ -127,7 +201,7 @@ const SAMPLE: u64 = 4 << 20;
 /// slower than one on loopback on 2 cores (docs/design-notes.md).
 async fn fetch_all(
     download: Arc<Download>,
-    first: GetResult,
+    first: (u64, GetResult),
     streams: u16,
     sink: &Sink,
     progress: &mut impl AsyncFnMut(Front, u64),
@@ -173,9 +247,10 @@ async fn fetch_all(
     result
 }
 
-/// Whether the hasher, after a fair sample, spent under a third of the time working.
+/// Whether the hasher, after a fair sample of this attempt's bytes, spent under a third of the
+/// time working.
 fn source_bound(front: Front, elapsed: Duration) -> bool {
-    front.hashed >= SAMPLE && front.hashing * 3 < elapsed
+    front.hashed - front.resumed >= SAMPLE && front.hashing * 3 < elapsed
 }
 
 /// The parts of one object, pinned to one version.
@@ -267,12 +342,12 @@ struct Download {
 }
 
 impl Download {
-    /// Takes parts in order until none is left; the first worker starts with part 0's answer.
-    async fn work(self: Arc<Self>, mut first: Option<GetResult>) -> Result<(), Stop> {
-        let mut index = if first.is_some() {
-            0
-        } else {
-            self.next.fetch_add(1, Ordering::Relaxed)
+    /// Takes parts in order until none is left; the first worker starts with the first part's
+    /// answer.
+    async fn work(self: Arc<Self>, first: Option<(u64, GetResult)>) -> Result<(), Stop> {
+        let (mut index, mut first) = match first {
+            Some((index, answer)) => (index, Some(answer)),
+            None => (self.next.fetch_add(1, Ordering::Relaxed), None),
         };
         while index < self.parts.count() {
             self.wait_for_window(index).await?;

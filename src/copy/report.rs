@@ -9,8 +9,8 @@ use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::CopyError;
 use super::landing::Front;
+use super::{CopyError, Transferred};
 use crate::api::names::COPY_MANAGER;
 use crate::api::{StorageAdmission, TemplateCache};
 
@@ -58,6 +58,7 @@ impl Reporter {
         let request = json!({
             "attempt": self.attempt, "bytesCopied": 0, "totalBytes": bytes,
             "percent": percent(0, Some(bytes)), "checksum": null, "error": null,
+            "bytesLanded": 0, "bytesResumed": null,
         });
         let mut last_answer = None;
         let mut requested = false;
@@ -104,27 +105,19 @@ impl Reporter {
     }
 
     /// Reports progress if the last report is old enough. `bytesCopied` is the hashed front:
-    /// bytes written and hashed in order, the part of the copy that is settled. Parts landed
-    /// ahead of it go to the log, since the status has no field for them.
+    /// bytes written and hashed in order, the part of the copy that is settled; `bytesLanded`
+    /// adds the parts written ahead of it; `bytesResumed` is what was taken over from an
+    /// earlier attempt.
     pub async fn progress(&mut self, front: Front, total: Option<u64>) {
         if self.last.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
             return;
         }
         self.last = Some(Instant::now());
-        let bytes = front.hashed;
-        if front.landed > front.hashed {
-            info!(
-                hashed = front.hashed,
-                landed = front.landed,
-                total,
-                "copying: {} hashed in order, {} landed",
-                percent(front.hashed, total).unwrap_or_default(),
-                percent(front.landed, total).unwrap_or_default()
-            );
-        }
         let report = json!({
-            "attempt": self.attempt, "bytesCopied": bytes, "totalBytes": total,
-            "percent": percent(bytes, total), "checksum": null, "error": null,
+            "attempt": self.attempt, "bytesCopied": front.hashed, "totalBytes": total,
+            "percent": percent(front.hashed, total), "checksum": null, "error": null,
+            "bytesLanded": front.landed,
+            "bytesResumed": (front.resumed > 0).then_some(front.resumed),
         });
         if let Err(e) = self.write(report).await {
             warn!("could not report progress (the copy goes on): {e}");
@@ -148,10 +141,12 @@ impl Reporter {
     }
 
     /// The final report of a copy that is in place.
-    pub async fn succeeded(&self, bytes: u64, checksum: &str) -> Result<(), kube::Error> {
+    pub async fn succeeded(&self, done: &Transferred) -> Result<(), kube::Error> {
+        let (bytes, resumed) = (done.bytes, done.resumed);
         let report = json!({
             "attempt": self.attempt, "bytesCopied": bytes, "totalBytes": bytes,
-            "percent": "100%", "checksum": checksum, "error": null,
+            "percent": "100%", "checksum": done.checksum, "error": null, "bytesLanded": bytes,
+            "bytesResumed": (resumed > 0).then_some(resumed),
         });
         let mut result = self.write(report.clone()).await;
         for pause in [1, 2, 4, 8] {

@@ -27,6 +27,8 @@ pub struct Transferred {
     pub bytes: u64,
     /// `sha256:<hex>`.
     pub checksum: String,
+    /// Bytes taken over from an earlier attempt's partial file rather than fetched.
+    pub resumed: u64,
 }
 
 /// Copies `source`, which announced `announced` bytes, into `partial`, calling
@@ -63,6 +65,7 @@ pub async fn transfer(
     Ok(Transferred {
         bytes,
         checksum: format!("sha256:{}", hex(&digest?)),
+        resumed: 0,
     })
 }
 

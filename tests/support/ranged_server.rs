@@ -94,6 +94,12 @@ impl RangedServer {
         objects.next.insert(name.to_owned(), bytes.into());
     }
 
+    /// The ETag `name` is served with now.
+    pub fn etag(&self, name: &str) -> String {
+        let objects = self.objects.lock().expect("objects");
+        objects.current.get(name).expect("object").1.clone()
+    }
+
     pub fn url(&self, route: &str, name: &str) -> String {
         format!("http://{}/{route}/{name}", self.addr)
     }

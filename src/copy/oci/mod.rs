@@ -97,7 +97,11 @@ async fn download_layer(
     let checksum = checksum.or(digest).ok_or_else(|| {
         CopyError::Source(registry.display.clone(), "the layer was not hashed".into())
     })?;
-    Ok(Transferred { bytes, checksum })
+    Ok(Transferred {
+        bytes,
+        checksum,
+        resumed: 0,
+    })
 }
 
 /// The disk file of a containerDisk, looked for in its tar layers from the top one down.

@@ -182,6 +182,7 @@ pub fn unpack_disk(
         done = Some(Transferred {
             bytes,
             checksum: checksum.unwrap_or_default(),
+            resumed: 0,
         });
     }
     if file.is_none() && candidates.len() > 1 {

@@ -1,0 +1,175 @@
+//! Resume across attempts, end to end on the local control plane: the copy Job's process is
+//! killed halfway (as an OOM kill or an eviction would), its Job fails, and the next attempt
+//! takes over what the first one verified. The test server logs every ranged GET, so the test
+//! sees exactly which bytes each attempt fetched.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use support::ranged_server::{RangedServer, Seen};
+use support::rig::{Rig, random_bytes, sha256};
+use support::throttle::ThrottleProxy;
+
+const PART: u64 = 1 << 20;
+const SIZE: usize = 24 << 20;
+
+/// Per connection: one stream for the first 4 MiB (4 s), then 4 (5 s more). Slow enough that
+/// the kill lands mid-copy even on a loaded machine, with a record every second.
+const CONNECTION_RATE: u64 = 1 << 20;
+
+/// A rig whose copies use 4 streams of 1 MiB parts, with two attempts.
+async fn rig(prefix: &str) -> Rig {
+    Rig::with_config(prefix, |cfg| {
+        cfg.jobs.copy.streams = 4;
+        cfg.jobs.copy.part_size = PART;
+        cfg.retry.max_attempts = 2;
+    })
+    .await
+}
+
+/// The `verified` of the resume record of `attempt`, if it has one yet.
+fn recorded(rig: &Rig, cache: &str, attempt: u32) -> Option<u64> {
+    let path = rig
+        .folder()
+        .join(format!(".partial/{cache}-{attempt}.resume"));
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    record["verified"].as_u64()
+}
+
+/// The pid of the copy process the executor started for `cache` of `namespace`.
+fn mover_of(namespace: &str, cache: &str) -> Option<u32> {
+    let dest = format!("/{namespace}/{cache}");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let copies = args.iter().any(|a| a == "copy");
+            let ours = args
+                .iter()
+                .any(|a| a.starts_with("--dest=") && a.ends_with(&dest));
+            (copies && ours).then_some(pid)
+        })
+}
+
+/// Waits until attempt 1 of `cache` has recorded at least `at` bytes as verified, then kills
+/// its process with SIGKILL: no cleanup runs, as when a Pod is killed. Returns the record.
+async fn kill_first_attempt_past(rig: &Rig, cache: &str, at: u64) -> u64 {
+    for _ in 0..600 {
+        if let Some(verified) = recorded(rig, cache, 1).filter(|v| *v >= at) {
+            let pid = mover_of(&rig.ns.name, cache).expect("the copy process is running");
+            let killed = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .expect("kill");
+            assert!(killed.success());
+            return verified;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("attempt 1 never recorded {at} verified bytes");
+}
+
+/// The ranges asked for, sorted, as `start..end`.
+fn ranges(gets: &[Seen]) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = gets
+        .iter()
+        .map(|g| g.range.map_or((0, u64::MAX), |(s, e)| (s, e + 1)))
+        .collect();
+    ranges.sort();
+    ranges
+}
+
+/// Parts of 1 MiB from `from` to the end of the object.
+fn parts_from(from: u64) -> Vec<(u64, u64)> {
+    (from..SIZE as u64)
+        .step_by(PART as usize)
+        .map(|s| (s, (s + PART).min(SIZE as u64)))
+        .collect()
+}
+
+/// Starts a copy of `disk.img` through the throttling proxy and kills its first attempt once a
+/// third is verified. The GETs logged so far, and the verified length the record held.
+async fn copy_and_kill_halfway(
+    rig: &Rig,
+    server: &RangedServer,
+    proxy: &ThrottleProxy,
+    checksum: Option<String>,
+) -> (usize, u64) {
+    let url = format!("http://{}/files/disk.img", proxy.addr);
+    let mut spec = json!({"source": {"http": {"url": url}}});
+    if let Some(checksum) = checksum {
+        spec["checksum"] = json!(checksum);
+    }
+    rig.create("disk", spec).await;
+    let verified = kill_first_attempt_past(rig, "disk", SIZE as u64 / 3).await;
+    // Requests the killed process had sent are in the log by now; attempt 2 is at least a
+    // failed Job, a backoff and a new Job away.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (server.gets().len(), verified)
+}
+
+#[tokio::test]
+async fn a_copy_killed_halfway_is_resumed_by_the_next_attempt_which_fetches_only_the_rest() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(SIZE);
+    server.put("disk.img", bytes.clone());
+    let proxy = ThrottleProxy::start(server.addr, CONNECTION_RATE).await;
+    let rig = rig("resume").await;
+
+    let (first_gets, verified) =
+        copy_and_kill_halfway(&rig, &server, &proxy, Some(sha256(&bytes))).await;
+
+    rig.assert_copied("disk", &bytes).await;
+    let cache = rig.settled("disk").await;
+    let status = cache.status.expect("status");
+    let progress = status.progress.expect("progress");
+    assert_eq!(status.attempt, Some(2), "the first attempt was killed");
+    // The part the record ends in is fetched again whole: parts stay aligned.
+    let resumed = verified / PART * PART;
+    assert_eq!(progress.bytes_resumed, Some(resumed), "{progress:?}");
+    assert!(resumed > 0);
+    let second = &server.gets()[first_gets..];
+    assert_eq!(
+        ranges(second),
+        parts_from(resumed),
+        "attempt 2 fetched each part past the verified prefix once, and nothing before it"
+    );
+    assert!(second.iter().all(|g| g.if_match.is_some()), "{second:?}");
+    assert_eq!(rig.files(), ["disk"], "no partial file or record left");
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_source_replaced_between_attempts_is_fetched_whole_not_spliced() {
+    let server = RangedServer::start().await;
+    let old = random_bytes(SIZE);
+    let new: Vec<u8> = old.iter().map(|b| b ^ 0x5a).collect();
+    server.put("disk.img", old);
+    let proxy = ThrottleProxy::start(server.addr, CONNECTION_RATE).await;
+    let rig = rig("resume-changed").await;
+
+    let (first_gets, _) = copy_and_kill_halfway(&rig, &server, &proxy, None).await;
+    server.put("disk.img", new.clone());
+
+    rig.assert_copied("disk", &new).await;
+    let status = rig.settled("disk").await.status.expect("status");
+    assert_eq!(status.attempt, Some(2));
+    assert_eq!(status.progress.expect("progress").bytes_resumed, None);
+    let second = &server.gets()[first_gets..];
+    assert_eq!(
+        ranges(second),
+        parts_from(0),
+        "attempt 2 fetched the new version whole"
+    );
+    assert_eq!(rig.files(), ["disk"], "the old partial file is gone");
+    rig.stop().await;
+}
