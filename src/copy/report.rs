@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::landing::Front;
 use super::{CopyError, Transferred};
 use crate::api::names::COPY_MANAGER;
-use crate::api::{StorageAdmission, TemplateCache};
+use crate::api::{Progress, StorageAdmission, TemplateCache};
 
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -20,9 +20,13 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 const ROOM_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Writes reports for one attempt of one cache; does nothing when there is no cache to report to.
+///
+/// It keeps the attempt's whole report and writes all of it each time: the operator clears
+/// `status.progress` when it starts an attempt, so within one no field ever has to be removed,
+/// and a later report never loses what an earlier one said (the OCI digest, say).
 pub struct Reporter {
     target: Option<(Api<TemplateCache>, String)>,
-    attempt: u32,
+    report: Progress,
     last: Option<Instant>,
 }
 
@@ -43,9 +47,16 @@ impl Reporter {
         };
         Ok(Self {
             target,
-            attempt,
+            report: Progress {
+                attempt: Some(attempt),
+                ..Progress::default()
+            },
             last: None,
         })
+    }
+
+    fn attempt(&self) -> u32 {
+        self.report.attempt.unwrap_or(0)
     }
 
     /// Asks the cache's store for `bytes` of room (by reporting the size before any byte is
@@ -55,16 +66,12 @@ impl Reporter {
         let Some((api, name)) = self.target.clone() else {
             return Ok(());
         };
-        let request = json!({
-            "attempt": self.attempt, "bytesCopied": 0, "totalBytes": bytes,
-            "percent": percent(0, Some(bytes)), "checksum": null, "error": null,
-            "bytesLanded": 0, "bytesResumed": null,
-        });
+        self.count(0, 0, 0, Some(bytes));
         let mut last_answer = None;
         let mut requested = false;
         loop {
             if !requested {
-                requested = self.write(request.clone()).await.is_ok();
+                requested = self.write().await.is_ok();
                 self.last = Some(Instant::now());
             }
             match api.get(&name).await {
@@ -94,14 +101,14 @@ impl Reporter {
             return Err(CopyError::Superseded("the cache is being deleted".into()));
         }
         let status = cache.status.clone().unwrap_or_default();
-        if status.attempt != Some(self.attempt) {
+        let attempt = self.attempt();
+        if status.attempt != Some(attempt) {
             return Err(CopyError::Superseded(format!(
-                "the cache is at attempt {}, not {}",
+                "the cache is at attempt {}, not {attempt}",
                 status.attempt.unwrap_or(0),
-                self.attempt
             )));
         }
-        Ok(status.storage.filter(|s| s.attempt == self.attempt))
+        Ok(status.storage.filter(|s| s.attempt == attempt))
     }
 
     /// Reports progress if the last report is old enough. `bytesCopied` is the hashed front:
@@ -113,13 +120,8 @@ impl Reporter {
             return;
         }
         self.last = Some(Instant::now());
-        let report = json!({
-            "attempt": self.attempt, "bytesCopied": front.hashed, "totalBytes": total,
-            "percent": percent(front.hashed, total), "checksum": null, "error": null,
-            "bytesLanded": front.landed,
-            "bytesResumed": (front.resumed > 0).then_some(front.resumed),
-        });
-        if let Err(e) = self.write(report).await {
+        self.count(front.hashed, front.landed, front.resumed, total);
+        if let Err(e) = self.write().await {
             warn!("could not report progress (the copy goes on): {e}");
         }
     }
@@ -127,52 +129,61 @@ impl Reporter {
     /// The digest an OCI tag resolved to, which every later attempt must pull: written before
     /// anything is copied, and the copy stops if it cannot be written (a retry would otherwise
     /// resolve the tag again and could stage another version).
-    pub async fn resolved(&self, digest: &str) -> Result<(), CopyError> {
-        let report = json!({"attempt": self.attempt, "bytesCopied": 0, "resolvedDigest": digest});
-        let mut result = self.write(report.clone()).await;
-        for pause in [1, 2, 4] {
-            if result.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(pause)).await;
-            result = self.write(report.clone()).await;
-        }
-        result.map_err(|e| CopyError::Report(format!("recording the resolved digest: {e}")))
+    pub async fn resolved(&mut self, digest: &str) -> Result<(), CopyError> {
+        self.report.resolved_digest = Some(digest.to_owned());
+        self.write_retrying(&[1, 2, 4])
+            .await
+            .map_err(|e| CopyError::Report(format!("recording the resolved digest: {e}")))
     }
 
     /// The final report of a copy that is in place.
-    pub async fn succeeded(&self, done: &Transferred) -> Result<(), kube::Error> {
-        let (bytes, resumed) = (done.bytes, done.resumed);
-        let report = json!({
-            "attempt": self.attempt, "bytesCopied": bytes, "totalBytes": bytes,
-            "percent": "100%", "checksum": done.checksum, "error": null, "bytesLanded": bytes,
-            "bytesResumed": (resumed > 0).then_some(resumed),
-        });
-        let mut result = self.write(report.clone()).await;
-        for pause in [1, 2, 4, 8] {
-            if result.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(pause)).await;
-            result = self.write(report.clone()).await;
-        }
-        result
+    pub async fn succeeded(&mut self, done: &Transferred) -> Result<(), kube::Error> {
+        self.count(done.bytes, done.bytes, done.resumed, Some(done.bytes));
+        self.report.checksum = Some(done.checksum.clone());
+        self.write_retrying(&[1, 2, 4, 8]).await
     }
 
     /// The one-line reason the copy failed, and whether another attempt would fail the same way.
-    pub async fn failed(&self, bytes: u64, error: &CopyError) {
-        let report = json!({"attempt": self.attempt, "bytesCopied": bytes,
-            "error": error.to_string(), "checksum": null, "finalReason": final_reason(error)});
-        if let Err(e) = self.write(report).await {
+    pub async fn failed(&mut self, bytes: u64, error: &CopyError) {
+        self.report.bytes_copied = bytes;
+        self.report.error = Some(error.to_string());
+        self.report.final_reason = final_reason(error).map(str::to_owned);
+        if let Err(e) = self.write().await {
             warn!("could not report the failure: {e}");
         }
     }
 
-    async fn write(&self, report: serde_json::Value) -> Result<(), kube::Error> {
+    /// Records the counts: `hashed` bytes written and hashed in order (the settled part of the
+    /// copy), `landed` adding the parts written ahead of them, `resumed` taken over from an
+    /// earlier attempt, of `total`.
+    fn count(&mut self, hashed: u64, landed: u64, resumed: u64, total: Option<u64>) {
+        let report = &mut self.report;
+        report.bytes_copied = hashed;
+        report.bytes_landed = Some(landed);
+        report.bytes_resumed = (resumed > 0).then_some(resumed);
+        report.total_bytes = total;
+        report.percent = percent(hashed, total);
+    }
+
+    /// [`Self::write`], tried again after each of `pauses` (seconds) while it fails: for the
+    /// reports the operator cannot do without.
+    async fn write_retrying(&self, pauses: &[u64]) -> Result<(), kube::Error> {
+        let mut result = self.write().await;
+        for pause in pauses {
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(*pause)).await;
+            result = self.write().await;
+        }
+        result
+    }
+
+    async fn write(&self) -> Result<(), kube::Error> {
         let Some((api, name)) = &self.target else {
             return Ok(());
         };
-        let patch = json!({"status": {"progress": report}});
+        let patch = json!({"status": {"progress": self.report}});
         let params = PatchParams {
             field_manager: Some(COPY_MANAGER.to_owned()),
             ..PatchParams::default()
