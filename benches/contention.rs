@@ -39,7 +39,7 @@ use serde_json::json;
 use support::TestNamespace;
 use support::cache_watch::{CacheWatch, Version};
 use support::jobs::{Outcome, finish_copy, wait_for_job};
-use support::operator::{Operator, TestStore, config};
+use support::rig::Rig;
 use templatecache::api::names::{POD_CACHE_LABEL, READY_GATE};
 use templatecache::api::references::{claim_reference, is_reference, pod_reference};
 use templatecache::api::{ClaimPhase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
@@ -185,34 +185,8 @@ async fn recorded_count(ns: &TestNamespace) -> i64 {
     )
 }
 
-/// The operator's side of a way, set up before the clock starts.
-struct OperatorRig {
-    ns: TestNamespace,
-    store: TestStore,
-    operator: Operator,
-}
-
-impl OperatorRig {
-    async fn new(prefix: &str) -> Self {
-        let ns = TestNamespace::new(prefix).await;
-        let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-        let operator = Operator::start(config(&ns.name, &store.name)).await;
-        Self {
-            ns,
-            store,
-            operator,
-        }
-    }
-
-    async fn stop(self) {
-        self.operator.stop().await;
-        self.store.delete().await;
-        self.ns.delete().await;
-    }
-}
-
 async fn claims_way(n: usize) -> Row {
-    let rig = OperatorRig::new(&format!("bench-claims-{n}")).await;
+    let rig = Rig::operator(&format!("bench-claims-{n}")).await;
     let ns = &rig.ns;
     let watch = CacheWatch::start(ns, "template");
     let clients = consumers(n).await;
@@ -302,7 +276,7 @@ async fn claims_way(n: usize) -> Row {
         lowest: lowest_count(&versions, final_count),
         final_count,
     };
-    rig.stop().await;
+    drop(rig);
     row
 }
 
@@ -323,7 +297,7 @@ fn gated_pod(i: usize) -> Pod {
 const POD_CREATORS: usize = 64;
 
 async fn pods_way(n: usize) -> Row {
-    let rig = OperatorRig::new(&format!("bench-pods-{n}")).await;
+    let rig = Rig::operator(&format!("bench-pods-{n}")).await;
     let ns = &rig.ns;
     let accounts: Api<ServiceAccount> = ns.api();
     until("the namespace's default ServiceAccount", || async {
@@ -418,7 +392,7 @@ async fn pods_way(n: usize) -> Row {
         lowest: lowest_count(&versions, final_count),
         final_count,
     };
-    rig.stop().await;
+    drop(rig);
     row
 }
 
@@ -449,7 +423,7 @@ async fn direct_append(api: &Api<TemplateCache>, entry: &str) {
 }
 
 async fn direct_way(n: usize) -> Row {
-    let rig = OperatorRig::new(&format!("bench-direct-{n}")).await;
+    let rig = Rig::operator(&format!("bench-direct-{n}")).await;
     let ns = &rig.ns;
     ns.create_cache(
         "template",
@@ -533,7 +507,7 @@ async fn direct_way(n: usize) -> Row {
         lowest: lowest_count(&versions, final_count),
         final_count,
     };
-    rig.stop().await;
+    drop(rig);
     row
 }
 
@@ -583,8 +557,9 @@ fn annotation_counter_of(row: &TemplateCache) -> i64 {
 
 async fn cloudstack_way(n: usize, global_lock: bool) -> Row {
     // No operator watches this namespace: the rows are CloudStack's database, nothing more.
-    let ns = TestNamespace::new(&format!("bench-cs-{n}")).await;
-    let watch = CacheWatch::counting(&ns, "template", annotation_counter);
+    let rig = Rig::namespace(&format!("bench-cs-{n}")).await;
+    let ns = &rig.ns;
+    let watch = CacheWatch::counting(ns, "template", annotation_counter);
     let clients = consumers(n).await;
     let copies = Arc::new(AtomicU32::new(0));
     let lock = Arc::new(tokio::sync::Mutex::new(()));
@@ -627,7 +602,7 @@ async fn cloudstack_way(n: usize, global_lock: bool) -> Row {
     // Let the watch see the last writes.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let versions = watch.stop().await;
-    ns.delete().await;
+    drop(rig);
     Row {
         way: if global_lock {
             "CloudStack after its fix (global lock)"
