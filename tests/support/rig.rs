@@ -316,7 +316,11 @@ impl Drop for Rig {
 /// Deletes the store and the namespace with its objects. The test's operators are stopped by
 /// now, so the caches' finalizers (references and cleanup) are dropped here: otherwise every
 /// finished test would leave a namespace stuck Terminating that the namespace controller retries
-/// forever, loading the shared API server for the tests after it.
+/// forever, loading the shared API server for the tests after it. The caches are deleted here
+/// too, before the namespace: a cluster-wide operator started meanwhile (the quickstart test's)
+/// could otherwise add its cleanup finalizer to a cache the namespace controller has not reached
+/// yet, and its remove Job is refused in a terminating namespace, so the namespace would never
+/// go. A cache that got a finalizer again between the two calls is taken again.
 async fn delete_test_objects(namespace: &str, store: Option<&str>) {
     let client = super::client().await;
     if let Some(store) = store {
@@ -326,12 +330,19 @@ async fn delete_test_objects(namespace: &str, store: Option<&str>) {
     }
     let caches: Api<TemplateCache> = Api::namespaced(client.clone(), namespace);
     let drop_finalizers = Patch::Merge(json!({"metadata": {"finalizers": null}}));
-    if let Ok(list) = caches.list(&Default::default()).await {
+    for _ in 0..10 {
+        let Ok(list) = caches.list(&Default::default()).await else {
+            break;
+        };
+        if list.items.is_empty() {
+            break;
+        }
         for cache in list {
             let name = cache.metadata.name.unwrap_or_default();
             let _ = caches
                 .patch(&name, &Default::default(), &drop_finalizers)
                 .await;
+            let _ = caches.delete(&name, &DeleteParams::background()).await;
         }
     }
     let _ = Api::<Namespace>::all(client)
