@@ -349,20 +349,13 @@ fn refusal(result: Result<impl std::fmt::Debug, kube::Error>, what: &str) -> Str
 
 /// Creating `object` as `client` in `namespace` is refused with a message that says `why`; the
 /// message goes to the corpus as `case`.
-async fn assert_create_refused<K>(
+async fn assert_create_refused<K: support::Namespaced>(
     client: &Client,
     namespace: &str,
     object: Value,
     case: &str,
     why: &str,
-) where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + serde::Serialize
-        + serde::de::DeserializeOwned,
-    <K as kube::Resource>::DynamicType: Default,
-{
+) {
     let object: K = serde_json::from_value(object).expect("object literal");
     let result = Api::<K>::namespaced(client.clone(), namespace)
         .create(&PostParams::default(), &object)

@@ -183,6 +183,26 @@ pub async fn client() -> Client {
     Client::try_from(config).expect("client from kubeconfig")
 }
 
+/// A kind of object that lives in a namespace (a built-in kind or one of the CRDs), as the
+/// helpers that create and list them need it.
+pub trait Namespaced:
+    kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+{
+}
+
+impl<K> Namespaced for K where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+{
+}
+
 /// A namespace of the test's own; a [`rig::Rig`] makes it and deletes it.
 #[derive(Clone)]
 pub struct TestNamespace {
@@ -219,14 +239,7 @@ impl TestNamespace {
     }
 
     /// Every `K` in the namespace.
-    pub async fn list<K>(&self) -> kube::api::ObjectList<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + std::fmt::Debug
-            + serde::de::DeserializeOwned,
-        <K as kube::Resource>::DynamicType: Default,
-    {
+    pub async fn list<K: Namespaced>(&self) -> kube::api::ObjectList<K> {
         self.api()
             .list(&Default::default())
             .await
@@ -234,15 +247,7 @@ impl TestNamespace {
     }
 
     /// Creates `object` (JSON, as a user would write it) in the namespace.
-    pub async fn create<K>(&self, object: serde_json::Value) -> K
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + std::fmt::Debug
-            + serde::Serialize
-            + serde::de::DeserializeOwned,
-        <K as kube::Resource>::DynamicType: Default,
-    {
+    pub async fn create<K: Namespaced>(&self, object: serde_json::Value) -> K {
         let what = format!(
             "{}/{}",
             K::kind(&Default::default()),
