@@ -185,6 +185,76 @@ async fn recorded_count(ns: &TestNamespace) -> i64 {
     )
 }
 
+/// Waits until the cache holds every reference of `wanted`; how long that took since `started`,
+/// the moment it was seen, and the API writes served since `writes_before`.
+async fn until_counted(
+    ns: &TestNamespace,
+    what: &str,
+    wanted: &BTreeMap<String, Instant>,
+    started: Instant,
+    writes_before: f64,
+) -> (Duration, Instant, f64) {
+    let caches: Api<TemplateCache> = ns.api();
+    until(what, || async {
+        let cache = caches.get("template").await.expect("cache");
+        let refs: BTreeSet<String> = cache.finalizers().iter().cloned().collect();
+        wanted.keys().all(|r| refs.contains(r))
+    })
+    .await;
+    let all_counted = started.elapsed();
+    let counted_at = Instant::now();
+    let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
+    (all_counted, counted_at, api_writes)
+}
+
+/// Finishes the template's one copy Job as the mover would on success; when it did.
+async fn copy_succeeds(ns: &TestNamespace) -> Instant {
+    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
+    let outcome = Outcome::Succeeded {
+        bytes: 4,
+        checksum: CHECKSUM,
+    };
+    let completed = Instant::now();
+    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    completed
+}
+
+/// What one of the operator's ways measured while its consumers acquired.
+struct Measured {
+    way: &'static str,
+    n: usize,
+    started: Instant,
+    counted_at: Instant,
+    /// When each consumer's reference was made.
+    wanted: BTreeMap<String, Instant>,
+    all_counted: Duration,
+    all_ready: Duration,
+    api_writes: f64,
+}
+
+/// Waits until every reference of an operator's way is released, then makes its row from the
+/// versions of the cache its watch saw.
+async fn released_row(ns: &TestNamespace, watch: CacheWatch, measured: Measured) -> Row {
+    until("every reference released", || async {
+        recorded_count(ns).await == 0
+    })
+    .await;
+    let final_count = recorded_count(ns).await;
+    let versions = watch.stop().await;
+    Row {
+        way: measured.way,
+        n: measured.n,
+        copies: cache_copies(ns).await,
+        cache_writes: versions_between(&versions, measured.started, measured.counted_at),
+        api_writes: measured.api_writes,
+        counted: first_seen(&versions, &measured.wanted),
+        all_counted: measured.all_counted,
+        all_ready: Some(measured.all_ready),
+        lowest: lowest_count(&versions, final_count),
+        final_count,
+    }
+}
+
 async fn claims_way(n: usize) -> Row {
     let rig = Rig::operator(&format!("bench-claims-{n}")).await;
     let ns = &rig.ns;
@@ -225,24 +295,10 @@ async fn claims_way(n: usize) -> Row {
         .iter()
         .map(|(r, begun)| (claim_reference(&uids[r.claim_name()]), *begun))
         .collect();
-    let caches: Api<TemplateCache> = ns.api();
-    until("every claim counted", || async {
-        let cache = caches.get("template").await.expect("cache");
-        let refs: BTreeSet<String> = cache.finalizers().iter().cloned().collect();
-        wanted.keys().all(|r| refs.contains(r))
-    })
-    .await;
-    let all_counted = started.elapsed();
-    let counted_at = Instant::now();
-    let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
+    let (all_counted, counted_at, api_writes) =
+        until_counted(ns, "every claim counted", &wanted, started, writes_before).await;
 
-    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
-    let outcome = Outcome::Succeeded {
-        bytes: 4,
-        checksum: CHECKSUM,
-    };
-    let completed = Instant::now();
-    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    let completed = copy_succeeds(ns).await;
     until("every claim Ready", || async {
         let list = claims.list(&ListParams::default()).await.expect("claims");
         list.items.len() == n
@@ -258,26 +314,17 @@ async fn claims_way(n: usize) -> Row {
     for released in future::join_all(releases).await {
         released.expect("release");
     }
-    until("every reference released", || async {
-        recorded_count(ns).await == 0
-    })
-    .await;
-    let final_count = recorded_count(ns).await;
-    let versions = watch.stop().await;
-    let row = Row {
+    let measured = Measured {
         way: "claims",
         n,
-        copies: cache_copies(ns).await,
-        cache_writes: versions_between(&versions, started, counted_at),
-        api_writes,
-        counted: first_seen(&versions, &wanted),
+        started,
+        counted_at,
+        wanted,
         all_counted,
-        all_ready: Some(all_ready),
-        lowest: lowest_count(&versions, final_count),
-        final_count,
+        all_ready,
+        api_writes,
     };
-    drop(rig);
-    row
+    released_row(ns, watch, measured).await
 }
 
 fn gated_pod(i: usize) -> Pod {
@@ -341,23 +388,10 @@ async fn pods_way(n: usize) -> Row {
         .await
         .expect("create Pods");
     let wanted: BTreeMap<String, Instant> = created.into_iter().collect();
-    until("every Pod counted", || async {
-        let cache = caches.get("template").await.expect("cache");
-        let refs: BTreeSet<String> = cache.finalizers().iter().cloned().collect();
-        wanted.keys().all(|r| refs.contains(r))
-    })
-    .await;
-    let all_counted = started.elapsed();
-    let counted_at = Instant::now();
-    let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
+    let (all_counted, counted_at, api_writes) =
+        until_counted(ns, "every Pod counted", &wanted, started, writes_before).await;
 
-    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
-    let outcome = Outcome::Succeeded {
-        bytes: 4,
-        checksum: CHECKSUM,
-    };
-    let completed = Instant::now();
-    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    let completed = copy_succeeds(ns).await;
     until("every Pod ungated", || async {
         let list = pods.list(&ListParams::default()).await.expect("pods");
         list.items.iter().all(|p| {
@@ -374,26 +408,17 @@ async fn pods_way(n: usize) -> Row {
     )
     .await
     .expect("delete Pods");
-    until("every reference released", || async {
-        recorded_count(ns).await == 0
-    })
-    .await;
-    let final_count = recorded_count(ns).await;
-    let versions = watch.stop().await;
-    let row = Row {
+    let measured = Measured {
         way: "gated Pods",
         n,
-        copies: cache_copies(ns).await,
-        cache_writes: versions_between(&versions, started, counted_at),
-        api_writes,
-        counted: first_seen(&versions, &wanted),
+        started,
+        counted_at,
+        wanted,
         all_counted,
-        all_ready: Some(all_ready),
-        lowest: lowest_count(&versions, final_count),
-        final_count,
+        all_ready,
+        api_writes,
     };
-    drop(rig);
-    row
+    released_row(ns, watch, measured).await
 }
 
 /// The old path: each consumer appends its own finalizer to the shared cache (the operator adds
@@ -459,13 +484,7 @@ async fn direct_way(n: usize) -> Row {
     let counted_at = Instant::now();
     let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
 
-    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
-    let outcome = Outcome::Succeeded {
-        bytes: 4,
-        checksum: CHECKSUM,
-    };
-    let completed = Instant::now();
-    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    let completed = copy_succeeds(ns).await;
     until("the cache Ready", || async {
         let cache = caches.get("template").await.expect("cache");
         cache.status.and_then(|s| s.phase) == Some(templatecache::api::Phase::Ready)
@@ -489,26 +508,17 @@ async fn direct_way(n: usize) -> Row {
         )
         .await
         .expect("release all");
-    until("every reference released", || async {
-        recorded_count(ns).await == 0
-    })
-    .await;
-    let final_count = recorded_count(ns).await;
-    let versions = watch.stop().await;
-    let row = Row {
+    let measured = Measured {
         way: "direct finalizers (old path)",
         n,
-        copies: cache_copies(ns).await,
-        cache_writes: versions_between(&versions, started, counted_at),
-        api_writes,
-        counted: first_seen(&versions, &wanted),
+        started,
+        counted_at,
+        wanted,
         all_counted,
-        all_ready: Some(all_ready),
-        lowest: lowest_count(&versions, final_count),
-        final_count,
+        all_ready,
+        api_writes,
     };
-    drop(rig);
-    row
+    released_row(ns, watch, measured).await
 }
 
 /// CloudStack's acquire: read the row, create it if absent (and copy), then counter += 1.
