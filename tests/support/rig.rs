@@ -4,7 +4,8 @@
 //!
 //! Teardown order matters. The operators stop first (each is a drop guard of its own), so none
 //! writes while the namespace goes; then the executor is killed; then the store is deleted and the
-//! caches' finalizers dropped before the namespace is deleted (see [`delete_test_objects`]). Drop
+//! caches lose their finalizers and are deleted before the namespace is (see
+//! [`delete_test_objects`]). Drop
 //! cannot await, and a kube client is bound to the runtime it was made on, so that last part runs
 //! on a thread of its own with a small runtime and a fresh client, joined before drop returns.
 
