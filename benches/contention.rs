@@ -39,7 +39,7 @@ use serde_json::json;
 use support::TestNamespace;
 use support::cache_watch::{CacheWatch, Version};
 use support::jobs::{Outcome, finish_copy, wait_for_job};
-use support::operator::{Operator, TestStore, config};
+use support::rig::Rig;
 use templatecache::api::names::{POD_CACHE_LABEL, READY_GATE};
 use templatecache::api::references::{claim_reference, is_reference, pod_reference};
 use templatecache::api::{ClaimPhase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
@@ -185,34 +185,78 @@ async fn recorded_count(ns: &TestNamespace) -> i64 {
     )
 }
 
-/// The operator's side of a way, set up before the clock starts.
-struct OperatorRig {
-    ns: TestNamespace,
-    store: TestStore,
-    operator: Operator,
+/// Waits until the cache holds every reference of `wanted`; how long that took since `started`,
+/// the moment it was seen, and the API writes served since `writes_before`.
+async fn until_counted(
+    ns: &TestNamespace,
+    what: &str,
+    wanted: &BTreeMap<String, Instant>,
+    started: Instant,
+    writes_before: f64,
+) -> (Duration, Instant, f64) {
+    let caches: Api<TemplateCache> = ns.api();
+    until(what, || async {
+        let cache = caches.get("template").await.expect("cache");
+        let refs: BTreeSet<String> = cache.finalizers().iter().cloned().collect();
+        wanted.keys().all(|r| refs.contains(r))
+    })
+    .await;
+    let all_counted = started.elapsed();
+    let counted_at = Instant::now();
+    let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
+    (all_counted, counted_at, api_writes)
 }
 
-impl OperatorRig {
-    async fn new(prefix: &str) -> Self {
-        let ns = TestNamespace::new(prefix).await;
-        let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-        let operator = Operator::start(config(&ns.name, &store.name)).await;
-        Self {
-            ns,
-            store,
-            operator,
-        }
-    }
+/// Finishes the template's one copy Job as the mover would on success; when it did.
+async fn copy_succeeds(ns: &TestNamespace) -> Instant {
+    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
+    let outcome = Outcome::Succeeded {
+        bytes: 4,
+        checksum: CHECKSUM,
+    };
+    let completed = Instant::now();
+    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    completed
+}
 
-    async fn stop(self) {
-        self.operator.stop().await;
-        self.store.delete().await;
-        self.ns.delete().await;
+/// What one of the operator's ways measured while its consumers acquired.
+struct Measured {
+    way: &'static str,
+    n: usize,
+    started: Instant,
+    counted_at: Instant,
+    /// When each consumer's reference was made.
+    wanted: BTreeMap<String, Instant>,
+    all_counted: Duration,
+    all_ready: Duration,
+    api_writes: f64,
+}
+
+/// Waits until every reference of an operator's way is released, then makes its row from the
+/// versions of the cache its watch saw.
+async fn released_row(ns: &TestNamespace, watch: CacheWatch, measured: Measured) -> Row {
+    until("every reference released", || async {
+        recorded_count(ns).await == 0
+    })
+    .await;
+    let final_count = recorded_count(ns).await;
+    let versions = watch.stop().await;
+    Row {
+        way: measured.way,
+        n: measured.n,
+        copies: cache_copies(ns).await,
+        cache_writes: versions_between(&versions, measured.started, measured.counted_at),
+        api_writes: measured.api_writes,
+        counted: first_seen(&versions, &measured.wanted),
+        all_counted: measured.all_counted,
+        all_ready: Some(measured.all_ready),
+        lowest: lowest_count(&versions, final_count),
+        final_count,
     }
 }
 
 async fn claims_way(n: usize) -> Row {
-    let rig = OperatorRig::new(&format!("bench-claims-{n}")).await;
+    let rig = Rig::operator(&format!("bench-claims-{n}")).await;
     let ns = &rig.ns;
     let watch = CacheWatch::start(ns, "template");
     let clients = consumers(n).await;
@@ -251,24 +295,10 @@ async fn claims_way(n: usize) -> Row {
         .iter()
         .map(|(r, begun)| (claim_reference(&uids[r.claim_name()]), *begun))
         .collect();
-    let caches: Api<TemplateCache> = ns.api();
-    until("every claim counted", || async {
-        let cache = caches.get("template").await.expect("cache");
-        let refs: BTreeSet<String> = cache.finalizers().iter().cloned().collect();
-        wanted.keys().all(|r| refs.contains(r))
-    })
-    .await;
-    let all_counted = started.elapsed();
-    let counted_at = Instant::now();
-    let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
+    let (all_counted, counted_at, api_writes) =
+        until_counted(ns, "every claim counted", &wanted, started, writes_before).await;
 
-    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
-    let outcome = Outcome::Succeeded {
-        bytes: 4,
-        checksum: CHECKSUM,
-    };
-    let completed = Instant::now();
-    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    let completed = copy_succeeds(ns).await;
     until("every claim Ready", || async {
         let list = claims.list(&ListParams::default()).await.expect("claims");
         list.items.len() == n
@@ -284,26 +314,17 @@ async fn claims_way(n: usize) -> Row {
     for released in future::join_all(releases).await {
         released.expect("release");
     }
-    until("every reference released", || async {
-        recorded_count(ns).await == 0
-    })
-    .await;
-    let final_count = recorded_count(ns).await;
-    let versions = watch.stop().await;
-    let row = Row {
+    let measured = Measured {
         way: "claims",
         n,
-        copies: cache_copies(ns).await,
-        cache_writes: versions_between(&versions, started, counted_at),
-        api_writes,
-        counted: first_seen(&versions, &wanted),
+        started,
+        counted_at,
+        wanted,
         all_counted,
-        all_ready: Some(all_ready),
-        lowest: lowest_count(&versions, final_count),
-        final_count,
+        all_ready,
+        api_writes,
     };
-    rig.stop().await;
-    row
+    released_row(ns, watch, measured).await
 }
 
 fn gated_pod(i: usize) -> Pod {
@@ -323,7 +344,7 @@ fn gated_pod(i: usize) -> Pod {
 const POD_CREATORS: usize = 64;
 
 async fn pods_way(n: usize) -> Row {
-    let rig = OperatorRig::new(&format!("bench-pods-{n}")).await;
+    let rig = Rig::operator(&format!("bench-pods-{n}")).await;
     let ns = &rig.ns;
     let accounts: Api<ServiceAccount> = ns.api();
     until("the namespace's default ServiceAccount", || async {
@@ -367,23 +388,10 @@ async fn pods_way(n: usize) -> Row {
         .await
         .expect("create Pods");
     let wanted: BTreeMap<String, Instant> = created.into_iter().collect();
-    until("every Pod counted", || async {
-        let cache = caches.get("template").await.expect("cache");
-        let refs: BTreeSet<String> = cache.finalizers().iter().cloned().collect();
-        wanted.keys().all(|r| refs.contains(r))
-    })
-    .await;
-    let all_counted = started.elapsed();
-    let counted_at = Instant::now();
-    let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
+    let (all_counted, counted_at, api_writes) =
+        until_counted(ns, "every Pod counted", &wanted, started, writes_before).await;
 
-    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
-    let outcome = Outcome::Succeeded {
-        bytes: 4,
-        checksum: CHECKSUM,
-    };
-    let completed = Instant::now();
-    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    let completed = copy_succeeds(ns).await;
     until("every Pod ungated", || async {
         let list = pods.list(&ListParams::default()).await.expect("pods");
         list.items.iter().all(|p| {
@@ -400,26 +408,17 @@ async fn pods_way(n: usize) -> Row {
     )
     .await
     .expect("delete Pods");
-    until("every reference released", || async {
-        recorded_count(ns).await == 0
-    })
-    .await;
-    let final_count = recorded_count(ns).await;
-    let versions = watch.stop().await;
-    let row = Row {
+    let measured = Measured {
         way: "gated Pods",
         n,
-        copies: cache_copies(ns).await,
-        cache_writes: versions_between(&versions, started, counted_at),
-        api_writes,
-        counted: first_seen(&versions, &wanted),
+        started,
+        counted_at,
+        wanted,
         all_counted,
-        all_ready: Some(all_ready),
-        lowest: lowest_count(&versions, final_count),
-        final_count,
+        all_ready,
+        api_writes,
     };
-    rig.stop().await;
-    row
+    released_row(ns, watch, measured).await
 }
 
 /// The old path: each consumer appends its own finalizer to the shared cache (the operator adds
@@ -449,7 +448,7 @@ async fn direct_append(api: &Api<TemplateCache>, entry: &str) {
 }
 
 async fn direct_way(n: usize) -> Row {
-    let rig = OperatorRig::new(&format!("bench-direct-{n}")).await;
+    let rig = Rig::operator(&format!("bench-direct-{n}")).await;
     let ns = &rig.ns;
     ns.create_cache(
         "template",
@@ -485,13 +484,7 @@ async fn direct_way(n: usize) -> Row {
     let counted_at = Instant::now();
     let api_writes = support::api_writes::served(&ns.client, &RESOURCES).await - writes_before;
 
-    wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
-    let outcome = Outcome::Succeeded {
-        bytes: 4,
-        checksum: CHECKSUM,
-    };
-    let completed = Instant::now();
-    finish_copy(&ns.client, &ns.name, "template", 1, outcome).await;
+    let completed = copy_succeeds(ns).await;
     until("the cache Ready", || async {
         let cache = caches.get("template").await.expect("cache");
         cache.status.and_then(|s| s.phase) == Some(templatecache::api::Phase::Ready)
@@ -515,26 +508,17 @@ async fn direct_way(n: usize) -> Row {
         )
         .await
         .expect("release all");
-    until("every reference released", || async {
-        recorded_count(ns).await == 0
-    })
-    .await;
-    let final_count = recorded_count(ns).await;
-    let versions = watch.stop().await;
-    let row = Row {
+    let measured = Measured {
         way: "direct finalizers (old path)",
         n,
-        copies: cache_copies(ns).await,
-        cache_writes: versions_between(&versions, started, counted_at),
-        api_writes,
-        counted: first_seen(&versions, &wanted),
+        started,
+        counted_at,
+        wanted,
         all_counted,
-        all_ready: Some(all_ready),
-        lowest: lowest_count(&versions, final_count),
-        final_count,
+        all_ready,
+        api_writes,
     };
-    rig.stop().await;
-    row
+    released_row(ns, watch, measured).await
 }
 
 /// CloudStack's acquire: read the row, create it if absent (and copy), then counter += 1.
@@ -583,8 +567,9 @@ fn annotation_counter_of(row: &TemplateCache) -> i64 {
 
 async fn cloudstack_way(n: usize, global_lock: bool) -> Row {
     // No operator watches this namespace: the rows are CloudStack's database, nothing more.
-    let ns = TestNamespace::new(&format!("bench-cs-{n}")).await;
-    let watch = CacheWatch::counting(&ns, "template", annotation_counter);
+    let rig = Rig::namespace(&format!("bench-cs-{n}")).await;
+    let ns = &rig.ns;
+    let watch = CacheWatch::counting(ns, "template", annotation_counter);
     let clients = consumers(n).await;
     let copies = Arc::new(AtomicU32::new(0));
     let lock = Arc::new(tokio::sync::Mutex::new(()));
@@ -627,7 +612,7 @@ async fn cloudstack_way(n: usize, global_lock: bool) -> Row {
     // Let the watch see the last writes.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let versions = watch.stop().await;
-    ns.delete().await;
+    drop(rig);
     Row {
         way: if global_lock {
             "CloudStack after its fix (global lock)"

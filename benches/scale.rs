@@ -20,8 +20,8 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use serde_json::json;
-use support::TestNamespace;
-use support::operator::{OperatorProcess, TestStore};
+use support::operator::OperatorProcess;
+use support::rig::Rig;
 use templatecache::api::TemplateCache;
 
 /// Concurrent writers for creating objects and for the raw write rate.
@@ -133,8 +133,8 @@ async fn main() {
     let caches_n = numbers.first().copied().unwrap_or(5000);
     let refs_n = numbers.get(1).copied().unwrap_or(10);
 
-    let ns = TestNamespace::new("bench-scale").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "100Ti").await;
+    let rig = Rig::builder("bench-scale").store("100Ti").start().await;
+    let (ns, store) = (&rig.ns, rig.store());
     let caches: Api<TemplateCache> = ns.api();
     let jobs: Api<Job> = ns.api();
     let create_time = create_all(&caches, caches_n, |i| cache(i, refs_n)).await;
@@ -143,14 +143,14 @@ async fn main() {
     let cache_rate = caches_n as f64 / create_time.as_secs_f64();
 
     // The ceiling: the API server's raw write rate for small objects, in this run.
-    let raw = TestNamespace::new("bench-raw").await;
+    let raw = Rig::namespace("bench-raw").await;
     let raw_writes = caches_n;
-    let raw_time = create_all(&raw.api::<ConfigMap>(), raw_writes, config_map).await;
+    let raw_time = create_all(&raw.ns.api::<ConfigMap>(), raw_writes, config_map).await;
     let raw_rate = raw_writes as f64 / raw_time.as_secs_f64();
     println!("scale: raw write rate {raw_rate:.0}/s");
     // A third: the kind of write the operator mostly makes, a status patch of a TemplateCache,
     // on caches of the same shape in another namespace.
-    let raw_caches = raw.api::<TemplateCache>();
+    let raw_caches = raw.ns.api::<TemplateCache>();
     create_all(&raw_caches, caches_n, |i| cache(i, refs_n)).await;
     let patch_rate = caches_n as f64 / patch_statuses(&raw_caches, caches_n).await.as_secs_f64();
     println!("scale: TemplateCache status patches {patch_rate:.0}/s");
@@ -220,8 +220,4 @@ async fn main() {
     );
     support::write_report("bench/scale.md", &report);
     println!("scale: wrote target/bench/scale.md");
-
-    raw.delete().await;
-    store.delete().await;
-    ns.delete().await;
 }

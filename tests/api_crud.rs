@@ -4,7 +4,7 @@ mod support;
 
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use support::TestNamespace;
+use support::rig::Rig;
 use templatecache::api::{Phase, TemplateCache, TemplateCacheStatus};
 
 fn http_cache(name: &str) -> TemplateCache {
@@ -19,7 +19,8 @@ fn http_cache(name: &str) -> TemplateCache {
 
 #[tokio::test]
 async fn create_read_update_status_and_delete_a_template_cache() {
-    let ns = TestNamespace::new("crud").await;
+    let rig = Rig::namespace("crud").await;
+    let ns = &rig.ns;
     let caches = ns.api::<TemplateCache>();
 
     let created = caches
@@ -69,5 +70,4 @@ async fn create_read_update_status_and_delete_a_template_cache() {
     let gone = caches.get_opt("ubuntu").await.expect("get after delete");
     assert!(gone.is_none(), "deleted cache is gone");
     println!("deleted tc/ubuntu");
-    ns.delete().await;
 }

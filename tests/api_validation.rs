@@ -6,7 +6,7 @@ mod support;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Resource};
 use serde_json::{Value, json};
-use support::TestNamespace;
+use support::rig::Rig;
 use templatecache::api::{StagingStore, TemplateCache, TemplateCacheClaim};
 
 fn cache(name: &str, spec: Value) -> DynamicObject {
@@ -51,7 +51,8 @@ fn assert_refused(case: &str, result: kube::Result<DynamicObject>, expected: &[&
 
 #[tokio::test]
 async fn invalid_template_caches_are_refused_with_the_field_named() {
-    let ns = TestNamespace::new("invalid-tc").await;
+    let rig = Rig::namespace("invalid-tc").await;
+    let ns = &rig.ns;
     let ar = ApiResource::erase::<TemplateCache>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
     let pp = PostParams::default();
@@ -282,7 +283,6 @@ async fn invalid_template_caches_are_refused_with_the_field_named() {
             .await,
         &["status.phase", "supported values"],
     );
-    ns.delete().await;
 }
 
 fn oci(source: Value) -> Value {
@@ -291,7 +291,8 @@ fn oci(source: Value) -> Value {
 
 #[tokio::test]
 async fn invalid_oci_sources_are_refused_with_the_field_named() {
-    let ns = TestNamespace::new("invalid-oci").await;
+    let rig = Rig::namespace("invalid-oci").await;
+    let ns = &rig.ns;
     let ar = ApiResource::erase::<TemplateCache>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
     let pp = PostParams::default();
@@ -381,7 +382,6 @@ async fn invalid_oci_sources_are_refused_with_the_field_named() {
         .await,
         &["spec.source", "immutable"],
     );
-    ns.delete().await;
 }
 
 #[tokio::test]
@@ -560,7 +560,8 @@ fn claim(name: &str, spec: Value) -> DynamicObject {
 
 #[tokio::test]
 async fn invalid_claims_are_refused_with_the_field_named() {
-    let ns = TestNamespace::new("invalid-tcc").await;
+    let rig = Rig::namespace("invalid-tcc").await;
+    let ns = &rig.ns;
     let ar = ApiResource::erase::<TemplateCacheClaim>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
     let pp = PostParams::default();
@@ -647,5 +648,4 @@ async fn invalid_claims_are_refused_with_the_field_named() {
         let result = api.patch("vm-1", &params, &Patch::Merge(&patch)).await;
         assert_refused(case, result, &expected);
     }
-    ns.delete().await;
 }

@@ -11,28 +11,16 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::corpus::record;
+use support::http_spec;
 use support::jobs::wait_for_cache;
-use support::operator::{Operator, TestStore, config};
 use support::registry::{PASSWORD, Registry};
 use support::rig::{Rig, ready_message};
 use support::{TestNamespace, kubectl};
 use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
-use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
-use templatecache::client::{self, CacheRequest, ClientError};
-
-fn spec(url: &str) -> TemplateCacheSpec {
-    serde_json::from_value(json!({"source": {"http": {"url": url}}})).expect("spec")
-}
-
-fn request(ns: &TestNamespace, name: &str, spec: Option<TemplateCacheSpec>) -> CacheRequest {
-    CacheRequest {
-        namespace: ns.name.clone(),
-        name: name.to_owned(),
-        spec,
-    }
-}
+use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim};
+use templatecache::client::{self, ClientError};
 
 async fn refs(ns: &TestNamespace, name: &str) -> (u32, String) {
     let cache = ns.api::<TemplateCache>().get(name).await.expect("cache");
@@ -76,15 +64,14 @@ async fn claim_count(ns: &TestNamespace) -> usize {
 
 #[tokio::test]
 async fn consumers_that_misbehave_change_nothing_they_should_not() {
-    let ns = TestNamespace::new("bad-consumer").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
+    let rig = Rig::operator("bad-consumer").await;
+    let ns = &rig.ns;
     let url = "https://templates.invalid/img.qcow2";
-    let cache = request(&ns, "img", Some(spec(url)));
+    let cache = ns.request("img", Some(http_spec(url)));
     let holder = client::acquire(ns.client.clone(), &cache, "holder")
         .await
         .expect("acquire");
-    let before = settled_refs(&ns, "img", 1).await;
+    let before = settled_refs(ns, "img", 1).await;
 
     for (case, id) in [
         ("consumer id that is empty", String::new()),
@@ -96,9 +83,9 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
         let Err(e @ ClientError::InvalidConsumerId(_)) = result else {
             panic!("{case}: {result:?}");
         };
-        assert_eq!(claim_count(&ns).await, 1, "{case}: no claim made");
+        assert_eq!(claim_count(ns).await, 1, "{case}: no claim made");
         assert_eq!(
-            refs(&ns, "img").await,
+            refs(ns, "img").await,
             (1, before.clone()),
             "{case}: cache untouched"
         );
@@ -111,7 +98,7 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
     client::release(ns.client.clone(), &ns.name, "img", "never-held")
         .await
         .expect("a release of nothing is a no-op");
-    assert_eq!(refs(&ns, "img").await, (1, before.clone()));
+    assert_eq!(refs(ns, "img").await, (1, before.clone()));
     record(
         "releasing a reference never held",
         "no-op: Ok, refCount and resourceVersion unchanged",
@@ -120,10 +107,10 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
     let spare = client::acquire(ns.client.clone(), &cache, "twice")
         .await
         .expect("acquire");
-    settled_refs(&ns, "img", 2).await;
+    settled_refs(ns, "img", 2).await;
     spare.clone().release().await.expect("release");
     spare.release().await.expect("second release");
-    settled_refs(&ns, "img", 1).await;
+    settled_refs(ns, "img", 1).await;
     record(
         "releasing the same reference twice",
         "second release is a no-op; refCount back to 1",
@@ -132,21 +119,20 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
     let storm =
         join_all((0..50).map(|_| client::acquire(ns.client.clone(), &cache, "same-one"))).await;
     assert!(storm.iter().all(Result::is_ok), "{storm:?}");
-    assert_eq!(claim_count(&ns).await, 2, "one consumer, one claim");
-    settled_refs(&ns, "img", 2).await;
+    assert_eq!(claim_count(ns).await, 2, "one consumer, one claim");
+    settled_refs(ns, "img", 2).await;
     client::release(ns.client.clone(), &ns.name, "img", "same-one")
         .await
         .expect("release");
-    settled_refs(&ns, "img", 1).await;
+    settled_refs(ns, "img", 1).await;
     record(
         "one consumer acquiring 50 times at once",
         "one claim, counted once (refCount +1); one release frees it",
     );
 
-    let other = request(
-        &ns,
+    let other = ns.request(
         "img",
-        Some(spec("https://elsewhere.invalid/other.qcow2")),
+        Some(http_spec("https://elsewhere.invalid/other.qcow2")),
     );
     let mismatch = client::acquire(ns.client.clone(), &other, "mismatch")
         .await
@@ -158,7 +144,7 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
         panic!("spec mismatch: {result:?}");
     };
     assert_eq!(
-        refs(&ns, "img").await.0,
+        refs(ns, "img").await.0,
         1,
         "a mismatched claim holds nothing"
     );
@@ -171,8 +157,8 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
         .delete("img", &Default::default())
         .await
         .expect("delete");
-    settled_refs(&ns, "img", 1).await;
-    let late = client::acquire(ns.client.clone(), &request(&ns, "img", None), "late")
+    settled_refs(ns, "img", 1).await;
+    let late = client::acquire(ns.client.clone(), &ns.request("img", None), "late")
         .await
         .expect("the claim is made");
     let result = late.wait_ready(std::time::Duration::from_secs(3)).await;
@@ -181,7 +167,7 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
         "{result:?}"
     );
     assert_eq!(
-        refs(&ns, "img").await.0,
+        refs(ns, "img").await.0,
         1,
         "a cache being deleted takes no new reference"
     );
@@ -192,16 +178,12 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
     late.release().await.expect("release");
     mismatch.release().await.expect("release");
     holder.release().await.expect("release");
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn ten_thousand_references_on_one_cache_are_counted_and_released() {
-    let ns = TestNamespace::new("tenk").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
+    let rig = Rig::operator("tenk").await;
+    let ns = &rig.ns;
     ns.create_cache(
         "img",
         json!({"source": {"http": {"url": "https://t.invalid/x"}}}),
@@ -253,28 +235,27 @@ async fn ten_thousand_references_on_one_cache_are_counted_and_released() {
             "accepted in 20 patches; refCount 10000 ({size} bytes of JSON, under etcd's 1.5 MB); all released: refCount 0"
         ),
     );
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn sources_the_operator_must_not_fetch_start_no_job() {
-    let ns = TestNamespace::new("bad-source").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let mut cfg = config(&ns.name, &store.name);
-    cfg.source_allowlist = vec![
-        "https://images.example.com/".into(),
-        "oci://registry.example.com/vms/".into(),
-    ];
-    let operator = Operator::start(cfg).await;
+    let rig = Rig::builder("bad-source")
+        .configured(|cfg| {
+            cfg.source_allowlist = vec![
+                "https://images.example.com/".into(),
+                "oci://registry.example.com/vms/".into(),
+            ];
+        })
+        .start()
+        .await;
+    let ns = &rig.ns;
 
     ns.create_cache(
         "internal",
         json!({"source": {"http": {"url": "http://169.254.169.254/latest/meta-data/"}}}),
     )
     .await;
-    let message = ready_reason(&ns, "internal", reason::SOURCE_NOT_ALLOWED).await;
+    let message = ready_reason(ns, "internal", reason::SOURCE_NOT_ALLOWED).await;
     assert!(
         message.contains("outside the operator's source allowlist"),
         "{message}"
@@ -288,7 +269,7 @@ async fn sources_the_operator_must_not_fetch_start_no_job() {
         json!({"source": {"http": {"url": "https://images.example.com.evil.example/x"}}}),
     )
     .await;
-    ready_reason(&ns, "lookalike", reason::SOURCE_NOT_ALLOWED).await;
+    ready_reason(ns, "lookalike", reason::SOURCE_NOT_ALLOWED).await;
     record(
         "a look-alike host that shares the allowlisted prefix but not its slash",
         "Failed, reason SourceNotAllowed, no Job",
@@ -308,7 +289,7 @@ async fn sources_the_operator_must_not_fetch_start_no_job() {
     ] {
         ns.create_cache(name, json!({"source": {"oci": {"reference": reference}}}))
             .await;
-        let message = ready_reason(&ns, name, reason::SOURCE_NOT_ALLOWED).await;
+        let message = ready_reason(ns, name, reason::SOURCE_NOT_ALLOWED).await;
         let repository = reference.rsplit_once(':').map_or(reference, |(r, _)| r);
         assert!(
             message.contains(&format!("source oci://{repository} is outside")),
@@ -325,7 +306,7 @@ async fn sources_the_operator_must_not_fetch_start_no_job() {
         json!({"source": {"http": {"url": "https://images.example.com/x"}}, "storeRef": {"name": "no-such-store"}}),
     )
     .await;
-    let message = ready_reason(&ns, "nowhere", reason::STORE_NOT_FOUND).await;
+    let message = ready_reason(ns, "nowhere", reason::STORE_NOT_FOUND).await;
     record(
         "a cache naming a StagingStore that does not exist",
         &format!("Pending, reason StoreNotFound, no Job: {message}"),
@@ -336,10 +317,6 @@ async fn sources_the_operator_must_not_fetch_start_no_job() {
         .await
         .expect("jobs");
     assert!(jobs.items.is_empty(), "no Job for any of them");
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
@@ -399,13 +376,9 @@ async fn a_container_disk_whose_disk_is_a_link_or_outside_disk_stages_nothing() 
     let tar = tar.into_inner().expect("tar");
     registry.push_tar_image("vms/hostile", "v1", &tar);
     let rig = Rig::new("bad-disk", 1).await;
-    let secret: Secret =
-        serde_json::from_value(registry.pull_secret("pull", PASSWORD)).expect("secret");
     rig.ns
-        .api::<Secret>()
-        .create(&Default::default(), &secret)
-        .await
-        .expect("pull secret");
+        .create::<Secret>(registry.pull_secret("pull", PASSWORD))
+        .await;
     let reference = format!("{}/vms/hostile:v1", registry.host);
     rig.create(
         "hostile",
@@ -425,12 +398,12 @@ async fn a_container_disk_whose_disk_is_a_link_or_outside_disk_stages_nothing() 
         "a containerDisk whose disk/disk.img is a symlink to /etc/shadow, with a disk.img outside disk/",
         &format!("Failed, nothing staged (links and other paths are never read): {message}"),
     );
-    rig.stop().await;
 }
 
 #[tokio::test]
 async fn unknown_fields_are_refused_by_kubectl_apply() {
-    let ns = TestNamespace::new("strict").await;
+    let rig = Rig::namespace("strict").await;
+    let ns = &rig.ns;
     let manifest = format!(
         "apiVersion: templatecache.io/v1alpha1\nkind: TemplateCache\nmetadata: {{name: typo, namespace: {}}}\nspec:\n  source: {{http: {{url: 'https://a.example/x'}}}}\n  checksumm: sha256:abc\n",
         ns.name
@@ -453,5 +426,4 @@ async fn unknown_fields_are_refused_by_kubectl_apply() {
         "a misspelt field (spec.checksumm) in kubectl apply",
         &format!("refused: {}", stderr.trim()),
     );
-    ns.delete().await;
 }

@@ -24,15 +24,16 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use support::TestNamespace;
-use support::executor::Executor;
+use support::eventually;
 use support::http_server::{HttpServer, random_below};
-use support::operator::{OperatorProcess, TestStore};
+use support::operator::OperatorProcess;
+use support::rig::Rig;
 use support::rig::{random_bytes, sha256, store_files};
 use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
-use templatecache::client::{self, CacheRequest};
+use templatecache::client;
 use templatecache::controller::jobs::JobState;
 
 const TEMPLATES: usize = 10;
@@ -97,11 +98,7 @@ async fn consumer(
         let t = usize::try_from(random_below(TEMPLATES as u64)).unwrap_or(0);
         let id = format!("c{index}-{round}");
         round += 1;
-        let request = CacheRequest {
-            namespace: ns.name.clone(),
-            name: format!("t{t}"),
-            spec: Some(specs[t].clone()),
-        };
+        let request = ns.request(&format!("t{t}"), Some(specs[t].clone()));
         if let Ok(reference) = client::acquire(ns.client.clone(), &request, &id).await {
             tally.acquires.fetch_add(1, Ordering::Relaxed);
             let _ = reference.wait_ready(Duration::from_secs(20)).await;
@@ -215,11 +212,15 @@ fn watch_ref_counts(ns: &TestNamespace, tally: Arc<Tally>) -> tokio::task::JoinH
 
 /// Waits until no copy runs and every cache has settled (Ready, or failed for good).
 async fn wait_for_quiet(ns: &TestNamespace) -> (Vec<TemplateCache>, Vec<Job>) {
-    let mut last = String::new();
-    for _ in 0..300 {
-        let caches = ns.api::<TemplateCache>().list(&Default::default()).await;
-        let jobs = ns.api::<Job>().list(&Default::default()).await;
-        if let (Ok(caches), Ok(jobs)) = (caches, jobs) {
+    eventually(
+        "the namespace settled",
+        Duration::from_secs(300),
+        || async {
+            let caches = ns.api::<TemplateCache>().list(&Default::default()).await;
+            let jobs = ns.api::<Job>().list(&Default::default()).await;
+            let (Ok(caches), Ok(jobs)) = (caches, jobs) else {
+                return Err("no answer from the API server".to_owned());
+            };
             let running = jobs
                 .items
                 .iter()
@@ -232,13 +233,13 @@ async fn wait_for_quiet(ns: &TestNamespace) -> (Vec<TemplateCache>, Vec<Job>) {
                 .map(|c| c.name_any())
                 .collect();
             if running == 0 && unsettled.is_empty() {
-                return (caches.items, jobs.items);
+                Ok((caches.items, jobs.items))
+            } else {
+                Err(format!("{running} Jobs running, unsettled: {unsettled:?}"))
             }
-            last = format!("{running} Jobs running, unsettled: {unsettled:?}");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    panic!("the namespace never settled: {last}");
+        },
+    )
+    .await
 }
 
 fn settled(cache: &TemplateCache) -> bool {
@@ -270,9 +271,8 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
             .map(|(t, b)| spec_of(&server, t, &sha256(b)))
             .collect(),
     );
-    let ns = Arc::new(TestNamespace::new("chaos").await);
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let _executor = Executor::start(&ns.name);
+    let rig = Rig::builder("chaos").store("10Gi").executor().start().await;
+    let (ns, store) = (Arc::new(rig.ns.clone()), rig.store());
     let tally = Arc::new(Tally::default());
     let watch = watch_ref_counts(&ns, tally.clone());
     let begun = Instant::now();
@@ -289,7 +289,7 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
         until,
         tally.clone(),
     );
-    let (held, operator) = tokio::join!(consumers, monkey);
+    let (held, _operator) = tokio::join!(consumers, monkey);
     let held: Vec<usize> = held
         .into_iter()
         .filter_map(|r| r.expect("consumer"))
@@ -418,9 +418,4 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
     );
     println!("{report}");
     support::write_report("chaos/report.md", &report);
-    drop(operator);
-    store.delete().await;
-    if let Ok(ns) = Arc::try_unwrap(ns) {
-        ns.delete().await;
-    }
 }

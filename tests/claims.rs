@@ -14,28 +14,18 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::TestNamespace;
 use support::cache_watch::{CacheWatch, counts_above_references, lost_references};
+use support::eventually;
+use support::http_spec;
 use support::jobs::{Outcome, finish_copy, finish_job, jobs_of, wait_for_cache, wait_for_job};
-use support::operator::{Operator, TestStore, config};
+use support::rig::Rig;
 use templatecache::api::conditions::{BOUND, READY, find};
 use templatecache::api::reasons::claim as reason;
 use templatecache::api::references::{claim_reference, count_references};
-use templatecache::api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
-use templatecache::client::{self, CacheRequest, ClientError};
+use templatecache::api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim};
+use templatecache::client::{self, ClientError};
 use templatecache::controller::DEFAULT_MAX_REFERENCES;
 
 const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-
-fn spec(url: &str) -> TemplateCacheSpec {
-    serde_json::from_value(json!({"source": {"http": {"url": url}}})).expect("spec literal")
-}
-
-fn request(ns: &TestNamespace, cache: &str, spec: Option<TemplateCacheSpec>) -> CacheRequest {
-    CacheRequest {
-        namespace: ns.name.clone(),
-        name: cache.to_owned(),
-        spec,
-    }
-}
 
 /// Waits until claim `name` satisfies `done`; returns it.
 async fn wait_for_claim(
@@ -45,19 +35,14 @@ async fn wait_for_claim(
     done: impl Fn(&TemplateCacheClaim) -> bool,
 ) -> TemplateCacheClaim {
     let claims: Api<TemplateCacheClaim> = ns.api();
-    for _ in 0..600 {
-        if let Some(claim) = claims.get_opt(name).await.expect("read claim")
-            && done(&claim)
-        {
-            return claim;
+    let awaited = format!("claim {name} {what}");
+    eventually(&awaited, Duration::from_secs(60), || async {
+        match claims.get_opt(name).await.expect("read claim") {
+            Some(claim) if done(&claim) => Ok(claim),
+            other => Err(format!("{:?}", other.and_then(|c| c.status))),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let last = claims.get_opt(name).await.expect("read claim");
-    panic!(
-        "claim {name} never {what}: {:?}",
-        last.and_then(|c| c.status)
-    );
+    })
+    .await
 }
 
 /// etcd's default limit on one object (`--max-request-bytes`).
@@ -86,11 +71,10 @@ async fn references_of(ns: &TestNamespace, cache: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_claims_with_duplicates_and_deletes_share_one_copy_in_few_writes() {
     const N: usize = 300;
-    let ns = TestNamespace::new("claims-storm").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
-    let watch = CacheWatch::start(&ns, "template");
-    let request = request(&ns, "template", Some(spec("http://127.0.0.1:9/disk.qcow2")));
+    let rig = Rig::operator("claims-storm").await;
+    let ns = &rig.ns;
+    let watch = CacheWatch::start(ns, "template");
+    let request = ns.request("template", Some(http_spec("http://127.0.0.1:9/disk.qcow2")));
     let clients = join_all((0..N).map(|_| support::consumer::consumer_client())).await;
 
     // Every consumer its own client, all at once; one in ten acquires twice, one in six
@@ -137,7 +121,7 @@ async fn three_hundred_claims_with_duplicates_and_deletes_share_one_copy_in_few_
     })
     .await;
     assert_eq!(count_references(counted.finalizers()) as usize, held.len());
-    let referenced_bytes = stored_bytes(&ns, "template").await;
+    let referenced_bytes = stored_bytes(ns, "template").await;
 
     // The copy finishes after the storm, so every claim really waits for it.
     wait_for_job(&ns.client, &ns.name, "template-copy-1").await;
@@ -192,7 +176,7 @@ async fn three_hundred_claims_with_duplicates_and_deletes_share_one_copy_in_few_
     );
 
     // Everyone releases at once; one in five twice.
-    let watch = CacheWatch::start(&ns, "template");
+    let watch = CacheWatch::start(ns, "template");
     let releases = kept
         .into_iter()
         .enumerate()
@@ -220,7 +204,7 @@ async fn three_hundred_claims_with_duplicates_and_deletes_share_one_copy_in_few_
     );
 
     // What one claim reference costs the object, and so how many fit under etcd's limit.
-    let unreferenced_bytes = stored_bytes(&ns, "template").await;
+    let unreferenced_bytes = stored_bytes(ns, "template").await;
     let per_reference = (referenced_bytes - unreferenced_bytes) / held.len();
     let fit = (ETCD_LIMIT - unreferenced_bytes) / per_reference;
     println!(
@@ -232,32 +216,27 @@ async fn three_hundred_claims_with_duplicates_and_deletes_share_one_copy_in_few_
         "the default reference limit keeps a third of etcd's limit free: {per_reference} bytes \
          per reference, {fit} fit"
     );
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn a_claim_with_another_template_fails_and_holds_no_reference() {
-    let ns = TestNamespace::new("claims-mismatch").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
+    let rig = Rig::operator("claims-mismatch").await;
+    let ns = &rig.ns;
     let first = client::acquire(
         ns.client.clone(),
-        &request(&ns, "img", Some(spec("http://127.0.0.1:9/a.qcow2"))),
+        &ns.request("img", Some(http_spec("http://127.0.0.1:9/a.qcow2"))),
         "first",
     )
     .await
     .expect("acquire");
-    wait_for_claim(&ns, first.claim_name(), "bound", |c| {
+    wait_for_claim(ns, first.claim_name(), "bound", |c| {
         condition_reason(c, BOUND).as_deref() == Some(reason::BOUND)
     })
     .await;
 
     let other = client::acquire(
         ns.client.clone(),
-        &request(&ns, "img", Some(spec("http://127.0.0.1:9/b.qcow2"))),
+        &ns.request("img", Some(http_spec("http://127.0.0.1:9/b.qcow2"))),
         "second",
     )
     .await
@@ -267,7 +246,7 @@ async fn a_claim_with_another_template_fails_and_holds_no_reference() {
         matches!(&waited, Err(ClientError::SpecMismatch { message, .. }) if message.contains("spec.template differs")),
         "{waited:?}"
     );
-    let claim = wait_for_claim(&ns, other.claim_name(), "failed", |c| {
+    let claim = wait_for_claim(ns, other.claim_name(), "failed", |c| {
         phase(c) == Some(ClaimPhase::Failed)
     })
     .await;
@@ -275,7 +254,7 @@ async fn a_claim_with_another_template_fails_and_holds_no_reference() {
         condition_reason(&claim, BOUND).as_deref(),
         Some(reason::TEMPLATE_MISMATCH)
     );
-    let refs = references_of(&ns, "img").await;
+    let refs = references_of(ns, "img").await;
     assert!(
         !refs.contains(&claim_reference(&claim.uid().expect("uid"))),
         "{refs:?}"
@@ -288,29 +267,24 @@ async fn a_claim_with_another_template_fails_and_holds_no_reference() {
     let cache: TemplateCache = ns.api().get("img").await.expect("cache");
     assert_eq!(
         cache.spec,
-        spec("http://127.0.0.1:9/a.qcow2"),
+        http_spec("http://127.0.0.1:9/a.qcow2"),
         "the cache is unharmed"
     );
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn a_claim_made_while_its_cache_is_deleted_waits_and_binds_to_the_new_cache() {
-    let ns = TestNamespace::new("claims-deleting").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
-    let template = spec("http://127.0.0.1:9/a.qcow2");
+    let rig = Rig::operator("claims-deleting").await;
+    let ns = &rig.ns;
+    let template = http_spec("http://127.0.0.1:9/a.qcow2");
     let old = client::acquire(
         ns.client.clone(),
-        &request(&ns, "img", Some(template.clone())),
+        &ns.request("img", Some(template.clone())),
         "old",
     )
     .await
     .expect("acquire");
-    wait_for_claim(&ns, old.claim_name(), "bound", |c| {
+    wait_for_claim(ns, old.claim_name(), "bound", |c| {
         condition_reason(c, BOUND).as_deref() == Some(reason::BOUND)
     })
     .await;
@@ -327,12 +301,12 @@ async fn a_claim_made_while_its_cache_is_deleted_waits_and_binds_to_the_new_cach
 
     let new = client::acquire(
         ns.client.clone(),
-        &request(&ns, "img", Some(template.clone())),
+        &ns.request("img", Some(template.clone())),
         "new",
     )
     .await
     .expect("acquire");
-    let waiting = wait_for_claim(&ns, new.claim_name(), "pending on the deletion", |c| {
+    let waiting = wait_for_claim(ns, new.claim_name(), "pending on the deletion", |c| {
         condition_reason(c, BOUND).as_deref() == Some(reason::CACHE_DELETING)
     })
     .await;
@@ -348,7 +322,7 @@ async fn a_claim_made_while_its_cache_is_deleted_waits_and_binds_to_the_new_cach
     old.release().await.expect("release");
     wait_for_job(&ns.client, &ns.name, "img-remove-1").await;
     finish_job(&ns.client, &ns.name, "img-remove-1", true).await;
-    let bound = wait_for_claim(&ns, new.claim_name(), "bound to the new cache", |c| {
+    let bound = wait_for_claim(ns, new.claim_name(), "bound to the new cache", |c| {
         condition_reason(c, BOUND).as_deref() == Some(reason::BOUND)
     })
     .await;
@@ -360,27 +334,19 @@ async fn a_claim_made_while_its_cache_is_deleted_waits_and_binds_to_the_new_cach
             .contains(&claim_reference(&bound.uid().expect("uid")))
     );
     assert_eq!(cache.spec, template);
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn a_claim_deleted_while_the_operator_was_down_is_released_when_it_returns() {
-    let ns = TestNamespace::new("claims-gc").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
-    let template = Some(spec("http://127.0.0.1:9/a.qcow2"));
+    let mut rig = Rig::operator("claims-gc").await;
+    let ns = rig.ns.clone();
+    let template = Some(http_spec("http://127.0.0.1:9/a.qcow2"));
     let mut references = vec![];
     for id in ["stays", "goes"] {
-        let reference = client::acquire(
-            ns.client.clone(),
-            &request(&ns, "img", template.clone()),
-            id,
-        )
-        .await
-        .expect("acquire");
+        let reference =
+            client::acquire(ns.client.clone(), &ns.request("img", template.clone()), id)
+                .await
+                .expect("acquire");
         references.push(reference);
     }
     // A consumer that wrote its reference by hand, the old way: never the operator's to drop.
@@ -400,7 +366,7 @@ async fn a_claim_deleted_while_the_operator_was_down_is_released_when_it_returns
     })
     .await;
 
-    operator.stop().await;
+    rig.stop_operators().await;
     let goes = references.pop().expect("second");
     goes.release()
         .await
@@ -412,7 +378,7 @@ async fn a_claim_deleted_while_the_operator_was_down_is_released_when_it_returns
         "nobody was there to notice"
     );
 
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
+    rig.start_operator(rig.config()).await;
     let cache = wait_for_cache(&ns.client, &ns.name, "img", "released", |c| {
         count_references(c.finalizers()) == 2
             && c.status.as_ref().and_then(|s| s.ref_count) == Some(2)
@@ -425,25 +391,23 @@ async fn a_claim_deleted_while_the_operator_was_down_is_released_when_it_returns
         "a hand-written reference is never collected: {:?}",
         cache.finalizers()
     );
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn claims_past_the_reference_limit_wait_with_a_condition_and_lose_nothing() {
-    let ns = TestNamespace::new("claims-limit").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let mut cfg = config(&ns.name, &store.name);
-    cfg.max_references = 3;
-    let operator = Operator::start(cfg).await;
-    let template = Some(spec("http://127.0.0.1:9/a.qcow2"));
+    let rig = Rig::builder("claims-limit")
+        .configured(|cfg| {
+            cfg.max_references = 3;
+        })
+        .start()
+        .await;
+    let ns = &rig.ns;
+    let template = Some(http_spec("http://127.0.0.1:9/a.qcow2"));
     let mut references = vec![];
     for i in 0..5 {
         let reference = client::acquire(
             ns.client.clone(),
-            &request(&ns, "img", template.clone()),
+            &ns.request("img", template.clone()),
             &format!("c{i}"),
         )
         .await
@@ -453,7 +417,7 @@ async fn claims_past_the_reference_limit_wait_with_a_condition_and_lose_nothing(
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     for reference in &references[3..] {
-        let claim = wait_for_claim(&ns, reference.claim_name(), "told of the limit", |c| {
+        let claim = wait_for_claim(ns, reference.claim_name(), "told of the limit", |c| {
             condition_reason(c, BOUND).as_deref() == Some(reason::REFERENCE_LIMIT)
         })
         .await;
@@ -470,7 +434,7 @@ async fn claims_past_the_reference_limit_wait_with_a_condition_and_lose_nothing(
     // A release makes room: the oldest waiting claim is bound, nothing was lost.
     references.remove(0).release().await.expect("release");
     wait_for_claim(
-        &ns,
+        ns,
         references[2].claim_name(),
         "bound once there is room",
         |c| condition_reason(c, BOUND).as_deref() == Some(reason::BOUND),
@@ -487,17 +451,12 @@ async fn claims_past_the_reference_limit_wait_with_a_condition_and_lose_nothing(
     );
     let ready = find(&claim.status.expect("status").conditions, READY).map(|c| c.status.clone());
     assert_eq!(ready.as_deref(), Some("False"));
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn a_claim_without_template_waits_for_its_cache_to_exist() {
-    let ns = TestNamespace::new("claims-wait").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
+    let rig = Rig::operator("claims-wait").await;
+    let ns = &rig.ns;
     let claims: Api<TemplateCacheClaim> = ns.api();
     let claim: TemplateCacheClaim = serde_json::from_value(json!({
         "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCacheClaim",
@@ -508,7 +467,7 @@ async fn a_claim_without_template_waits_for_its_cache_to_exist() {
         .create(&PostParams::default(), &claim)
         .await
         .expect("create claim");
-    let waiting = wait_for_claim(&ns, "vm-1-root", "told the cache is missing", |c| {
+    let waiting = wait_for_claim(ns, "vm-1-root", "told the cache is missing", |c| {
         condition_reason(c, BOUND).as_deref() == Some(reason::CACHE_NOT_FOUND)
     })
     .await;
@@ -527,14 +486,10 @@ async fn a_claim_without_template_waits_for_its_cache_to_exist() {
         json!({"source": {"http": {"url": "http://127.0.0.1:9/a"}}}),
     )
     .await;
-    wait_for_claim(&ns, "vm-1-root", "bound", |c| {
+    wait_for_claim(ns, "vm-1-root", "bound", |c| {
         phase(c) == Some(ClaimPhase::Bound)
     })
     .await;
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 /// PVC protection's shape: a claim that names a cache keeps it from eviction even before the
@@ -546,11 +501,14 @@ async fn a_claim_whose_reference_is_not_committed_yet_blocks_eviction() {
     use templatecache::api::StagingStore;
     use templatecache::controller::{Context, staging_store};
 
-    let ns = TestNamespace::new("claims-evict").await;
     let eviction =
         json!({"highWatermarkPercent": 40, "lowWatermarkPercent": 10, "minUnusedSeconds": 0});
-    let store =
-        TestStore::with_eviction(&ns.client, &format!("{}-store", ns.name), "1Mi", eviction).await;
+    let rig = Rig::builder("claims-evict")
+        .store("1Mi")
+        .eviction(eviction)
+        .start()
+        .await;
+    let (ns, store) = (&rig.ns, rig.store());
     ns.create_cache(
         "img",
         json!({"source": {"http": {"url": "http://127.0.0.1:9/a"}}}),
@@ -588,10 +546,7 @@ async fn a_claim_whose_reference_is_not_committed_yet_blocks_eviction() {
         .expect("store");
     let reconcile_store = || async {
         // A fresh context each time, so the store's list pacing never skips a pass.
-        let ctx = Arc::new(Context::new(
-            ns.client.clone(),
-            config(&ns.name, &store.name),
-        ));
+        let ctx = Arc::new(Context::new(ns.client.clone(), rig.config()));
         staging_store::reconcile(Arc::new(staging.clone()), ctx)
             .await
             .expect("store reconcile");
@@ -621,7 +576,4 @@ async fn a_claim_whose_reference_is_not_committed_yet_blocks_eviction() {
         Some(Phase::Evicted),
         "with the claim gone, it is"
     );
-
-    store.delete().await;
-    ns.delete().await;
 }

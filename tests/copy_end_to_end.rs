@@ -9,9 +9,9 @@ use std::time::Duration;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::PostParams;
 use serde_json::json;
 
+use support::eventually;
 use support::http_server::{HttpServer, PASSWORD, USER};
 use support::ranged_server::RangedServer;
 use support::rig::{Rig, random_bytes, ready_message, sha256};
@@ -30,7 +30,6 @@ async fn an_http_template_is_copied_byte_for_byte_and_verified() {
     rig.create("disk", spec).await;
     rig.assert_copied("disk", &bytes).await;
     assert_eq!(rig.files(), ["disk"], "no partial file left");
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -41,16 +40,12 @@ async fn an_s3_template_is_copied_with_credentials_from_a_secret_and_a_wrong_key
     s3.put("images/ubuntu.qcow2", bytes.clone()).await;
     let rig = Rig::new("e2e-s3", 1).await;
     for (name, secret) in [("s3-creds", SECRET_KEY), ("s3-wrong", "not-the-secret")] {
-        let secret: Secret = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "stringData": {"accessKeyId": ACCESS_KEY, "secretAccessKey": secret}
-        }))
-        .expect("secret literal");
         rig.ns
-            .api::<Secret>()
-            .create(&PostParams::default(), &secret)
-            .await
-            .expect("secret");
+            .create::<Secret>(json!({
+                "metadata": {"name": name},
+                "stringData": {"accessKeyId": ACCESS_KEY, "secretAccessKey": secret}
+            }))
+            .await;
     }
     let source = |secret: &str| {
         json!({"s3": {"bucket": BUCKET, "key": "images/ubuntu.qcow2", "endpoint": s3.endpoint,
@@ -79,7 +74,6 @@ async fn an_s3_template_is_copied_with_credentials_from_a_secret_and_a_wrong_key
     );
     assert!(!rig.data("refused").exists());
     assert_eq!(rig.files(), ["ubuntu"], "no partial file left");
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -98,7 +92,6 @@ async fn a_broken_transfer_resumes_with_a_range_request() {
         ready_message(&cache)
     );
     assert_eq!(std::fs::read(rig.data("resumed")).expect("file"), bytes);
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -106,16 +99,12 @@ async fn credentials_come_from_the_secret_and_a_refusal_is_reported() {
     let server = HttpServer::start().await;
     server.put("private.img", b"members only");
     let rig = Rig::new("e2e-auth", 1).await;
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "source-creds"},
-        "stringData": {"username": USER, "password": PASSWORD}
-    }))
-    .expect("secret literal");
     rig.ns
-        .api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("secret");
+        .create::<Secret>(json!({
+            "metadata": {"name": "source-creds"},
+            "stringData": {"username": USER, "password": PASSWORD}
+        }))
+        .await;
 
     let url = server.url("private/private.img");
     rig.create(
@@ -143,24 +132,9 @@ async fn credentials_come_from_the_secret_and_a_refusal_is_reported() {
     assert!(!rig.data("without").exists());
     // The password is nowhere a user (or anyone with read access) can see: not in a cache's
     // status, not in an Event, not in a Job or its pod template.
-    let caches = rig
-        .ns
-        .api::<TemplateCache>()
-        .list(&Default::default())
-        .await
-        .expect("caches");
-    let jobs = rig
-        .ns
-        .api::<Job>()
-        .list(&Default::default())
-        .await
-        .expect("jobs");
-    let events = rig
-        .ns
-        .api::<Event>()
-        .list(&Default::default())
-        .await
-        .expect("events");
+    let caches = rig.ns.list::<TemplateCache>().await;
+    let jobs = rig.ns.list::<Job>().await;
+    let events = rig.ns.list::<Event>().await;
     let visible = [
         serde_json::to_string(&caches).expect("json"),
         serde_json::to_string(&jobs).expect("json"),
@@ -170,7 +144,6 @@ async fn credentials_come_from_the_secret_and_a_refusal_is_reported() {
     for text in visible {
         assert!(!text.contains(PASSWORD), "the secret value leaked: {text}");
     }
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -220,7 +193,6 @@ async fn bad_sources_fail_with_a_clear_condition_and_leave_no_file() {
         "no partial files: {:?}",
         rig.files()
     );
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -234,25 +206,23 @@ async fn kubectl_shows_progress_while_a_copy_runs() {
     )
     .await;
 
-    let mut seen = None;
-    for _ in 0..100 {
-        let out = support::kubectl()
-            .args(["get", "tc", "big", "-n", &rig.ns.name])
-            .output()
-            .expect("kubectl get tc");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let row = text.lines().nth(1).unwrap_or("").to_owned();
-        if row.contains("Copying")
-            && row
+    let seen = eventually(
+        "kubectl get tc showing a copy in progress with its percentage",
+        Duration::from_secs(60),
+        || async {
+            let out = support::kubectl()
+                .args(["get", "tc", "big", "-n", &rig.ns.name])
+                .output()
+                .expect("kubectl get tc");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let row = text.lines().nth(1).unwrap_or("").to_owned();
+            let percent = row
                 .split_whitespace()
-                .any(|w| w.ends_with('%') && w != "0%" && w != "100%")
-        {
-            seen = Some(text);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let seen = seen.expect("kubectl get tc showed a copy in progress with its percentage");
+                .any(|w| w.ends_with('%') && w != "0%" && w != "100%");
+            (row.contains("Copying") && percent).then_some(text)
+        },
+    )
+    .await;
     println!("{seen}");
     assert!(seen.lines().next().unwrap_or("").contains("PROGRESS"));
     let done = rig.settled("big").await;
@@ -260,7 +230,6 @@ async fn kubectl_shows_progress_while_a_copy_runs() {
         done.status.as_ref().and_then(|s| s.phase),
         Some(Phase::Ready)
     );
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -287,7 +256,6 @@ async fn a_throttled_source_is_copied_over_eight_streams_and_becomes_ready() {
         proxy.connections()
     );
     assert_eq!(rig.files(), ["disk"], "no partial file left");
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -314,7 +282,6 @@ async fn a_source_replaced_mid_copy_fails_with_the_reason_named_and_nothing_left
     );
     assert!(message.contains("changed during the copy"), "{message}");
     assert!(rig.files().is_empty(), "nothing left: {:?}", rig.files());
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -334,18 +301,23 @@ async fn progress_counts_the_parts_landed_ahead_of_the_bytes_hashed_in_order() {
         .await;
 
     let caches = rig.ns.api::<TemplateCache>();
-    let mut seen = vec![];
-    for _ in 0..600 {
-        let cache = caches.get("disk").await.expect("cache");
-        let status = cache.status.unwrap_or_default();
-        if let Some(progress) = status.progress.filter(|p| p.bytes_copied > 0) {
-            seen.push((progress.bytes_copied, progress.bytes_landed));
-        }
-        if status.phase == Some(Phase::Ready) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Every report the copy makes, sampled until the cache is Ready.
+    let seen = std::cell::RefCell::new(vec![]);
+    eventually(
+        "the copy through 4 throttled streams",
+        Duration::from_secs(60),
+        || async {
+            let cache = caches.get("disk").await.expect("cache");
+            let status = cache.status.unwrap_or_default();
+            if let Some(progress) = status.progress.filter(|p| p.bytes_copied > 0) {
+                seen.borrow_mut()
+                    .push((progress.bytes_copied, progress.bytes_landed));
+            }
+            (status.phase == Some(Phase::Ready)).then_some(())
+        },
+    )
+    .await;
+    let seen = seen.into_inner();
     println!("(bytesCopied, bytesLanded) seen: {seen:?}");
     rig.assert_copied("disk", &bytes).await;
     let total = bytes.len() as u64;
@@ -360,5 +332,4 @@ async fn progress_counts_the_parts_landed_ahead_of_the_bytes_hashed_in_order() {
         "parts landed ahead of the hashed front were counted: {seen:?}"
     );
     assert_eq!(seen.last(), Some(&(total, Some(total))), "{seen:?}");
-    rig.stop().await;
 }

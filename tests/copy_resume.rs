@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use support::eventually;
 use support::ranged_server::{RangedServer, Seen};
 use support::rig::{Rig, random_bytes, sha256};
 use support::throttle::ThrottleProxy;
@@ -63,19 +64,19 @@ fn mover_of(namespace: &str, cache: &str) -> Option<u32> {
 /// Waits until attempt 1 of `cache` has recorded at least `at` bytes as verified, then kills
 /// its process with SIGKILL: no cleanup runs, as when a Pod is killed. Returns the record.
 async fn kill_first_attempt_past(rig: &Rig, cache: &str, at: u64) -> u64 {
-    for _ in 0..600 {
-        if let Some(verified) = recorded(rig, cache, 1).filter(|v| *v >= at) {
-            let pid = mover_of(&rig.ns.name, cache).expect("the copy process is running");
-            let killed = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status()
-                .expect("kill");
-            assert!(killed.success());
-            return verified;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("attempt 1 never recorded {at} verified bytes");
+    let verified = eventually(
+        &format!("attempt 1 of {cache} recording {at} verified bytes"),
+        Duration::from_secs(30),
+        || async { recorded(rig, cache, 1).filter(|v| *v >= at) },
+    )
+    .await;
+    let pid = mover_of(&rig.ns.name, cache).expect("the copy process is running");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    verified
 }
 
 /// The ranges asked for, sorted, as `start..end`.
@@ -145,7 +146,6 @@ async fn a_copy_killed_halfway_is_resumed_by_the_next_attempt_which_fetches_only
     );
     assert!(second.iter().all(|g| g.if_match.is_some()), "{second:?}");
     assert_eq!(rig.files(), ["disk"], "no partial file or record left");
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -171,5 +171,4 @@ async fn a_source_replaced_between_attempts_is_fetched_whole_not_spliced() {
         "attempt 2 fetched the new version whole"
     );
     assert_eq!(rig.files(), ["disk"], "the old partial file is gone");
-    rig.stop().await;
 }

@@ -19,9 +19,9 @@ use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use serde_json::{Value, json};
 use support::corpus::record;
+use support::eventually;
 use support::http_server::{HttpServer, LYING_HEAD_BYTES};
 use support::jobs::{wait_for_cache, wait_for_cache_gone};
-use support::operator::{Operator, TestStore, config};
 use support::ranged_server::RangedServer;
 use support::rig::{Rig, random_bytes, ready_message, sha256, stop_observer, store_files};
 use support::{TestNamespace, kubectl};
@@ -45,7 +45,7 @@ async fn ready_reason(ns: &TestNamespace, name: &str, wanted: &'static str) -> S
 async fn patch_store(rig: &Rig, spec: Value) {
     Api::<StagingStore>::all(rig.ns.client.clone())
         .patch(
-            &rig.store.name,
+            &rig.store().name,
             &PatchParams::default(),
             &Patch::Merge(json!({ "spec": spec })),
         )
@@ -84,7 +84,7 @@ async fn a_store_outside_the_namespace_selector_starts_no_job_until_the_namespac
         ),
     );
     for part in [
-        rig.store.name.as_str(),
+        rig.store().name.as_str(),
         rig.ns.name.as_str(),
         label.as_str(),
     ] {
@@ -116,7 +116,6 @@ async fn a_store_outside_the_namespace_selector_starts_no_job_until_the_namespac
         .await
         .expect("label the namespace");
     rig.assert_copied("image", &bytes).await;
-    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,7 +138,7 @@ async fn a_namespace_past_its_quota_gets_no_room_and_its_first_copy_is_untouched
         ),
     );
     let quota = MIB.to_string();
-    for part in [rig.store.name.as_str(), rig.ns.name.as_str(), &quota] {
+    for part in [rig.store().name.as_str(), rig.ns.name.as_str(), &quota] {
         assert!(
             message.contains(part),
             "the refusal names {part}: {message}"
@@ -147,7 +146,6 @@ async fn a_namespace_past_its_quota_gets_no_room_and_its_first_copy_is_untouched
     }
     assert_eq!(rig.files(), ["first"], "the second copy wrote nothing");
     assert_eq!(std::fs::read(rig.data("first")).expect("first"), first);
-    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,7 +166,6 @@ async fn a_copy_job_mounts_only_its_namespaces_folder_of_the_store() {
         args.contains(&format!("--dest={}/image", mount.mount_path)),
         "the mover writes inside the mounted folder: {args:?}"
     );
-    rig.stop().await;
 }
 
 /// The helm binary, built once into .cache/helm.
@@ -246,13 +243,11 @@ async fn until_refused<F, T>(what: &str, probe: impl Fn() -> F)
 where
     F: std::future::Future<Output = kube::Result<T>>,
 {
-    for _ in 0..150 {
-        if probe().await.is_err() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("the admission policies never refused {what}");
+    let awaited = format!("the admission policies refuse {what}");
+    eventually(&awaited, Duration::from_secs(30), || async {
+        probe().await.is_err().then_some(())
+    })
+    .await
 }
 
 fn dry_run() -> PatchParams {
@@ -352,9 +347,28 @@ fn refusal(result: Result<impl std::fmt::Debug, kube::Error>, what: &str) -> Str
     }
 }
 
+/// Creating `object` as `client` in `namespace` is refused with a message that says `why`; the
+/// message goes to the corpus as `case`.
+async fn assert_create_refused<K: support::Namespaced>(
+    client: &Client,
+    namespace: &str,
+    object: Value,
+    case: &str,
+    why: &str,
+) {
+    let object: K = serde_json::from_value(object).expect("object literal");
+    let result = Api::<K>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &object)
+        .await;
+    let message = refusal(result, case);
+    record(case, &message);
+    assert!(message.contains(why), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_cannot_hand_the_mover_a_secret_it_may_not_read() {
-    let ns = TestNamespace::new("tenant-secret").await;
+    let rig = Rig::namespace("tenant-secret").await;
+    let ns = &rig.ns;
     let _policies = Policies::install(&ns.name, "unused-mover");
     kubectl_ok(&[
         "-n",
@@ -458,7 +472,6 @@ async fn a_tenant_cannot_hand_the_mover_a_secret_it_may_not_read() {
     )
     .await
     .expect("a cache without credentials is admitted");
-    ns.delete().await;
 }
 
 async fn create(
@@ -511,7 +524,13 @@ async fn mover_pod(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
-    let ns = TestNamespace::new("tenant-forge").await;
+    // No executor: the copy Job never runs, so the cache stays Copying unless someone lies.
+    let rig = Rig::builder("tenant-forge")
+        .store("1Gi")
+        .operator()
+        .start()
+        .await;
+    let ns = &rig.ns;
     let mover = format!("mover-{}", std::process::id());
     let _policies = Policies::install(&ns.name, &mover);
     account(
@@ -523,9 +542,6 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
         ]],
     )
     .await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "1Gi").await;
-    // No executor: the copy Job never runs, so the cache stays Copying unless someone lies.
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
     ns.create_cache(
         "image",
         json!({"source": {"http": {"url": "http://example/x"}}}),
@@ -547,8 +563,8 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
         .await
         .expect("gated Pod");
 
-    let job_pod = mover_pod(&ns, &mover, None, Some("image-copy-1-")).await;
-    let impostor = mover_pod(&ns, &mover, Some("evil"), None).await;
+    let job_pod = mover_pod(ns, &mover, None, Some("image-copy-1-")).await;
+    let impostor = mover_pod(ns, &mover, Some("evil"), None).await;
     let forged = json!({"status": {"phase": "Ready", "size": 1,
         "checksum": format!("sha256:{}", "0".repeat(64)),
         "progress": {"attempt": 1, "bytesCopied": 1, "totalBytes": 1, "checksum": format!("sha256:{}", "0".repeat(64))}}});
@@ -594,41 +610,29 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
     let workloads = "--resource=pods,jobs.batch";
     account(&ns.name, "tenant", &[&["--verb=create", workloads]]).await;
     let tenant = client_as(&ns.name, "tenant", None).await;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "image-copy-1-zzzzz"},
-        "spec": {"serviceAccountName": mover, "containers": [{"name": "m", "image": "x"}]}
-    }))
-    .expect("pod");
-    let result = Api::<Pod>::namespaced(tenant.clone(), &ns.name)
-        .create(&PostParams::default(), &pod)
-        .await;
-    let message = refusal(result, "a Pod named like the copy Job's");
-    record(
+    assert_create_refused::<Pod>(
+        &tenant,
+        &ns.name,
+        json!({
+            "metadata": {"name": "image-copy-1-zzzzz"},
+            "spec": {"serviceAccountName": mover, "containers": [{"name": "m", "image": "x"}]}
+        }),
         "hostile tenant (forged status): a Pod named like the copy Job's Pod, running as the mover's account",
-        &message,
-    );
-    assert!(
-        message.contains("only the Job controller may create Pods"),
-        "{message}"
-    );
-    let job: Job = serde_json::from_value(json!({
-        "metadata": {"name": "image-copy-2"},
-        "spec": {"template": {"spec": {"serviceAccountName": mover, "restartPolicy": "Never",
-                 "containers": [{"name": "m", "image": "x"}]}}}
-    }))
-    .expect("job");
-    let result = Api::<Job>::namespaced(tenant, &ns.name)
-        .create(&PostParams::default(), &job)
-        .await;
-    let message = refusal(result, "a Job running as the mover");
-    record(
+        "only the Job controller may create Pods",
+    )
+    .await;
+    assert_create_refused::<Job>(
+        &tenant,
+        &ns.name,
+        json!({
+            "metadata": {"name": "image-copy-2"},
+            "spec": {"template": {"spec": {"serviceAccountName": mover, "restartPolicy": "Never",
+                     "containers": [{"name": "m", "image": "x"}]}}}
+        }),
         "hostile tenant (forged status): a Job under the next attempt's name, running as the mover's account",
-        &message,
-    );
-    assert!(
-        message.contains("only the templatecache operator may create Jobs"),
-        "{message}"
-    );
+        "only the templatecache operator may create Jobs",
+    )
+    .await;
 
     // The real mover's one right: progress, from a Pod of the current Job.
     let progress =
@@ -650,9 +654,6 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
         .and_then(|s| s.scheduling_gates)
         .unwrap_or_default();
     assert_eq!(gates.len(), 1, "the consumer Pod stays gated");
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 /// Waits until the cache has failed for good (the rig's last attempt) and returns its message.
@@ -672,7 +673,7 @@ async fn links_planted_in_a_tenants_folder_never_lead_the_mover_or_the_remover_o
     let rig = Rig::new("tenant-links", 1).await;
     let server = HttpServer::start().await;
     // Tenant B's folder in the same store, and a file outside the store.
-    let team_b = rig.store.dir.path().join(format!("{}-b", rig.ns.name));
+    let team_b = rig.store().dir.path().join(format!("{}-b", rig.ns.name));
     std::fs::create_dir_all(&team_b).expect("tenant B's folder");
     let b_file = team_b.join("image");
     std::fs::write(&b_file, TENANT_B_DATA).expect("tenant B's data");
@@ -754,7 +755,6 @@ async fn links_planted_in_a_tenants_folder_never_lead_the_mover_or_the_remover_o
         assert!(message.contains(part), "names {part}: {message}");
     }
     untouched();
-    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -798,7 +798,6 @@ async fn caches_named_like_each_others_partial_files_keep_their_own_bytes() {
     );
     assert_eq!(clash(), intact, "img's removal left it alone");
     rig.assert_copied("img.partial-1", &clash_bytes).await;
-    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -831,7 +830,6 @@ async fn a_source_sending_more_than_its_head_announced_fails_and_fills_nothing()
         "store usage {reported} past its capacity"
     );
     assert!(rig.files().is_empty(), "nothing left: {:?}", rig.files());
-    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -867,7 +865,6 @@ async fn a_ranged_source_answering_parts_longer_than_asked_fails_within_its_rese
         "parts only: {gets:?}"
     );
     assert!(rig.files().is_empty(), "nothing left: {:?}", rig.files());
-    rig.stop().await;
 }
 
 /// Waits for the cache's final refusal of its source address; returns the cache.
@@ -958,7 +955,6 @@ async fn internal_addresses_are_refused_with_the_default_config_before_any_reque
         ),
     );
     assert_eq!(service.requests(), 0, "the internal server saw no request");
-    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1009,7 +1005,6 @@ async fn a_redirect_from_an_allowed_host_to_an_internal_one_is_refused() {
     )
     .await;
     rig.assert_copied("followed", &bytes).await;
-    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1109,5 +1104,4 @@ async fn a_job_squatting_the_next_attempts_name_is_never_taken_for_the_copy() {
         Some(1),
         "no attempt was used up"
     );
-    rig.stop().await;
 }

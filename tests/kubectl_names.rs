@@ -5,8 +5,8 @@
 mod support;
 
 use serde_json::json;
-use support::operator::TestStore;
-use support::{TestNamespace, kubectl};
+use support::kubectl;
+use support::rig::Rig;
 use templatecache::api::TemplateCacheClaim;
 
 fn get(namespace: &str, args: &[&str]) -> Result<String, String> {
@@ -24,8 +24,8 @@ fn get(namespace: &str, args: &[&str]) -> Result<String, String> {
 
 #[tokio::test]
 async fn singular_plural_short_names_and_the_category_all_work() {
-    let ns = TestNamespace::new("names").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "1Gi").await;
+    let rig = Rig::builder("names").store("1Gi").start().await;
+    let (ns, store) = (&rig.ns, rig.store());
     ns.create_cache(
         "img",
         json!({"source": {"http": {"url": "http://127.0.0.1:9/a"}}}),
@@ -67,6 +67,4 @@ async fn singular_plural_short_names_and_the_category_all_work() {
             "the category lists {expected}: {all}"
         );
     }
-    store.delete().await;
-    ns.delete().await;
 }

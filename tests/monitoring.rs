@@ -9,8 +9,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::json;
-use support::TestNamespace;
-use support::operator::{OperatorProcess, TestStore};
+use support::eventually;
+use support::operator::OperatorProcess;
+use support::rig::Rig;
 use support::tools::{helm, promtool, run};
 
 const CHART: &str = "charts/templatecache-operator";
@@ -162,25 +163,23 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_one_the_operator_exp
     // A labelled family shows up on /metrics only once it has a sample, so the operator is
     // made to reconcile and to fail: the API server refuses the copy Job of an invalid
     // ServiceAccount name, which is a reconcile error, timed like every reconcile.
-    let ns = TestNamespace::new("monitoring").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "1Gi").await;
+    let rig = Rig::builder("monitoring").store("1Gi").start().await;
+    let (ns, store) = (&rig.ns, rig.store());
     let refused = ["--job-service-account", "Not_A_Name"];
     let operator = OperatorProcess::start("monitoring", &ns.name, &store.name, &refused);
     let source = json!({"source": {"http": {"url": "http://127.0.0.1:9/none.img"}}});
     ns.create_cache("refused-job", source).await;
-    let mut scrape = String::new();
-    for _ in 0..120 {
-        scrape = operator.metrics().await;
-        if scrape.contains("templatecache_reconcile_errors_total{")
-            && scrape.contains("templatecache_leader 1")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    drop(operator);
-    store.delete().await;
-    ns.delete().await;
+    let scrape = eventually(
+        "a scrape with a reconcile error from the leader",
+        Duration::from_secs(30),
+        || async {
+            let scrape = operator.metrics().await;
+            (scrape.contains("templatecache_reconcile_errors_total{")
+                && scrape.contains("templatecache_leader 1"))
+            .then_some(scrape)
+        },
+    )
+    .await;
     let exported = exported_names(&scrape);
     for family in [
         "reconcile_errors_total{",
@@ -277,20 +276,24 @@ fn exported_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// Words of PromQL that are not metrics: operators, modifiers, and the aggregations, which may
-/// be followed by their grouping clause (`sum by (x) (...)`) rather than by `(`.
-const PROMQL_KEYWORDS: [&str; 26] = [
-    "and",
-    "or",
-    "unless",
-    "bool",
-    "offset",
+/// The words of PromQL that open a grouping clause (`by (x)`, `on (y)`): not metrics either.
+const PROMQL_GROUPING: [&str; 6] = [
     "by",
     "without",
     "on",
     "ignoring",
     "group_left",
     "group_right",
+];
+
+/// Other words of PromQL that are not metrics: operators, modifiers, and the aggregations,
+/// which may be followed by their grouping clause (`sum by (x) (...)`) rather than by `(`.
+const PROMQL_KEYWORDS: [&str; 20] = [
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
     "inf",
     "nan",
     "sum",
@@ -340,19 +343,13 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
             }
             let word: String = chars[start..i].iter().collect();
             let next = chars[i..].iter().find(|c| !c.is_whitespace());
-            let grouping = [
-                "by",
-                "without",
-                "on",
-                "ignoring",
-                "group_left",
-                "group_right",
-            ];
-            if grouping.contains(&word.as_str()) && next == Some(&'(') {
+            let lower = word.to_lowercase();
+            let keyword = PROMQL_KEYWORDS.contains(&lower.as_str())
+                || PROMQL_GROUPING.contains(&lower.as_str());
+            if PROMQL_GROUPING.contains(&word.as_str()) && next == Some(&'(') {
                 let open = (i..chars.len()).find(|&j| chars[j] == '(').expect("(");
                 i = skip_to(open + 1, ')');
-            } else if next != Some(&'(') && !PROMQL_KEYWORDS.contains(&word.to_lowercase().as_str())
-            {
+            } else if next != Some(&'(') && !keyword {
                 names.insert(word);
             }
         } else {

@@ -8,10 +8,9 @@ mod support;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
-use support::cutting_proxy::CuttingProxy;
 use support::jobs::{jobs_of, wait_for_cache};
 use support::registry::{PASSWORD, Registry};
 use support::rig::{Rig, random_bytes, ready_message, sha256};
@@ -20,22 +19,20 @@ use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::{Phase, StagingStore, TemplateCache};
 
-/// The pull secret every test uses, and one with a wrong password.
-async fn pull_secrets(rig: &Rig, registry: &Registry) {
+/// The pull secret every test uses, and one with a wrong password, for the registry reached as
+/// `host` (itself, or a proxy in front of it).
+async fn pull_secrets(rig: &Rig, registry: &Registry, host: &str) {
     for (name, password) in [("pull", PASSWORD), ("pull-wrong", "not-the-password")] {
-        let secret: Secret =
-            serde_json::from_value(registry.pull_secret(name, password)).expect("secret");
         rig.ns
-            .api::<Secret>()
-            .create(&PostParams::default(), &secret)
-            .await
-            .expect("pull secret");
+            .create::<Secret>(registry.pull_secret_as(name, password, host))
+            .await;
     }
 }
 
-fn oci(registry: &Registry, repository_and_version: &str, file: Option<&str>) -> serde_json::Value {
+/// An OCI source at `host` with the pull secret.
+fn oci(host: &str, repository_and_version: &str, file: Option<&str>) -> serde_json::Value {
     let mut source = json!({
-        "reference": format!("{}/{repository_and_version}", registry.host),
+        "reference": format!("{host}/{repository_and_version}"),
         "secretRef": {"name": "pull"},
     });
     if let Some(file) = file {
@@ -64,17 +61,17 @@ async fn an_oras_artifact_and_a_container_disk_each_reach_ready_byte_identical()
     let disk = random_bytes(3 << 20);
     let image = registry.push_container_disk("vms/cirros", "0.6", &[("disk.img", &disk)]);
     let rig = Rig::new("oci-ready", 1).await;
-    pull_secrets(&rig, &registry).await;
+    pull_secrets(&rig, &registry, &registry.host).await;
 
     rig.create(
         "model",
-        json!({"source": oci(&registry, "models/tiny:v1", Some("model.bin"))}),
+        json!({"source": oci(&registry.host, "models/tiny:v1", Some("model.bin"))}),
     )
     .await;
     // The cache's checksum is the disk file's, not the compressed layer's.
     rig.create(
         "cirros",
-        json!({"source": oci(&registry, "vms/cirros:0.6", None), "checksum": sha256(&disk)}),
+        json!({"source": oci(&registry.host, "vms/cirros:0.6", None), "checksum": sha256(&disk)}),
     )
     .await;
 
@@ -90,7 +87,6 @@ async fn an_oras_artifact_and_a_container_disk_each_reach_ready_byte_identical()
     let mut files = rig.files();
     files.sort();
     assert_eq!(files, ["cirros", "model"], "no partial file left");
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -102,35 +98,35 @@ async fn registry_failures_end_failed_with_the_reason_named_and_nothing_left() {
     registry.corrupt_blob(&registry.layer_of("models/tampered", &tampered));
     registry.push_index("vms/arm-only", "v1", &["arm64", "s390x"], &bytes);
     let rig = Rig::new("oci-failures", 1).await;
-    pull_secrets(&rig, &registry).await;
+    pull_secrets(&rig, &registry, &registry.host).await;
 
-    let mut wrong_password = oci(&registry, "models/two:v1", Some("a.bin"));
+    let mut wrong_password = oci(&registry.host, "models/two:v1", Some("a.bin"));
     wrong_password["oci"]["secretRef"]["name"] = json!("pull-wrong");
     let cases = [
         ("wrong-password", wrong_password, "refused our credentials"),
         (
             "missing-tag",
-            oci(&registry, "models/two:v9", Some("a.bin")),
+            oci(&registry.host, "models/two:v9", Some("a.bin")),
             "does not exist",
         ),
         (
             "missing-file",
-            oci(&registry, "models/two:v1", Some("c.bin")),
+            oci(&registry.host, "models/two:v1", Some("c.bin")),
             "has no file c.bin (it holds: a.bin, b.bin)",
         ),
         (
             "ambiguous",
-            oci(&registry, "models/two:v1", None),
+            oci(&registry.host, "models/two:v1", None),
             "holds several files (a.bin, b.bin): name one in spec.source.oci.file",
         ),
         (
             "tampered",
-            oci(&registry, "models/tampered:v1", None),
+            oci(&registry.host, "models/tampered:v1", None),
             "the registry sent other bytes than it names",
         ),
         (
             "no-platform",
-            oci(&registry, "vms/arm-only:v1", None),
+            oci(&registry.host, "vms/arm-only:v1", None),
             "without a linux/amd64 manifest (it offers linux/arm64, linux/s390x)",
         ),
     ];
@@ -150,7 +146,6 @@ async fn registry_failures_end_failed_with_the_reason_named_and_nothing_left() {
         println!("{name}: {message}");
     }
     assert!(rig.files().is_empty(), "nothing left: {:?}", rig.files());
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -161,10 +156,10 @@ async fn a_tag_moved_during_a_copy_does_not_change_what_is_staged() {
     let first_digest = registry.push_artifact("models/moving", "stable", &[("m.bin", &first)]);
     // A store too small for the file: the mover resolves the tag, then waits for room.
     let rig = Rig::with_store("oci-moved", 1, "1Mi", json!({})).await;
-    pull_secrets(&rig, &registry).await;
+    pull_secrets(&rig, &registry, &registry.host).await;
     rig.create(
         "moving",
-        json!({"source": oci(&registry, "models/moving:stable", None)}),
+        json!({"source": oci(&registry.host, "models/moving:stable", None)}),
     )
     .await;
     let waiting = wait_for_cache(
@@ -190,7 +185,7 @@ async fn a_tag_moved_during_a_copy_does_not_change_what_is_staged() {
     let stores: kube::Api<StagingStore> = kube::Api::all(rig.ns.client.clone());
     stores
         .patch(
-            &rig.store.name,
+            &rig.store().name,
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {"capacity": "10Gi"}})),
         )
@@ -202,7 +197,6 @@ async fn a_tag_moved_during_a_copy_does_not_change_what_is_staged() {
         resolved_digest(&rig.settled("moving").await),
         Some(first_digest)
     );
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -219,10 +213,10 @@ async fn a_retry_pulls_the_digest_the_first_attempt_resolved_not_the_moved_tag()
         cfg.retry.max_delay = Duration::from_secs(5);
     })
     .await;
-    pull_secrets(&rig, &registry).await;
+    pull_secrets(&rig, &registry, &registry.host).await;
     rig.create(
         "retry",
-        json!({"source": oci(&registry, "models/retry:stable", None)}),
+        json!({"source": oci(&registry.host, "models/retry:stable", None)}),
     )
     .await;
     let resolved = wait_for_cache(&rig.ns.client, &rig.ns.name, "retry", "resolved", |c| {
@@ -266,12 +260,11 @@ async fn a_retry_pulls_the_digest_the_first_attempt_resolved_not_the_moved_tag()
     // The same tag, read afresh by a new cache, is the second version: the tag did move.
     rig.create(
         "fresh",
-        json!({"source": oci(&registry, "models/retry:stable", None)}),
+        json!({"source": oci(&registry.host, "models/retry:stable", None)}),
     )
     .await;
     rig.assert_copied("fresh", &second).await;
     assert!(!rig.data("retry").exists());
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -281,22 +274,13 @@ async fn a_blob_download_cut_mid_way_resumes_from_its_last_byte() {
     let digest = registry.push_artifact("models/flaky", "v1", &[("model.bin", &model)]);
     let upstream = registry.host.parse().expect("registry address");
     // Every connection drops after 2 MiB: the blob needs at least three.
-    let proxy = CuttingProxy::start(upstream, 2 << 20).await;
+    let proxy = ThrottleProxy::cutting(upstream, 2 << 20).await;
     let via_proxy = proxy.addr.to_string();
     let rig = Rig::new("oci-resume", 1).await;
-    let secret: Secret =
-        serde_json::from_value(registry.pull_secret_as("pull", PASSWORD, &via_proxy))
-            .expect("secret");
-    rig.ns
-        .api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("pull secret");
-    let reference = format!("{via_proxy}/models/flaky:v1");
+    pull_secrets(&rig, &registry, &via_proxy).await;
     rig.create(
         "flaky",
-        json!({"source": {"oci": {"reference": reference, "secretRef": {"name": "pull"}}},
-               "checksum": sha256(&model)}),
+        json!({"source": oci(&via_proxy, "models/flaky:v1", None), "checksum": sha256(&model)}),
     )
     .await;
 
@@ -308,7 +292,6 @@ async fn a_blob_download_cut_mid_way_resumes_from_its_last_byte() {
         proxy.connections()
     );
     assert_eq!(rig.files(), ["flaky"], "no partial file left");
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -320,18 +303,10 @@ async fn a_container_disk_copy_reports_its_progress_in_the_disk_files_bytes() {
     let proxy = ThrottleProxy::start(registry.host.parse().expect("address"), 2 << 20).await;
     let via_proxy = proxy.addr.to_string();
     let rig = Rig::new("oci-progress", 1).await;
-    let secret: Secret =
-        serde_json::from_value(registry.pull_secret_as("pull", PASSWORD, &via_proxy))
-            .expect("secret");
-    rig.ns
-        .api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("pull secret");
-    let reference = format!("{via_proxy}/vms/slow:v1");
+    pull_secrets(&rig, &registry, &via_proxy).await;
     rig.create(
         "slow",
-        json!({"source": {"oci": {"reference": reference, "secretRef": {"name": "pull"}}}}),
+        json!({"source": oci(&via_proxy, "vms/slow:v1", None)}),
     )
     .await;
 
@@ -347,7 +322,6 @@ async fn a_container_disk_copy_reports_its_progress_in_the_disk_files_bytes() {
     assert_eq!(progress.total_bytes, Some(disk.len() as u64));
     assert!(progress.bytes_copied < disk.len() as u64, "{progress:?}");
     rig.assert_copied("slow", &disk).await;
-    rig.stop().await;
 }
 
 #[tokio::test]
@@ -358,7 +332,7 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
 
     // Links a Pod of the namespace could plant: at a cache's name, at a cache's partial file.
     let rig = Rig::new("oci-links", 1).await;
-    pull_secrets(&rig, &registry).await;
+    pull_secrets(&rig, &registry, &registry.host).await;
     let outside = tempfile::tempdir().expect("outside the store");
     let victim = outside.path().join("node-file");
     std::fs::write(&victim, b"a file outside the store").expect("victim");
@@ -372,7 +346,7 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
         std::os::unix::fs::symlink(&victim, link).expect("plant a link");
         rig.create(
             name,
-            json!({"source": oci(&registry, "models/guarded:v1", None)}),
+            json!({"source": oci(&registry.host, "models/guarded:v1", None)}),
         )
         .await;
     }
@@ -392,7 +366,7 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
         std::fs::read(&victim).expect("victim"),
         b"a file outside the store"
     );
-    rig.stop().await;
+    drop(rig);
 
     // The operator's default: no internal destination, so a registry on loopback is refused
     // for good, like an HTTP source there.
@@ -400,10 +374,10 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
         cfg.jobs.allow_internal_addresses = vec![];
     })
     .await;
-    pull_secrets(&rig, &registry).await;
+    pull_secrets(&rig, &registry, &registry.host).await;
     rig.create(
         "internal",
-        json!({"source": oci(&registry, "models/guarded:v1", None)}),
+        json!({"source": oci(&registry.host, "models/guarded:v1", None)}),
     )
     .await;
     let wanted = reason::ADDRESS_NOT_ALLOWED;
@@ -420,5 +394,4 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
         assert!(message.contains(part), "names {part}: {message}");
     }
     assert!(rig.files().is_empty(), "nothing written: {:?}", rig.files());
-    rig.stop().await;
 }

@@ -12,13 +12,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use support::TestNamespace;
-use support::executor::Executor;
+use support::eventually;
 use support::http_server::HttpServer;
 use support::jobs::{jobs_of, wait_for_cache};
-use support::operator::{OperatorProcess, TestStore};
+use support::operator::OperatorProcess;
+use support::rig::Rig;
 use support::rig::{random_bytes, sha256};
 use templatecache::api::{Phase, TemplateCache};
-use templatecache::client::{self, CacheRequest};
+use templatecache::client;
 
 const LEASE: &str = "templatecache-operator";
 const LEASE_SECONDS: u64 = 6;
@@ -33,45 +34,39 @@ async fn holder(ns: &TestNamespace) -> Option<String> {
 }
 
 async fn wait_for_holder(ns: &TestNamespace, not: Option<&str>) -> String {
-    for _ in 0..600 {
-        if let Some(id) = holder(ns).await
-            && Some(id.as_str()) != not
-        {
-            return id;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no new leader within 30s");
+    eventually("a new leader", Duration::from_secs(30), || async {
+        holder(ns).await.filter(|id| Some(id.as_str()) != not)
+    })
+    .await
 }
 
 /// Waits until the Lease holder is the one replica that says it leads, and returns it.
 async fn one_leader(ns: &TestNamespace, replicas: &[OperatorProcess]) -> String {
-    let mut seen = vec![];
-    for _ in 0..100 {
-        let holder = wait_for_holder(ns, None).await;
-        let mut leading = vec![];
-        for replica in replicas {
-            if replica
-                .metrics()
-                .await
-                .lines()
-                .any(|l| l == "templatecache_leader 1")
-            {
-                leading.push(replica.identity.clone());
+    eventually(
+        "a single leader, the Lease holder",
+        Duration::from_secs(60),
+        || async {
+            let holder = wait_for_holder(ns, None).await;
+            let mut leading = vec![];
+            for replica in replicas {
+                if replica
+                    .metrics()
+                    .await
+                    .lines()
+                    .any(|l| l == "templatecache_leader 1")
+                {
+                    leading.push(replica.identity.clone());
+                }
+                assert_eq!(
+                    replica.get("/readyz").await,
+                    "ready",
+                    "standbys are ready too"
+                );
             }
-            assert_eq!(
-                replica.get("/readyz").await,
-                "ready",
-                "standbys are ready too"
-            );
-        }
-        if leading == [holder.clone()] {
-            return holder;
-        }
-        seen.push((holder, leading));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no single leader: {seen:?}");
+            (leading == [holder.clone()]).then_some(holder)
+        },
+    )
+    .await
 }
 
 #[tokio::test]
@@ -79,9 +74,12 @@ async fn a_standby_takes_over_from_a_killed_leader_and_each_attempt_still_has_on
     let server = HttpServer::start().await;
     let bytes = random_bytes(16 << 20);
     server.put("big.img", &bytes);
-    let ns = TestNamespace::new("leader").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let _executor = Executor::start(&ns.name);
+    let rig = Rig::builder("leader")
+        .store("10Gi")
+        .executor()
+        .start()
+        .await;
+    let (ns, store) = (&rig.ns, rig.store());
     let duration = LEASE_SECONDS.to_string();
     let mut replicas: Vec<OperatorProcess> = (0..3)
         .map(|i| {
@@ -89,7 +87,7 @@ async fn a_standby_takes_over_from_a_killed_leader_and_each_attempt_still_has_on
             OperatorProcess::start(&format!("op-{i}"), &ns.name, &store.name, &extra)
         })
         .collect();
-    let leader = one_leader(&ns, &replicas).await;
+    let leader = one_leader(ns, &replicas).await;
 
     // A copy of about 13 s (the slow route) is under way when the leader dies.
     let spec = json!({"source": {"http": {"url": server.url("slow/big.img")}}, "checksum": sha256(&bytes)});
@@ -106,7 +104,7 @@ async fn a_standby_takes_over_from_a_killed_leader_and_each_attempt_still_has_on
         .expect("leader process")
         .kill()
         .await;
-    let successor = wait_for_holder(&ns, Some(&leader)).await;
+    let successor = wait_for_holder(ns, Some(&leader)).await;
     let takeover = killed.elapsed();
     println!("{leader} killed; {successor} leads after {takeover:?} (lease {LEASE_SECONDS}s)");
     assert!(
@@ -160,8 +158,6 @@ async fn a_standby_takes_over_from_a_killed_leader_and_each_attempt_still_has_on
     );
 
     drop(replicas);
-    store.delete().await;
-    ns.delete().await;
 }
 
 /// Samples of `text` by metric name (labels folded into the name, e.g. `x{a="b"}`).
@@ -195,9 +191,12 @@ async fn metrics_count_what_the_operator_did() {
     let server = HttpServer::start().await;
     let bytes = random_bytes(1 << 20);
     server.put("ok.img", &bytes);
-    let ns = TestNamespace::new("metrics").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let _executor = Executor::start(&ns.name);
+    let rig = Rig::builder("metrics")
+        .store("10Gi")
+        .executor()
+        .start()
+        .await;
+    let (ns, store) = (&rig.ns, rig.store());
     let operator = OperatorProcess::start(
         "op-metrics",
         &ns.name,
@@ -210,11 +209,7 @@ async fn metrics_count_what_the_operator_did() {
     let missing = json!({"source": {"http": {"url": server.url("missing.img")}}});
     ns.create_cache("ok", ok).await;
     ns.create_cache("missing", missing).await;
-    let request = CacheRequest {
-        namespace: ns.name.clone(),
-        name: "ok".into(),
-        spec: None,
-    };
+    let request = ns.request("ok", None);
     let reference = client::acquire(ns.client.clone(), &request, "metrics-test")
         .await
         .expect("acquire");
@@ -235,16 +230,17 @@ async fn metrics_count_what_the_operator_did() {
     )
     .await;
     // The operator counts a moment after it writes; give it that moment.
-    let mut samples = BTreeMap::new();
-    for _ in 0..50 {
-        samples = parse(&operator.metrics().await);
-        if samples.get("templatecache_references_held") == Some(&1.0)
-            && samples.get("templatecache_copies_failed_total") == Some(&2.0)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let samples = eventually(
+        "metrics with 1 reference held and 2 failed copies",
+        Duration::from_secs(10),
+        || async {
+            let samples = parse(&operator.metrics().await);
+            (samples.get("templatecache_references_held") == Some(&1.0)
+                && samples.get("templatecache_copies_failed_total") == Some(&2.0))
+            .then_some(samples)
+        },
+    )
+    .await;
     let get = |name: &str| samples.get(name).copied().unwrap_or(f64::NAN);
     println!("{samples:#?}");
     assert_eq!(
@@ -265,6 +261,4 @@ async fn metrics_count_what_the_operator_did() {
     assert_eq!(timed, reconciles, "every reconcile is timed");
 
     drop(operator);
-    store.delete().await;
-    ns.delete().await;
 }

@@ -15,12 +15,13 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::TestNamespace;
 use support::cache_watch::{CacheWatch, counts_above_references};
+use support::eventually;
 use support::jobs::{Outcome, finish_copy, jobs_of, wait_for_cache, wait_for_job};
-use support::operator::{Operator, TestStore, config};
+use support::rig::Rig;
 use templatecache::api::names::{POD_CACHE_LABEL, READY_GATE};
 use templatecache::api::references::{claim_reference, count_references, pod_uid_of};
 use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim};
-use templatecache::client::{self, CacheRequest};
+use templatecache::client;
 
 const CHECKSUM: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
@@ -48,18 +49,11 @@ fn gated_pod(name: &str, cache: &str) -> Pod {
 /// exists, which the controller manager creates a moment after the namespace.
 async fn wait_for_default_account(ns: &TestNamespace) {
     let accounts = ns.api::<ServiceAccount>();
-    for _ in 0..100 {
-        if accounts
-            .get_opt("default")
-            .await
-            .expect("read SA")
-            .is_some()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("namespace {} never got its default ServiceAccount", ns.name);
+    let awaited = format!("namespace {}'s default ServiceAccount", ns.name);
+    eventually(&awaited, Duration::from_secs(10), || async {
+        accounts.get_opt("default").await.expect("read SA")
+    })
+    .await;
 }
 
 async fn create_pods(ns: &TestNamespace, cache: &str, count: usize) -> Vec<String> {
@@ -107,16 +101,14 @@ async fn gated(ns: &TestNamespace, cache: &str) -> usize {
 }
 
 async fn wait_until_ungated(ns: &TestNamespace, cache: &str) {
-    for _ in 0..600 {
-        if gated(ns, cache).await == 0 {
-            return;
+    let awaited = format!("every Pod of {cache} ungated");
+    eventually(&awaited, Duration::from_secs(120), || async {
+        match gated(ns, cache).await {
+            0 => Ok(()),
+            n => Err(format!("{n} Pods still gated")),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!(
-        "{} Pods of {cache} still gated after 120s",
-        gated(ns, cache).await
-    );
+    })
+    .await
 }
 
 async fn wait_for_refs(ns: &TestNamespace, cache: &str, refs: u32) -> TemplateCache {
@@ -149,19 +141,18 @@ async fn make_ready(ns: &TestNamespace, cache: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_gated_pods_share_one_copy_in_few_writes_and_are_ungated_when_ready() {
     const N: usize = 300;
-    let ns = TestNamespace::new("podgate").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
-    wait_for_default_account(&ns).await;
-    create_cache(&ns, "vm-image").await;
+    let rig = Rig::operator("podgate").await;
+    let ns = &rig.ns;
+    wait_for_default_account(ns).await;
+    create_cache(ns, "vm-image").await;
     wait_for_cache(&ns.client, &ns.name, "vm-image", "looked at", |c| {
         c.status.is_some()
     })
     .await;
 
-    let watch = CacheWatch::start(&ns, "vm-image");
-    let pods = create_pods(&ns, "vm-image", N).await;
-    wait_for_refs(&ns, "vm-image", N as u32).await;
+    let watch = CacheWatch::start(ns, "vm-image");
+    let pods = create_pods(ns, "vm-image", N).await;
+    wait_for_refs(ns, "vm-image", N as u32).await;
     let versions = watch.stop().await;
     println!(
         "{N} Pods: {} versions of the cache until all were counted",
@@ -178,52 +169,45 @@ async fn three_hundred_gated_pods_share_one_copy_in_few_writes_and_are_ungated_w
         "refCount above the references held: {over:?}"
     );
     assert_eq!(
-        gated(&ns, "vm-image").await,
+        gated(ns, "vm-image").await,
         N,
         "no Pod runs before the copy"
     );
-    make_ready(&ns, "vm-image").await;
-    wait_until_ungated(&ns, "vm-image").await;
+    make_ready(ns, "vm-image").await;
+    wait_until_ungated(ns, "vm-image").await;
     let jobs = jobs_of(&ns.client, &ns.name, "vm-image").await;
     assert_eq!(jobs.len(), 1, "one copy for {N} Pods");
 
-    delete_pods(&ns, &pods[..120]).await;
-    wait_for_refs(&ns, "vm-image", (N - 120) as u32).await;
-    delete_pods(&ns, &pods[120..]).await;
-    let cache = wait_for_refs(&ns, "vm-image", 0).await;
+    delete_pods(ns, &pods[..120]).await;
+    wait_for_refs(ns, "vm-image", (N - 120) as u32).await;
+    delete_pods(ns, &pods[120..]).await;
+    let cache = wait_for_refs(ns, "vm-image", 0).await;
     assert!(
         !cache.finalizers().iter().any(|f| pod_uid_of(f).is_some()),
         "no Pod reference left: {:?}",
         cache.finalizers()
     );
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn a_pod_whose_cache_does_not_exist_waits_with_an_event_until_it_is_ready() {
-    let ns = TestNamespace::new("podwait").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
-    wait_for_default_account(&ns).await;
+    let rig = Rig::operator("podwait").await;
+    let ns = &rig.ns;
+    wait_for_default_account(ns).await;
 
-    create_pods(&ns, "later", 1).await;
-    let events: Api<Event> = ns.api();
-    let mut said = None;
-    for _ in 0..300 {
-        let list = events.list(&ListParams::default()).await.expect("events");
-        said = list
-            .items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("CacheNotFound"));
-        if said.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let event = said.expect("an Event saying the cache does not exist");
+    create_pods(ns, "later", 1).await;
+    let event = eventually(
+        "an Event saying the cache does not exist",
+        Duration::from_secs(30),
+        || async {
+            ns.list::<Event>()
+                .await
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("CacheNotFound"))
+        },
+    )
+    .await;
     let note = event.note.unwrap_or_default();
     assert!(
         note.contains("TemplateCache later does not exist"),
@@ -233,32 +217,23 @@ async fn a_pod_whose_cache_does_not_exist_waits_with_an_event_until_it_is_ready(
         event.regarding.and_then(|r| r.name).as_deref(),
         Some("later-pod-0")
     );
-    assert_eq!(gated(&ns, "later").await, 1);
+    assert_eq!(gated(ns, "later").await, 1);
 
-    create_cache(&ns, "later").await;
-    wait_for_refs(&ns, "later", 1).await;
-    assert_eq!(gated(&ns, "later").await, 1, "still gated while copying");
-    make_ready(&ns, "later").await;
-    wait_until_ungated(&ns, "later").await;
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
+    create_cache(ns, "later").await;
+    wait_for_refs(ns, "later", 1).await;
+    assert_eq!(gated(ns, "later").await, 1, "still gated while copying");
+    make_ready(ns, "later").await;
+    wait_until_ungated(ns, "later").await;
 }
 
 #[tokio::test]
 async fn references_of_pods_deleted_while_the_operator_was_down_go_when_it_returns() {
-    let ns = TestNamespace::new("podgc").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
+    let mut rig = Rig::operator("podgc").await;
+    let ns = rig.ns.clone();
     wait_for_default_account(&ns).await;
     create_cache(&ns, "img").await;
     let pods = create_pods(&ns, "img", 3).await;
-    let request = CacheRequest {
-        namespace: ns.name.clone(),
-        name: "img".into(),
-        spec: None,
-    };
+    let request = ns.request("img", None);
     client::acquire(ns.client.clone(), &request, "library-consumer")
         .await
         .expect("acquire");
@@ -270,7 +245,7 @@ async fn references_of_pods_deleted_while_the_operator_was_down_go_when_it_retur
         .expect("claim");
     let claim_ref = claim_reference(&claim.uid().expect("uid"));
 
-    operator.stop().await;
+    rig.stop_operators().await;
     delete_pods(&ns, &pods[..2]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cache = ns.api::<TemplateCache>().get("img").await.expect("read");
@@ -280,15 +255,11 @@ async fn references_of_pods_deleted_while_the_operator_was_down_go_when_it_retur
         "nobody was there to notice"
     );
 
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
+    rig.start_operator(rig.config()).await;
     let cache = wait_for_refs(&ns, "img", 2).await;
     assert!(
         cache.finalizers().contains(&claim_ref),
         "a live claim's reference stays: {:?}",
         cache.finalizers()
     );
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }

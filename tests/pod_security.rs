@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
-use support::TestNamespace;
+use support::rig::Rig;
 use templatecache::api::{StagingStore, TemplateCache};
 use templatecache::controller::jobs::{self, JobSettings};
 
@@ -55,7 +55,8 @@ async fn create(pods: &Api<Pod>, pod: &Pod) -> Result<(), String> {
 
 #[tokio::test]
 async fn copy_and_remove_pods_are_admitted_where_restricted_is_enforced() {
-    let ns = TestNamespace::new("restricted").await;
+    let rig = Rig::namespace("restricted").await;
+    let ns = &rig.ns;
     let labels = json!({"metadata": {"labels": {
         "pod-security.kubernetes.io/enforce": "restricted",
         "pod-security.kubernetes.io/enforce-version": "latest"
@@ -111,5 +112,4 @@ async fn copy_and_remove_pods_are_admitted_where_restricted_is_enforced() {
         .await
         .expect_err("refused");
     assert!(refused.contains("hostPath"), "{refused}");
-    ns.delete().await;
 }

@@ -9,6 +9,8 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::eventually;
+
 /// The store's hostPath, as examples/local/store.yaml names it.
 const STORE: &str = "/tmp/templatecache-quickstart";
 
@@ -62,8 +64,8 @@ fn quickstart_pids() -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn the_readmes_try_it_commands_make_a_cache_ready_and_ungate_its_pods() {
+#[tokio::test]
+async fn the_readmes_try_it_commands_make_a_cache_ready_and_ungate_its_pods() {
     support::ensure_cluster();
     let shared = cluster_status();
     assert!(shared.contains("kube-apiserver running"), "{shared}");
@@ -93,8 +95,8 @@ fn the_readmes_try_it_commands_make_a_cache_ready_and_ungate_its_pods() {
     assert_eq!(path, "default/demo", "a Ready claim says where the data is");
 
     // All four consumers counted, and the Pods let through.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let counted = "refCount 4 and the Pods ungated";
+    eventually(counted, Duration::from_secs(60), || async {
         let refs = kubectl(&["get", "tc/demo", "-o", "jsonpath={.status.refCount}"]);
         let gates = kubectl(&[
             "get",
@@ -104,14 +106,12 @@ fn the_readmes_try_it_commands_make_a_cache_ready_and_ungate_its_pods() {
             "jsonpath={.items[*].spec.schedulingGates}",
         ]);
         if refs == "4" && gates.trim().is_empty() {
-            break;
+            Ok(())
+        } else {
+            Err(format!("refCount {refs:?}, gates left {gates:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "refCount {refs:?}, gates left {gates:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    })
+    .await;
     println!("{}", kubectl(&["get", "tc,tcc,sst"]));
 
     // The consumers and the cache first: the cache's remove Job needs its store to delete the

@@ -19,7 +19,7 @@ use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
-use templatecache::client::{self, CacheRequest, Reference};
+use templatecache::client::{self, Reference};
 
 const MIB: usize = 1 << 20;
 
@@ -44,11 +44,7 @@ fn spec(server: &HttpServer, name: &str, bytes: &[u8]) -> TemplateCacheSpec {
 }
 
 async fn acquire(rig: &Rig, spec: TemplateCacheSpec, name: &str, consumer: &str) -> Reference {
-    let request = CacheRequest {
-        namespace: rig.ns.name.clone(),
-        name: name.to_owned(),
-        spec: Some(spec),
-    };
+    let request = rig.ns.request(name, Some(spec));
     client::acquire(rig.ns.client.clone(), &request, consumer)
         .await
         .unwrap_or_else(|e| panic!("acquire {name}: {e}"))
@@ -204,7 +200,6 @@ async fn a_full_store_evicts_the_least_recently_referenced_and_never_a_reference
         0,
         "a referenced cache was evicted"
     );
-    rig.stop().await;
 }
 
 /// Reads where a cache was Ready (before and after the file check, at the same attempt), and
@@ -317,5 +312,4 @@ async fn eviction_racing_a_new_reference_never_evicts_it_nor_leaves_a_ready_cach
         won("kept") && won("copied again"),
         "the pauses did not cross the race: {outcomes:?}"
     );
-    rig.stop().await;
 }

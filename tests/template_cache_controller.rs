@@ -11,13 +11,16 @@ use kube::api::{DeleteParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::TestNamespace;
-use support::jobs::{Outcome, finish_copy, finish_job, jobs_of, wait_for_cache, wait_for_job};
-use support::operator::{Operator, TestStore, config};
+use support::eventually;
+use support::jobs::{
+    Outcome, finish_copy, finish_job, jobs_of, wait_for_cache, wait_for_cache_gone, wait_for_job,
+};
+use support::rig::Rig;
 use templatecache::api::conditions;
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
-use templatecache::client::{self, CacheRequest, ClientError};
+use templatecache::client::{self, ClientError};
 use templatecache::controller::template_cache;
 use templatecache::controller::{Context, Error};
 
@@ -49,11 +52,10 @@ async fn create_cache(ns: &TestNamespace, name: &str) -> TemplateCache {
 /// `copy_end_to_end.rs`.
 #[tokio::test]
 async fn a_cache_gets_one_copy_job_and_its_reported_success_makes_it_ready() {
-    let ns = TestNamespace::new("lifecycle").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
+    let rig = Rig::operator("lifecycle").await;
+    let ns = &rig.ns;
 
-    create_cache(&ns, "ubuntu").await;
+    create_cache(ns, "ubuntu").await;
     let job = wait_for_job(&ns.client, &ns.name, "ubuntu-copy-1").await;
     let owner = &job.owner_references()[0];
     assert_eq!(
@@ -84,10 +86,6 @@ async fn a_cache_gets_one_copy_job_and_its_reported_success_makes_it_ready() {
     );
     assert_eq!(ready_reason_of(&status.conditions), Some("Copied"));
     assert_eq!(jobs_of(&ns.client, &ns.name, "ubuntu").await.len(), 1);
-
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 fn ready_reason_of(
@@ -97,17 +95,17 @@ fn ready_reason_of(
 }
 
 /// kube-runtime's reflector may hand the reconciler an old object. Reconciling that old object
-/// after the attempt has started must be refused by the API server (resourceVersion
-/// precondition), not start a second Job.
+/// after the attempt has started must be refused by the API server (the JSON patch's `test` of
+/// `status.attempt` fails), not start a second Job.
 #[tokio::test]
 async fn a_reconciler_with_a_stale_object_never_starts_a_second_job() {
-    let ns = TestNamespace::new("stale").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let cfg = config(&ns.name, &store.name);
+    let rig = Rig::builder("stale").store("10Gi").start().await;
+    let ns = &rig.ns;
+    let cfg = rig.config();
     let caches = ns.api::<TemplateCache>();
     let ctx = Arc::new(Context::new(ns.client.clone(), cfg.clone()));
 
-    create_cache(&ns, "stale").await;
+    create_cache(ns, "stale").await;
     // The cleanup finalizer as the operator's first commit puts it; keep the object as it was
     // right after that.
     let finalizer = json!({"metadata": {"finalizers": ["templatecache.io/cleanup"]}});
@@ -163,19 +161,16 @@ async fn a_reconciler_with_a_stale_object_never_starts_a_second_job() {
     assert!(
         names.contains(&"stale-copy-1".to_owned()) && names.contains(&"stale-copy-2".to_owned())
     );
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn two_operators_at_once_still_create_one_job_per_attempt() {
-    let ns = TestNamespace::new("two-operators").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let first = Operator::start(config(&ns.name, &store.name)).await;
-    let second = Operator::start(config(&ns.name, &store.name)).await;
+    let mut rig = Rig::operator("two-operators").await;
+    rig.start_operator(rig.config()).await;
+    let ns = &rig.ns;
 
     let names: Vec<String> = (0..20).map(|i| format!("twin-{i}")).collect();
-    futures::future::join_all(names.iter().map(|n| create_cache(&ns, n))).await;
+    futures::future::join_all(names.iter().map(|n| create_cache(ns, n))).await;
     for name in &names {
         wait_for_job(&ns.client, &ns.name, &format!("{name}-copy-1")).await;
     }
@@ -215,24 +210,14 @@ async fn two_operators_at_once_still_create_one_job_per_attempt() {
         jobs.sort();
         assert_eq!(jobs, [format!("{name}-copy-1"), format!("{name}-copy-2")]);
     }
-    first.stop().await;
-    second.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn failed_copies_retry_as_new_attempts_then_fail_for_good_and_waiters_see_it() {
-    let ns = TestNamespace::new("retries").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let cfg = config(&ns.name, &store.name); // 3 attempts
-    let operator = Operator::start(cfg).await;
+    let rig = Rig::operator("retries").await; // 3 attempts
+    let ns = &rig.ns;
 
-    let request = CacheRequest {
-        namespace: ns.name.clone(),
-        name: "flaky".into(),
-        spec: Some(spec()),
-    };
+    let request = ns.request("flaky", Some(spec()));
     let reference = client::acquire(ns.client.clone(), &request, "waiter")
         .await
         .expect("acquire");
@@ -274,21 +259,13 @@ async fn failed_copies_retry_as_new_attempts_then_fail_for_good_and_waiters_see_
         "the waiter sees the failure: {waited:?}"
     );
     reference.release().await.expect("release");
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }
 
 #[tokio::test]
 async fn a_referenced_cache_stays_until_its_last_release_then_its_data_is_removed() {
-    let ns = TestNamespace::new("deleting").await;
-    let store = TestStore::new(&ns.client, &format!("{}-store", ns.name), "10Gi").await;
-    let operator = Operator::start(config(&ns.name, &store.name)).await;
-    let request = CacheRequest {
-        namespace: ns.name.clone(),
-        name: "held".into(),
-        spec: Some(spec()),
-    };
+    let rig = Rig::operator("deleting").await;
+    let ns = &rig.ns;
+    let request = ns.request("held", Some(spec()));
     let a = client::acquire(ns.client.clone(), &request, "consumer-a")
         .await
         .unwrap();
@@ -317,26 +294,23 @@ async fn a_referenced_cache_stays_until_its_last_release_then_its_data_is_remove
     .await;
     assert_eq!(deleting.status.as_ref().and_then(|s| s.ref_count), Some(2));
     // A cache going away takes no new references: a claim made now waits, and holds nothing.
-    let without_template = CacheRequest {
-        spec: None,
-        ..request.clone()
-    };
+    let without_template = ns.request("held", None);
     let late = client::acquire(ns.client.clone(), &without_template, "latecomer")
         .await
         .expect("the claim itself is made");
     let claims: Api<TemplateCacheClaim> = ns.api();
-    let mut waiting_reason = None;
-    for _ in 0..100 {
-        let claim = claims.get(late.claim_name()).await.expect("claim");
-        waiting_reason = claim
-            .status
-            .and_then(|s| conditions::find(&s.conditions, "Bound").map(|c| c.reason.clone()));
-        if waiting_reason.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(waiting_reason.as_deref(), Some("CacheDeleting"));
+    let waiting_reason = eventually(
+        "the latecomer's Bound condition",
+        Duration::from_secs(20),
+        || async {
+            let claim = claims.get(late.claim_name()).await.expect("claim");
+            claim
+                .status
+                .and_then(|s| conditions::find(&s.conditions, "Bound").map(|c| c.reason.clone()))
+        },
+    )
+    .await;
+    assert_eq!(waiting_reason, "CacheDeleting");
     let still = caches.get("held").await.expect("deleting");
     assert_eq!(
         count_references(still.finalizers()),
@@ -365,15 +339,7 @@ async fn a_referenced_cache_stays_until_its_last_release_then_its_data_is_remove
         "held until the data is removed"
     );
     finish_job(&ns.client, &ns.name, "held-remove-1", true).await;
-    let gone = tokio::time::timeout(Duration::from_secs(30), async {
-        while caches.get_opt("held").await.unwrap().is_some() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    assert!(gone.is_ok(), "the cache is gone once its data is removed");
+    // The cache is gone once its data is removed.
+    wait_for_cache_gone(&ns.client, &ns.name, "held").await;
     late.release().await.expect("release the latecomer");
-    operator.stop().await;
-    store.delete().await;
-    ns.delete().await;
 }

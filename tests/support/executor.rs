@@ -22,9 +22,9 @@ impl Executor {
 
     fn spawn(namespace: &str, extra: &[&str]) -> Self {
         super::ensure_cluster();
-        let child = Command::new(env!("CARGO_BIN_EXE_templatecache-local-executor"))
+        let child = Command::new(super::executor_binary())
             .arg("--templatecache")
-            .arg(env!("CARGO_BIN_EXE_templatecache"))
+            .arg(super::operator_binary())
             .arg("--namespace")
             .arg(namespace)
             .args(extra)

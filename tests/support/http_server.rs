@@ -25,18 +25,38 @@ pub struct HttpServer {
     pub unreliable: Arc<UnreliableTally>,
     requests: Arc<AtomicUsize>,
     redirects: Redirects,
+    _served: Served,
+}
+
+/// An axum app served on loopback; stops when dropped.
+pub struct Served {
+    pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// Serves `app` on a free port of `ip`.
+    pub async fn start(ip: IpAddr, app: Router) -> Self {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("address");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Where each `/redirect/<name>` points. A table rather than a query parameter: the mover
 /// reads an HTTP source by its path (object_store drops a URL's query).
 type Redirects = Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>;
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 /// Credentials of the `/private/` route.
 pub const USER: &str = "reader";
@@ -79,20 +99,14 @@ impl HttpServer {
                     next.run(request)
                 },
             ));
-        let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("address");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let served = Served::start(ip, app).await;
         Self {
-            addr,
+            addr: served.addr,
             dir,
             unreliable,
             requests,
             redirects,
-            task,
+            _served: served,
         }
     }
 

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::PostParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
@@ -27,6 +28,28 @@ pub fn write_report(relative: &str, text: &str) {
         std::fs::create_dir_all(dir).expect("report folder");
     }
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// The operator's binary. Cargo names it to tests and benches; an example (`make demo`) finds
+/// it in its own target folder, one up from `examples/`.
+pub fn operator_binary() -> PathBuf {
+    built_binary(option_env!("CARGO_BIN_EXE_templatecache"), "templatecache")
+}
+
+/// The local Job executor's binary, found as [`operator_binary`] is.
+pub fn executor_binary() -> PathBuf {
+    built_binary(
+        option_env!("CARGO_BIN_EXE_templatecache-local-executor"),
+        "templatecache-local-executor",
+    )
+}
+
+fn built_binary(from_cargo: Option<&str>, name: &str) -> PathBuf {
+    from_cargo.map(PathBuf::from).unwrap_or_else(|| {
+        let exe = std::env::current_exe().expect("the running program's path");
+        let examples = exe.parent().expect("the program's folder");
+        examples.parent().expect("the target folder").join(name)
+    })
 }
 
 pub fn kubeconfig_path() -> PathBuf {
@@ -96,6 +119,57 @@ pub fn loopback_sources() -> Vec<templatecache::copy::address::AllowedInternal> 
         .collect()
 }
 
+/// Polls `probe` until it gives a value, and returns it; fails the test naming `what` (and what
+/// the probe last saw, if it says) when none came `within`. It looks about 300 times in that
+/// span (every 50 ms to 1 s). For states no watch reports (a Lease's holder, a Pod's gates, an
+/// endpoint that answers); a TemplateCache's state is watched by [`jobs::wait_for_cache`].
+pub async fn eventually<T, F, Fut, P>(what: &str, within: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = P>,
+    P: Probe<T>,
+{
+    let interval = (within / 300).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let seen = match probe().await.seen() {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}{}",
+            seen.map(|s| format!("; last seen: {s}"))
+                .unwrap_or_default()
+        );
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// What one look of [`eventually`] found: `Some`/`Ok` the awaited value; `None`, or `Err` with
+/// what was seen instead (for the failure message).
+pub trait Probe<T> {
+    fn seen(self) -> Result<T, Option<String>>;
+}
+
+impl<T> Probe<T> for Option<T> {
+    fn seen(self) -> Result<T, Option<String>> {
+        self.ok_or(None)
+    }
+}
+
+impl<T> Probe<T> for Result<T, String> {
+    fn seen(self) -> Result<T, Option<String>> {
+        self.map_err(Some)
+    }
+}
+
+/// A template of `url` over HTTP, without checksum.
+pub fn http_spec(url: &str) -> templatecache::api::TemplateCacheSpec {
+    serde_json::from_value(serde_json::json!({"source": {"http": {"url": url}}}))
+        .expect("spec literal")
+}
+
 /// A client for the local control plane, made on the calling test's runtime.
 pub async fn client() -> Client {
     ensure_cluster();
@@ -109,7 +183,28 @@ pub async fn client() -> Client {
     Client::try_from(config).expect("client from kubeconfig")
 }
 
-/// A namespace of the test's own, deleted when the test drops it.
+/// A kind of object that lives in a namespace (a built-in kind or one of the CRDs), as the
+/// helpers that create and list them need it.
+pub trait Namespaced:
+    kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+{
+}
+
+impl<K> Namespaced for K where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+{
+}
+
+/// A namespace of the test's own; a [`rig::Rig`] makes it and deletes it.
+#[derive(Clone)]
 pub struct TestNamespace {
     pub name: String,
     pub client: Client,
@@ -143,43 +238,53 @@ impl TestNamespace {
         Api::namespaced(self.client.clone(), &self.name)
     }
 
+    /// Every `K` in the namespace.
+    pub async fn list<K: Namespaced>(&self) -> kube::api::ObjectList<K> {
+        self.api()
+            .list(&Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("list {}: {e}", K::plural(&Default::default())))
+    }
+
+    /// Creates `object` (JSON, as a user would write it) in the namespace.
+    pub async fn create<K: Namespaced>(&self, object: serde_json::Value) -> K {
+        let what = format!(
+            "{}/{}",
+            K::kind(&Default::default()),
+            object["metadata"]["name"]
+        );
+        let object: K = serde_json::from_value(object)
+            .unwrap_or_else(|e| panic!("{what} is not a valid literal: {e}"));
+        self.api()
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("create {what}: {e}"))
+    }
+
+    /// A consumer's request for cache `name` of the namespace, with or without a template.
+    pub fn request(
+        &self,
+        name: &str,
+        spec: Option<templatecache::api::TemplateCacheSpec>,
+    ) -> templatecache::client::CacheRequest {
+        templatecache::client::CacheRequest {
+            namespace: self.name.clone(),
+            name: name.to_owned(),
+            spec,
+        }
+    }
+
     /// Creates TemplateCache `name` with `spec` (JSON, as a user would write it).
     pub async fn create_cache(
         &self,
         name: &str,
         spec: serde_json::Value,
     ) -> templatecache::api::TemplateCache {
-        let cache = serde_json::from_value(serde_json::json!({
+        self.create(serde_json::json!({
             "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
             "metadata": {"name": name}, "spec": spec
         }))
-        .expect("cache literal");
-        self.api()
-            .create(&PostParams::default(), &cache)
-            .await
-            .expect("create cache")
-    }
-
-    /// Deletes the namespace and its objects. The test's operator is stopped by now, so the
-    /// caches' finalizers (references and cleanup) are dropped here: otherwise every finished
-    /// test would leave a namespace stuck Terminating that the namespace controller retries
-    /// forever, loading the shared API server for the tests after it.
-    pub async fn delete(self) {
-        let caches: Api<templatecache::api::TemplateCache> =
-            Api::namespaced(self.client.clone(), &self.name);
-        let drop_finalizers =
-            kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}}));
-        if let Ok(list) = caches.list(&Default::default()).await {
-            for cache in list {
-                let name = cache.metadata.name.unwrap_or_default();
-                let _ = caches
-                    .patch(&name, &Default::default(), &drop_finalizers)
-                    .await;
-            }
-        }
-        let _ = Api::<Namespace>::all(self.client.clone())
-            .delete(&self.name, &DeleteParams::background())
-            .await;
+        .await
     }
 }
 
@@ -187,7 +292,6 @@ pub mod api_writes;
 pub mod cache_watch;
 pub mod consumer;
 pub mod corpus;
-pub mod cutting_proxy;
 pub mod executor;
 pub mod http_server;
 pub mod jobs;

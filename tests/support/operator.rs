@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kube::api::{DeleteParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::json;
 use templatecache::api::StagingStore;
@@ -13,7 +13,7 @@ use templatecache::controller::{self, Config};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// A running operator; [`Operator::stop`] shuts it down gracefully.
+/// A running operator; [`Operator::stop`] shuts it down gracefully, and dropping it stops it too.
 pub struct Operator {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -71,11 +71,32 @@ impl Operator {
     }
 }
 
-/// A hostPath StagingStore over a fresh temporary folder; deleted with [`TestStore::delete`].
+impl Drop for Operator {
+    /// Stops the operator without awaiting. On a multi-thread runtime its task runs on while this
+    /// thread waits, so it gets the time [`Operator::stop`] gives it to shut down; on a
+    /// current-thread runtime nothing runs while this thread is here, so after the abort the task
+    /// never runs again.
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !self.task.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.task.abort();
+    }
+}
+
+/// A hostPath StagingStore over a fresh temporary folder; a [`super::rig::Rig`] makes it and
+/// deletes it.
 pub struct TestStore {
     pub name: String,
     pub dir: tempfile::TempDir,
-    client: Client,
 }
 
 impl TestStore {
@@ -105,14 +126,7 @@ impl TestStore {
         Self {
             name: name.to_owned(),
             dir,
-            client: client.clone(),
         }
-    }
-
-    pub async fn delete(self) {
-        let _ = Api::<StagingStore>::all(self.client.clone())
-            .delete(&self.name, &DeleteParams::default())
-            .await;
     }
 }
 
@@ -152,16 +166,13 @@ impl OperatorProcess {
     /// `kubeconfig`; only the metrics address is moved to a free loopback port.
     pub fn spawn(identity: &str, args: &[String], kubeconfig: &std::path::Path) -> Self {
         super::ensure_cluster();
-        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let metrics_port = super::tools::free_port();
         let args = args
             .iter()
             .filter(|a| !a.starts_with("--metrics-address"))
             .cloned()
             .chain([format!("--metrics-address=127.0.0.1:{metrics_port}")]);
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"))
+        let child = tokio::process::Command::new(super::operator_binary())
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", identity)
@@ -210,17 +221,21 @@ impl OperatorProcess {
 
     pub async fn get(&self, path: &str) -> String {
         let url = format!("http://127.0.0.1:{}{path}", self.metrics_port);
-        for _ in 0..100 {
-            if let Ok(output) = tokio::process::Command::new("curl")
-                .args(["-sf", &url])
-                .output()
-                .await
-                && output.status.success()
-            {
-                return String::from_utf8_lossy(&output.stdout).into_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("{url} did not answer");
+        super::eventually(
+            &format!("{url} answers"),
+            Duration::from_secs(20),
+            || async {
+                let output = tokio::process::Command::new("curl")
+                    .args(["-sf", &url])
+                    .output()
+                    .await
+                    .ok()?;
+                output
+                    .status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+            },
+        )
+        .await
     }
 }

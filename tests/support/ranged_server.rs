@@ -14,7 +14,7 @@
 //!   reserved for it.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -25,6 +25,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use futures::StreamExt;
+
+use super::http_server::Served;
 
 /// One request as the server saw it.
 #[derive(Clone, Debug)]
@@ -51,13 +53,7 @@ type Shared = Arc<Mutex<Objects>>;
 pub struct RangedServer {
     pub addr: SocketAddr,
     objects: Shared,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RangedServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _served: Served,
 }
 
 impl RangedServer {
@@ -66,17 +62,11 @@ impl RangedServer {
         let app = Router::new()
             .route("/{route}/{name}", get(serve))
             .with_state(objects.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("address");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let served = Served::start(Ipv4Addr::LOCALHOST.into(), app).await;
         Self {
-            addr,
+            addr: served.addr,
             objects,
-            task,
+            _served: served,
         }
     }
 

@@ -5,14 +5,12 @@
 //! title every layer.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use serde_json::{Value, json};
 
 use super::rig::sha256;
-use super::s3_server::free_port;
-use super::tools::{built, run};
+use super::tools::{built, run, serve_on_loopback};
 
 pub const USER: &str = "puller";
 pub const PASSWORD: &str = "registry-test-password";
@@ -21,59 +19,43 @@ pub const PASSWORD: &str = "registry-test-password";
 pub struct Registry {
     /// `127.0.0.1:<port>`, the registry part of references.
     pub host: String,
+    /// Before `dir`: fields drop in order, and the registry goes before its storage.
+    _child: tokio::process::Child,
     dir: tempfile::TempDir,
-    child: std::process::Child,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Registry {
     pub async fn start() -> Self {
-        let binary = built("registry");
         let dir = tempfile::tempdir().expect("registry folder");
         let htpasswd = dir.path().join("htpasswd");
         let hash = bcrypt::hash(PASSWORD, 5).expect("bcrypt");
         std::fs::write(&htpasswd, format!("{USER}:{hash}\n")).expect("htpasswd");
-        let port = free_port();
         let config = dir.path().join("config.yml");
         let storage = dir.path().join("storage");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\n\
-                 http: {{addr: 127.0.0.1:{port}}}\n\
-                 auth: {{htpasswd: {{realm: templatecache-test, path: {}}}}}\n",
-                storage.display(),
-                htpasswd.display()
-            ),
-        )
-        .expect("registry config");
-        let child = Command::new(binary)
-            .arg("serve")
-            .arg(&config)
-            .env("OTEL_TRACES_EXPORTER", "none")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the registry");
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (child, port) = serve_on_loopback("the registry", |port| {
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\n\
+                     http: {{addr: 127.0.0.1:{port}}}\n\
+                     auth: {{htpasswd: {{realm: templatecache-test, path: {}}}}}\n",
+                    storage.display(),
+                    htpasswd.display()
+                ),
+            )
+            .expect("registry config");
+            let mut command = tokio::process::Command::new(built("registry"));
+            command
+                .arg("serve")
+                .arg(&config)
+                .env("OTEL_TRACES_EXPORTER", "none");
+            command
+        })
+        .await;
         Self {
             host: format!("127.0.0.1:{port}"),
+            _child: child,
             dir,
-            child,
         }
     }
 

@@ -1,14 +1,14 @@
 //! A real S3-compatible server on loopback: versitygw (built from its Go module by
 //! `hack/s3/build.sh`) over a temporary folder. Objects are uploaded through the S3 API itself.
 
-use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::process::{Child, Command};
+
+use super::tools::{built, serve_on_loopback};
 
 pub const ACCESS_KEY: &str = "templatecache-test";
 pub const SECRET_KEY: &str = "templatecache-test-secret";
@@ -23,44 +23,21 @@ pub struct S3Server {
 
 impl S3Server {
     pub async fn start() -> Self {
-        let build = std::process::Command::new(super::repo_root().join("hack/s3/build.sh"))
-            .output()
-            .expect("run hack/s3/build.sh");
-        assert!(
-            build.status.success(),
-            "{}",
-            String::from_utf8_lossy(&build.stderr)
-        );
-        let binary = String::from_utf8(build.stdout)
-            .expect("path")
-            .trim()
-            .to_owned();
         let dir = tempfile::tempdir().expect("S3 folder");
         std::fs::create_dir(dir.path().join(BUCKET)).expect("bucket folder");
-        let port = free_port();
-        let child = Command::new(binary)
-            .args(["--access", ACCESS_KEY, "--secret", SECRET_KEY])
-            .arg("--port")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("posix")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start versitygw");
-        let endpoint = format!("http://127.0.0.1:{port}");
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (child, port) = serve_on_loopback("versitygw", |port| {
+            let mut command = Command::new(built("s3"));
+            command
+                .args(["--access", ACCESS_KEY, "--secret", SECRET_KEY])
+                .arg("--port")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("posix")
+                .arg(dir.path());
+            command
+        })
+        .await;
         Self {
-            endpoint,
+            endpoint: format!("http://127.0.0.1:{port}"),
             _dir: dir,
             _child: child,
         }
@@ -84,11 +61,4 @@ impl S3Server {
             .await
             .expect("upload object");
     }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }

@@ -1,7 +1,9 @@
-//! A TCP proxy on loopback that limits every connection to a fixed rate towards the client, the
-//! way a remote object store or mirror serves one GET: loopback has no such limit, so without it
-//! a benchmark cannot show what parallel streams buy on a real link. It forwards bytes untouched
-//! (an S3 signature made for the proxy's address stays valid) and counts connections.
+//! A TCP proxy on loopback that shapes every connection towards the client, as a real link
+//! does: at most a fixed rate, the way a remote object store or mirror serves one GET (loopback
+//! has no such limit, so without it a benchmark cannot show what parallel streams buy), and/or a
+//! cut once a given number of bytes went through (a flaky link in the middle of a large
+//! download, for the mover's resume rules). It forwards bytes untouched (an S3 signature made for
+//! the proxy's address stays valid) and counts connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +21,13 @@ const SLICE: usize = 64 << 10;
 /// time) before it stops earning credit.
 const SLACK: Duration = Duration::from_millis(10);
 
+/// What a proxy does to each connection's answers.
+#[derive(Clone, Copy)]
+struct Shape {
+    bytes_per_second: Option<u64>,
+    cut_after: Option<u64>,
+}
+
 /// A running proxy; stops accepting when dropped.
 pub struct ThrottleProxy {
     pub addr: SocketAddr,
@@ -35,6 +44,24 @@ impl Drop for ThrottleProxy {
 impl ThrottleProxy {
     /// Forwards to `upstream`, each connection at most `bytes_per_second` towards the client.
     pub async fn start(upstream: SocketAddr, bytes_per_second: u64) -> Self {
+        let shape = Shape {
+            bytes_per_second: Some(bytes_per_second),
+            cut_after: None,
+        };
+        Self::shaping(upstream, shape).await
+    }
+
+    /// Forwards to `upstream` at full speed, closing each connection after `bytes` towards the
+    /// client.
+    pub async fn cutting(upstream: SocketAddr, bytes: u64) -> Self {
+        let shape = Shape {
+            bytes_per_second: None,
+            cut_after: Some(bytes),
+        };
+        Self::shaping(upstream, shape).await
+    }
+
+    async fn shaping(upstream: SocketAddr, shape: Shape) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -44,7 +71,7 @@ impl ThrottleProxy {
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(forward(client, upstream, bytes_per_second));
+                tokio::spawn(forward(client, upstream, shape));
             }
         });
         Self {
@@ -60,7 +87,7 @@ impl ThrottleProxy {
     }
 }
 
-async fn forward(client: TcpStream, upstream: SocketAddr, bytes_per_second: u64) {
+async fn forward(client: TcpStream, upstream: SocketAddr, shape: Shape) {
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
@@ -74,26 +101,49 @@ async fn forward(client: TcpStream, upstream: SocketAddr, bytes_per_second: u64)
     };
     let answers = async {
         let mut buffer = vec![0; SLICE];
+        let mut sent = 0u64;
         // When the connection may send again: no credit builds up while it idles.
         let mut ready = Instant::now();
         loop {
-            let n = match server_read.read(&mut buffer).await {
+            let room = match shape.cut_after {
+                Some(limit) => usize::try_from(limit - sent)
+                    .unwrap_or(usize::MAX)
+                    .min(SLICE),
+                None => SLICE,
+            };
+            if room == 0 {
+                // Past the cut-off: the connection drops, without a clean end.
+                return;
+            }
+            let n = match server_read.read(&mut buffer[..room]).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
             if client_write.write_all(&buffer[..n]).await.is_err() {
                 break;
             }
-            // A token bucket: `ready` moves by what was sent at the rate. Sleeping only once it
-            // is a few ms ahead keeps the rate exact despite the timer's 1 ms grain and reads
-            // smaller than a slice; the burst is those few ms.
-            let cost = Duration::from_secs_f64(n as f64 / bytes_per_second as f64);
-            ready = ready.max(Instant::now() - SLACK) + cost;
-            if ready > Instant::now() + SLACK {
-                tokio::time::sleep_until(ready).await;
+            sent += n as u64;
+            if let Some(rate) = shape.bytes_per_second {
+                // A token bucket: `ready` moves by what was sent at the rate. Sleeping only
+                // once it is a few ms ahead keeps the rate exact despite the timer's 1 ms grain
+                // and reads smaller than a slice; the burst is those few ms.
+                let cost = Duration::from_secs_f64(n as f64 / rate as f64);
+                ready = ready.max(Instant::now() - SLACK) + cost;
+                if ready > Instant::now() + SLACK {
+                    tokio::time::sleep_until(ready).await;
+                }
             }
         }
         let _ = client_write.shutdown().await;
     };
-    tokio::join!(requests, answers);
+    if shape.cut_after.is_some() {
+        // Whichever side ends first ends the connection: past the limit, the client sees it
+        // drop.
+        tokio::select! {
+            () = requests => {}
+            () = answers => {}
+        }
+    } else {
+        tokio::join!(requests, answers);
+    }
 }

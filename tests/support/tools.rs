@@ -62,3 +62,35 @@ pub fn run(mut command: Command) -> Result<String, String> {
         Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
     }
 }
+
+/// A free port on loopback, for a server that cannot be handed a listener.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Starts a server process on a free loopback port (`command` makes its command line for the
+/// port), quiet and killed when dropped, and waits until it accepts connections there.
+pub async fn serve_on_loopback(
+    what: &str,
+    command: impl FnOnce(u16) -> tokio::process::Command,
+) -> (tokio::process::Child, u16) {
+    let port = free_port();
+    let child = command(port)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
+    let listening = format!("{what} listening on 127.0.0.1:{port}");
+    super::eventually(&listening, std::time::Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(drop)
+    })
+    .await;
+    (child, port)
+}
