@@ -3,7 +3,8 @@
 # http.server) against `curl -o`, from S3 (versitygw) against a plain SigV4 read by curl, and
 # from an OCI registry (distribution, the file pushed as an ORAS artifact) against `oras pull`.
 # Best of 3 runs each; peak RSS of the mover from /usr/bin/time. Then `cargo bench --bench
-# mover_streams` (parallel ranged download: 1 vs 8 streams, throttled and not). Writes
+# mover_streams` (parallel ranged download: curl, rclone x8, mover x1 and x8, throttled and
+# not; rclone is built from hack/rclone on first use). Writes
 # target/bench/mover.md, which `make bench` puts into docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -191,7 +191,13 @@ async fn main() -> ExitCode {
         Command::Run(args) => run(args).await,
         Command::Copy(args) => templatecache::copy::run_copy(args)
             .await
-            .map(|done| println!("copied {} bytes, {}", done.bytes, done.checksum))
+            .map(|done| match done.resumed {
+                0 => println!("copied {} bytes, {}", done.bytes, done.checksum),
+                kept => println!(
+                    "copied {} bytes, {} ({kept} of them taken over from an earlier attempt)",
+                    done.bytes, done.checksum
+                ),
+            })
             .map_err(|e| e.to_string()),
         Command::Remove(args) => templatecache::copy::run_remove(args)
             .await

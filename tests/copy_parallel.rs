@@ -306,9 +306,19 @@ mod s3 {
     }
 
     fn copy(proxy: &ThrottleProxy, key: &str, dest: &std::path::Path) -> tokio::process::Command {
+        copy_attempt(proxy, key, dest, 1)
+    }
+
+    fn copy_attempt(
+        proxy: &ThrottleProxy,
+        key: &str,
+        dest: &std::path::Path,
+        attempt: u32,
+    ) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"));
         command
-            .args(["copy", "--attempt", "1", "--streams", "8"])
+            .args(["copy", "--streams", "8"])
+            .arg(format!("--attempt={attempt}"))
             .arg(format!("--part-size={PART}"))
             .args(["--allow-internal-address", super::support::LOOPBACK_SOURCES])
             .arg("--dest")
@@ -375,5 +385,52 @@ mod s3 {
         assert!(!out.status.success());
         assert!(stderr.contains("changed during the copy"), "{stderr}");
         assert_only(&dir, &[]);
+    }
+
+    #[tokio::test]
+    async fn an_s3_copy_killed_halfway_is_resumed_by_the_next_attempt_from_its_record() {
+        let s3 = S3Server::start().await;
+        let bytes = random_bytes(8 << 20); // 32 parts
+        s3.put("images/disk.img", bytes.clone()).await;
+        // 1 MiB/s per connection: one stream for the first 4 MiB, so the kill lands mid-copy.
+        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 1 << 20).await;
+        let dir = tempfile::tempdir().expect("dest");
+        let dest = dir.path().join("disk");
+        let record = dir.path().join(".partial/disk-1.resume");
+
+        let mut first = copy_attempt(&proxy, "images/disk.img", &dest, 1)
+            .spawn()
+            .expect("start attempt 1");
+        let mut verified = 0;
+        for _ in 0..200 {
+            let json: Option<serde_json::Value> = std::fs::read(&record)
+                .ok()
+                .and_then(|r| serde_json::from_slice(&r).ok());
+            verified = json.and_then(|r| r["verified"].as_u64()).unwrap_or(0);
+            if verified >= 2 << 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(verified >= 2 << 20, "attempt 1 recorded {verified} bytes");
+        first.kill().await.expect("SIGKILL attempt 1");
+
+        let out = copy_attempt(&proxy, "images/disk.img", &dest, 2)
+            .arg(format!("--checksum={}", sha256(&bytes)))
+            .output()
+            .await
+            .expect("run attempt 2");
+
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let resumed = verified / PART * PART;
+        let taken_over = format!("({resumed} of them taken over from an earlier attempt)");
+        assert!(stdout.contains(&taken_over), "{stdout}");
+        assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+        assert_only(&dir, &["disk"]);
     }
 }

@@ -14,6 +14,7 @@
 //!
 //! Sources that cannot be split this way take the single-stream path (see `plan`).
 
+use std::fs::File;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,8 +25,6 @@ use object_store::{GetOptions, GetRange, GetResult, ObjectMeta, ObjectStore};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
-
-use std::fs::File;
 
 use super::landing::{Checkpoint, Front, Landing, Sink, Start};
 use super::plan::{Fallback, Pin, Tuning, plan};
@@ -71,11 +70,10 @@ pub async fn transfer(
         part_size: pin.part_size,
         pin,
     };
-    let taken = resume::take_over(partial, &identity)?;
-    let (file, start) = match taken {
+    let (file, start) = match resume::take_over(partial, &identity)? {
         Some(taken) => {
-            let start = rehash(&parts, taken, partial, &mut progress).await?;
-            (Some(start.0), start.1)
+            let (file, start) = rehash(&parts, taken, partial, &mut progress).await?;
+            (Some(file), start)
         }
         None => (None, Start::default()),
     };
@@ -164,16 +162,18 @@ async fn rehash(
         (file, hasher)
     });
     let mut ticks = tokio::time::interval(REHASH_REPORTS);
+    let failed = |e| io_error(&partial.path(), e);
     let (file, hasher) = loop {
         tokio::select! {
-            joined = &mut hashing => break joined.map_err(|e| io_error(&partial.path(), std::io::Error::other(e)))?,
+            joined = &mut hashing => break joined.map_err(|e| failed(std::io::Error::other(e)))?,
             _ = ticks.tick() => {
                 let hashed = done.load(Ordering::Relaxed);
-                progress(Front { hashed, landed: at, resumed: at, ..Front::default() }, parts.size).await;
+                let front = Front { hashed, landed: at, resumed: at, ..Front::default() };
+                progress(front, parts.size).await;
             }
         }
     };
-    let hasher = hasher.map_err(|e| io_error(&partial.path(), e))?;
+    let hasher = hasher.map_err(failed)?;
     Ok((file, Start { hasher, at }))
 }
 
