@@ -294,6 +294,7 @@ mod s3 {
     use std::time::Duration;
 
     use super::ThrottleProxy;
+    use super::support::eventually;
     use super::support::rig::{random_bytes, sha256};
     use super::support::s3_server::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
     use super::{PART, assert_only};
@@ -401,18 +402,22 @@ mod s3 {
         let mut first = copy_attempt(&proxy, "images/disk.img", &dest, 1)
             .spawn()
             .expect("start attempt 1");
-        let mut verified = 0;
-        for _ in 0..200 {
-            let json: Option<serde_json::Value> = std::fs::read(&record)
-                .ok()
-                .and_then(|r| serde_json::from_slice(&r).ok());
-            verified = json.and_then(|r| r["verified"].as_u64()).unwrap_or(0);
-            if verified >= 2 << 20 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(verified >= 2 << 20, "attempt 1 recorded {verified} bytes");
+        let verified = eventually(
+            "attempt 1 recording 2 MiB verified",
+            Duration::from_secs(10),
+            || async {
+                let json: Option<serde_json::Value> = std::fs::read(&record)
+                    .ok()
+                    .and_then(|r| serde_json::from_slice(&r).ok());
+                let verified = json.and_then(|r| r["verified"].as_u64()).unwrap_or(0);
+                if verified >= 2 << 20 {
+                    Ok(verified)
+                } else {
+                    Err(format!("{verified} bytes"))
+                }
+            },
+        )
+        .await;
         first.kill().await.expect("SIGKILL attempt 1");
 
         let out = copy_attempt(&proxy, "images/disk.img", &dest, 2)

@@ -169,13 +169,16 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_one_the_operator_exp
     let operator = OperatorProcess::start("monitoring", &ns.name, &store.name, &refused);
     let source = json!({"source": {"http": {"url": "http://127.0.0.1:9/none.img"}}});
     ns.create_cache("refused-job", source).await;
+    // The store's gauges come from the store controller's own first look, which may come after
+    // the first reconcile error: the scrape must have both.
     let scrape = eventually(
-        "a scrape with a reconcile error from the leader",
+        "a scrape with a reconcile error from the leader and the store's gauges",
         Duration::from_secs(30),
         || async {
             let scrape = operator.metrics().await;
             (scrape.contains("templatecache_reconcile_errors_total{")
-                && scrape.contains("templatecache_leader 1"))
+                && scrape.contains("templatecache_leader 1")
+                && scrape.contains("templatecache_store_evictable_bytes{"))
             .then_some(scrape)
         },
     )

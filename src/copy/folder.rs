@@ -506,11 +506,17 @@ mod tests {
     }
 
     /// A file outside the namespace's folder, and a link to it planted at `planted`.
+    const VICTIMS_DATA: &[u8] = b"another tenant's data";
+
     fn plant(root: &Path, planted: &str) -> PathBuf {
         let victim = root.parent().expect("store").join("victim");
-        std::fs::write(&victim, b"another tenant's data").expect("victim");
+        std::fs::write(&victim, VICTIMS_DATA).expect("victim");
         std::os::unix::fs::symlink(&victim, root.join(planted)).expect("plant the link");
         victim
+    }
+
+    fn assert_untouched(victim: &Path) {
+        assert_eq!(std::fs::read(victim).expect("victim"), VICTIMS_DATA);
     }
 
     #[test]
@@ -535,10 +541,7 @@ mod tests {
             root.join("img").symlink_metadata().is_err(),
             "the link is gone"
         );
-        assert_eq!(
-            std::fs::read(&victim).expect("victim"),
-            b"another tenant's data"
-        );
+        assert_untouched(&victim);
     }
 
     #[test]
@@ -562,10 +565,7 @@ mod tests {
         let error = folder.create_partial(1).expect_err("refused");
         assert!(error.to_string().contains(".partial/img-1"), "{error}");
         folder.remove_all().expect("the link itself goes");
-        assert_eq!(
-            std::fs::read(&victim).expect("victim"),
-            b"another tenant's data"
-        );
+        assert_untouched(&victim);
     }
 
     #[test]
