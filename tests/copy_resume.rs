@@ -21,12 +21,17 @@ const SIZE: usize = 24 << 20;
 /// the kill lands mid-copy even on a loaded machine, with a record every second.
 const CONNECTION_RATE: u64 = 1 << 20;
 
-/// A rig whose copies use 4 streams of 1 MiB parts, with two attempts.
+/// A rig whose copies use 4 streams of 1 MiB parts, with two attempts 3 s apart: what a test
+/// does between the kill and attempt 2 (replace the source) is done long before attempt 2
+/// reads the source, however loaded the machine (with the tests' 200 ms, a busy test thread
+/// replaced it after attempt 2 had pinned the old version, and the test failed on a 412).
 async fn rig(prefix: &str) -> Rig {
     Rig::with_config(prefix, |cfg| {
         cfg.jobs.copy.streams = 4;
         cfg.jobs.copy.part_size = PART;
         cfg.retry.max_attempts = 2;
+        cfg.retry.base_delay = Duration::from_secs(3);
+        cfg.retry.max_delay = Duration::from_secs(3);
     })
     .await
 }
@@ -113,7 +118,7 @@ async fn copy_and_kill_halfway(
     rig.create("disk", spec).await;
     let verified = kill_first_attempt_past(rig, "disk", SIZE as u64 / 3).await;
     // Requests the killed process had sent are in the log by now; attempt 2 is at least a
-    // failed Job, a backoff and a new Job away.
+    // failed Job, the rig's 3 s backoff and a new Job away.
     tokio::time::sleep(Duration::from_millis(100)).await;
     (server.gets().len(), verified)
 }
