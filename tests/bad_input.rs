@@ -14,12 +14,12 @@ use support::corpus::record;
 use support::http_spec;
 use support::jobs::wait_for_cache;
 use support::registry::{PASSWORD, Registry};
-use support::rig::{Rig, ready_message};
+use support::rig::Rig;
 use support::{TestNamespace, kubectl};
 use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
-use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim};
+use templatecache::api::{TemplateCache, TemplateCacheClaim};
 use templatecache::client::{self, ClientError};
 
 async fn refs(ns: &TestNamespace, name: &str) -> (u32, String) {
@@ -385,13 +385,7 @@ async fn a_container_disk_whose_disk_is_a_link_or_outside_disk_stages_nothing() 
         json!({"source": {"oci": {"reference": reference, "file": "disk.img", "secretRef": {"name": "pull"}}}}),
     )
     .await;
-    let cache = rig.settled("hostile").await;
-    let message = ready_message(&cache);
-    assert_eq!(
-        cache.status.as_ref().and_then(|s| s.phase),
-        Some(Phase::Failed),
-        "{message}"
-    );
+    let message = rig.failed_for_good("hostile").await;
     assert!(message.contains("has no file disk.img"), "{message}");
     assert!(rig.files().is_empty(), "nothing staged: {:?}", rig.files());
     record(

@@ -174,13 +174,7 @@ async fn bad_sources_fail_with_a_clear_condition_and_leave_no_file() {
         rig.create(name, spec.clone()).await;
     }
     for (name, _, expected) in &cases {
-        let cache = rig.settled(name).await;
-        assert_eq!(
-            cache.status.as_ref().and_then(|s| s.phase),
-            Some(Phase::Failed),
-            "{name}"
-        );
-        let message = ready_message(&cache);
+        let message = rig.failed_for_good(name).await;
         assert!(message.contains(expected), "{name}: {message}");
         println!("{name}: {message}");
         assert!(

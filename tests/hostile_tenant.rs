@@ -656,15 +656,6 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
     assert_eq!(gates.len(), 1, "the consumer Pod stays gated");
 }
 
-/// Waits until the cache has failed for good (the rig's last attempt) and returns its message.
-async fn failed_for_good(rig: &Rig, name: &str) -> String {
-    let cache = rig.settled(name).await;
-    let message = ready_message(&cache);
-    let phase = cache.status.as_ref().and_then(|s| s.phase);
-    assert_eq!(phase, Some(Phase::Failed), "{name}: {message}");
-    message
-}
-
 const TENANT_B_DATA: &[u8] = b"tenant B's template, which tenant A must never reach";
 const OUTSIDE_DATA: &[u8] = b"a file of the node, outside the store";
 
@@ -713,7 +704,7 @@ async fn links_planted_in_a_tenants_folder_never_lead_the_mover_or_the_remover_o
         rig.create(cache, spec).await;
     }
     for (cache, planted, case) in &cases {
-        let message = failed_for_good(&rig, cache).await;
+        let message = rig.failed_for_good(cache).await;
         record(
             &format!("hostile tenant (symlink redirection): {case}"),
             &message,
@@ -746,7 +737,7 @@ async fn links_planted_in_a_tenants_folder_never_lead_the_mover_or_the_remover_o
     let planted = link(&team_b, ".partial");
     let (_, spec) = template(&server, "third.img");
     rig.create("third", spec).await;
-    let message = failed_for_good(&rig, "third").await;
+    let message = rig.failed_for_good("third").await;
     record(
         "hostile tenant (symlink redirection): the partial folder a link to tenant B's folder",
         &message,
@@ -810,7 +801,7 @@ async fn a_source_sending_more_than_its_head_announced_fails_and_fills_nothing()
     rig.create("huge", json!({"source": {"http": {"url": url}}}))
         .await;
 
-    let message = failed_for_good(&rig, "huge").await;
+    let message = rig.failed_for_good("huge").await;
     stop_observer(sampler, "usage sampler");
     let (disk, reported) = *peak.lock().expect("peak");
     record(
@@ -843,7 +834,7 @@ async fn a_ranged_source_answering_parts_longer_than_asked_fails_within_its_rese
     rig.create("disk", json!({"source": {"http": {"url": url}}}))
         .await;
 
-    let message = failed_for_good(&rig, "disk").await;
+    let message = rig.failed_for_good("disk").await;
     stop_observer(sampler, "usage sampler");
     let (disk, _) = *peak.lock().expect("peak");
     record(

@@ -134,13 +134,7 @@ async fn registry_failures_end_failed_with_the_reason_named_and_nothing_left() {
         rig.create(name, json!({"source": source})).await;
     }
     for (name, _, expected) in &cases {
-        let cache = rig.settled(name).await;
-        let message = ready_message(&cache);
-        assert_eq!(
-            cache.status.as_ref().and_then(|s| s.phase),
-            Some(Phase::Failed),
-            "{name}: {message}"
-        );
+        let message = rig.failed_for_good(name).await;
         assert!(message.contains(expected), "{name}: {message}");
         assert!(!message.contains(PASSWORD) && !message.contains("not-the-password"));
         println!("{name}: {message}");
@@ -227,13 +221,7 @@ async fn a_retry_pulls_the_digest_the_first_attempt_resolved_not_the_moved_tag()
     // The tag now names a sound version; a retry that resolved it again would succeed.
     registry.push_artifact("models/retry", "stable", &[("m.bin", &second)]);
 
-    let cache = rig.settled("retry").await;
-    let message = ready_message(&cache);
-    assert_eq!(
-        cache.status.as_ref().and_then(|s| s.phase),
-        Some(Phase::Failed),
-        "{message}"
-    );
+    let message = rig.failed_for_good("retry").await;
     assert!(message.contains("other bytes than it names"), "{message}");
     let jobs = jobs_of(&rig.ns.client, &rig.ns.name, "retry").await;
     let second_attempt = jobs
@@ -351,13 +339,7 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
         .await;
     }
     for (name, link) in &planted {
-        let cache = rig.settled(name).await;
-        let message = ready_message(&cache);
-        assert_eq!(
-            cache.status.as_ref().and_then(|s| s.phase),
-            Some(Phase::Failed),
-            "{name}: {message}"
-        );
+        let message = rig.failed_for_good(name).await;
         for part in [&*link.display().to_string(), "symbolic link"] {
             assert!(message.contains(part), "{name} names {part}: {message}");
         }

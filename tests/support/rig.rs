@@ -275,6 +275,16 @@ impl Rig {
         .await
     }
 
+    /// Waits until the cache has settled, asserts it failed for good (the rig's last attempt)
+    /// and returns the message of its Ready condition.
+    pub async fn failed_for_good(&self, name: &str) -> String {
+        let cache = self.settled(name).await;
+        let message = ready_message(&cache);
+        let phase = cache.status.as_ref().and_then(|s| s.phase);
+        assert_eq!(phase, Some(Phase::Failed), "{name}: {message}");
+        message
+    }
+
     /// Asserts the cache is Ready, records the source's size and digest, and its file in the
     /// store is byte-identical to `source`.
     pub async fn assert_copied(&self, name: &str, source: &[u8]) {

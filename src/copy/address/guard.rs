@@ -240,39 +240,10 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_server;
     use super::*;
     use object_store::ObjectStoreExt;
     use object_store::http::HttpBuilder;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// A loopback server that answers every request with a 3-byte body; counts the request
-    /// bytes it receives.
-    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let received = Arc::new(AtomicUsize::new(0));
-        let counter = received.clone();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let mut buffer = [0u8; 4096];
-                    while let Ok(n) = socket.read(&mut buffer).await {
-                        if n == 0 {
-                            return;
-                        }
-                        counter.fetch_add(n, Ordering::SeqCst);
-                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc";
-                        let _ = socket.write_all(answer.as_bytes()).await;
-                    }
-                });
-            }
-        });
-        (addr, received)
-    }
 
     async fn head(url: &str, allowed: &str) -> Result<u64, AddressRefused> {
         let connector = GuardedConnector {
@@ -295,7 +266,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_resolving_to_an_allowed_address_on_another_port_is_refused_once_connected() {
-        let (addr, received) = server().await;
+        let (addr, reached) = test_server::start().await;
         let by_name = format!("http://localhost:{}", addr.port());
         // The allowlist names the address, but with another port: the resolver cannot tell
         // (it knows no port), the peer check can, before a byte of the request is written.
@@ -308,10 +279,10 @@ mod tests {
                 class: super::super::Internal::Loopback
             }
         );
-        assert_eq!(received.load(Ordering::SeqCst), 0, "no request was written");
+        assert_eq!(reached.bytes(), 0, "no byte of the request was written");
 
         let allowed = addr.to_string();
         assert_eq!(head(&by_name, &allowed).await.expect("allowed endpoint"), 3);
-        assert!(received.load(Ordering::SeqCst) > 0);
+        assert_eq!(reached.requests(), 1);
     }
 }

@@ -14,6 +14,8 @@
 
 pub mod guard;
 pub mod proxy;
+#[cfg(test)]
+mod test_server;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

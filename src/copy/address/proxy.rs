@@ -201,7 +201,7 @@ fn closing(head: &[u8]) -> Vec<u8> {
 }
 
 /// Reads up to the end of a head (`\r\n\r\n`): the head, and the bytes read past it.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+pub(super) async fn read_head(stream: &mut TcpStream) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
     let mut buffer = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
@@ -282,29 +282,8 @@ async fn connect(policy: &AddressPolicy, host: &str, port: u16) -> Result<TcpStr
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_server;
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A loopback server that answers every request with a 3-byte body; counts its requests.
-    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counter = requests.clone();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    if read_head(&mut socket).await.is_ok() {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc";
-                        let _ = socket.write_all(answer.as_bytes()).await;
-                    }
-                });
-            }
-        });
-        (addr, requests)
-    }
 
     async fn get_through(proxy: &CheckedProxy, url: &str) -> Result<String, reqwest::Error> {
         let client = reqwest::Client::builder()
@@ -322,7 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_proxy_connects_only_where_the_policy_allows_and_keeps_the_refusal() {
-        let (addr, requests) = server().await;
+        let (addr, reached) = test_server::start().await;
         let proxy = CheckedProxy::start(Arc::new(AddressPolicy::default()))
             .await
             .expect("proxy");
@@ -330,7 +309,7 @@ mod tests {
         get_through(&proxy, &by_name)
             .await
             .expect_err("loopback by name");
-        assert_eq!(requests.load(Ordering::SeqCst), 0, "no request reached it");
+        assert_eq!(reached.bytes(), 0, "no byte of a request reached it");
         let refused = proxy.refusal().expect("kept").to_string();
         assert!(
             refused.contains("localhost") && refused.contains("loopback"),
@@ -348,7 +327,7 @@ mod tests {
             matches!(&refused, AddressRefused::Internal { address, .. } if *address == addr.to_string()),
             "{refused}"
         );
-        assert_eq!(requests.load(Ordering::SeqCst), 0, "no request reached it");
+        assert_eq!(reached.bytes(), 0, "no byte of a request reached it");
 
         let allowed = AddressPolicy::new(vec![addr.to_string().parse().expect("entry")]);
         let proxy = CheckedProxy::start(Arc::new(allowed)).await.expect("proxy");
@@ -358,7 +337,7 @@ mod tests {
                 .expect("allowed endpoint");
             assert_eq!(body, "abc");
         }
-        assert_eq!(requests.load(Ordering::SeqCst), 2);
+        assert_eq!(reached.requests(), 2);
         assert!(proxy.refusal().is_none());
     }
 
