@@ -327,13 +327,19 @@ async fn the_data_mover_refuses_a_key_that_climbs_out_of_its_bucket() {
     let endpoint = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     endpoint.set_nonblocking(true).expect("non-blocking");
     let url = format!("http://{}", endpoint.local_addr().expect("address"));
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"))
+    let mover = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"))
         .args(["copy", "--attempt", "1", "--dest"])
         .arg(&dest)
         .args(["--s3-bucket", "templates", "--s3-key", "../../etc/passwd"])
         .args(["--s3-endpoint", &url])
-        .output()
+        // The endpoint's address is allowed, so only the key check can keep the mover away.
+        .args(["--allow-internal-address", support::LOOPBACK_SOURCES])
+        .kill_on_drop(true)
+        .output();
+    // A mover that got past the key would wait on the silent endpoint: fail, not hang.
+    let output = tokio::time::timeout(std::time::Duration::from_secs(30), mover)
         .await
+        .expect("the mover refused the key at once, without waiting on the endpoint")
         .expect("run the mover");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());

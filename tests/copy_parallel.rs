@@ -295,7 +295,7 @@ mod s3 {
 
     use super::ThrottleProxy;
     use super::support::eventually;
-    use super::support::rig::{random_bytes, sha256};
+    use super::support::rig::{random_bytes, resume_verified, sha256};
     use super::support::s3_server::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
     use super::{PART, assert_only};
 
@@ -402,23 +402,15 @@ mod s3 {
         let mut first = copy_attempt(&proxy, "images/disk.img", &dest, 1)
             .spawn()
             .expect("start attempt 1");
-        let verified = eventually(
+        eventually(
             "attempt 1 recording 2 MiB verified",
             Duration::from_secs(10),
-            || async {
-                let json: Option<serde_json::Value> = std::fs::read(&record)
-                    .ok()
-                    .and_then(|r| serde_json::from_slice(&r).ok());
-                let verified = json.and_then(|r| r["verified"].as_u64()).unwrap_or(0);
-                if verified >= 2 << 20 {
-                    Ok(verified)
-                } else {
-                    Err(format!("{verified} bytes"))
-                }
-            },
+            || async { resume_verified(&record).filter(|v| *v >= 2 << 20) },
         )
         .await;
         first.kill().await.expect("SIGKILL attempt 1");
+        // Read once the process is gone: until then the record moves on.
+        let verified = resume_verified(&record).expect("attempt 1's record");
 
         let out = copy_attempt(&proxy, "images/disk.img", &dest, 2)
             .arg(format!("--checksum={}", sha256(&bytes)))

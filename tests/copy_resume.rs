@@ -11,7 +11,7 @@ use serde_json::json;
 
 use support::eventually;
 use support::ranged_server::{RangedServer, Seen};
-use support::rig::{Rig, random_bytes, sha256};
+use support::rig::{Rig, random_bytes, resume_verified, sha256};
 use support::throttle::ThrottleProxy;
 
 const PART: u64 = 1 << 20;
@@ -38,11 +38,10 @@ async fn rig(prefix: &str) -> Rig {
 
 /// The `verified` of the resume record of `attempt`, if it has one yet.
 fn recorded(rig: &Rig, cache: &str, attempt: u32) -> Option<u64> {
-    let path = rig
-        .folder()
-        .join(format!(".partial/{cache}-{attempt}.resume"));
-    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    record["verified"].as_u64()
+    resume_verified(
+        &rig.folder()
+            .join(format!(".partial/{cache}-{attempt}.resume")),
+    )
 }
 
 /// The pid of the copy process the executor started for `cache` of `namespace`.
@@ -67,9 +66,10 @@ fn mover_of(namespace: &str, cache: &str) -> Option<u32> {
 }
 
 /// Waits until attempt 1 of `cache` has recorded at least `at` bytes as verified, then kills
-/// its process with SIGKILL: no cleanup runs, as when a Pod is killed. Returns the record.
+/// its process with SIGKILL: no cleanup runs, as when a Pod is killed. Returns the verified
+/// length of the record the process left.
 async fn kill_first_attempt_past(rig: &Rig, cache: &str, at: u64) -> u64 {
-    let verified = eventually(
+    eventually(
         &format!("attempt 1 of {cache} recording {at} verified bytes"),
         Duration::from_secs(30),
         || async { recorded(rig, cache, 1).filter(|v| *v >= at) },
@@ -81,7 +81,15 @@ async fn kill_first_attempt_past(rig: &Rig, cache: &str, at: u64) -> u64 {
         .status()
         .expect("kill");
     assert!(killed.success());
-    verified
+    // The record moves on about once a second until the process is gone; once it is, the
+    // record is what attempt 2 will find.
+    eventually(
+        &format!("the killed copy process {pid} gone"),
+        Duration::from_secs(10),
+        || async { (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()) },
+    )
+    .await;
+    recorded(rig, cache, 1).expect("the killed attempt's record")
 }
 
 /// The ranges asked for, sorted, as `start..end`.

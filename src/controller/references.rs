@@ -295,7 +295,7 @@ async fn lower_count_before_removal(
         .patch_status(&cache.name_any(), &PatchParams::default(), &patch)
         .await
         .unless_gone()
-        .or_conflict(&cache.name_any())?;
+        .or_version_conflict(&cache.name_any())?;
     Ok(lowered.map_or(cache, Arc::new))
 }
 

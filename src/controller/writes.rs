@@ -59,8 +59,13 @@ pub fn status_merge(version: Option<&str>, status: Value) -> Patch<Value> {
 
 /// The API server's answer to a write, read the way every reconcile reads it.
 pub trait Answer<T> {
-    /// A refusal for a stale view (409, 422) becomes [`Error::Conflict`] on `name`.
+    /// A refusal for a stale view (409, 422) becomes [`Error::Conflict`] on `name`. For JSON
+    /// patches, whose failed `test` is a 422.
     fn or_conflict(self, name: &str) -> Result<T, Error>;
+
+    /// A stale resourceVersion (409) becomes [`Error::Conflict`] on `name`. For merge patches,
+    /// where a 422 is invalid content, an error to see, not a view to refresh.
+    fn or_version_conflict(self, name: &str) -> Result<T, Error>;
 
     /// An object deleted meanwhile (404) is `None`: there is nothing left to write to.
     fn unless_gone(self) -> kube::Result<Option<T>>;
@@ -70,6 +75,15 @@ impl<T> Answer<T> for kube::Result<T> {
     fn or_conflict(self, name: &str) -> Result<T, Error> {
         match self {
             Err(kube::Error::Api(status)) if matches!(status.code, 409 | 422) => {
+                Err(Error::Conflict(name.to_owned()))
+            }
+            other => other.map_err(Error::from),
+        }
+    }
+
+    fn or_version_conflict(self, name: &str) -> Result<T, Error> {
+        match self {
+            Err(kube::Error::Api(status)) if status.code == 409 => {
                 Err(Error::Conflict(name.to_owned()))
             }
             other => other.map_err(Error::from),
@@ -106,6 +120,14 @@ mod tests {
         ));
         assert!(matches!(refused(403).or_conflict("c"), Err(Error::Kube(_))));
         assert!(matches!(refused(404).or_conflict("c"), Err(Error::Kube(_))));
+        assert!(matches!(
+            refused(409).or_version_conflict("c"),
+            Err(Error::Conflict(_))
+        ));
+        assert!(matches!(
+            refused(422).or_version_conflict("c"),
+            Err(Error::Kube(_))
+        ));
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub enum CopyError {
     },
     #[error("the copy is in place but its report could not be written: {0}")]
     Report(String),
+    #[error("stopped before copying: the digest the tag resolved to could not be recorded: {0}")]
+    DigestNotRecorded(String),
     #[error("stopped before copying: {0}")]
     Superseded(String),
     #[error(

@@ -133,7 +133,7 @@ impl Reporter {
         self.report.resolved_digest = Some(digest.to_owned());
         self.write_retrying(&[1, 2, 4])
             .await
-            .map_err(|e| CopyError::Report(format!("recording the resolved digest: {e}")))
+            .map_err(|e| CopyError::DigestNotRecorded(e.to_string()))
     }
 
     /// The final report of a copy that is in place.
@@ -145,7 +145,10 @@ impl Reporter {
 
     /// The one-line reason the copy failed, and whether another attempt would fail the same way.
     pub async fn failed(&mut self, bytes: u64, error: &CopyError) {
-        self.report.bytes_copied = bytes;
+        let report = &self.report;
+        let landed = report.bytes_landed.unwrap_or(0).max(bytes);
+        let resumed = report.bytes_resumed.unwrap_or(0);
+        self.count(bytes, landed, resumed, report.total_bytes);
         self.report.error = Some(error.to_string());
         self.report.final_reason = final_reason(error).map(str::to_owned);
         if let Err(e) = self.write().await {

@@ -29,13 +29,19 @@ pub struct PhaseLabel {
     pub phase: String,
 }
 
+fn phase_label(phase: Phase) -> PhaseLabel {
+    PhaseLabel {
+        phase: format!("{phase:?}"),
+    }
+}
+
 /// A StagingStore, by name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreLabel {
     pub store: String,
 }
 
-/// Every phase, so that a phase no cache is in any more shows 0 rather than its last count.
+/// Every phase, exported from the start, so that a phase no cache is in shows 0.
 const PHASES: [Phase; 6] = [
     Phase::Pending,
     Phase::Copying,
@@ -220,6 +226,9 @@ impl Metrics {
             "Whether this replica holds the leader Lease (1) or stands by (0)",
             metrics.leader.clone(),
         );
+        for phase in PHASES {
+            metrics.caches.get_or_create(&phase_label(phase)).set(0);
+        }
         Self {
             registry,
             ..metrics
@@ -242,20 +251,19 @@ impl Metrics {
     pub fn observe_cache(&self, namespace: &str, name: &str, sample: Option<CacheSample>) {
         let mut all = self.cache_samples.lock().unwrap_or_else(|e| e.into_inner());
         let key = (namespace.to_owned(), name.to_owned());
-        match sample {
+        let before = match sample {
             Some(sample) => all.insert(key, sample),
             None => all.remove(&key),
         };
-        let references: i64 = all.values().map(|s| i64::from(s.references)).sum();
-        self.references_held.set(references);
-        for phase in PHASES {
-            let count = all.values().filter(|s| s.phase == phase).count();
-            let label = PhaseLabel {
-                phase: format!("{phase:?}"),
-            };
+        // Running totals, kept under the same lock as the samples: a storm reconciles a cache
+        // many times a second, and summing thousands of caches on each would cost far more.
+        for (counted, sign) in [(before, -1), (sample, 1)] {
+            let Some(counted) = counted else { continue };
+            self.references_held
+                .inc_by(sign * i64::from(counted.references));
             self.caches
-                .get_or_create(&label)
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
+                .get_or_create(&phase_label(counted.phase))
+                .inc_by(sign);
         }
     }
 

@@ -431,3 +431,9 @@ pub fn ready_message(cache: &TemplateCache) -> String {
         .message
         .clone()
 }
+
+/// The `verified` length of the resume record at `path`, if there is a readable one.
+pub fn resume_verified(path: &Path) -> Option<u64> {
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    record["verified"].as_u64()
+}

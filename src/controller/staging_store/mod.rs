@@ -210,7 +210,7 @@ async fn evict(cache: &TemplateCache, store: &str, ctx: &Context) -> Result<bool
     match merge_status(cache, &patch, ctx)
         .await
         .unless_gone()
-        .or_conflict(&cache.name_any())
+        .or_version_conflict(&cache.name_any())
     {
         Ok(Some(_)) => {
             info!(cache = %cache.name_any(), store, "evicted");
