@@ -3,7 +3,8 @@
 //!
 //! 1. every request object_store sends: its scheme, and its host when that is an IP literal
 //!    (literals are never resolved, so step 3 would not see them);
-//! 2. every redirect hop, before it is followed: the same checks on the new URL;
+//! 2. every redirect hop, before it is followed: the same checks on the new URL, and no hop from
+//!    https to plain http;
 //! 3. every name, as it is resolved at connect time: internal addresses are dropped from the
 //!    answer, so a name that resolves (or rebinds) to one is never connected to;
 //! 4. every connection, once made and before a request is written on it: its peer address and
@@ -66,20 +67,9 @@ impl HttpConnector for GuardedConnector {
             }))
             .redirect(redirect::Policy::custom({
                 let policy = policy.clone();
-                move |attempt| {
-                    if attempt.previous().len() >= MAX_REDIRECTS {
-                        let url = attempt.url().to_string();
-                        let limit = MAX_REDIRECTS;
-                        return attempt.error(AddressRefused::TooManyRedirects { url, limit });
-                    }
-                    match check_url(&policy, attempt.url()) {
-                        Ok(()) => attempt.follow(),
-                        Err(reason) => {
-                            let url = attempt.url().to_string();
-                            let reason = Box::new(reason);
-                            attempt.error(AddressRefused::Redirect { url, reason })
-                        }
-                    }
+                move |attempt| match check_redirect(&policy, attempt.previous(), attempt.url()) {
+                    Ok(()) => attempt.follow(),
+                    Err(refused) => attempt.error(refused),
                 }
             }))
             .connector_layer(PeerCheckLayer { policy })
@@ -93,6 +83,32 @@ impl HttpConnector for GuardedConnector {
             policy: self.policy.clone(),
         }))
     }
+}
+
+/// A redirect hop to `next`, after the URLs in `previous` (the last one answered with the
+/// redirect), checked before it is followed.
+fn check_redirect(
+    policy: &AddressPolicy,
+    previous: &[url::Url],
+    next: &url::Url,
+) -> Result<(), AddressRefused> {
+    let url = next.to_string();
+    if previous.len() >= MAX_REDIRECTS {
+        let limit = MAX_REDIRECTS;
+        return Err(AddressRefused::TooManyRedirects { url, limit });
+    }
+    // A hop from https to plain http would carry the rest of the copy, and any header reqwest
+    // keeps on a same-host hop, where anyone on the path can read and change it.
+    let leaves_tls = previous.last().is_some_and(|from| from.scheme() == "https");
+    let reason = if leaves_tls && next.scheme() == "http" {
+        Err(AddressRefused::Downgrade)
+    } else {
+        check_url(policy, next)
+    };
+    reason.map_err(|reason| AddressRefused::Redirect {
+        url,
+        reason: Box::new(reason),
+    })
 }
 
 /// Scheme, and IP-literal host with its port, of a URL about to be requested.
@@ -284,5 +300,31 @@ mod tests {
         let allowed = addr.to_string();
         assert_eq!(head(&by_name, &allowed).await.expect("allowed endpoint"), 3);
         assert_eq!(reached.requests(), 1);
+    }
+
+    #[test]
+    fn a_redirect_from_https_to_plain_http_is_refused() {
+        let policy = AddressPolicy::default();
+        let url = |s: &str| url::Url::parse(s).expect("url");
+        let refusal = |from: &str, to: &str| {
+            check_redirect(&policy, &[url(from)], &url(to))
+                .err()
+                .map(|refused| refused.to_string())
+        };
+        let downgrade =
+            "redirect to http://cdn.example/a refused: it would leave https for plain http";
+        let cases = [
+            (
+                "https://mirror.example/a",
+                "http://cdn.example/a",
+                Some(downgrade),
+            ),
+            ("https://mirror.example/a", "https://cdn.example/a", None),
+            ("http://mirror.example/a", "https://cdn.example/a", None),
+            ("http://mirror.example/a", "http://cdn.example/a", None),
+        ];
+        for (from, to, expected) in cases {
+            assert_eq!(refusal(from, to).as_deref(), expected, "{from} -> {to}");
+        }
     }
 }

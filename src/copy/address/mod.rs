@@ -214,6 +214,8 @@ pub enum AddressRefused {
         url: String,
         reason: Box<AddressRefused>,
     },
+    #[error("it would leave https for plain http")]
+    Downgrade,
     #[error("source {url}: only http and https are allowed")]
     Scheme { url: String },
     #[error("source {url}: more than {limit} redirects")]
