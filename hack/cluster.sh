@@ -21,7 +21,8 @@ ensure_binaries() { bin=$("$root/hack/k8s/build.sh"); }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-alive() { [ -f "$dir/$1.pid" ] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; }
+# shellcheck source=hack/pidfiles.sh
+source "$root/hack/pidfiles.sh"
 
 choose_ports() {
   [ -f "$dir/ports" ] && return
@@ -147,18 +148,6 @@ up() {
   wait_default_serviceaccount
   ln -sf "$bin/kubectl" "$dir/kubectl"
   log "ready: export KUBECONFIG=$dir/kubeconfig"
-}
-
-stop() {
-  local name=$1 pid i
-  [ -f "$dir/$name.pid" ] || return 0
-  pid=$(cat "$dir/$name.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid"
-    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-  fi
-  rm -f "$dir/$name.pid"
 }
 
 down() {

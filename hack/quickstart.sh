@@ -23,7 +23,8 @@ processes="operator executor http"
 
 log() { echo "quickstart: $*" >&2; }
 
-alive() { [ -f "$dir/$1.pid" ] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; }
+# shellcheck source=hack/pidfiles.sh
+source "$root/hack/pidfiles.sh"
 
 # start NAME CMD...: runs CMD in its own session, logs to NAME.log, pid to NAME.pid.
 start() {
@@ -81,18 +82,6 @@ up() {
   wait_for "the operator" curl -sf "http://$metrics_address/readyz"
   log "running: operator (metrics on http://$metrics_address/metrics), executor, files on http://127.0.0.1:$http_port/"
   log "export KUBECONFIG=$KUBECONFIG; logs in $dir/"
-}
-
-stop() {
-  local name=$1 pid i
-  [ -f "$dir/$name.pid" ] || return 0
-  pid=$(cat "$dir/$name.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid"
-    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-  fi
-  rm -f "$dir/$name.pid"
 }
 
 down() {
