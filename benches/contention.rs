@@ -43,7 +43,7 @@ use support::rig::Rig;
 use templatecache::api::names::{POD_CACHE_LABEL, READY_GATE};
 use templatecache::api::references::{claim_reference, is_reference, pod_reference};
 use templatecache::api::{ClaimPhase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
-use templatecache::client::{self, CacheRequest};
+use templatecache::client;
 
 const COUNTER: &str = "cloudstack.example/ref-count";
 const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
@@ -260,11 +260,7 @@ async fn claims_way(n: usize) -> Row {
     let ns = &rig.ns;
     let watch = CacheWatch::start(ns, "template");
     let clients = consumers(n).await;
-    let request = CacheRequest {
-        namespace: ns.name.clone(),
-        name: "template".into(),
-        spec: Some(spec()),
-    };
+    let request = ns.request("template", Some(spec()));
     let writes_before = support::api_writes::served(&ns.client, &RESOURCES).await;
     let started = Instant::now();
     let storm = clients.into_iter().enumerate().map(|(i, client)| {

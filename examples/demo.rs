@@ -21,7 +21,7 @@ use support::http_server::HttpServer;
 use support::jobs::wait_for_cache_gone;
 use support::rig::Rig;
 use templatecache::api::{TemplateCache, TemplateCacheSpec};
-use templatecache::client::{self, CacheRequest};
+use templatecache::client;
 use templatecache::copy::address::AllowedInternal;
 
 const CONSUMERS: usize = 50;
@@ -74,11 +74,7 @@ async fn main() -> Result<(), Error> {
 async fn acquire_all(rig: &Rig, url: String) -> Result<Duration, Error> {
     let spec: TemplateCacheSpec =
         serde_json::from_value(json!({"source": {"http": {"url": url}}}))?;
-    let request = CacheRequest {
-        namespace: rig.ns.name.clone(),
-        name: "template".into(),
-        spec: Some(spec),
-    };
+    let request = rig.ns.request("template", Some(spec));
     let started = Instant::now();
     let consumers = (0..CONSUMERS).map(|i| {
         let request = request.clone();

@@ -86,58 +86,42 @@ async fn eight_streams_copy_a_large_object_byte_for_byte_each_part_pinned_to_its
     assert_only(&dir, &["disk"]);
 }
 
-#[tokio::test]
-async fn an_object_under_four_parts_is_read_as_one_stream() {
+/// Copies an object of `size` bytes with 8 streams through the server's `mode` route, checks
+/// it landed byte for byte with nothing else in the folder, and returns the GETs it took.
+async fn copied_through(mode: &str, size: usize) -> Vec<Seen> {
     let server = RangedServer::start().await;
-    let bytes = random_bytes(3 * PART as usize);
-    server.put("small.img", bytes.clone());
+    let bytes = random_bytes(size);
+    server.put("disk.img", bytes.clone());
     let dir = tempfile::tempdir().expect("dest");
-    let dest = dir.path().join("small");
+    let dest = dir.path().join("disk");
 
-    run_copy(args(dest.clone(), &server.url("files", "small.img"), 8))
+    run_copy(args(dest.clone(), &server.url(mode, "disk.img"), 8))
         .await
         .expect("copy");
 
     assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
-    let gets = server.gets();
+    assert_only(&dir, &["disk"]);
+    server.gets()
+}
+
+#[tokio::test]
+async fn an_object_under_four_parts_is_read_as_one_stream() {
+    let gets = copied_through("files", 3 * PART as usize).await;
     assert_eq!(gets.len(), 1, "one plain GET: {gets:?}");
     assert_eq!(gets[0].range, None);
 }
 
 #[tokio::test]
 async fn a_server_that_ignores_range_gets_one_stream_after_one_probe() {
-    let server = RangedServer::start().await;
-    let bytes = random_bytes(2 << 20);
-    server.put("disk.img", bytes.clone());
-    let dir = tempfile::tempdir().expect("dest");
-    let dest = dir.path().join("disk");
-
-    run_copy(args(dest.clone(), &server.url("no-range", "disk.img"), 8))
-        .await
-        .expect("copy");
-
-    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
-    let gets = server.gets();
+    let gets = copied_through("no-range", 2 << 20).await;
     let statuses: Vec<u16> = gets.iter().map(|g| g.status).collect();
     // The probe asked for the first part and got the whole object (200); then one plain GET.
     assert_eq!(statuses, [200, 200], "{gets:?}");
-    assert_only(&dir, &["disk"]);
 }
 
 #[tokio::test]
 async fn a_source_without_an_etag_is_read_as_one_stream() {
-    let server = RangedServer::start().await;
-    let bytes = random_bytes(2 << 20);
-    server.put("disk.img", bytes.clone());
-    let dir = tempfile::tempdir().expect("dest");
-    let dest = dir.path().join("disk");
-
-    run_copy(args(dest.clone(), &server.url("no-etag", "disk.img"), 8))
-        .await
-        .expect("copy");
-
-    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
-    let gets = server.gets();
+    let gets = copied_through("no-etag", 2 << 20).await;
     assert_eq!(
         gets.len(),
         1,

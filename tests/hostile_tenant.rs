@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
@@ -24,6 +24,7 @@ use support::http_server::{HttpServer, LYING_HEAD_BYTES};
 use support::jobs::{wait_for_cache, wait_for_cache_gone};
 use support::ranged_server::RangedServer;
 use support::rig::{Rig, random_bytes, ready_message, sha256, stop_observer, store_files};
+use support::tools::helm;
 use support::{TestNamespace, kubectl};
 use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
@@ -168,15 +169,6 @@ async fn a_copy_job_mounts_only_its_namespaces_folder_of_the_store() {
     );
 }
 
-/// The helm binary, built once into .cache/helm.
-fn helm() -> Command {
-    let out = Command::new(support::repo_root().join("hack/helm/build.sh"))
-        .output()
-        .expect("run hack/helm/build.sh");
-    assert!(out.status.success(), "building helm failed");
-    Command::new(String::from_utf8_lossy(&out.stdout).trim())
-}
-
 /// The chart's admission policies for a release whose mover account is `mover`, bound to
 /// `namespace` only (the control plane is shared with other tests), applied; deleted on drop.
 struct Policies {
@@ -187,7 +179,6 @@ impl Policies {
     fn install(namespace: &str, mover: &str) -> Self {
         let release = format!("p{}", std::process::id());
         let out = helm()
-            .current_dir(support::repo_root())
             .args(["template", &release, "charts/templatecache-operator"])
             .args(["--namespace", namespace])
             .args(["--set", &format!("copyJobs.serviceAccountName={mover}")])
