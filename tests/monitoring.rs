@@ -8,11 +8,14 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use kube::Api;
+use kube::api::DeleteParams;
 use serde_json::json;
 use support::eventually;
 use support::operator::OperatorProcess;
 use support::rig::Rig;
 use support::tools::{helm, promtool, run};
+use templatecache::api::StagingStore;
 
 const CHART: &str = "charts/templatecache-operator";
 const UNIT_TESTS: &str = "charts/templatecache-operator/tests/alerts_test.yaml";
@@ -228,6 +231,38 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_one_the_operator_exp
     ] {
         assert!(panels.contains(name), "no panel shows {name}");
     }
+}
+
+#[tokio::test]
+async fn a_deleted_store_leaves_the_metrics() {
+    let rig = Rig::builder("store-metrics").store("1Gi").start().await;
+    let (ns, store) = (&rig.ns, rig.store());
+    let operator = OperatorProcess::start("store-metrics", &ns.name, &store.name, &[]);
+    // An operator limited to a namespace looks only at stores it has a cache in.
+    let source = json!({"source": {"http": {"url": "http://127.0.0.1:9/none.img"}}});
+    ns.create_cache("in-the-store", source).await;
+    let series = format!("store=\"{}\"", store.name);
+    let exported = |present: bool| {
+        let (operator, series) = (&operator, &series);
+        move || async move { (operator.metrics().await.contains(series) == present).then_some(()) }
+    };
+    eventually(
+        "the store's gauges",
+        Duration::from_secs(30),
+        exported(true),
+    )
+    .await;
+
+    Api::<StagingStore>::all(ns.client.clone())
+        .delete(&store.name, &DeleteParams::default())
+        .await
+        .expect("delete the store");
+    eventually(
+        "no gauge of the deleted store",
+        Duration::from_secs(30),
+        exported(false),
+    )
+    .await;
 }
 
 /// Every PromQL query of the dashboard: its panels' targets and its variables'

@@ -194,6 +194,14 @@ impl Context {
         Ok(self.stores().get_opt(name).await?.map(Arc::new))
     }
 
+    /// Drops the gauges of every store [`Context::store_view`] no longer holds. A deleted store
+    /// is never reconciled again, so nothing else would; an unwatched context exports none.
+    pub fn forget_deleted_stores(&self) {
+        let view = &self.store_view;
+        self.metrics
+            .keep_stores(|store| view.get(&ObjectRef::new(store)).is_some());
+    }
+
     pub fn stores(&self) -> Api<StagingStore> {
         Api::all(self.client.clone())
     }
@@ -397,6 +405,7 @@ async fn run_staging_stores(
     let store_changes = watcher(ctx.stores(), watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        .inspect_ok(forget_deleted_stores(ctx.clone()))
         .applied_objects();
     let controller = Controller::for_stream(store_changes, ctx.store_view.clone()).watches(
         ctx.scoped::<TemplateCache>(),
@@ -414,6 +423,16 @@ async fn run_staging_stores(
         shutdown,
     )
     .await;
+}
+
+/// Forgets the metrics of deleted stores once the reflector has applied a deletion or a relist
+/// (which is how a deletion missed while the watch was down shows up).
+fn forget_deleted_stores(ctx: Arc<Context>) -> impl FnMut(&watcher::Event<StagingStore>) {
+    move |event| {
+        if matches!(event, watcher::Event::Delete(_) | watcher::Event::InitDone) {
+            ctx.forget_deleted_stores();
+        }
+    }
 }
 
 /// What the operator keeps of an object it watches: everything but `managedFields`, which it never

@@ -4,7 +4,7 @@
 //! started once its attempt is won, as succeeded once Ready is recorded), so with one leader
 //! they match what happened to the caches.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -93,6 +93,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Each cache's references and phase, summed into `references_held` and `caches`.
     cache_samples: Mutex<BTreeMap<(String, String), CacheSample>>,
+    /// The stores the `store_*` families hold a gauge for.
+    stores: Mutex<BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -132,6 +134,7 @@ impl Metrics {
             store_waiting_copies: Family::default(),
             leader: Gauge::default(),
             cache_samples: Mutex::default(),
+            stores: Mutex::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -269,22 +272,51 @@ impl Metrics {
 
     /// Records a store's room as its reconcile saw it.
     pub fn observe_store(&self, store: &str, sample: StoreSample) {
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        stores.insert(store.to_owned());
         let label = StoreLabel {
             store: store.to_owned(),
         };
         let gauge = |bytes: u64| i64::try_from(bytes).unwrap_or(i64::MAX);
-        for (family, value) in [
-            (&self.store_capacity_bytes, sample.capacity_bytes),
-            (&self.store_used_bytes, sample.used_bytes),
-            (
-                &self.store_high_watermark_bytes,
-                sample.high_watermark_bytes,
-            ),
-            (&self.store_evictable_bytes, sample.evictable_bytes),
-            (&self.store_waiting_copies, sample.waiting_copies),
-        ] {
+        let values = [
+            sample.capacity_bytes,
+            sample.used_bytes,
+            sample.high_watermark_bytes,
+            sample.evictable_bytes,
+            sample.waiting_copies,
+        ];
+        for (family, value) in self.store_families().into_iter().zip(values) {
             family.get_or_create(&label).set(gauge(value));
         }
+    }
+
+    /// Drops the gauges of every store `exists` says is gone: a deleted store is never
+    /// reconciled again, so its last room would otherwise be exported until a restart.
+    pub fn keep_stores(&self, exists: impl Fn(&str) -> bool) {
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        stores.retain(|store| {
+            if exists(store) {
+                return true;
+            }
+            let label = StoreLabel {
+                store: store.clone(),
+            };
+            for family in self.store_families() {
+                family.remove(&label);
+            }
+            false
+        });
+    }
+
+    /// The per-store families, in [`StoreSample`]'s field order.
+    fn store_families(&self) -> [&Family<StoreLabel, Gauge>; 5] {
+        [
+            &self.store_capacity_bytes,
+            &self.store_used_bytes,
+            &self.store_high_watermark_bytes,
+            &self.store_evictable_bytes,
+            &self.store_waiting_copies,
+        ]
     }
 
     /// The text exposition of every metric.
@@ -346,5 +378,19 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }
+    }
+
+    #[test]
+    fn a_deleted_store_is_no_longer_exported() {
+        let m = Metrics::new();
+        m.observe_store("kept", StoreSample::default());
+        m.observe_store("deleted", StoreSample::default());
+        m.keep_stores(|store| store == "kept");
+        let text = m.encode();
+        assert!(!text.contains("store=\"deleted\""), "{text}");
+        assert!(
+            text.contains("templatecache_store_used_bytes{store=\"kept\"} 0"),
+            "{text}"
+        );
     }
 }

@@ -114,6 +114,9 @@ pub async fn reconcile(store: Arc<StagingStore>, ctx: Arc<Context>) -> Result<Ac
         waiting_copies: waiting_for_room(&decision),
     };
     ctx.metrics.observe_store(&name, room);
+    // The store may have been deleted while this reconcile listed its caches, after the watch
+    // forgot its gauges: forget them again rather than export them until a restart.
+    ctx.forget_deleted_stores();
     let requeue = if contended {
         Some(Duration::from_secs(1))
     } else if refused_by_tenancy(&decision) {
