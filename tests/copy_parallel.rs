@@ -290,6 +290,42 @@ mod s3 {
             .expect("endpoint address")
     }
 
+    const KEY: &str = "images/disk.img";
+
+    /// An 8 MiB object (32 parts) at [`KEY`], read through a proxy that limits each connection
+    /// to `rate` bytes a second, and an empty folder to copy it into. Keep `s3` bound for the
+    /// whole test: dropping it stops the server.
+    struct Throttled {
+        s3: S3Server,
+        bytes: Vec<u8>,
+        proxy: ThrottleProxy,
+        dir: tempfile::TempDir,
+    }
+
+    async fn throttled_object(rate: u64) -> Throttled {
+        let s3 = S3Server::start().await;
+        let bytes = random_bytes(8 << 20);
+        s3.put(KEY, bytes.clone()).await;
+        let proxy = ThrottleProxy::start(endpoint_addr(&s3), rate).await;
+        let dir = tempfile::tempdir().expect("dest");
+        Throttled {
+            s3,
+            bytes,
+            proxy,
+            dir,
+        }
+    }
+
+    /// The stdout of a mover that must have succeeded.
+    fn succeeded(out: &std::process::Output) -> String {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn copy(proxy: &ThrottleProxy, key: &str, dest: &std::path::Path) -> tokio::process::Command {
         copy_attempt(proxy, key, dest, 1)
     }
@@ -318,25 +354,21 @@ mod s3 {
 
     #[tokio::test]
     async fn an_s3_object_is_copied_over_eight_connections() {
-        let s3 = S3Server::start().await;
-        let bytes = random_bytes(8 << 20); // 32 parts
-        s3.put("images/disk.img", bytes.clone()).await;
         // Slower per connection than the hash, so the mover opens its streams.
-        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 4 << 20).await;
-        let dir = tempfile::tempdir().expect("dest");
+        let Throttled {
+            s3: _server,
+            bytes,
+            proxy,
+            dir,
+        } = throttled_object(4 << 20).await;
         let dest = dir.path().join("disk");
 
-        let out = copy(&proxy, "images/disk.img", &dest)
+        let out = copy(&proxy, KEY, &dest)
             .output()
             .await
             .expect("run the mover");
 
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = succeeded(&out);
         assert!(stdout.contains(&sha256(&bytes)), "{stdout}");
         assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
         assert!(
@@ -349,20 +381,21 @@ mod s3 {
 
     #[tokio::test]
     async fn an_s3_object_overwritten_mid_copy_fails_the_attempt_and_leaves_nothing() {
-        let s3 = S3Server::start().await;
-        let old = random_bytes(8 << 20);
-        s3.put("images/disk.img", old.clone()).await;
         // 2 MiB/s per connection: the copy takes over 2 s, the overwrite comes after 1 s.
-        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 2 << 20).await;
-        let dir = tempfile::tempdir().expect("dest");
+        let Throttled {
+            s3,
+            bytes: old,
+            proxy,
+            dir,
+        } = throttled_object(2 << 20).await;
 
-        let mover = copy(&proxy, "images/disk.img", &dir.path().join("disk"))
+        let mover = copy(&proxy, KEY, &dir.path().join("disk"))
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start the mover");
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let new: Vec<u8> = old.iter().map(|b| b ^ 0xff).collect();
-        s3.put("images/disk.img", new).await;
+        s3.put(KEY, new).await;
         let out = mover.wait_with_output().await.expect("mover");
 
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -374,16 +407,17 @@ mod s3 {
 
     #[tokio::test]
     async fn an_s3_copy_killed_halfway_is_resumed_by_the_next_attempt_from_its_record() {
-        let s3 = S3Server::start().await;
-        let bytes = random_bytes(8 << 20); // 32 parts
-        s3.put("images/disk.img", bytes.clone()).await;
         // 1 MiB/s per connection: one stream for the first 4 MiB, so the kill lands mid-copy.
-        let proxy = ThrottleProxy::start(endpoint_addr(&s3), 1 << 20).await;
-        let dir = tempfile::tempdir().expect("dest");
+        let Throttled {
+            s3: _server,
+            bytes,
+            proxy,
+            dir,
+        } = throttled_object(1 << 20).await;
         let dest = dir.path().join("disk");
         let record = dir.path().join(".partial/disk-1.resume");
 
-        let mut first = copy_attempt(&proxy, "images/disk.img", &dest, 1)
+        let mut first = copy_attempt(&proxy, KEY, &dest, 1)
             .spawn()
             .expect("start attempt 1");
         eventually(
@@ -396,18 +430,13 @@ mod s3 {
         // Read once the process is gone: until then the record moves on.
         let verified = resume_verified(&record).expect("attempt 1's record");
 
-        let out = copy_attempt(&proxy, "images/disk.img", &dest, 2)
+        let out = copy_attempt(&proxy, KEY, &dest, 2)
             .arg(format!("--checksum={}", sha256(&bytes)))
             .output()
             .await
             .expect("run attempt 2");
 
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = succeeded(&out);
         let resumed = verified / PART * PART;
         let taken_over = format!("({resumed} of them taken over from an earlier attempt)");
         assert!(stdout.contains(&taken_over), "{stdout}");
