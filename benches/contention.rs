@@ -98,8 +98,7 @@ impl Row {
 }
 
 fn spec() -> TemplateCacheSpec {
-    serde_json::from_value(json!({"source": {"http": {"url": "http://127.0.0.1:9/disk.qcow2"}}}))
-        .expect("spec literal")
+    support::http_spec("http://127.0.0.1:9/disk.qcow2")
 }
 
 /// Clients for `n` consumers, made before the clock starts.

@@ -16,11 +16,10 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use serde_json::json;
 use support::http_server::HttpServer;
 use support::jobs::wait_for_cache_gone;
 use support::rig::Rig;
-use templatecache::api::{TemplateCache, TemplateCacheSpec};
+use templatecache::api::TemplateCache;
 use templatecache::client;
 use templatecache::copy::address::AllowedInternal;
 
@@ -72,9 +71,7 @@ async fn main() -> Result<(), Error> {
 /// `CONSUMERS` consumers, each with a client of its own, acquire the template at once and wait
 /// for it to be Ready; the slowest one's wait.
 async fn acquire_all(rig: &Rig, url: String) -> Result<Duration, Error> {
-    let spec: TemplateCacheSpec =
-        serde_json::from_value(json!({"source": {"http": {"url": url}}}))?;
-    let request = rig.ns.request("template", Some(spec));
+    let request = rig.ns.request("template", Some(support::http_spec(&url)));
     let started = Instant::now();
     let consumers = (0..CONSUMERS).map(|i| {
         let request = request.clone();

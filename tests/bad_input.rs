@@ -14,9 +14,8 @@ use support::corpus::record;
 use support::http_spec;
 use support::jobs::wait_for_cache;
 use support::registry::{PASSWORD, Registry};
-use support::rig::Rig;
+use support::rig::{Rig, ready_reason};
 use support::{TestNamespace, kubectl};
-use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::references::count_references;
 use templatecache::api::{TemplateCache, TemplateCacheClaim};
@@ -26,19 +25,6 @@ async fn refs(ns: &TestNamespace, name: &str) -> (u32, String) {
     let cache = ns.api::<TemplateCache>().get(name).await.expect("cache");
     let version = cache.resource_version().unwrap_or_default();
     (count_references(cache.finalizers()), version)
-}
-
-async fn ready_reason(ns: &TestNamespace, name: &str, wanted: &'static str) -> String {
-    let cache = wait_for_cache(&ns.client, &ns.name, name, wanted, move |c| {
-        let ready = c.status.as_ref().and_then(|s| find(&s.conditions, READY));
-        ready.is_some_and(|r| r.reason == wanted)
-    })
-    .await;
-    let status = cache.status.expect("status");
-    find(&status.conditions, READY)
-        .expect("Ready")
-        .message
-        .clone()
 }
 
 /// Waits until the cache holds `count` references and its status says so; returns its

@@ -18,7 +18,6 @@ use kube::config::Kubeconfig;
 use serde_json::json;
 use support::TestNamespace;
 use support::eventually;
-use support::executor::Executor;
 use support::http_server::HttpServer;
 use support::jobs::{wait_for_cache, wait_for_cache_gone};
 use support::operator::OperatorProcess;
@@ -502,7 +501,12 @@ async fn release_and_delete(ns: &TestNamespace, release: &Release) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
-    let rig = Rig::namespace("helm").await;
+    // The executor runs each Job with its ServiceAccount's token, requested per Job, so it may
+    // start before the release creates the accounts.
+    let rig = Rig::builder("helm")
+        .executor_as_job_accounts()
+        .start()
+        .await;
     let mut release = Release::new(&rig.ns);
     release.install();
     release.assert_every_object_created();
@@ -510,7 +514,6 @@ async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
     release.assert_mover_rights();
 
     let (mut operator, _token) = release.start_operator(&rig.ns).await;
-    let _executor = Executor::start_as_job_accounts(&rig.ns.name);
     let server = HttpServer::start().await;
     let bytes = random_bytes(3 << 20);
     server.put("disk.img", &bytes);

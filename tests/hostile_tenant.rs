@@ -23,25 +23,14 @@ use support::eventually;
 use support::http_server::{HttpServer, LYING_HEAD_BYTES};
 use support::jobs::{wait_for_cache, wait_for_cache_gone};
 use support::ranged_server::RangedServer;
-use support::rig::{Rig, random_bytes, ready_message, sha256, stop_observer, store_files};
+use support::rig::{Rig, random_bytes, ready_reason, sha256, stop_observer, store_files};
 use support::tools::helm;
 use support::{TestNamespace, kubectl};
-use templatecache::api::conditions::{READY, find};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheClaim};
 use templatecache::controller::Config as OperatorConfig;
 
 const MIB: usize = 1 << 20;
-
-/// Waits until the cache's Ready condition has `wanted` as its reason; returns its message.
-async fn ready_reason(ns: &TestNamespace, name: &str, wanted: &'static str) -> String {
-    let cache = wait_for_cache(&ns.client, &ns.name, name, wanted, move |c| {
-        let ready = c.status.as_ref().and_then(|s| find(&s.conditions, READY));
-        ready.is_some_and(|r| r.reason == wanted)
-    })
-    .await;
-    ready_message(&cache)
-}
 
 async fn patch_store(rig: &Rig, spec: Value) {
     Api::<StagingStore>::all(rig.ns.client.clone())
@@ -849,36 +838,6 @@ async fn a_ranged_source_answering_parts_longer_than_asked_fails_within_its_rese
     assert!(rig.files().is_empty(), "nothing left: {:?}", rig.files());
 }
 
-/// Waits for the cache's final refusal of its source address; returns the cache.
-async fn address_refused(ns: &TestNamespace, name: &str) -> TemplateCache {
-    let wanted = reason::ADDRESS_NOT_ALLOWED;
-    wait_for_cache(&ns.client, &ns.name, name, wanted, move |c| {
-        let ready = c.status.as_ref().and_then(|s| find(&s.conditions, READY));
-        ready.is_some_and(|r| r.reason == wanted)
-    })
-    .await
-}
-
-/// The refusal is final: Failed after one attempt, no file, and its message names `parts`.
-fn assert_refused_for_good(rig: &Rig, cache: &TemplateCache, parts: &[&str]) -> String {
-    let status = cache.status.clone().expect("status");
-    assert_eq!(status.phase, Some(Phase::Failed));
-    assert_eq!(status.attempt, Some(1), "refused once, not retried");
-    let message = ready_message(cache);
-    for part in parts {
-        assert!(
-            message.contains(part),
-            "the refusal names {part}: {message}"
-        );
-    }
-    assert!(
-        rig.files().is_empty(),
-        "nothing is written: {:?}",
-        rig.files()
-    );
-    message
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_addresses_are_refused_with_the_default_config_before_any_request() {
     // The operator's defaults: no internal destination allowed (the chart's default too).
@@ -891,12 +850,12 @@ async fn internal_addresses_are_refused_with_the_default_config_before_any_reque
         json!({"source": {"http": {"url": "http://169.254.169.254/latest/meta-data/iam/security-credentials/"}}}),
     )
     .await;
-    let cache = address_refused(&rig.ns, "metadata").await;
-    let message = assert_refused_for_good(
-        &rig,
-        &cache,
-        &["169.254.169.254", "link-local", "--allow-internal-address"],
-    );
+    let message = rig
+        .refused_for_good(
+            "metadata",
+            &["169.254.169.254", "link-local", "--allow-internal-address"],
+        )
+        .await;
     record(
         "hostile tenant (internal address): a cache of http://169.254.169.254/latest/meta-data/ with the operator's default config",
         &format!(
@@ -918,8 +877,9 @@ async fn internal_addresses_are_refused_with_the_default_config_before_any_reque
         json!({"source": {"http": {"url": by_name}}}),
     )
     .await;
-    let cache = address_refused(&rig.ns, "service").await;
-    let message = assert_refused_for_good(&rig, &cache, &["127.0.0.1", "loopback"]);
+    let message = rig
+        .refused_for_good("service", &["127.0.0.1", "loopback"])
+        .await;
     record(
         "hostile tenant (internal address): a cache of an internal server (loopback) with the operator's default config",
         &format!(
@@ -927,8 +887,9 @@ async fn internal_addresses_are_refused_with_the_default_config_before_any_reque
             reason::ADDRESS_NOT_ALLOWED
         ),
     );
-    let cache = address_refused(&rig.ns, "service-by-name").await;
-    let message = assert_refused_for_good(&rig, &cache, &["localhost", "127.0.0.1 is loopback"]);
+    let message = rig
+        .refused_for_good("service-by-name", &["localhost", "127.0.0.1 is loopback"])
+        .await;
     record(
         "hostile tenant (internal address): a cache of a host name that resolves to loopback, default config",
         &format!(
@@ -958,16 +919,16 @@ async fn a_redirect_from_an_allowed_host_to_an_internal_one_is_refused() {
         json!({"source": {"http": {"url": allowed.redirect("to-internal", &secret_url)}}}),
     )
     .await;
-    let cache = address_refused(&rig.ns, "redirected").await;
-    let message = assert_refused_for_good(
-        &rig,
-        &cache,
-        &[
-            &format!("redirect to {secret_url} refused"),
-            &internal.addr.to_string(),
-            "loopback",
-        ],
-    );
+    let message = rig
+        .refused_for_good(
+            "redirected",
+            &[
+                &format!("redirect to {secret_url} refused"),
+                &internal.addr.to_string(),
+                "loopback",
+            ],
+        )
+        .await;
     record(
         "hostile tenant (internal address): an allowed host (127.0.0.2) answers 302 to an internal one (127.0.0.1)",
         &format!(

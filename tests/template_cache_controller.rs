@@ -27,8 +27,7 @@ use templatecache::controller::{Context, Error};
 const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
 fn spec() -> TemplateCacheSpec {
-    serde_json::from_value(json!({"source": {"http": {"url": "http://127.0.0.1:9/disk.qcow2"}}}))
-        .expect("spec literal")
+    support::http_spec("http://127.0.0.1:9/disk.qcow2")
 }
 
 fn phase(cache: &TemplateCache) -> Option<Phase> {

@@ -10,6 +10,7 @@ use kube::runtime::wait::await_condition;
 use kube::{Api, Client};
 use serde_json::json;
 use templatecache::api::TemplateCache;
+use templatecache::api::conditions::{READY, find};
 
 #[path = "../../dev/local_executor/job_status.rs"]
 mod job_status;
@@ -104,6 +105,20 @@ pub async fn wait_for_cache(
     })
     .expect("watch TemplateCache");
     found.expect("cache exists")
+}
+
+/// Waits until the Ready condition of `cache` has `reason` as its reason.
+pub async fn wait_for_reason(
+    client: &Client,
+    namespace: &str,
+    cache: &str,
+    reason: &'static str,
+) -> TemplateCache {
+    wait_for_cache(client, namespace, cache, reason, move |c| {
+        let ready = c.status.as_ref().and_then(|s| find(&s.conditions, READY));
+        ready.is_some_and(|r| r.reason == reason)
+    })
+    .await
 }
 
 /// Waits until `cache` is gone (its finalizers done).

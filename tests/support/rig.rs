@@ -26,7 +26,7 @@ use templatecache::controller::Config;
 
 use super::TestNamespace;
 use super::executor::Executor;
-use super::jobs::wait_for_cache;
+use super::jobs::{wait_for_cache, wait_for_reason};
 use super::operator::{Operator, TestStore, config};
 
 /// A test's namespace and what runs in it; dropping it removes everything (see the module).
@@ -285,6 +285,27 @@ impl Rig {
         message
     }
 
+    /// Waits until the cache's source address is refused, asserts the refusal is final
+    /// (Failed after one attempt, no file in the store) and that its message names each of
+    /// `parts`; returns the message.
+    pub async fn refused_for_good(&self, name: &str, parts: &[&str]) -> String {
+        let wanted = reason::ADDRESS_NOT_ALLOWED;
+        let cache = wait_for_reason(&self.ns.client, &self.ns.name, name, wanted).await;
+        let status = cache.status.clone().expect("status");
+        assert_eq!(status.phase, Some(Phase::Failed));
+        assert_eq!(status.attempt, Some(1), "refused once, not retried");
+        let message = ready_message(&cache);
+        for part in parts {
+            assert!(
+                message.contains(part),
+                "the refusal names {part}: {message}"
+            );
+        }
+        let files = self.files();
+        assert!(files.is_empty(), "nothing is written: {files:?}");
+        message
+    }
+
     /// Asserts the cache is Ready, records the source's size and digest, and its file in the
     /// store is byte-identical to `source`.
     pub async fn assert_copied(&self, name: &str, source: &[u8]) {
@@ -430,6 +451,12 @@ pub fn ready_message(cache: &TemplateCache) -> String {
         .expect("Ready")
         .message
         .clone()
+}
+
+/// Waits until the Ready condition of cache `name` has `wanted` as its reason; returns its
+/// message.
+pub async fn ready_reason(ns: &TestNamespace, name: &str, wanted: &'static str) -> String {
+    ready_message(&wait_for_reason(&ns.client, &ns.name, name, wanted).await)
 }
 
 /// The `verified` length of the resume record at `path`, if there is a readable one.
