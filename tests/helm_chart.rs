@@ -23,14 +23,14 @@ use support::jobs::{wait_for_cache, wait_for_cache_gone};
 use support::operator::OperatorProcess;
 use support::rig::Rig;
 use support::rig::{random_bytes, sha256};
-use support::tools::{helm, run};
+use support::tools::{helm, helm_offline, run};
 use templatecache::api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim};
 
 const CHART: &str = "charts/templatecache-operator";
 const MOVER: &str = "templatecache-mover";
 
 fn template(values: &[&str]) -> Result<String, String> {
-    let mut command = helm();
+    let mut command = helm_offline();
     command.args(["template", "t", CHART, "--namespace", "ops"]);
     command.args(values);
     run(command)
@@ -38,7 +38,7 @@ fn template(values: &[&str]) -> Result<String, String> {
 
 #[test]
 fn the_chart_lints_renders_restricted_pods_and_refuses_bad_values_by_name() {
-    let mut lint = helm();
+    let mut lint = helm_offline();
     lint.args(["lint", "--strict", CHART]);
     run(lint).expect("helm lint passes");
     let objects = render_with_every_option_on();
@@ -152,6 +152,11 @@ fn assert_bad_values_refused_by_name() {
             "/copyJobs/namespaces/0",
         ),
         (vec!["--set", "metrics.port=80"], "/metrics/port"),
+        // A cluster older than the chart supports is refused before anything is installed.
+        (
+            vec!["--kube-version", "v1.30.0"],
+            "requires kubeVersion: >=1.31.0-0",
+        ),
         (
             vec![
                 "--set",

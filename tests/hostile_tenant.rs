@@ -24,7 +24,7 @@ use support::http_server::{HttpServer, LYING_HEAD_BYTES};
 use support::jobs::{wait_for_cache, wait_for_cache_gone};
 use support::ranged_server::RangedServer;
 use support::rig::{Rig, random_bytes, ready_reason, sha256, stop_observer, store_files};
-use support::tools::helm;
+use support::tools::helm_offline;
 use support::{TestNamespace, kubectl};
 use templatecache::api::reasons::cache as reason;
 use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheClaim};
@@ -167,7 +167,7 @@ struct Policies {
 impl Policies {
     fn install(namespace: &str, mover: &str) -> Self {
         let release = format!("p{}", std::process::id());
-        let out = helm()
+        let out = helm_offline()
             .args(["template", &release, "charts/templatecache-operator"])
             .args(["--namespace", namespace])
             .args(["--set", &format!("copyJobs.serviceAccountName={mover}")])

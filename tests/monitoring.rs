@@ -14,7 +14,7 @@ use serde_json::json;
 use support::eventually;
 use support::operator::OperatorProcess;
 use support::rig::Rig;
-use support::tools::{helm, promtool, run};
+use support::tools::{helm_offline, promtool, run};
 use templatecache::api::StagingStore;
 
 const CHART: &str = "charts/templatecache-operator";
@@ -23,7 +23,7 @@ const UNIT_TESTS: &str = "charts/templatecache-operator/tests/alerts_test.yaml";
 /// The chart rendered as release "templatecache" in "templatecache-system" (the names the unit
 /// tests' series carry), one JSON value per object.
 fn render(values: &[&str]) -> Vec<serde_json::Value> {
-    let mut command = helm();
+    let mut command = helm_offline();
     command.args([
         "template",
         "templatecache",
@@ -86,7 +86,7 @@ fn monitoring_is_off_by_default_and_the_leader_alert_needs_leader_election() {
     assert!(of_kind(&defaults, "PrometheusRule").is_empty());
     assert!(of_kind(&defaults, "ConfigMap").is_empty());
 
-    let mut bad = helm();
+    let mut bad = helm_offline();
     bad.args(["template", "t", CHART]);
     bad.args(["--set", "metrics.prometheusRule.copyStalledAfter=soon"]);
     let refused = run(bad).expect_err("a window that is no duration is refused");

@@ -43,6 +43,18 @@ pub fn helm() -> Command {
     command
 }
 
+/// The oldest Kubernetes the chart supports (its `kubeVersion`).
+pub const OLDEST_KUBERNETES: &str = "v1.31.0";
+
+/// helm for what renders without a cluster (`template`, `lint`), as for the oldest Kubernetes
+/// the chart supports: a helm built from its Go module assumes v1.20 otherwise, which the
+/// chart refuses.
+pub fn helm_offline() -> Command {
+    let mut command = helm();
+    command.args(["--kube-version", OLDEST_KUBERNETES]);
+    command
+}
+
 /// promtool, Prometheus's rule checker and rule unit-test runner.
 pub fn promtool() -> Command {
     let mut command = Command::new(built("promtool"));
