@@ -414,13 +414,17 @@ async fn write_status(
             caches
                 .patch_status(&name, &params, &writes::json_patch(ops))
                 .await
+                .or_conflict(&name)
         }
         _ => {
             let patch = writes::status_merge(counted_on.as_deref(), Value::Object(diff));
-            caches.patch_status(&name, &params, &patch).await
+            caches
+                .patch_status(&name, &params, &patch)
+                .await
+                .or_version_conflict(&name)
         }
     };
-    result.or_conflict(&name).map(drop)
+    result.map(drop)
 }
 
 /// The transition that starts an attempt, written only if no one has started another attempt
