@@ -18,6 +18,7 @@ fn args(dest: PathBuf, url: &str, streams: u16) -> CopyArgs {
     CopyArgs {
         cache: None,
         attempt: 1,
+        final_attempt: false,
         dest,
         http_url: Some(url.to_owned()),
         s3_bucket: None,
@@ -218,6 +219,58 @@ async fn a_part_that_breaks_is_fetched_again_alone_from_where_it_broke() {
     assert_only(&dir, &["disk"]);
 }
 
+/// Attempt 1's leftovers of `disk.img` (`len` bytes) as `url` serves it: a partial file of
+/// zeroes and a record that claims half of it verified.
+fn plant_attempt_one(dir: &tempfile::TempDir, server: &RangedServer, url: &str, len: usize) {
+    std::fs::create_dir(dir.path().join(".partial")).expect("partials");
+    std::fs::write(dir.path().join(".partial/disk-1"), vec![0u8; len]).expect("plant");
+    let record = serde_json::json!({"format": 1, "verified": len / 2, "identity": {
+        "source": url, "size": len, "eTag": server.etag("disk.img"), "version": null}});
+    std::fs::write(
+        dir.path().join(".partial/disk-1.resume"),
+        record.to_string(),
+    )
+    .expect("plant");
+}
+
+#[tokio::test]
+async fn a_copy_that_cannot_resume_removes_what_earlier_attempts_left() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(2 << 20);
+    server.put("disk.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+    // The server no longer sends an ETag to pin parts to, so attempt 2 reads one stream from
+    // zero and never looks at attempt 1's file.
+    let url = server.url("no-etag", "disk.img");
+    plant_attempt_one(&dir, &server, &url, bytes.len());
+
+    let mut second = args(dest.clone(), &url, 8);
+    second.attempt = 2;
+    run_copy(second).await.expect("copy");
+
+    assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
+    assert_only(&dir, &["disk"]);
+}
+
+#[tokio::test]
+async fn a_final_attempt_that_fails_leaves_no_partial_file_of_any_attempt() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(2 << 20);
+    server.put("disk.img", bytes.clone());
+    let dir = tempfile::tempdir().expect("dest");
+    let url = server.url("files", "disk.img");
+    plant_attempt_one(&dir, &server, &url, bytes.len());
+
+    // The source is gone by attempt 2, the last one: no later attempt would resume anything.
+    let mut last = args(dir.path().join("disk"), &server.url("files", "gone.img"), 8);
+    last.attempt = 2;
+    last.final_attempt = true;
+    run_copy(last).await.expect_err("the source is gone");
+
+    assert_only(&dir, &[]);
+}
+
 #[tokio::test]
 async fn a_forged_resume_record_over_a_bad_prefix_fails_the_checksum_and_the_next_attempt_starts_clean()
  {
@@ -229,15 +282,7 @@ async fn a_forged_resume_record_over_a_bad_prefix_fails_the_checksum_and_the_nex
     let url = server.url("files", "disk.img");
     // What a Pod of the namespace could plant: attempt 1's partial file, all zeroes, and a
     // record naming the very version the server serves, claiming half of it verified.
-    std::fs::create_dir(dir.path().join(".partial")).expect("partials");
-    std::fs::write(dir.path().join(".partial/disk-1"), vec![0u8; bytes.len()]).expect("plant");
-    let record = serde_json::json!({"format": 1, "verified": bytes.len() / 2, "identity": {
-        "source": url, "size": bytes.len(), "eTag": server.etag("disk.img"), "version": null}});
-    std::fs::write(
-        dir.path().join(".partial/disk-1.resume"),
-        record.to_string(),
-    )
-    .expect("plant");
+    plant_attempt_one(&dir, &server, &url, bytes.len());
 
     let mut second = args(dest.clone(), &url, 4);
     second.attempt = 2;

@@ -11,6 +11,7 @@ use serde_json::json;
 use support::rig::Rig;
 use templatecache::api::{StagingStore, TemplateCache};
 use templatecache::controller::jobs::{self, JobSettings};
+use templatecache::controller::template_cache::lifecycle::RetryPolicy;
 
 fn store(volume: serde_json::Value) -> StagingStore {
     serde_json::from_value(json!({
@@ -84,7 +85,8 @@ async fn copy_and_remove_pods_are_admitted_where_restricted_is_enforced() {
     let cache = cache(&ns.name);
     let pvc = store(json!({"persistentVolumeClaim": {"claimName": "staging"}}));
 
-    let copy = jobs::copy_job(&cache, &pvc, 1, &settings).expect("copy Job");
+    let copy =
+        jobs::copy_job(&cache, &pvc, 1, &settings, &RetryPolicy::default()).expect("copy Job");
     create(&pods, &pod_of(&copy, "copy"))
         .await
         .expect("copy pod admitted");
@@ -107,7 +109,8 @@ async fn copy_and_remove_pods_are_admitted_where_restricted_is_enforced() {
     // ...and so is a hostPath store, which no restricted pod may mount: hostPath stores are for
     // single-node and test clusters; production stores are PersistentVolumeClaims.
     let host = store(json!({"hostPath": {"path": "/srv/staging"}}));
-    let on_host = jobs::copy_job(&cache, &host, 1, &settings).expect("copy Job");
+    let on_host =
+        jobs::copy_job(&cache, &host, 1, &settings, &RetryPolicy::default()).expect("copy Job");
     let refused = create(&pods, &pod_of(&on_host, "on-host"))
         .await
         .expect_err("refused");

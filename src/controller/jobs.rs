@@ -14,6 +14,7 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::Resource;
 use serde_json::{Value, json};
 
+use super::template_cache::lifecycle::RetryPolicy;
 use crate::api::names::{JOB_ATTEMPT_LABEL, JOB_CACHE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::api::{AddressingStyle, StagingStore, StoreVolume, TemplateCache, TemplateSource};
 use crate::copy::address::AllowedInternal;
@@ -158,6 +159,7 @@ pub fn copy_job(
     store: &StagingStore,
     attempt: u32,
     settings: &JobSettings,
+    retry: &RetryPolicy,
 ) -> Result<Job, serde_json::Error> {
     let mut args = vec![
         "copy".to_owned(),
@@ -167,6 +169,11 @@ pub fn copy_job(
         format!("--streams={}", settings.copy.streams),
         format!("--part-size={}", settings.copy.part_size),
     ];
+    // The last attempt keeps no partial file for a resume that will never come: the store
+    // does not count a failed cache's bytes.
+    if retry.is_last(attempt) {
+        args.push("--final-attempt".to_owned());
+    }
     args.extend(source_args(&cache.spec.source));
     if let Some(oci) = &cache.spec.source.oci {
         let registry = oci.repository().split('/').next().unwrap_or_default();
@@ -420,10 +427,31 @@ mod tests {
             ],
         };
         match operation {
-            Operation::Copy => copy_job(&cache, &store, 1, &settings),
+            Operation::Copy => copy_job(&cache, &store, 1, &settings, &RetryPolicy::default()),
             Operation::Remove => remove_job(&cache, &store, 1, &settings),
         }
         .expect("job")
+    }
+
+    #[test]
+    fn only_the_last_attempts_copy_job_is_told_it_is_final() {
+        let cache = fixtures::cache("img", serde_json::Value::Null);
+        let store = fixtures::store("s", "1Gi");
+        let retry = RetryPolicy {
+            max_attempts: 2,
+            ..RetryPolicy::default()
+        };
+        let settings = crate::controller::Config::default().jobs;
+        let finals: Vec<bool> = [1, 2]
+            .into_iter()
+            .map(|attempt| {
+                let job = copy_job(&cache, &store, attempt, &settings, &retry).expect("job");
+                let pod = job.spec.expect("spec").template.spec.expect("pod");
+                let args = pod.containers[0].args.clone().unwrap_or_default();
+                args.contains(&"--final-attempt".to_owned())
+            })
+            .collect();
+        assert_eq!(finals, [false, true]);
     }
 
     #[test]
@@ -459,7 +487,7 @@ mod tests {
                 oci_plain_http_registries: plain.iter().map(|r| r.to_string()).collect(),
                 allow_internal_addresses: vec![],
             };
-            let job = copy_job(&cache, &store, 2, &settings).expect("job");
+            let job = copy_job(&cache, &store, 2, &settings, &RetryPolicy::default()).expect("job");
             job.spec
                 .expect("spec")
                 .template

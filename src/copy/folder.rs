@@ -190,6 +190,15 @@ impl StoreFolder {
         unlink_if_present(&partials, &name).map_err(|e| refusal(&self.partial_path(attempt), e))
     }
 
+    /// Removes the partial files and resume records of every attempt of this cache up to
+    /// `attempt`.
+    pub fn remove_partials_up_to(&self, attempt: u32) -> Result<(), CopyError> {
+        for earlier in self.attempts_left_behind(attempt)? {
+            self.remove_partial(earlier)?;
+        }
+        Ok(())
+    }
+
     /// The resume record of `attempt`, for messages.
     pub fn resume_path(&self, attempt: u32) -> PathBuf {
         let mut name = partial_name(&self.cache, attempt);

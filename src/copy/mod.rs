@@ -147,6 +147,10 @@ pub struct CopyArgs {
     /// The attempt this copy belongs to.
     #[arg(long)]
     pub attempt: u32,
+    /// No attempt follows this one: a failure leaves no partial file, of this attempt or of
+    /// an earlier one, since no later attempt would resume it.
+    #[arg(long)]
+    pub final_attempt: bool,
     /// Final path of the copy inside the mounted store.
     #[arg(long)]
     pub dest: PathBuf,
@@ -275,6 +279,7 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
         let source = match &origin {
             Origin::Object(source) => source,
             Origin::Oci(reference) => {
+                partial.drop_earlier_attempts()?;
                 let done =
                     oci::download(&args, reference, &mut reporter, &partial, &mut copied).await?;
                 return publish(&args, &folder, done);
@@ -306,9 +311,15 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
                 folder: Arc::clone(&folder),
                 attempt: args.attempt,
             };
-            if resume::worth_keeping(&partial, &error) {
+            let discarded = if args.final_attempt {
+                folder.remove_partials_up_to(args.attempt)
+            } else if resume::worth_keeping(&partial, &error) {
                 info!("the partial file stays for the next attempt to resume");
-            } else if let Err(cleanup) = folder.remove_partial(args.attempt) {
+                Ok(())
+            } else {
+                folder.remove_partial(args.attempt)
+            };
+            if let Err(cleanup) = discarded {
                 warn!("the partial file stays: {cleanup}");
             }
             reporter.failed(copied, &error).await;
@@ -365,6 +376,13 @@ impl Partial {
     fn path(&self) -> PathBuf {
         self.folder.partial_path(self.attempt)
     }
+
+    /// Removes what earlier attempts left, before a copy that cannot resume it (one stream, an
+    /// OCI pull) starts from zero: only the ranged path takes a partial file over.
+    fn drop_earlier_attempts(&self) -> Result<(), CopyError> {
+        self.folder
+            .remove_partials_up_to(self.attempt.saturating_sub(1))
+    }
 }
 
 /// Downloads in parts when the source allows it, else as one stream. Either way no more than
@@ -395,6 +413,7 @@ async fn download(
         }
         ranged::Outcome::SingleStream(why) => {
             info!("copying as one stream: {why}");
+            partial.drop_earlier_attempts()?;
             transfer::transfer(source, meta.size, partial, async |bytes, total| {
                 let front = Front {
                     hashed: bytes,

@@ -48,6 +48,11 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Whether no attempt follows `attempt`, whatever its outcome.
+    pub fn is_last(&self, attempt: u32) -> bool {
+        attempt >= self.max_attempts
+    }
+
     /// Wait after attempt `attempt` (from 1) failed.
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
@@ -416,7 +421,7 @@ fn failed(
 ) -> Plan {
     let generation = cache.metadata.generation;
     status.phase = Some(Phase::Failed);
-    if attempt >= policy.max_attempts {
+    if policy.is_last(attempt) {
         let limit = policy.max_attempts;
         let message = format!("attempt {attempt} of {limit} failed: {message}; no retry left");
         set_ready(

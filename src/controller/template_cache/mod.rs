@@ -219,7 +219,7 @@ async fn execute(
             info!(attempt, "won the transition; creating the copy Job");
             create_job(
                 jobs,
-                jobs::copy_job(cache, store, *attempt, &ctx.config.jobs)?,
+                jobs::copy_job(cache, store, *attempt, &ctx.config.jobs, &ctx.config.retry)?,
             )
             .await
         }
@@ -244,7 +244,7 @@ async fn execute(
             );
             create_job(
                 jobs,
-                jobs::copy_job(&fresh, store, *attempt, &ctx.config.jobs)?,
+                jobs::copy_job(&fresh, store, *attempt, &ctx.config.jobs, &ctx.config.retry)?,
             )
             .await?;
             write_status(caches, &fresh, &plan.status).await
