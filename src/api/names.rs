@@ -36,7 +36,8 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "templatecache";
 
-/// Field manager of the operator's creates (Jobs, caches made from a claim's template).
+/// Field manager of the operator's creates (Jobs, caches made from a claim's template), and
+/// the reporting controller of its Events.
 pub const OPERATOR_MANAGER: &str = "templatecache-operator";
 
 /// Field manager of the data mover's progress reports.

@@ -199,10 +199,15 @@ impl StoreFolder {
         Ok(())
     }
 
+    /// The name of `attempt`'s resume record ([`RESUME_SUFFIX`]) or of the record being
+    /// written ([`RESUME_NEW_SUFFIX`]) in [`PARTIAL_FOLDER`].
+    fn record_name(&self, attempt: u32, suffix: &str) -> String {
+        format!("{}{suffix}", partial_name(&self.cache, attempt))
+    }
+
     /// The resume record of `attempt`, for messages.
     pub fn resume_path(&self, attempt: u32) -> PathBuf {
-        let mut name = partial_name(&self.cache, attempt);
-        name.push_str(RESUME_SUFFIX);
+        let name = self.record_name(attempt, RESUME_SUFFIX);
         self.path.join(PARTIAL_FOLDER).join(name)
     }
 
@@ -237,8 +242,7 @@ impl StoreFolder {
         let Some(partials) = self.partial_folder(false)? else {
             return Ok(None);
         };
-        let mut name = partial_name(&self.cache, attempt);
-        name.push_str(RESUME_SUFFIX);
+        let name = self.record_name(attempt, RESUME_SUFFIX);
         let path = self.resume_path(attempt);
         let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK;
         let file = match open_beneath(&partials, &name, flags, Mode::empty()) {
@@ -265,10 +269,9 @@ impl StoreFolder {
         let partials = self
             .partial_folder(false)?
             .ok_or_else(|| refusal(&self.path.join(PARTIAL_FOLDER), Errno::NOENT))?;
-        let base = partial_name(&self.cache, attempt);
         let (new, done) = (
-            format!("{base}{RESUME_NEW_SUFFIX}"),
-            format!("{base}{RESUME_SUFFIX}"),
+            self.record_name(attempt, RESUME_NEW_SUFFIX),
+            self.record_name(attempt, RESUME_SUFFIX),
         );
         let path = self.resume_path(attempt);
         unlink_if_present(&partials, &new).map_err(|e| refusal(&path, e))?;
@@ -315,8 +318,8 @@ impl StoreFolder {
             rustix::fs::renameat(&partials, &*old, &partials, &*new)
                 .map_err(|e| refusal(&path, e))?;
             let (old_record, new_record) = (
-                format!("{old}{RESUME_SUFFIX}"),
-                format!("{new}{RESUME_SUFFIX}"),
+                self.record_name(from, RESUME_SUFFIX),
+                self.record_name(to, RESUME_SUFFIX),
             );
             match rustix::fs::renameat(&partials, &*old_record, &partials, &*new_record) {
                 Ok(()) | Err(Errno::NOENT) => {}
@@ -328,9 +331,8 @@ impl StoreFolder {
     }
 
     fn remove_resume_records(&self, partials: &OwnedFd, attempt: u32) -> Result<(), CopyError> {
-        let base = partial_name(&self.cache, attempt);
         for suffix in [RESUME_SUFFIX, RESUME_NEW_SUFFIX] {
-            unlink_if_present(partials, &format!("{base}{suffix}"))
+            unlink_if_present(partials, &self.record_name(attempt, suffix))
                 .map_err(|e| refusal(&self.resume_path(attempt), e))?;
         }
         Ok(())

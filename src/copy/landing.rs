@@ -59,7 +59,7 @@ pub struct Start {
 }
 
 /// Told the hashed front now and then, on a thread of its own, so a slow sync never holds up
-/// the hash; a front offered while it is busy is skipped, a later one follows.
+/// the hash; while it is busy one offered front waits and any further one is skipped.
 pub type Checkpoint = Box<dyn FnMut(u64) + Send>;
 
 /// The running writer and hasher of one file.

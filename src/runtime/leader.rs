@@ -1,7 +1,7 @@
 //! Leader election on a `coordination.k8s.io` Lease, so that of several replicas exactly one
 //! reconciles. `kube-lease-manager` takes a free Lease with a non-forced server-side apply (so two
-//! replicas can never both take it) and renews it with merge patches; this module decides when
-//! to act.
+//! replicas can never both take it) and renews it with strategic merge patches; this module
+//! decides when to act.
 //!
 //! A leader stops acting the moment it cannot be sure it still leads: when the Lease names
 //! someone else, and also when it has not seen its own renewal for nearly a lease duration (a

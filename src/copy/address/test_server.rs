@@ -11,8 +11,8 @@ use tokio::net::TcpListener;
 /// test can tell that not even part of a request was written to it.
 #[derive(Clone, Default)]
 pub struct Reached {
-    pub requests: Arc<AtomicUsize>,
-    pub bytes: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    bytes: Arc<AtomicUsize>,
 }
 
 impl Reached {
