@@ -10,10 +10,22 @@
 # Everything lives in .cluster/: certificates, the service-account key pair, etcd's data, logs,
 # pid files, the chosen ports and the kubeconfig. The controller manager runs without its job
 # controller: copy Jobs are run by the local Job executor instead, since there is no kubelet.
+#
+# Node mode (TEMPLATECACHE_NODE=1 hack/cluster.sh up, or make cluster-up NODE=1): a real node
+# as well (hack/node.sh). The API server then binds the node address on the project's bridge
+# (so Pods reach it through the `kubernetes` Service) instead of 127.0.0.1, publishes its
+# endpoint, authorizes kubelets and reaches them for logs/exec; the controller manager runs all
+# its default controllers (the real Job controller, node lifecycle, root-ca-cert-publisher, ...).
+# The mode is kept in .cluster/mode; `up` in the other mode restarts the API server and the
+# controller manager.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir="$root/.cluster"
 bin=""
+mode=plain; [ "${TEMPLATECACHE_NODE:-0}" = 1 ] && mode=node
+# shellcheck source=hack/node/env.sh
+source "$root/hack/node/env.sh"
+host=127.0.0.1; [ "$mode" = node ] && host=$NODE_IP
 
 log() { echo "cluster: $*" >&2; }
 
@@ -59,7 +71,7 @@ kind: Config
 clusters:
 - name: local
   cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
+    server: https://$host:$APISERVER_PORT
     certificate-authority-data: $($b64 < "$pki/ca.crt")
 users:
 - name: admin
@@ -91,22 +103,35 @@ start_etcd() {
 }
 
 start_apiserver() {
-  local pki="$dir/pki"
+  local pki="$dir/pki" mode_flags
+  mode_flags=(--bind-address 127.0.0.1 --advertise-address 127.0.0.1 --endpoint-reconciler-type none
+    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" --authorization-mode RBAC)
+  if [ "$mode" = node ]; then
+    mode_flags=(--bind-address "$NODE_IP" --advertise-address "$NODE_IP"
+      --tls-cert-file "$pki/node/apiserver.crt" --tls-private-key-file "$pki/node/apiserver.key"
+      --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction
+      --kubelet-client-certificate "$pki/node/apiserver-kubelet-client.crt"
+      --kubelet-client-key "$pki/node/apiserver-kubelet-client.key"
+      --kubelet-certificate-authority "$pki/ca.crt"
+      --kubelet-preferred-address-types InternalIP,Hostname)
+  fi
   start kube-apiserver "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
-    --cert-dir "$pki" --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
-    --client-ca-file "$pki/ca.crt" --authorization-mode RBAC \
+    --secure-port "$APISERVER_PORT" "${mode_flags[@]}" \
+    --cert-dir "$pki" --client-ca-file "$pki/ca.crt" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-    --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
-    --endpoint-reconciler-type none
+    --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged=true
 }
 
 start_controller_manager() {
+  local controllers=serviceaccount-controller,serviceaccount-token-controller,namespace-controller,garbage-collector-controller
+  # A real cluster's default set: the Job controller, node lifecycle, root-ca-cert-publisher,
+  # ttl-after-finished, ReplicaSets and Deployments, EndpointSlices, ...
+  [ "$mode" = node ] && controllers='*'
   cp "$dir/kubeconfig" "$dir/controller-manager.kubeconfig"
   start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$dir/controller-manager.kubeconfig" --leader-elect=false --secure-port 0 \
-    --controllers serviceaccount-controller,serviceaccount-token-controller,namespace-controller,garbage-collector-controller \
+    --controllers "$controllers" \
     --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
     --use-service-account-credentials=false
 }
@@ -140,6 +165,19 @@ up() {
   # shellcheck disable=SC1091
   . "$dir/ports"
   make_certs
+  # Switching modes: the API server and controller manager restart with the other flags, and
+  # the node goes when leaving node mode.
+  if [ "$(cat "$dir/mode" 2>/dev/null || echo plain)" != "$mode" ]; then
+    [ "$mode" = plain ] && { "$root/hack/node.sh" down; }
+    stop kube-controller-manager
+    stop kube-apiserver
+    [ "$mode" = plain ] && "$root/hack/node.sh" net-down
+  fi
+  if [ "$mode" = node ]; then
+    "$root/hack/node.sh" net
+    "$root/hack/node.sh" certs
+  fi
+  echo "$mode" > "$dir/mode"
   write_kubeconfig
   start_etcd
   start_apiserver
@@ -147,13 +185,17 @@ up() {
   start_controller_manager
   wait_default_serviceaccount
   ln -sf "$bin/kubectl" "$dir/kubectl"
+  [ "$mode" = node ] && "$root/hack/node.sh" up
   log "ready: export KUBECONFIG=$dir/kubeconfig"
 }
 
 down() {
+  "$root/hack/node.sh" down
   stop kube-controller-manager
   stop kube-apiserver
   stop etcd
+  "$root/hack/node.sh" net-down
+  rm -f "$dir/mode"
   log "stopped"
 }
 
@@ -161,10 +203,13 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   restart-apiserver)
-    ensure_binaries; . "$dir/ports"; stop kube-apiserver; start_apiserver; wait_ready ;;
+    ensure_binaries; . "$dir/ports"
+    [ "$(cat "$dir/mode" 2>/dev/null)" = node ] && { mode=node; host=$NODE_IP; }
+    stop kube-apiserver; start_apiserver; wait_ready ;;
   status)
     for n in etcd kube-apiserver kube-controller-manager; do
       if alive "$n"; then echo "$n running (pid $(cat "$dir/$n.pid"))"; else echo "$n stopped"; fi
-    done ;;
+    done
+    if [ "$(cat "$dir/mode" 2>/dev/null)" = node ]; then "$root/hack/node.sh" status; fi ;;
   *) echo "usage: $0 up|down|restart-apiserver|status" >&2; exit 2 ;;
 esac

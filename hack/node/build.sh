@@ -5,9 +5,10 @@
 #   CNI bridge, host-local, loopback, portmap  hack/cni
 #   crane (OCI images without a daemon)        hack/crane
 #   pause (the Pod sandbox program)            hack/node/pause
+#   whoami (the consumer image's API probe)    hack/node/whoami
 # runc and iptables come from Debian (.ci/run installs them).
-#   hack/node/build.sh [k8s|containerd|cni|crane|pause ...]   (default: all)
-# Prints shell assignments (K8S_BIN=, CONTAINERD_BIN=, CNI_BIN=, CRANE=, PAUSE=) for
+#   hack/node/build.sh [k8s|containerd|cni|crane|pause|whoami ...]   (default: all)
+# Prints shell assignments (K8S_BIN=, CONTAINERD_BIN=, CNI_BIN=, CRANE=, PAUSE=, WHOAMI=) for
 # hack/node.sh and hack/image.sh to evaluate; progress goes to stderr.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,6 +31,7 @@ CNI_BIN="$root/.cache/cni/$cni_version/bin"
 crane_version=$(modversion "$hack/crane/go.mod" github.com/google/go-containerregistry)
 CRANE="$root/.cache/crane/$crane_version/bin/crane"
 PAUSE="$root/.cache/pause/$(hashof "$here/pause/go.mod" "$here/pause/main.go")/pause"
+WHOAMI="$root/.cache/whoami/$(hashof "$here/whoami/go.mod" "$here/whoami/main.go")/whoami"
 
 # The node's Kubernetes binaries sit next to the control plane's but with a stamp of their own:
 # hack/k8s/build.sh removes .built-* when it relinks, so this one is named .node-*.
@@ -85,15 +87,17 @@ build_crane() {
     github.com/google/go-containerregistry/cmd/crane crane crane >/dev/null
 }
 
-# pause is versioned by the hash of its source.
-build_pause() {
-  [ -x "$PAUSE" ] && return
-  mkdir -p "$(dirname "$PAUSE")"
-  echo "building pause into $(dirname "$PAUSE")" >&2
-  (cd "$here/pause" && go build -trimpath -ldflags "-s -w" -o "$PAUSE.tmp" .)
-  mv "$PAUSE.tmp" "$PAUSE"
+# build_small NAME OUT: a standard-library program of ours, versioned by the hash of its source.
+build_small() {
+  [ -x "$2" ] && return
+  mkdir -p "$(dirname "$2")"
+  echo "building $1 into $(dirname "$2")" >&2
+  (cd "$here/$1" && go build -trimpath -ldflags "-s -w" -o "$2.tmp" .)
+  mv "$2.tmp" "$2"
 }
+build_pause() { build_small pause "$PAUSE"; }
+build_whoami() { build_small whoami "$WHOAMI"; }
 
-for piece in ${@:-k8s containerd cni crane pause}; do "build_$piece"; done
+for piece in ${@:-k8s containerd cni crane pause whoami}; do "build_$piece"; done
 
-for v in K8S_BIN CONTAINERD_BIN CNI_BIN CRANE PAUSE; do echo "$v=${!v}"; done
+for v in K8S_BIN CONTAINERD_BIN CNI_BIN CRANE PAUSE WHOAMI; do echo "$v=${!v}"; done
