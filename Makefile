@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
 
-.PHONY: all build test lint unit integration crds check-crds cluster-up cluster-down up down check-rules demo bench chaos reliability clean
+.PHONY: all build test lint unit integration crds check-crds cluster-up cluster-down node-up node-down image up down check-rules demo bench chaos reliability clean
 
 all: build
 
@@ -24,13 +24,28 @@ crds:
 	$(CARGO) run --quiet -- crd > crds/templatecache.io.yaml
 	cp crds/templatecache.io.yaml charts/templatecache-operator/crds/templatecache.io.yaml
 
-## Start the local control plane (idempotent); writes .cluster/kubeconfig.
+## Start the local control plane (idempotent); writes .cluster/kubeconfig. With NODE=1, a real
+## node as well (hack/node.sh: containerd, kubelet, kube-proxy, kube-scheduler, the image
+## registry) and the real Job controller: Pods run. Without it, Jobs are the local executor's.
 cluster-up:
-	hack/cluster.sh up
+	TEMPLATECACHE_NODE=$(NODE) hack/cluster.sh up
 
-## Stop only what cluster-up started.
+## Stop only what cluster-up started, and remove what the node made on the host.
 cluster-down:
 	hack/cluster.sh down
+
+## The control plane in node mode with the node (same as make cluster-up NODE=1).
+node-up:
+	TEMPLATECACHE_NODE=1 hack/cluster.sh up
+
+## Stop the node only (the control plane keeps running, in node mode).
+node-down:
+	hack/node.sh down
+
+## The operator image (release build) and the consumer image, built without a daemon and pushed
+## to the node's registry (started if needed); prints the references with their digests.
+image:
+	hack/image.sh all
 
 ## The local quickstart: the control plane, the CRDs, and in the background the operator, the
 ## local Job executor and an HTTP server for examples/files/ (logs and pids in .cluster/quickstart/).
