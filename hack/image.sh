@@ -61,12 +61,20 @@ PY
 }
 
 # push NAME LAYER CONFIG-FLAG...: the image with that config (an empty OCI base has none: no
-# platform, no Entrypoint), printed as name@digest.
+# platform, no Entrypoint), printed as name@digest and kept in .cluster/images.env as
+# <NAME>_IMAGE=name@digest (TEMPLATECACHE_IMAGE, TEMPLATECACHE_CONSUMER_IMAGE) for tests.
 push() {
-  local ref="$registry/$1:$tag" layer=$2; shift 2
-  "$CRANE" append --insecure --oci-empty-base -f "$layer" -t "$ref" >/dev/null
-  "$CRANE" mutate --insecure "$ref" --set-platform linux/amd64 --user 65532:65532 "$@" -t "$ref" >/dev/null
-  echo "$ref@$("$CRANE" digest --insecure "$ref")"
+  local name=$1 ref="$registry/$1:$tag" layer=$2; shift 2
+  {
+    "$CRANE" append --insecure --oci-empty-base -f "$layer" -t "$ref"
+    "$CRANE" mutate --insecure "$ref" --set-platform linux/amd64 --user 65532:65532 "$@" -t "$ref"
+  } >"$work/crane.log" 2>&1 || { cat "$work/crane.log" >&2; exit 1; }
+  local pinned key env="$root/.cluster/images.env"
+  pinned="$ref@$("$CRANE" digest --insecure "$ref")"
+  key=$(echo "$name" | tr a-z- A-Z_)_IMAGE
+  { grep -v "^$key=" "$env" 2>/dev/null || true; echo "$key=$pinned"; } > "$env.tmp"
+  mv "$env.tmp" "$env"
+  echo "$pinned"
 }
 
 operator() {

@@ -14,6 +14,7 @@
 #
 # State, logs and pid files live in .cluster/node/ (removed by down); the registry's storage
 # in .cluster/registry/ survives, like etcd's data. Needs root, runc and iptables (Debian).
+# While the node is up, .cluster/node.env says so: NODE_NAME, NODE_IP, POD_CIDR, REGISTRY.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cluster="$root/.cluster"
@@ -191,7 +192,8 @@ state = "$c/state"
     config_path = "$c/certs.d"
 TOML
   # One bridge network on the node's own bridge; no masquerade: Pods only talk to this machine.
-  cat > "$dir/cni/net.d/10-templatecache.conflist" <<JSON
+  # Written next to net.d and moved in: containerd reloads on every write it sees there.
+  cat > "$dir/cni/10-templatecache.conflist" <<JSON
 {
   "cniVersion": "1.0.0",
   "name": "templatecache",
@@ -204,6 +206,7 @@ TOML
   ]
 }
 JSON
+  mv "$dir/cni/10-templatecache.conflist" "$dir/cni/net.d/"
 }
 
 ctr_() { "$CONTAINERD_BIN/ctr" --address "$dir/containerd.sock" -n k8s.io "$@"; }
@@ -216,11 +219,13 @@ pause_image() {
   tmp=$(mktemp -d)
   cp "$PAUSE" "$tmp/pause"
   tar -C "$tmp" --owner=0 --group=0 -cf "$tmp/layer.tar" pause
-  "$CRANE" append --insecure --oci-empty-base -f "$tmp/layer.tar" -t "$ref" >/dev/null
-  "$CRANE" mutate --insecure "$ref" --set-platform linux/amd64 --entrypoint /pause -t "$ref" >/dev/null
+  {
+    "$CRANE" append --insecure --oci-empty-base -f "$tmp/layer.tar" -t "$ref"
+    "$CRANE" mutate --insecure "$ref" --set-platform linux/amd64 --entrypoint /pause -t "$ref"
+    ctr_ images pull --plain-http "$ref"
+    ctr_ images tag --force "$ref" "$SANDBOX_IMAGE"
+  } >>"$dir/pause-image.log" 2>&1 || { tail -20 "$dir/pause-image.log" >&2; die "could not import the pause image"; }
   rm -rf "$tmp"
-  ctr_ images pull --plain-http "$ref" >/dev/null
-  ctr_ images tag --force "$ref" "$SANDBOX_IMAGE" >/dev/null
 }
 
 kubelet_config() {
@@ -306,6 +311,8 @@ up() {
     --leader-elect=false --bind-address 127.0.0.1 --secure-port "$(free_port 127.0.0.1)"
   wait_for "the node" kubelet "$cluster/kubectl" --kubeconfig "$cluster/kubeconfig" \
     wait --for=condition=Ready "node/$NODE_NAME" --timeout=1s
+  # For tests and tools: the node is up, and where things are (KEY=VALUE lines).
+  printf 'NODE_NAME=%s\nNODE_IP=%s\nPOD_CIDR=%s\nREGISTRY=%s\n' "$NODE_NAME" "$NODE_IP" "$POD_CIDR" "$REGISTRY" > "$cluster/node.env"
   log "node $NODE_NAME Ready on $NODE_IP; images from $REGISTRY"
 }
 
@@ -351,6 +358,7 @@ remove_chains() {
 }
 
 down() {
+  rm -f "$cluster/node.env"
   [ -d "$dir" ] || return 0
   eval "$("$root/hack/node/build.sh" pause 2>/dev/null)" || true
   stop kube-scheduler
