@@ -3,26 +3,30 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
 
-.PHONY: all build test lint unit integration crds check-crds cluster-up cluster-down node-up node-down image up down check-rules demo bench chaos reliability clean
+.PHONY: all build test lint unit integration crds check-crds check-dockerfile cluster-up cluster-down node-up node-down image up down check-rules demo bench chaos reliability clean
 
 all: build
 
 build:
-	$(CARGO) build --all-targets
+	$(CARGO) build --workspace --all-targets
 
-## Everything CI checks: format, lint, unit tests, and the integration tests against the real
-## local control plane (started if it is not up).
-test: lint cluster-up
-	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --all-targets --no-fail-fast
+## Everything CI checks: format, lint, the Dockerfile's build, unit tests of every crate, and the
+## integration tests against the real local control plane (started if it is not up).
+test: lint check-dockerfile cluster-up
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --workspace --all-targets --no-fail-fast
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Regenerate crds/ from the Rust types.
 crds:
 	$(CARGO) run --quiet -- crd > crds/templatecache.io.yaml
 	cp crds/templatecache.io.yaml charts/templatecache-operator/crds/templatecache.io.yaml
+
+## Build the release binary from exactly the files the Dockerfile copies (no container engine).
+check-dockerfile:
+	hack/image/dockerfile-check.sh
 
 ## Start the local control plane (idempotent); writes .cluster/kubeconfig. With NODE=1, a real
 ## node as well (hack/node.sh: containerd, kubelet, kube-proxy, kube-scheduler, the image
@@ -51,7 +55,7 @@ image:
 ## local Job executor and an HTTP server for examples/files/ (logs and pids in .cluster/quickstart/).
 ## Then: kubectl apply -f examples/local/ (see the README's "Try it").
 up:
-	$(CARGO) build --quiet --bins
+	$(CARGO) build --quiet --workspace --bins
 	hack/quickstart.sh up
 
 ## Stop what `make up` started, by pid; the control plane only if `make up` started it.
@@ -70,12 +74,13 @@ clean: down cluster-down
 demo: cluster-up
 	.cluster/kubectl --kubeconfig .cluster/kubeconfig apply --server-side -f crds/ -f charts/templatecache-operator/files/flowcontrol.yaml >/dev/null
 	.cluster/kubectl --kubeconfig .cluster/kubeconfig wait --for=condition=Established crd/templatecaches.templatecache.io >/dev/null
-	$(CARGO) build --quiet --bins --example demo
+	$(CARGO) build --quiet --workspace --bins --example demo
 	KUBECONFIG=$(KUBECONFIG_LOCAL) target/debug/examples/demo
 
 ## Benchmarks on the local control plane; the tables go to docs/benchmarks.md, the plots of the
 ## same run to docs/plots/.
 bench: cluster-up
+	$(CARGO) build --quiet --workspace --bins
 	hack/bench-mover.sh
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) bench --bench contention
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) bench --bench scale
@@ -84,11 +89,13 @@ bench: cluster-up
 
 ## The chaos test for 10 minutes instead of make test's 45 s; report in target/chaos/report.md.
 chaos: cluster-up
+	$(CARGO) build --quiet --workspace --bins
 	KUBECONFIG=$(KUBECONFIG_LOCAL) CHAOS_SECONDS=$${CHAOS_SECONDS:-600} $(CARGO) test --test chaos -- --nocapture
 
 ## The bad-input corpus and a chaos run, written to docs/reliability.md.
 reliability: cluster-up
 	rm -rf target/corpus
+	$(CARGO) build --quiet --workspace --bins
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test api_validation --test bad_input --test helm_chart --test hostile_tenant
 	$(MAKE) chaos
 	hack/reliability.sh

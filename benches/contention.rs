@@ -22,8 +22,7 @@
 //!
 //!     cargo bench --bench contention [-- 10 100 1000]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use templatecache_test_support as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -40,10 +39,10 @@ use support::TestNamespace;
 use support::cache_watch::{CacheWatch, Version};
 use support::jobs::{Outcome, finish_copy, wait_for_job};
 use support::rig::Rig;
-use templatecache::api::names::{POD_CACHE_LABEL, READY_GATE};
-use templatecache::api::references::{claim_reference, is_reference, pod_reference};
-use templatecache::api::{ClaimPhase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
-use templatecache::client;
+use templatecache_api::names::{POD_CACHE_LABEL, READY_GATE};
+use templatecache_api::references::{claim_reference, is_reference, pod_reference};
+use templatecache_api::{ClaimPhase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
+use templatecache_client as client;
 
 const COUNTER: &str = "cloudstack.example/ref-count";
 const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
@@ -482,7 +481,7 @@ async fn direct_way(n: usize) -> Row {
     let completed = copy_succeeds(ns).await;
     until("the cache Ready", || async {
         let cache = caches.get("template").await.expect("cache");
-        cache.status.and_then(|s| s.phase) == Some(templatecache::api::Phase::Ready)
+        cache.status.and_then(|s| s.phase) == Some(templatecache_api::Phase::Ready)
     })
     .await;
     let all_ready = completed.elapsed();

@@ -1,8 +1,8 @@
 //! Parallel ranged download benchmark: what K streams buy when each connection is limited, as
 //! it is against a remote object store or mirror, and what they cost where it is not.
 //!
-//! Sources on loopback: the ranged HTTP server of `tests/support` (strong ETag, Range,
-//! If-Match) and versitygw, each also behind the throttling proxy of `tests/support`, which
+//! Sources on loopback: the ranged HTTP server of `crates/test-support` (strong ETag, Range,
+//! If-Match) and versitygw, each also behind the throttling proxy of `crates/test-support`, which
 //! limits every connection to `BENCH_CONNECTION_MIBS` MiB/s (default 32). Tools, each timed to a
 //! verified file with its peak RSS (`/usr/bin/time`): curl then `sha256sum`, rclone with 8
 //! streams of 16 MiB chunks then `sha256sum` (built from `hack/rclone`), and the mover
@@ -13,8 +13,7 @@
 //!
 //!     cargo build --release --bin templatecache && cargo bench --bench mover_streams
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use templatecache_test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -211,7 +210,7 @@ fn table(rows: &[Row], connection_mibs: u64) -> String {
     let mut text = format!(
         "### Parallel ranged download\n\n`cargo bench --bench mover_streams` (run by \
          `hack/bench-mover.sh`), {}, this machine: {} cores, in the same run. \"Throttled\" \
-         puts the throttling proxy of `tests/support` in front of the source: every connection at \
+         puts the throttling proxy of `crates/test-support` in front of the source: every connection at \
          most {connection_mibs} MiB/s, as a remote store serves one GET. The mover uses 16 MiB \
          parts and hashes as it copies; rclone (v1.76.0, `copyto --multi-thread-streams 8 \
          --multi-thread-chunk-size 16Mi`) uses 16 MiB chunks too; the times of curl and rclone \

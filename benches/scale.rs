@@ -8,8 +8,7 @@
 //!
 //!     cargo bench --bench scale [-- CACHES REFERENCES_PER_CACHE]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use templatecache_test_support as support;
 
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use serde_json::json;
 use support::operator::OperatorProcess;
 use support::rig::Rig;
-use templatecache::api::TemplateCache;
+use templatecache_api::TemplateCache;
 
 /// Concurrent writers for creating objects and for the raw write rate.
 const WRITERS: usize = 32;

@@ -1,12 +1,11 @@
 //! `make demo`: CLOUDSTACK-7539's parallel deployment on the local control plane, with real bytes.
 //!
 //! Serves a generated template over HTTP on loopback, runs the operator and the local Job
-//! executor (the integration tests' rig, from `tests/support`), lets 50 consumers acquire the
+//! executor (the integration tests' rig, from `crates/test-support`), lets 50 consumers acquire the
 //! same template at once, and prints what happened: caches and Jobs created, the final and the
 //! lowest reference count seen, and how long the slowest consumer waited for Ready.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use templatecache_test_support as support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,9 +18,9 @@ use kube::{Api, Client};
 use support::http_server::HttpServer;
 use support::jobs::wait_for_cache_gone;
 use support::rig::Rig;
-use templatecache::api::TemplateCache;
-use templatecache::client;
-use templatecache::copy::address::AllowedInternal;
+use templatecache_api::TemplateCache;
+use templatecache_client as client;
+use templatecache_mover::address::AllowedInternal;
 
 const CONSUMERS: usize = 50;
 const TEMPLATE_MIB: usize = 64;

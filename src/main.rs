@@ -9,12 +9,12 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use futures::FutureExt;
 use templatecache::controller::jobs::JobSettings;
-use templatecache::controller::template_cache::lifecycle::RetryPolicy;
+use templatecache::controller::retry::RetryPolicy;
 use templatecache::controller::{self, Config};
-use templatecache::runtime::http::{self, Readiness};
-use templatecache::runtime::leader::{self, LeaderSettings};
-use templatecache::runtime::metrics::Metrics;
-use templatecache::runtime::telemetry::{self, LogFormat};
+use templatecache::infra::http::{self, Readiness};
+use templatecache::infra::leader::{self, LeaderSettings};
+use templatecache::infra::metrics::Metrics;
+use templatecache::infra::telemetry::{self, LogFormat};
 
 /// templatecache: one staging copy per template, shared by reference.
 #[derive(Parser)]
@@ -34,9 +34,9 @@ enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Copy a template into a staging store (what a copy Job runs).
-    Copy(templatecache::copy::CopyArgs),
+    Copy(templatecache_mover::CopyArgs),
     /// Remove a cache's data from a staging store (what a remove Job runs).
-    Remove(templatecache::copy::RemoveArgs),
+    Remove(templatecache_mover::RemoveArgs),
 }
 
 #[derive(Args)]
@@ -45,33 +45,33 @@ struct RunArgs {
     #[arg(long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
     /// StagingStore for caches without `spec.storeRef`.
-    #[arg(long, default_value = "default", env = "TEMPLATECACHE_DEFAULT_STORE")]
+    #[arg(long, default_value = Config::DEFAULT_STORE, env = "TEMPLATECACHE_DEFAULT_STORE")]
     default_store: String,
     /// Image of the copy and remove Jobs (contains this binary).
-    #[arg(long, env = "TEMPLATECACHE_JOB_IMAGE", default_value = concat!("ghcr.io/templatecache/templatecache:", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, env = "TEMPLATECACHE_JOB_IMAGE", default_value = Config::DEFAULT_JOB_IMAGE)]
     job_image: String,
     /// ServiceAccount of the copy and remove Jobs (the namespace's default when unset).
     #[arg(long, env = "TEMPLATECACHE_JOB_SERVICE_ACCOUNT")]
     job_service_account: Option<String>,
     /// Ranged GETs in flight per copy Job (HTTP(S) and S3 sources); 1 reads one stream.
-    #[arg(long, default_value_t = templatecache::copy::DEFAULT_STREAMS,
+    #[arg(long, default_value_t = templatecache_mover::DEFAULT_STREAMS,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     copy_streams: u16,
     /// Bytes per ranged GET of a copy Job (`16Mi`, `8Mi`, ...); smaller objects than four
     /// parts are read as one stream.
-    #[arg(long, default_value = "16Mi", value_parser = templatecache::copy::parse_part_size)]
+    #[arg(long, default_value_t = templatecache_mover::DEFAULT_PART_SIZE, value_parser = templatecache_mover::parse_part_size)]
     copy_part_size: u64,
     /// Copy attempts per cache before it is marked Failed for good.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, default_value_t = RetryPolicy::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=1000))]
     max_attempts: u32,
     /// Wait after the first failed attempt, in seconds; doubles after each further failure.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = RetryPolicy::DEFAULT_BASE_DELAY_SECONDS)]
     retry_base_seconds: u64,
     /// Caches reconciled at once.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = Config::DEFAULT_CONCURRENCY)]
     concurrency: u16,
     /// Claims reconciled at once: how many claim status writes go out in parallel.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, default_value_t = Config::DEFAULT_CLAIM_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     claim_concurrency: u16,
     /// Most references one cache takes; consumers past it wait with the claim condition
     /// `ReferenceLimit`. The default keeps a cache well under etcd's 1.5 MiB object limit.
@@ -79,7 +79,7 @@ struct RunArgs {
     max_references: usize,
     /// Seconds between checks of a cache's claim and Pod references for consumers that are
     /// gone (a backstop for missed deletion events).
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = Config::DEFAULT_REFERENCE_SWEEP_SECONDS, value_parser = clap::value_parser!(u64).range(1..))]
     reference_sweep_seconds: u64,
     /// Name of this replica in Events and the leader Lease (`<host name>-<pid>` when unset).
     #[arg(long, env = "POD_NAME")]
@@ -124,7 +124,7 @@ struct RunArgs {
         value_delimiter = ',',
         env = "TEMPLATECACHE_ALLOW_INTERNAL_ADDRESS"
     )]
-    allow_internal_address: Vec<templatecache::copy::address::AllowedInternal>,
+    allow_internal_address: Vec<templatecache_mover::address::AllowedInternal>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -142,7 +142,7 @@ impl RunArgs {
             jobs: JobSettings {
                 image: self.job_image.clone(),
                 service_account: self.job_service_account.clone(),
-                copy: templatecache::copy::Tuning {
+                copy: templatecache_mover::Tuning {
                     streams: self.copy_streams,
                     part_size: self.copy_part_size,
                 },
@@ -189,7 +189,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Crd => print_crds(),
         Command::Run(args) => run(args).await,
-        Command::Copy(args) => templatecache::copy::run_copy(args)
+        Command::Copy(args) => templatecache_mover::run_copy(args)
             .await
             .map(|done| match done.resumed {
                 0 => println!("copied {} bytes, {}", done.bytes, done.checksum),
@@ -199,7 +199,7 @@ async fn main() -> ExitCode {
                 ),
             })
             .map_err(|e| e.to_string()),
-        Command::Remove(args) => templatecache::copy::run_remove(args)
+        Command::Remove(args) => templatecache_mover::run_remove(args)
             .await
             .map_err(|e| e.to_string()),
     };
@@ -214,7 +214,7 @@ async fn main() -> ExitCode {
 
 fn print_crds() -> Result<(), String> {
     let yaml =
-        templatecache::api::crds_yaml().map_err(|e| format!("cannot render the CRDs: {e}"))?;
+        templatecache_api::crds_yaml().map_err(|e| format!("cannot render the CRDs: {e}"))?;
     print!("{yaml}");
     Ok(())
 }

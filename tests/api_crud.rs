@@ -1,11 +1,11 @@
 //! The CRDs work on a real API server: create, read, status update, delete.
 
-mod support;
+use templatecache_test_support as support;
 
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::rig::Rig;
-use templatecache::api::{Phase, TemplateCache, TemplateCacheStatus};
+use templatecache_api::{Phase, TemplateCache, TemplateCacheStatus};
 
 fn http_cache(name: &str) -> TemplateCache {
     serde_json::from_value(json!({

@@ -1,13 +1,13 @@
 //! The API server itself refuses invalid TemplateCaches and StagingStores, with a message that
 //! names the offending field (OpenAPI schema and CEL rules from the CRDs in `crds/`).
 
-mod support;
+use templatecache_test_support as support;
 
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Resource};
 use serde_json::{Value, json};
 use support::rig::Rig;
-use templatecache::api::{StagingStore, TemplateCache, TemplateCacheClaim};
+use templatecache_api::{StagingStore, TemplateCache, TemplateCacheClaim};
 
 fn cache(name: &str, spec: Value) -> DynamicObject {
     serde_json::from_value(json!({

@@ -2,7 +2,7 @@
 //! each is refused with a clear message or handled without harm, and recorded for the table in
 //! docs/reliability.md.
 
-mod support;
+use templatecache_test_support as support;
 
 use futures::future::join_all;
 use k8s_openapi::api::batch::v1::Job;
@@ -16,10 +16,10 @@ use support::jobs::wait_for_cache;
 use support::registry::{PASSWORD, Registry};
 use support::rig::{Rig, ready_reason};
 use support::{TestNamespace, kubectl};
-use templatecache::api::reasons::cache as reason;
-use templatecache::api::references::count_references;
-use templatecache::api::{TemplateCache, TemplateCacheClaim};
-use templatecache::client::{self, ClientError};
+use templatecache_api::reasons::cache as reason;
+use templatecache_api::references::count_references;
+use templatecache_api::{TemplateCache, TemplateCacheClaim};
+use templatecache_client::{self as client, ClientError};
 
 async fn refs(ns: &TestNamespace, name: &str) -> (u32, String) {
     let cache = ns.api::<TemplateCache>().get(name).await.expect("cache");

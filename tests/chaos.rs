@@ -9,7 +9,7 @@
 //! `make test` runs it for `CHAOS_SECONDS` (default 45); `make chaos` runs it for 10 minutes
 //! and writes the report into docs/reliability.md.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -29,12 +29,12 @@ use support::http_server::{HttpServer, random_below};
 use support::operator::OperatorProcess;
 use support::rig::Rig;
 use support::rig::{random_bytes, sha256, store_files};
-use templatecache::api::conditions::{READY, find};
-use templatecache::api::reasons::cache as reason;
-use templatecache::api::references::count_references;
-use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
-use templatecache::client;
 use templatecache::controller::jobs::JobState;
+use templatecache_api::conditions::{READY, find};
+use templatecache_api::reasons::cache as reason;
+use templatecache_api::references::count_references;
+use templatecache_api::{Phase, TemplateCache, TemplateCacheSpec};
+use templatecache_client as client;
 
 const TEMPLATES: usize = 10;
 const CONSUMERS: usize = 200;

@@ -3,7 +3,7 @@
 //! in; a claim whose template differs; a claim made while its cache is being deleted; a claim
 //! deleted while the operator was down; the reference limit.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -18,12 +18,12 @@ use support::eventually;
 use support::http_spec;
 use support::jobs::{Outcome, finish_copy, finish_job, jobs_of, wait_for_cache, wait_for_job};
 use support::rig::Rig;
-use templatecache::api::conditions::{BOUND, READY, find};
-use templatecache::api::reasons::claim as reason;
-use templatecache::api::references::{claim_reference, count_references};
-use templatecache::api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim};
-use templatecache::client::{self, ClientError};
 use templatecache::controller::DEFAULT_MAX_REFERENCES;
+use templatecache_api::conditions::{BOUND, READY, find};
+use templatecache_api::reasons::claim as reason;
+use templatecache_api::references::{claim_reference, count_references};
+use templatecache_api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim};
+use templatecache_client::{self as client, ClientError};
 
 const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
@@ -498,8 +498,8 @@ async fn a_claim_without_template_waits_for_its_cache_to_exist() {
 #[tokio::test]
 async fn a_claim_whose_reference_is_not_committed_yet_blocks_eviction() {
     use std::sync::Arc;
-    use templatecache::api::StagingStore;
     use templatecache::controller::{Context, staging_store};
+    use templatecache_api::StagingStore;
 
     let eviction =
         json!({"highWatermarkPercent": 40, "lowWatermarkPercent": 10, "minUnusedSeconds": 0});

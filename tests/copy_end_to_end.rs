@@ -2,7 +2,7 @@
 //! Job executor runs `templatecache copy` against a hostPath StagingStore, and the data mover
 //! reads from a real HTTP server on loopback.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use support::http_server::{HttpServer, PASSWORD, USER};
 use support::ranged_server::RangedServer;
 use support::rig::{Rig, random_bytes, ready_message, sha256};
 use support::throttle::ThrottleProxy;
-use templatecache::api::{Phase, TemplateCache};
+use templatecache_api::{Phase, TemplateCache};
 
 #[tokio::test]
 async fn an_http_template_is_copied_byte_for_byte_and_verified() {

@@ -1,16 +1,16 @@
 //! The data mover's parallel ranged download, run as the copy Job runs it (`run_copy`, without a
 //! cache to report to) against real servers on loopback: the ranged HTTP server of
-//! `tests/support` and versitygw. No control plane needed. Parts are 256 KiB here so that small
+//! `crates/test-support` and versitygw. No control plane needed. Parts are 256 KiB here so that small
 //! objects span many parts.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::path::PathBuf;
 
 use support::ranged_server::{RangedServer, Seen};
 use support::rig::{random_bytes, sha256, store_files};
 use support::throttle::ThrottleProxy;
-use templatecache::copy::{CopyArgs, CopyError, run_copy};
+use templatecache_mover::{CopyArgs, CopyError, run_copy};
 
 const PART: u64 = 256 << 10;
 
@@ -315,7 +315,7 @@ async fn a_forged_resume_record_over_a_bad_prefix_fails_the_checksum_and_the_nex
 }
 
 mod s3 {
-    //! The same against versitygw, through the throttling proxy of `tests/support` (which also
+    //! The same against versitygw, through the throttling proxy of `crates/test-support` (which also
     //! counts the connections the mover opened). The mover runs as the copy Job runs it: as the
     //! `templatecache copy` process, credentials in its environment.
 

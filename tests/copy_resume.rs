@@ -3,7 +3,7 @@
 //! takes over what the first one verified. The test server logs every ranged GET, so the test
 //! sees exactly which bytes each attempt fetched.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::time::Duration;
 

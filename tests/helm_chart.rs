@@ -4,10 +4,9 @@
 //! ServiceAccount, takes a cache through its whole life while the copy Job runs with a token of
 //! the chart's mover account. `kubectl auth can-i` shows what both accounts must not do.
 
-mod support;
+use templatecache_test_support as support;
 
-#[path = "../dev/local_executor/identity.rs"]
-mod identity;
+use templatecache_local_executor::identity;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,7 +23,7 @@ use support::operator::OperatorProcess;
 use support::rig::Rig;
 use support::rig::{random_bytes, sha256};
 use support::tools::{helm, helm_offline, run};
-use templatecache::api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim};
+use templatecache_api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim};
 
 const CHART: &str = "charts/templatecache-operator";
 const MOVER: &str = "templatecache-mover";

@@ -7,7 +7,7 @@
 //! cache's next copy Job. Each attack is refused with a clear reason, nothing of the other
 //! tenant's is lost, and each is recorded in the bad-input corpus.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -26,9 +26,9 @@ use support::ranged_server::RangedServer;
 use support::rig::{Rig, random_bytes, ready_reason, sha256, stop_observer, store_files};
 use support::tools::helm_offline;
 use support::{TestNamespace, kubectl};
-use templatecache::api::reasons::cache as reason;
-use templatecache::api::{Phase, StagingStore, TemplateCache, TemplateCacheClaim};
 use templatecache::controller::Config as OperatorConfig;
+use templatecache_api::reasons::cache as reason;
+use templatecache_api::{Phase, StagingStore, TemplateCache, TemplateCacheClaim};
 
 const MIB: usize = 1 << 20;
 

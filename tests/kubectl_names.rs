@@ -2,12 +2,12 @@
 //! three kinds, and the category that lists them together. A category named like a kind shadows
 //! that kind's singular name ("you must specify only one resource"), which this test catches.
 
-mod support;
+use templatecache_test_support as support;
 
 use serde_json::json;
 use support::kubectl;
 use support::rig::Rig;
-use templatecache::api::TemplateCacheClaim;
+use templatecache_api::TemplateCacheClaim;
 
 fn get(namespace: &str, args: &[&str]) -> Result<String, String> {
     let out = kubectl()

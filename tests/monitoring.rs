@@ -3,7 +3,7 @@
 //! rules`), every alert has a test that fires it, and every metric an alert or a Grafana panel
 //! queries is one a running operator exports on `/metrics`.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use support::eventually;
 use support::operator::OperatorProcess;
 use support::rig::Rig;
 use support::tools::{helm_offline, promtool, run};
-use templatecache::api::StagingStore;
+use templatecache_api::StagingStore;
 
 const CHART: &str = "charts/templatecache-operator";
 const UNIT_TESTS: &str = "charts/templatecache-operator/tests/alerts_test.yaml";

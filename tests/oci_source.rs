@@ -3,7 +3,7 @@
 //! operator's copy Jobs run by the local executor, the pull secret handed over as a
 //! `kubernetes.io/dockerconfigjson` Secret.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use support::jobs::{jobs_of, wait_for_cache};
 use support::registry::{PASSWORD, Registry};
 use support::rig::{Rig, random_bytes, sha256};
 use support::throttle::ThrottleProxy;
-use templatecache::api::{Phase, StagingStore, TemplateCache};
+use templatecache_api::{Phase, StagingStore, TemplateCache};
 
 /// The pull secret every test uses, and one with a wrong password, for the registry reached as
 /// `host` (itself, or a proxy in front of it).

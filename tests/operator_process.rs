@@ -2,7 +2,7 @@
 //! with one SIGKILLed mid-copy, and `/metrics`, `/healthz`, `/readyz` checked against what the
 //! test did.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -18,8 +18,8 @@ use support::jobs::{jobs_of, wait_for_cache};
 use support::operator::OperatorProcess;
 use support::rig::Rig;
 use support::rig::{random_bytes, sha256};
-use templatecache::api::{Phase, TemplateCache};
-use templatecache::client;
+use templatecache_api::{Phase, TemplateCache};
+use templatecache_client as client;
 
 const LEASE: &str = "templatecache-operator";
 const LEASE_SECONDS: u64 = 6;

@@ -3,7 +3,7 @@
 //! and references of Pods deleted while the operator was down. The local control plane has no scheduler or kubelet, so Pods stay
 //! Pending and are deleted at once; everything the operator does to them is real.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::time::Duration;
 
@@ -18,10 +18,10 @@ use support::cache_watch::{CacheWatch, counts_above_references};
 use support::eventually;
 use support::jobs::{Outcome, finish_copy, jobs_of, wait_for_cache, wait_for_job};
 use support::rig::Rig;
-use templatecache::api::names::{POD_CACHE_LABEL, READY_GATE};
-use templatecache::api::references::{claim_reference, count_references, pod_uid_of};
-use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim};
-use templatecache::client;
+use templatecache_api::names::{POD_CACHE_LABEL, READY_GATE};
+use templatecache_api::references::{claim_reference, count_references, pod_uid_of};
+use templatecache_api::{Phase, TemplateCache, TemplateCacheClaim};
+use templatecache_client as client;
 
 const CHECKSUM: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 

@@ -1,7 +1,7 @@
 //! The copy and remove Jobs' pods meet the `restricted` Pod Security Standard, as the API
 //! server's own PodSecurity admission judges it in a namespace that enforces `restricted`.
 
-mod support;
+use templatecache_test_support as support;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
@@ -9,9 +9,9 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::rig::Rig;
-use templatecache::api::{StagingStore, TemplateCache};
 use templatecache::controller::jobs::{self, JobSettings};
-use templatecache::controller::template_cache::lifecycle::RetryPolicy;
+use templatecache::controller::retry::RetryPolicy;
+use templatecache_api::{StagingStore, TemplateCache};
 
 fn store(volume: serde_json::Value) -> StagingStore {
     serde_json::from_value(json!({

@@ -4,7 +4,7 @@
 //! cluster-wide operator, so this test is a binary of its own (cargo runs test binaries one
 //! after another), and it leaves the control plane it found running.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! unreferenced caches in least-recently-referenced order, referenced caches never evicted, a
 //! store that never holds more than its capacity, and eviction racing a new reference.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,11 +15,11 @@ use serde_json::json;
 use support::http_server::HttpServer;
 use support::jobs::wait_for_cache;
 use support::rig::{Rig, random_bytes, sha256, stop_observer};
-use templatecache::api::conditions::{READY, find};
-use templatecache::api::reasons::cache as reason;
-use templatecache::api::references::count_references;
-use templatecache::api::{Phase, TemplateCache, TemplateCacheSpec};
-use templatecache::client::{self, Reference};
+use templatecache_api::conditions::{READY, find};
+use templatecache_api::reasons::cache as reason;
+use templatecache_api::references::count_references;
+use templatecache_api::{Phase, TemplateCache, TemplateCacheSpec};
+use templatecache_client::{self as client, Reference};
 
 const MIB: usize = 1 << 20;
 

@@ -2,7 +2,7 @@
 //! concurrency, retries with a new Job, a final Failed that waiters see, and deletion held by
 //! references.
 
-mod support;
+use templatecache_test_support as support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +16,13 @@ use support::jobs::{
     Outcome, finish_copy, finish_job, jobs_of, wait_for_cache, wait_for_cache_gone, wait_for_job,
 };
 use support::rig::Rig;
-use templatecache::api::conditions;
-use templatecache::api::reasons::cache as reason;
-use templatecache::api::references::count_references;
-use templatecache::api::{Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
-use templatecache::client::{self, ClientError};
 use templatecache::controller::template_cache;
 use templatecache::controller::{Context, Error};
+use templatecache_api::conditions;
+use templatecache_api::reasons::cache as reason;
+use templatecache_api::references::count_references;
+use templatecache_api::{Phase, TemplateCache, TemplateCacheClaim, TemplateCacheSpec};
+use templatecache_client::{self as client, ClientError};
 
 const CHECKSUM: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 

@@ -6,7 +6,7 @@ use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tracing::warn;
 
-use crate::api::names::OPERATOR_MANAGER;
+use templatecache_api::names::OPERATOR_MANAGER;
 
 /// Publishes Events as the operator.
 #[derive(Clone)]

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::api::{StagingStore, TemplateCache};
+use templatecache_api::{StagingStore, TemplateCache};
 
 /// TemplateCache `name` in namespace `ns` (generation 1) of an HTTP source, with `status` (JSON
 /// as the API server stores it; `null` for none).

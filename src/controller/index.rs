@@ -14,7 +14,7 @@ use kube::Resource;
 use kube::runtime::reflector::{Lookup, ObjectRef};
 use kube::runtime::watcher::Event;
 
-use crate::api::TemplateCache;
+use templatecache_api::TemplateCache;
 
 /// A cache, by namespace and name.
 pub type CacheKey = ObjectRef<TemplateCache>;

@@ -10,20 +10,24 @@
 //! that is misled (a planted link, a hostile source) can reach no other tenant's data: the
 //! `--dest` it is given is a path inside that folder.
 
+use std::path::{Path, PathBuf};
+
 use k8s_openapi::api::batch::v1::Job;
 use kube::Resource;
 use serde_json::{Value, json};
 
-use super::template_cache::lifecycle::RetryPolicy;
-use crate::api::names::{JOB_ATTEMPT_LABEL, JOB_CACHE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
-use crate::api::{AddressingStyle, StagingStore, StoreVolume, TemplateCache, TemplateSource};
-use crate::copy::address::AllowedInternal;
+use super::retry::RetryPolicy;
+use templatecache_api::names::{
+    JOB_ATTEMPT_LABEL, JOB_CACHE_LABEL, JOB_OPERATION_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
+};
+use templatecache_api::{
+    AddressingStyle, OciSource, StagingStore, StoreVolume, TemplateCache, TemplateSource,
+};
+use templatecache_mover::address::AllowedInternal;
+use templatecache_mover::{CopyArgs, RemoveArgs, env};
 
 /// Where copy and remove Jobs mount the store.
 pub const STORE_MOUNT: &str = "/store";
-
-/// Label on operator Jobs saying what they do: `copy` or `remove`.
-pub const JOB_OPERATION_LABEL: &str = "templatecache.io/operation";
 
 /// How the operator's Jobs run: image and identity.
 #[derive(Clone, Debug)]
@@ -33,7 +37,7 @@ pub struct JobSettings {
     /// ServiceAccount of the Jobs' pods; the namespace's default when unset.
     pub service_account: Option<String>,
     /// Streams and part size of copy Jobs (`templatecache copy --streams --part-size`).
-    pub copy: crate::copy::Tuning,
+    pub copy: templatecache_mover::Tuning,
     /// OCI registries (`host:port`, or `host` for all its ports) served over plain HTTP, like
     /// containerd's and CDI's insecure registries: their copy Jobs get `--oci-plain-http`. TLS
     /// for every other one.
@@ -153,7 +157,7 @@ fn not_ours(job: &Job, cache: &TemplateCache) -> String {
     )
 }
 
-/// The copy Job of `attempt`.
+/// The copy Job of `attempt`: its arguments are the mover's own [`CopyArgs`], rendered.
 pub fn copy_job(
     cache: &TemplateCache,
     store: &StagingStore,
@@ -161,51 +165,55 @@ pub fn copy_job(
     settings: &JobSettings,
     retry: &RetryPolicy,
 ) -> Result<Job, serde_json::Error> {
-    let mut args = vec![
-        "copy".to_owned(),
-        format!("--cache={}", cache_key(cache)),
-        format!("--attempt={attempt}"),
-        format!("--dest={}", dest_in_mount(cache)),
-        format!("--streams={}", settings.copy.streams),
-        format!("--part-size={}", settings.copy.part_size),
-    ];
-    // The last attempt keeps no partial file for a resume that will never come: the store
-    // does not count a failed cache's bytes.
-    if retry.is_last(attempt) {
-        args.push("--final-attempt".to_owned());
-    }
-    args.extend(source_args(&cache.spec.source));
-    if let Some(oci) = &cache.spec.source.oci {
-        let registry = oci.repository().split('/').next().unwrap_or_default();
-        let host = registry.rsplit_once(':').map_or(registry, |(host, _)| host);
-        if settings
-            .oci_plain_http_registries
-            .iter()
-            .any(|r| r == registry || r == host)
-        {
-            args.push("--oci-plain-http".to_owned());
-        }
-        if let Some(digest) = cache
-            .status
-            .as_ref()
-            .and_then(|s| s.resolved_digest.as_ref())
-        {
-            args.push(format!("--oci-digest={digest}"));
-        }
-    }
-    // One argument per entry: the Job's spec shows exactly which internal destinations it may
-    // reach, and an empty list (the default) allows none.
-    args.extend(
-        settings
-            .allow_internal_addresses
-            .iter()
-            .map(|allowed| format!("--allow-internal-address={allowed}")),
-    );
-    if let Some(checksum) = &cache.spec.checksum {
-        args.push(format!("--checksum={checksum}"));
-    }
+    let args = copy_args(cache, attempt, settings, retry).to_command_line();
     let env = credential_env(&cache.spec.source);
     build_job(cache, store, Operation::Copy, attempt, args, env, settings)
+}
+
+/// What the mover of `attempt` is told: the source, where the copy goes, and how to run.
+pub fn copy_args(
+    cache: &TemplateCache,
+    attempt: u32,
+    settings: &JobSettings,
+    retry: &RetryPolicy,
+) -> CopyArgs {
+    let source = &cache.spec.source;
+    let s3 = source.s3.as_ref();
+    let oci = source.oci.as_ref();
+    CopyArgs {
+        cache: Some(cache_key(cache)),
+        attempt,
+        // The last attempt keeps no partial file for a resume that will never come.
+        final_attempt: retry.is_last(attempt),
+        dest: dest_in_mount(cache),
+        http_url: source.http.as_ref().map(|h| h.url.clone()),
+        oci_reference: oci.map(|o| o.reference.clone()),
+        oci_file: oci.and_then(|o| o.file.clone()),
+        // Every retry pulls the digest the first attempt resolved the tag to.
+        oci_digest: oci.and_then(|_| cache.status.as_ref()?.resolved_digest.clone()),
+        oci_plain_http: oci.is_some_and(|o| served_over_plain_http(o, settings)),
+        s3_bucket: s3.map(|s| s.bucket.clone()),
+        s3_key: s3.map(|s| s.key.clone()),
+        s3_endpoint: s3.and_then(|s| s.endpoint.clone()),
+        s3_region: s3.and_then(|s| s.region.clone()),
+        s3_virtual_host: s3
+            .is_some_and(|s| s.addressing_style == Some(AddressingStyle::VirtualHost)),
+        checksum: cache.spec.checksum.clone(),
+        streams: settings.copy.streams,
+        part_size: settings.copy.part_size,
+        allow_internal_address: settings.allow_internal_addresses.clone(),
+    }
+}
+
+/// Whether the operator lists the source's registry (`host:port`, or `host` for all its ports)
+/// as served without TLS.
+fn served_over_plain_http(oci: &OciSource, settings: &JobSettings) -> bool {
+    let registry = oci.repository().split('/').next().unwrap_or_default();
+    let host = registry.rsplit_once(':').map_or(registry, |(host, _)| host);
+    settings
+        .oci_plain_http_registries
+        .iter()
+        .any(|r| r == registry || r == host)
 }
 
 /// The Job that removes the data of `attempt` (final file and any partial file).
@@ -215,16 +223,15 @@ pub fn remove_job(
     attempt: u32,
     settings: &JobSettings,
 ) -> Result<Job, serde_json::Error> {
-    let args = vec![
-        "remove".to_owned(),
-        format!("--dest={}", dest_in_mount(cache)),
-    ];
+    let args = RemoveArgs {
+        dest: dest_in_mount(cache),
+    };
     build_job(
         cache,
         store,
         Operation::Remove,
         attempt,
-        args,
+        args.to_command_line(),
         vec![],
         settings,
     )
@@ -232,9 +239,9 @@ pub fn remove_job(
 
 /// Where the cache's copy lives as the Job sees the store: the mount is already its namespace's
 /// folder, so the path is the cache name under it (`data_path` inside the whole store).
-fn dest_in_mount(cache: &TemplateCache) -> String {
+fn dest_in_mount(cache: &TemplateCache) -> PathBuf {
     let name = cache.metadata.name.as_deref().unwrap_or_default();
-    format!("{STORE_MOUNT}/{name}")
+    Path::new(STORE_MOUNT).join(name)
 }
 
 fn cache_key(cache: &TemplateCache) -> String {
@@ -244,81 +251,32 @@ fn cache_key(cache: &TemplateCache) -> String {
     )
 }
 
-fn source_args(source: &TemplateSource) -> Vec<String> {
-    let mut args = vec![];
-    if let Some(http) = &source.http {
-        args.push(format!("--http-url={}", http.url));
-    }
-    if let Some(s3) = &source.s3 {
-        args.push(format!("--s3-bucket={}", s3.bucket));
-        args.push(format!("--s3-key={}", s3.key));
-        if let Some(endpoint) = &s3.endpoint {
-            args.push(format!("--s3-endpoint={endpoint}"));
-        }
-        if let Some(region) = &s3.region {
-            args.push(format!("--s3-region={region}"));
-        }
-        if s3.addressing_style == Some(AddressingStyle::VirtualHost) {
-            args.push("--s3-virtual-host".to_owned());
-        }
-    }
-    if let Some(oci) = &source.oci {
-        args.push(format!("--oci-reference={}", oci.reference));
-        if let Some(file) = &oci.file {
-            args.push(format!("--oci-file={file}"));
-        }
-    }
-    args
-}
-
 /// Credentials reach the data mover only as environment variables from the Secret the spec
-/// names: never in arguments, logs or status.
+/// names (the mover's own table of variables and keys): never in arguments, logs or status.
 fn credential_env(source: &TemplateSource) -> Vec<Value> {
-    let from_secret = |var: &str, secret: &str, key: &str| json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": true}}});
-    let mut env = vec![];
-    if let Some(secret) = source.http.as_ref().and_then(|h| h.secret_ref.as_ref()) {
-        env.push(from_secret(
-            "TEMPLATECACHE_HTTP_USERNAME",
-            &secret.name,
-            "username",
-        ));
-        env.push(from_secret(
-            "TEMPLATECACHE_HTTP_PASSWORD",
-            &secret.name,
-            "password",
-        ));
-        env.push(from_secret(
-            "TEMPLATECACHE_HTTP_TOKEN",
-            &secret.name,
-            "token",
-        ));
-    }
-    if let Some(secret) = source.s3.as_ref().and_then(|s| s.secret_ref.as_ref()) {
-        env.push(from_secret(
-            "AWS_ACCESS_KEY_ID",
-            &secret.name,
-            "accessKeyId",
-        ));
-        env.push(from_secret(
-            "AWS_SECRET_ACCESS_KEY",
-            &secret.name,
-            "secretAccessKey",
-        ));
-        env.push(from_secret(
-            "AWS_SESSION_TOKEN",
-            &secret.name,
-            "sessionToken",
-        ));
-    }
-    if let Some(secret) = source.oci.as_ref().and_then(|o| o.secret_ref.as_ref()) {
-        // The whole pull secret: the mover picks the entry of the reference's registry.
-        env.push(from_secret(
-            crate::copy::OCI_DOCKER_CONFIG,
-            &secret.name,
-            ".dockerconfigjson",
-        ));
-    }
-    env
+    let secrets = [
+        (
+            source.http.as_ref().and_then(|h| h.secret_ref.as_ref()),
+            &env::HTTP_SECRET_KEYS[..],
+        ),
+        (
+            source.s3.as_ref().and_then(|s| s.secret_ref.as_ref()),
+            &env::S3_SECRET_KEYS[..],
+        ),
+        (
+            source.oci.as_ref().and_then(|o| o.secret_ref.as_ref()),
+            &env::OCI_SECRET_KEYS[..],
+        ),
+    ];
+    secrets
+        .into_iter()
+        .filter_map(|(secret, keys)| Some((secret?, keys)))
+        .flat_map(|(secret, keys)| {
+            keys.iter().map(|(var, key)| {
+                json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key, "optional": true}}})
+            })
+        })
+        .collect()
 }
 
 /// The pod volume for a store.
@@ -408,9 +366,9 @@ fn build_job(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::TemplateCacheSpec;
     use crate::controller::fixtures;
     use kube::ResourceExt;
+    use templatecache_api::TemplateCacheSpec;
 
     fn job(operation: Operation) -> Job {
         let mut cache = fixtures::cache("img", Value::Null);
@@ -474,7 +432,7 @@ mod tests {
         .expect("spec");
         let mut cache = TemplateCache::new("img", spec);
         cache.metadata.namespace = Some("team-a".into());
-        cache.status = Some(crate::api::TemplateCacheStatus {
+        cache.status = Some(templatecache_api::TemplateCacheStatus {
             resolved_digest: Some(format!("sha256:{}", "d".repeat(64))),
             ..Default::default()
         });
@@ -523,7 +481,7 @@ mod tests {
             .as_ref()
             .and_then(|v| v.secret_key_ref.as_ref())
             .expect("secret ref");
-        assert_eq!(env[0].name, crate::copy::OCI_DOCKER_CONFIG);
+        assert_eq!(env[0].name, templatecache_mover::env::OCI_DOCKER_CONFIG);
         assert_eq!(
             (secret.name.as_str(), secret.key.as_str()),
             ("pull", ".dockerconfigjson")

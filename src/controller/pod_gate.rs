@@ -21,12 +21,13 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::info;
 
+use super::context::Context;
+use super::error::Error;
 use super::writes::{self, Answer};
-use super::{Context, Error};
-use crate::api::conditions::{READY, find};
-use crate::api::names::{POD_CACHE_LABEL, READY_GATE};
-use crate::api::references::pod_reference;
-use crate::api::{Phase, TemplateCache};
+use templatecache_api::conditions::{READY, find};
+use templatecache_api::names::{POD_CACHE_LABEL, READY_GATE};
+use templatecache_api::references::pod_reference;
+use templatecache_api::{Phase, TemplateCache};
 
 /// Event reasons on Pods.
 pub mod reason {

@@ -17,15 +17,16 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::info;
 
-use super::references::template_matches;
+use super::context::Context;
+use super::error::Error;
+use super::group_commit::template_matches;
 use super::writes::{self, Answer};
-use super::{Context, Error};
-use crate::api::conditions::{BOUND, READY, condition, find, set_condition};
-use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
-use crate::api::reasons::cache as cache_reason;
-use crate::api::reasons::claim as reason;
-use crate::api::references::{claim_reference, count_references};
-use crate::api::{
+use templatecache_api::conditions::{BOUND, READY, condition, find, set_condition};
+use templatecache_api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
+use templatecache_api::reasons::cache as cache_reason;
+use templatecache_api::reasons::claim as reason;
+use templatecache_api::references::{claim_reference, count_references};
+use templatecache_api::{
     ClaimPhase, ClaimedCache, Phase, TemplateCache, TemplateCacheClaim, TemplateCacheClaimStatus,
 };
 

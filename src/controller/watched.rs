@@ -1,5 +1,7 @@
-//! What the operator's watches show: one watch per kind (caches, claims, labelled Pods), each
-//! kept in a store, with the index of which claims and Pods name each cache. The controllers read
+//! What the operator's watches show: one shared watch each of caches, claims and labelled Pods
+//! (every controller subscribes to these instead of watching again), each kept in a store, with
+//! the index of which claims and Pods name each cache. The operator's Jobs and the StagingStores
+//! have one watch each of their own, in the controller that reads them. The controllers read
 //! these instead of the API server, and each watch wakes the controllers its changes concern.
 
 use std::sync::Arc;
@@ -10,8 +12,8 @@ use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::index::{ByCache, CacheKey};
-use crate::api::names::POD_CACHE_LABEL;
-use crate::api::{TemplateCache, TemplateCacheClaim};
+use templatecache_api::names::POD_CACHE_LABEL;
+use templatecache_api::{TemplateCache, TemplateCacheClaim};
 
 /// The stores and indexes of the operator's watches.
 #[derive(Clone)]

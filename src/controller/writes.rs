@@ -12,7 +12,7 @@ use json_patch::{AddOperation, PatchOperation, RemoveOperation, TestOperation};
 use kube::api::Patch;
 use serde_json::Value;
 
-use super::Error;
+use super::error::Error;
 
 /// The JSON pointer made of `tokens`, each escaped as RFC 6901 asks.
 pub fn pointer<'t>(tokens: impl IntoIterator<Item: Into<Token<'t>>>) -> PointerBuf {

@@ -26,11 +26,14 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::writes::{self, Answer};
-use super::{Context, Error, drop_managed_fields, references};
-use crate::api::conditions::{READY, condition, set_condition};
-use crate::api::reasons::cache as reason;
-use crate::api::{Phase, StagingStore, StorageAdmission, TemplateCache, quantity_bytes};
-use crate::runtime::metrics::StoreSample;
+use crate::controller::context::Context;
+use crate::controller::error::Error;
+use crate::controller::group_commit;
+use crate::controller::run::drop_managed_fields;
+use crate::infra::metrics::StoreSample;
+use templatecache_api::conditions::{READY, condition, set_condition};
+use templatecache_api::reasons::cache as reason;
+use templatecache_api::{Phase, StagingStore, StorageAdmission, TemplateCache, quantity_bytes};
 use tenancy::Tenancy;
 use usage::Refusal;
 
@@ -192,7 +195,7 @@ async fn tenancy_of(
 /// (typically: it gained a reference), leaving it as it is.
 async fn evict(cache: &TemplateCache, store: &str, ctx: &Context) -> Result<bool, Error> {
     // A claim or Pod whose reference is still to be committed already holds the cache.
-    if references::unbound_consumers(cache, ctx).await? > 0 {
+    if group_commit::unbound_consumers(cache, ctx).await? > 0 {
         return Ok(false);
     }
     let mut conditions = cache

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
-use crate::api::reasons::cache as reason;
+use templatecache_api::reasons::cache as reason;
 
 /// The store's tenancy rules, with the namespaces already judged against its selector.
 #[derive(Debug, Default, Clone, PartialEq)]

@@ -16,9 +16,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::tenancy::Tenancy;
-use crate::api::reasons::cache as reason;
-use crate::api::references::count_references;
-use crate::api::{EvictionPolicy, Phase, TemplateCache};
+use templatecache_api::reasons::cache as reason;
+use templatecache_api::references::count_references;
+use templatecache_api::{EvictionPolicy, Phase, TemplateCache};
 
 /// What the store controller should do now.
 #[derive(Debug, Default, PartialEq)]

@@ -11,54 +11,24 @@
 //!
 //! Ready ──(StagingStore controller evicts)──▶ Evicted ──(remove Job done, a reference)──▶
 //!                                              Copying (attempt N+1)
+//!
+//! any phase ──(deleted)──▶ Deleting ──(no reference left)──▶ copy stopped ──▶ remove Job
+//!                                     ──(remove Job done)──▶ cleanup finalizer removed: gone
 //! ```
 //!
 //! An evicted cache is copied again only after its remove Job has finished, so the removal can
-//! never delete the new copy.
+//! never delete the new copy. Deleting is decided by [`super::deletion::plan`].
 
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::api::conditions::{READY, condition, set_condition};
-use crate::api::reasons::cache as reason;
-use crate::api::{Phase, Progress, StagingStore, TemplateCache, TemplateCacheStatus};
 use crate::controller::jobs::{JobState, Operation, data_path, job_name};
-
-/// How failed copies are retried.
-#[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included.
-    pub max_attempts: u32,
-    /// Wait after the first failure; doubles after each further one.
-    pub base_delay: Duration,
-    /// Longest wait between attempts.
-    pub max_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 5,
-            base_delay: Duration::from_secs(10),
-            max_delay: Duration::from_secs(600),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// Whether no attempt follows `attempt`, whatever its outcome.
-    pub fn is_last(&self, attempt: u32) -> bool {
-        attempt >= self.max_attempts
-    }
-
-    /// Wait after attempt `attempt` (from 1) failed.
-    pub fn delay_after(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
-        self.base_delay.saturating_mul(factor).min(self.max_delay)
-    }
-}
+use crate::controller::retry::RetryPolicy;
+use templatecache_api::conditions::{READY, condition, set_condition};
+use templatecache_api::reasons::cache as reason;
+use templatecache_api::{Phase, Progress, StagingStore, TemplateCache, TemplateCacheStatus};
 
 /// What the reconciler saw.
 pub struct Observed<'a> {
@@ -101,7 +71,7 @@ pub struct Plan {
 }
 
 /// Why the cache's source is refused by the operator's source `allowlist` (prefixes of
-/// [`TemplateSource::location`](crate::api::TemplateSource::location); empty allows all), if it is.
+/// [`TemplateSource::location`](templatecache_api::TemplateSource::location); empty allows all), if it is.
 pub fn source_refusal(cache: &TemplateCache, allowlist: &[String]) -> Option<String> {
     let location = cache.spec.source.location();
     if allowlist.is_empty() || allowlist.iter().any(|p| location.starts_with(p)) {
@@ -732,7 +702,8 @@ mod tests {
         assert_eq!(p.step, Step::Record, "no further attempt");
         assert_eq!(p.requeue_after, None);
         assert_eq!(p.status.phase, Some(Phase::Failed));
-        let ready = crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
+        let ready =
+            templatecache_api::conditions::find(&p.status.conditions, READY).expect("Ready");
         assert_eq!(ready.reason, reason::ADDRESS_NOT_ALLOWED);
         assert_eq!(ready.message, refusal);
 
@@ -742,7 +713,8 @@ mod tests {
             "progress": {"attempt": 1, "bytesCopied": 0, "error": "x", "finalReason": "Whatever"}}),
         );
         let p = plan_for(&c, failed, Some(&store()));
-        let ready = crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
+        let ready =
+            templatecache_api::conditions::find(&p.status.conditions, READY).expect("Ready");
         assert_eq!(ready.reason, reason::COPY_FAILED);
     }
 
@@ -759,7 +731,8 @@ mod tests {
         assert_eq!(p.status.phase, Some(Phase::Failed));
         assert_eq!(p.status.attempt, Some(1));
         assert_eq!(p.status.job_name, None, "no Pod of it is the current Job's");
-        let ready = crate::api::conditions::find(&p.status.conditions, READY).expect("Ready");
+        let ready =
+            templatecache_api::conditions::find(&p.status.conditions, READY).expect("Ready");
         assert_eq!(ready.reason, reason::JOB_NOT_OURS);
         assert!(ready.message.contains("img-copy-1"));
         assert!(

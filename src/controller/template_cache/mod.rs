@@ -7,6 +7,7 @@
 //! `<cache>-copy-<N>` is deterministic, so even a repeated create meets the one Job; and a Job that
 //! seems missing is created again only after a fresh read confirms the attempt is still current.
 
+pub mod deletion;
 pub mod lifecycle;
 
 use std::sync::Arc;
@@ -22,17 +23,20 @@ use kube::{Api, ResourceExt};
 use serde_json::Value;
 use tracing::{debug, info};
 
+use self::deletion::Deletion;
 use self::lifecycle::{Observed, Plan, Step};
 use super::jobs::{self, JobState, Operation};
 use super::staging_store::tenancy;
 use super::writes::{self, Answer};
-use super::{Context, Error, references};
-use crate::api::conditions::{READY, find};
-use crate::api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
-use crate::api::reasons::cache as reason;
-use crate::api::references::{count_references, is_operator_reference};
-use crate::api::{Phase, StagingStore, TemplateCache, TemplateCacheStatus};
-use crate::runtime::metrics::CacheSample;
+use crate::controller::context::Context;
+use crate::controller::error::Error;
+use crate::controller::group_commit;
+use crate::infra::metrics::CacheSample;
+use templatecache_api::conditions::{READY, find};
+use templatecache_api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
+use templatecache_api::reasons::cache as reason;
+use templatecache_api::references::{count_references, is_operator_reference};
+use templatecache_api::{Phase, StagingStore, TemplateCache, TemplateCacheStatus};
 
 /// Reconciles one TemplateCache. Public so tests can drive it with a deliberately stale object.
 pub async fn reconcile(cache: Arc<TemplateCache>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -41,7 +45,7 @@ pub async fn reconcile(cache: Arc<TemplateCache>, ctx: Arc<Context>) -> Result<A
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
 
     // References first: the rest of the reconcile works on the cache as the commit left it.
-    let (cache, commit_wait) = references::commit(cache, &ctx).await?;
+    let (cache, commit_wait) = group_commit::commit(cache, &ctx).await?;
     let holds_consumers = cache.finalizers().iter().any(|f| is_operator_reference(f));
     let requeue = if cache.metadata.deletion_timestamp.is_some() {
         finalize(&cache, &caches, &jobs, &ctx).await?
@@ -306,7 +310,6 @@ async fn finalize(
     ctx: &Context,
 ) -> Result<Option<Duration>, Error> {
     if !has_cleanup_finalizer(cache) {
-        // Released already: nothing is left to remove.
         return Ok(None);
     }
     let store_name = ctx.store_name_of(cache);
@@ -324,34 +327,45 @@ async fn finalize(
         now: Timestamp::now(),
     };
     write_status(caches, cache, &lifecycle::deleting_status(&observed)).await?;
-    if references > 0 {
-        return Ok(None);
-    }
-
     let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
-    let Some(store) = store.filter(|_| attempt > 0) else {
-        // Nothing was ever copied, or the store is gone with its data: nothing to remove.
-        remove_cleanup_finalizer(caches, cache).await?;
-        return Ok(None);
+    // The Jobs are read only when the decision may need them.
+    let (copy, removal) = match (references, &store) {
+        (0, Some(_)) if attempt > 0 => (
+            JobState::of_cache(
+                current_copy_job(jobs, cache, attempt).await?.as_ref(),
+                cache,
+            ),
+            JobState::of_cache(removal_job(jobs, cache, attempt).await?.as_ref(), cache),
+        ),
+        _ => (JobState::Missing, JobState::Missing),
     };
-    let copy_job = current_copy_job(jobs, cache, attempt).await?;
-    // Only its own Job is stopped: one someone else made under the name is not the operator's
-    // to delete.
-    if JobState::of_cache(copy_job.as_ref(), cache) == JobState::Running {
-        // Stop the copy first, so it cannot write after the data is removed.
-        let name = jobs::job_name(&cache.name_any(), Operation::Copy, attempt);
-        jobs.delete(&name, &DeleteParams::background()).await?;
-        return Ok(Some(Duration::from_secs(1)));
-    }
-    let remove_name = jobs::job_name(&cache.name_any(), Operation::Remove, attempt);
-    match JobState::of_cache(removal_job(jobs, cache, attempt).await?.as_ref(), cache) {
-        JobState::Missing => {
+    let seen = deletion::Seen {
+        holds_cleanup: true,
+        references,
+        attempt,
+        store_exists: store.is_some(),
+        copy,
+        removal,
+    };
+    match deletion::plan(&seen) {
+        Deletion::Done | Deletion::WaitForReferences | Deletion::WaitForRemoval => Ok(None),
+        Deletion::ReleaseWithoutRemoval => {
+            remove_cleanup_finalizer(caches, cache).await?;
+            Ok(None)
+        }
+        Deletion::StopCopy => {
+            let name = jobs::job_name(&cache.name_any(), Operation::Copy, attempt);
+            jobs.delete(&name, &DeleteParams::background()).await?;
+            Ok(Some(Duration::from_secs(1)))
+        }
+        Deletion::StartRemoval => {
+            // The plan starts a removal only with the store present.
+            let Some(store) = store else { return Ok(None) };
             let job = jobs::remove_job(cache, &store, attempt, &ctx.config.jobs)?;
             create_job(jobs, job).await?;
             Ok(None)
         }
-        JobState::Running => Ok(None),
-        JobState::Succeeded => {
+        Deletion::Release => {
             info!("data removed; releasing the cache");
             remove_cleanup_finalizer(caches, cache).await?;
             let namespace = cache.namespace().unwrap_or_default();
@@ -359,7 +373,8 @@ async fn finalize(
                 .observe_cache(&namespace, &cache.name_any(), None);
             Ok(None)
         }
-        JobState::Failed { message, .. } | JobState::NotOurs(message) => {
+        Deletion::RemovalFailed(message) => {
+            let remove_name = jobs::job_name(&cache.name_any(), Operation::Remove, attempt);
             Err(Error::CleanupFailed(remove_name, message))
         }
     }

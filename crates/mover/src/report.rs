@@ -1,0 +1,213 @@
+//! Progress and outcome of a copy, written into the cache's `status.progress` (the field the data
+//! mover owns). Progress is written at most every two seconds, and a failure to write it never
+//! fails the copy; the final report is retried, since the controller needs it to mark Ready.
+
+use std::time::{Duration, Instant};
+
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::landing::Front;
+use crate::{CopyError, Transferred};
+use templatecache_api::names::COPY_MANAGER;
+use templatecache_api::{Progress, StorageAdmission, TemplateCache};
+
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How often a copy waiting for room looks at its cache.
+const ROOM_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Writes reports for one attempt of one cache; does nothing when there is no cache to report to.
+///
+/// It keeps the attempt's whole report and writes all of it each time: the operator clears
+/// `status.progress` when it starts an attempt, so within one no field ever has to be removed,
+/// and a later report never loses what an earlier one said (the OCI digest, say).
+pub struct Reporter {
+    target: Option<(Api<TemplateCache>, String)>,
+    report: Progress,
+    last: Option<Instant>,
+}
+
+impl Reporter {
+    /// Reports to `<namespace>/<name>` with the in-cluster (or KUBECONFIG) credentials.
+    pub async fn connect(cache: Option<&str>, attempt: u32) -> Result<Self, String> {
+        let target = match cache {
+            None => None,
+            Some(key) => {
+                let (namespace, name) = key
+                    .split_once('/')
+                    .ok_or_else(|| format!("--cache {key}: expected <namespace>/<name>"))?;
+                let client = kube::Client::try_default().await.map_err(|e| {
+                    format!("cannot reach the Kubernetes API to report progress: {e}")
+                })?;
+                Some((Api::namespaced(client, namespace), name.to_owned()))
+            }
+        };
+        Ok(Self {
+            target,
+            report: Progress {
+                attempt: Some(attempt),
+                ..Progress::default()
+            },
+            last: None,
+        })
+    }
+
+    fn attempt(&self) -> u32 {
+        self.report.attempt.unwrap_or(0)
+    }
+
+    /// Asks the cache's store for `bytes` of room (by reporting the size before any byte is
+    /// copied) and waits until the StagingStore controller grants it. Fails if the cache moves on
+    /// to another attempt or is deleted meanwhile; returns at once when there is no cache.
+    pub async fn wait_for_room(&mut self, bytes: u64) -> Result<(), CopyError> {
+        let Some((api, name)) = self.target.clone() else {
+            return Ok(());
+        };
+        self.count(0, 0, 0, Some(bytes));
+        let mut last_answer = None;
+        let mut requested = false;
+        loop {
+            if !requested {
+                requested = self.write().await.is_ok();
+                self.last = Some(Instant::now());
+            }
+            match api.get(&name).await {
+                Ok(cache) => {
+                    let answer = self.room_answer(&cache)?;
+                    if answer.as_ref().is_some_and(|a| a.admitted) {
+                        return Ok(());
+                    }
+                    let message = answer.and_then(|a| a.message);
+                    if message.is_some() && message != last_answer {
+                        info!(
+                            "waiting for room: {}",
+                            message.as_deref().unwrap_or_default()
+                        );
+                        last_answer = message;
+                    }
+                }
+                Err(e) => warn!("cannot read the cache while waiting for room: {e}"),
+            }
+            tokio::time::sleep(ROOM_POLL_INTERVAL).await;
+        }
+    }
+
+    /// The store's answer for this attempt, or why waiting is pointless.
+    fn room_answer(&self, cache: &TemplateCache) -> Result<Option<StorageAdmission>, CopyError> {
+        if cache.metadata.deletion_timestamp.is_some() {
+            return Err(CopyError::Superseded("the cache is being deleted".into()));
+        }
+        let status = cache.status.clone().unwrap_or_default();
+        let attempt = self.attempt();
+        if status.attempt != Some(attempt) {
+            return Err(CopyError::Superseded(format!(
+                "the cache is at attempt {}, not {attempt}",
+                status.attempt.unwrap_or(0),
+            )));
+        }
+        Ok(status.storage.filter(|s| s.attempt == attempt))
+    }
+
+    /// Reports progress if the last report is old enough. `bytesCopied` is the hashed front:
+    /// bytes written and hashed in order, the part of the copy that is settled; `bytesLanded`
+    /// adds the parts written ahead of it; `bytesResumed` is what was taken over from an
+    /// earlier attempt.
+    pub async fn progress(&mut self, front: Front, total: Option<u64>) {
+        if self.last.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        self.count(front.hashed, front.landed, front.resumed, total);
+        if let Err(e) = self.write().await {
+            warn!("could not report progress (the copy goes on): {e}");
+        }
+    }
+
+    /// The digest an OCI tag resolved to, which every later attempt must pull: written before
+    /// anything is copied, and the copy stops if it cannot be written (a retry would otherwise
+    /// resolve the tag again and could stage another version).
+    pub async fn resolved(&mut self, digest: &str) -> Result<(), CopyError> {
+        self.report.resolved_digest = Some(digest.to_owned());
+        self.write_retrying(&[1, 2, 4])
+            .await
+            .map_err(|e| CopyError::DigestNotRecorded(e.to_string()))
+    }
+
+    /// The final report of a copy that is in place.
+    pub async fn succeeded(&mut self, done: &Transferred) -> Result<(), kube::Error> {
+        self.count(done.bytes, done.bytes, done.resumed, Some(done.bytes));
+        self.report.checksum = Some(done.checksum.clone());
+        self.write_retrying(&[1, 2, 4, 8]).await
+    }
+
+    /// The one-line reason the copy failed, and whether another attempt would fail the same way.
+    pub async fn failed(&mut self, bytes: u64, error: &CopyError) {
+        let report = &self.report;
+        let landed = report.bytes_landed.unwrap_or(0).max(bytes);
+        let resumed = report.bytes_resumed.unwrap_or(0);
+        self.count(bytes, landed, resumed, report.total_bytes);
+        self.report.error = Some(error.to_string());
+        self.report.final_reason = final_reason(error).map(str::to_owned);
+        if let Err(e) = self.write().await {
+            warn!("could not report the failure: {e}");
+        }
+    }
+
+    /// Records the counts: `hashed` bytes written and hashed in order (the settled part of the
+    /// copy), `landed` adding the parts written ahead of them, `resumed` taken over from an
+    /// earlier attempt, of `total`.
+    fn count(&mut self, hashed: u64, landed: u64, resumed: u64, total: Option<u64>) {
+        let report = &mut self.report;
+        report.bytes_copied = hashed;
+        report.bytes_landed = Some(landed);
+        report.bytes_resumed = (resumed > 0).then_some(resumed);
+        report.total_bytes = total;
+        report.percent = percent(hashed, total);
+    }
+
+    /// [`Self::write`], tried again after each of `pauses` (seconds) while it fails: for the
+    /// reports the operator cannot do without.
+    async fn write_retrying(&self, pauses: &[u64]) -> Result<(), kube::Error> {
+        let mut result = self.write().await;
+        for pause in pauses {
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(*pause)).await;
+            result = self.write().await;
+        }
+        result
+    }
+
+    async fn write(&self) -> Result<(), kube::Error> {
+        let Some((api, name)) = &self.target else {
+            return Ok(());
+        };
+        let patch = json!({"status": {"progress": self.report}});
+        let params = PatchParams {
+            field_manager: Some(COPY_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        api.patch_status(name, &params, &Patch::Merge(&patch))
+            .await
+            .map(drop)
+    }
+}
+
+/// A refused address stays refused whatever the attempt: the operator's allowlist decides, and
+/// the operator fails the cache for good instead of retrying.
+fn final_reason(error: &CopyError) -> Option<&'static str> {
+    match error {
+        CopyError::AddressRefused(_) => Some(templatecache_api::final_reason::ADDRESS_NOT_ALLOWED),
+        _ => None,
+    }
+}
+
+/// `42%`, when the total is known.
+fn percent(bytes: u64, total: Option<u64>) -> Option<String> {
+    let total = total.filter(|t| *t > 0)?;
+    Some(format!("{}%", bytes.saturating_mul(100) / total))
+}

@@ -1,0 +1,133 @@
+//! Finishing copy Jobs from a test the way the Job controller and the data mover would: the
+//! mover's report goes into the cache's `status.progress`, the outcome into the Job's status with
+//! the conditions Kubernetes' Job status validation requires.
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::wait::await_condition;
+use kube::{Api, Client};
+use serde_json::json;
+use templatecache_api::TemplateCache;
+use templatecache_api::conditions::{READY, find};
+
+use templatecache_local_executor::job_status;
+
+/// The outcome a test gives a Job.
+pub enum Outcome<'a> {
+    Succeeded { bytes: u64, checksum: &'a str },
+    Failed { error: &'a str },
+}
+
+/// Waits for the Job `name` to exist and returns it.
+pub async fn wait_for_job(client: &Client, namespace: &str, name: &str) -> Job {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let found = tokio::time::timeout(
+        Duration::from_secs(60),
+        await_condition(jobs, name, |job: Option<&Job>| job.is_some()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("Job {namespace}/{name} did not appear within 60s"))
+    .expect("watch Job");
+    found.expect("Job exists")
+}
+
+/// All Jobs in the namespace labelled for `cache`.
+pub async fn jobs_of(client: &Client, namespace: &str, cache: &str) -> Vec<Job> {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("templatecache.io/cache={cache}");
+    jobs.list(&ListParams::default().labels(&selector))
+        .await
+        .expect("list Jobs")
+        .items
+}
+
+/// Finishes copy attempt `attempt` of `cache` with `outcome`.
+pub async fn finish_copy(
+    client: &Client,
+    namespace: &str,
+    cache: &str,
+    attempt: u32,
+    outcome: Outcome<'_>,
+) {
+    let caches: Api<TemplateCache> = Api::namespaced(client.clone(), namespace);
+    let report = match outcome {
+        Outcome::Succeeded { bytes, checksum } => json!({
+            "attempt": attempt, "bytesCopied": bytes, "totalBytes": bytes,
+            "percent": "100%", "checksum": checksum
+        }),
+        Outcome::Failed { error } => json!({"attempt": attempt, "bytesCopied": 0, "error": error}),
+    };
+    caches
+        .patch_status(
+            cache,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"progress": report}})),
+        )
+        .await
+        .expect("write the mover's report");
+    let succeeded = matches!(outcome, Outcome::Succeeded { .. });
+    let job = format!("{cache}-copy-{attempt}");
+    finish_job(client, namespace, &job, succeeded).await;
+}
+
+/// Writes a terminal Job status as the Job controller does.
+pub async fn finish_job(client: &Client, namespace: &str, job: &str, succeeded: bool) {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let current = jobs.get(job).await.expect("read Job");
+    job_status::mark_finished(&jobs, &current, succeeded, "finished by the test")
+        .await
+        .unwrap_or_else(|e| panic!("write status of Job {job}: {e}"));
+}
+
+/// Waits until `cache` satisfies `condition`, returning it.
+pub async fn wait_for_cache(
+    client: &Client,
+    namespace: &str,
+    cache: &str,
+    what: &str,
+    condition: impl Fn(&TemplateCache) -> bool,
+) -> TemplateCache {
+    let caches: Api<TemplateCache> = Api::namespaced(client.clone(), namespace);
+    // A bound to report a hang, not a performance claim: storms of 500 clients on 2 cores can
+    // take minutes.
+    let found = tokio::time::timeout(
+        Duration::from_secs(240),
+        await_condition(caches, cache, move |c: Option<&TemplateCache>| {
+            c.is_some_and(&condition)
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!("TemplateCache {namespace}/{cache} did not become {what} within 240s")
+    })
+    .expect("watch TemplateCache");
+    found.expect("cache exists")
+}
+
+/// Waits until the Ready condition of `cache` has `reason` as its reason.
+pub async fn wait_for_reason(
+    client: &Client,
+    namespace: &str,
+    cache: &str,
+    reason: &'static str,
+) -> TemplateCache {
+    wait_for_cache(client, namespace, cache, reason, move |c| {
+        let ready = c.status.as_ref().and_then(|s| find(&s.conditions, READY));
+        ready.is_some_and(|r| r.reason == reason)
+    })
+    .await
+}
+
+/// Waits until `cache` is gone (its finalizers done).
+pub async fn wait_for_cache_gone(client: &Client, namespace: &str, cache: &str) {
+    let caches: Api<TemplateCache> = Api::namespaced(client.clone(), namespace);
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        await_condition(caches, cache, |c: Option<&TemplateCache>| c.is_none()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("TemplateCache {namespace}/{cache} was not gone within 120s"))
+    .expect("watch TemplateCache");
+}

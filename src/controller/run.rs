@@ -1,0 +1,275 @@
+//! The wiring of `templatecache run`: one shared watch per kind, the index that wakes a cache
+//! for its consumers, and the controllers that read them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tracing::{info, warn};
+
+use super::config::Config;
+use super::context::Context;
+use super::error::Error;
+use super::index::{ByCache, Wakeups};
+use super::watched::{Watched, cache_of_claim, cache_of_pod};
+use super::{pod_gate, staging_store, template_cache, template_cache_claim};
+use crate::infra::metrics::Metrics;
+use templatecache_api::names::{MANAGED_BY, MANAGED_BY_LABEL, POD_CACHE_LABEL};
+use templatecache_api::{StagingStore, TemplateCache, TemplateCacheClaim};
+
+/// Runs the controllers until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    run_with(client, config, Arc::new(Metrics::new()), shutdown).await;
+}
+
+/// Buffer of each shared watch's subscribers: how far a controller may fall behind its watch
+/// before the watch waits for it.
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// [`run`], counting into `metrics`.
+pub async fn run_with(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (store_view, store_writer) = reflector::store();
+    let (caches, cache_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let (claims, claim_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let (pods, pod_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let watched = Watched {
+        caches,
+        claims,
+        pods,
+        claims_by_cache: ByCache::new(cache_of_claim),
+        pods_by_cache: ByCache::new(cache_of_pod),
+    };
+    let subscribe = "a shared store always takes subscribers";
+    let cache_changes = cache_writer.subscribe().expect(subscribe);
+    let claim_changes = claim_writer.subscribe().expect(subscribe);
+    let pod_changes = pod_writer.subscribe().expect(subscribe);
+    let (wake_caches, cache_wakeups) = Wakeups::channel();
+    let (wake_claims, claim_wakeups) = Wakeups::channel();
+    let (wake_pods, pod_wakeups) = Wakeups::channel();
+    let (wake_stores, store_wakeups) = Wakeups::channel();
+
+    let ctx = Arc::new(Context::watching(
+        client, config, metrics, watched, store_view,
+    ));
+    let shutdown = shutdown.shared();
+    let watched = ctx.watched.clone();
+    // A cache's change concerns the claims and Pods that name it (its deletion too: a claim
+    // with a template makes it again) and its store's usage.
+    let default_store = ctx.config.default_store.clone();
+    let cache_watch = watcher(ctx.scoped::<TemplateCache>(), watcher::Config::default())
+        .modify(drop_managed_fields)
+        .default_backoff()
+        .reflect_shared(cache_writer)
+        .inspect_ok(move |event| {
+            if let Some(cache) = changed_object(event) {
+                let key = ObjectRef::from_obj(cache);
+                wake_claims.wake(watched.claims_by_cache.members(&key));
+                wake_pods.wake(watched.pods_by_cache.members(&key));
+                let store = cache.spec.store_name(&default_store);
+                wake_stores.wake([ObjectRef::<StagingStore>::new(store)]);
+            }
+        });
+    // A consumer's change (its deletion too) concerns the cache it names.
+    let index = ctx.watched.claims_by_cache.clone();
+    let wake = wake_caches.clone();
+    let claim_watch = watcher(
+        ctx.scoped::<TemplateCacheClaim>(),
+        watcher::Config::default(),
+    )
+    .modify(drop_managed_fields)
+    .default_backoff()
+    .reflect_shared(claim_writer)
+    .inspect_ok(move |event| wake.wake(index.apply(event)));
+    let index = ctx.watched.pods_by_cache.clone();
+    let pod_watch = watcher(ctx.scoped::<Pod>(), labelled_pods())
+        .modify(drop_managed_fields)
+        .default_backoff()
+        .reflect_shared(pod_writer)
+        .inspect_ok(move |event| wake_caches.wake(index.apply(event)));
+
+    let jobs_selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
+    let cache_controller = Controller::for_shared_stream(cache_changes, ctx.watched.caches.clone())
+        .owns(
+            ctx.scoped::<Job>(),
+            watcher::Config::default().labels(&jobs_selector),
+        )
+        .reconcile_on(cache_wakeups)
+        .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency));
+    let claim_controller = Controller::for_shared_stream(claim_changes, ctx.watched.claims.clone())
+        .reconcile_on(claim_wakeups)
+        .with_config(ControllerConfig::default().concurrency(ctx.config.claim_concurrency));
+    let pod_gate = Controller::for_shared_stream(pod_changes, ctx.watched.pods.clone())
+        .reconcile_on(pod_wakeups)
+        .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency));
+
+    futures::join!(
+        drive("TemplateCache", cache_watch, shutdown.clone()),
+        drive("TemplateCacheClaim", claim_watch, shutdown.clone()),
+        drive("Pod", pod_watch, shutdown.clone()),
+        run_controller(
+            "template_cache",
+            cache_controller,
+            template_cache::reconcile,
+            ctx.clone(),
+            shutdown.clone()
+        ),
+        run_controller(
+            "template_cache_claim",
+            claim_controller,
+            template_cache_claim::reconcile,
+            ctx.clone(),
+            shutdown.clone()
+        ),
+        run_controller(
+            "pod_gate",
+            pod_gate,
+            pod_gate::reconcile,
+            ctx.clone(),
+            shutdown.clone()
+        ),
+        run_staging_stores(ctx, store_writer, store_wakeups, shutdown),
+    );
+    info!("controllers stopped");
+}
+
+/// The object a watch event is about (a relist's objects one by one).
+fn changed_object<K>(event: &watcher::Event<K>) -> Option<&K> {
+    match event {
+        watcher::Event::Apply(object)
+        | watcher::Event::InitApply(object)
+        | watcher::Event::Delete(object) => Some(object),
+        watcher::Event::Init | watcher::Event::InitDone => None,
+    }
+}
+
+/// Polls a shared watch until `shutdown`: it feeds its store, its index and its subscribers.
+/// Its errors are retried with backoff by the watcher; they are only logged here.
+async fn drive<K>(
+    kind: &'static str,
+    watch: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    watch
+        .take_until(shutdown)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!("watch of {kind}: {e}");
+            }
+        })
+        .await;
+}
+
+/// Runs one controller's reconciles until `shutdown`, each measured.
+async fn run_controller<K, F>(
+    name: &'static str,
+    controller: Controller<K>,
+    reconcile: fn(Arc<K>, Arc<Context>) -> F,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(
+            move |object, ctx| measured(name, reconcile(object, ctx.clone()), ctx),
+            error_policy,
+            ctx,
+        )
+        .for_each(|_| async {})
+        .await;
+}
+
+/// The StagingStore controller: looks at a store whenever one of its caches changes. Its watch
+/// of stores, through `writer`, is also the [`Context::store_view`] the other controllers read.
+async fn run_staging_stores(
+    ctx: Arc<Context>,
+    writer: reflector::store::Writer<StagingStore>,
+    cache_changes: impl Stream<Item = ObjectRef<StagingStore>> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let store_changes = watcher(ctx.stores(), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect_ok(forget_deleted_stores(ctx.clone()))
+        .applied_objects();
+    // Caches reach it through the one cache watch (see `run_with`), not a second watch.
+    let controller =
+        Controller::for_stream(store_changes, ctx.store_view.clone()).reconcile_on(cache_changes);
+    run_controller(
+        "staging_store",
+        controller,
+        staging_store::reconcile,
+        ctx,
+        shutdown,
+    )
+    .await;
+}
+
+/// Forgets the metrics of deleted stores once the reflector has applied a deletion or a relist
+/// (which is how a deletion missed while the watch was down shows up).
+fn forget_deleted_stores(ctx: Arc<Context>) -> impl FnMut(&watcher::Event<StagingStore>) {
+    move |event| {
+        if matches!(event, watcher::Event::Delete(_) | watcher::Event::InitDone) {
+            ctx.forget_deleted_stores();
+        }
+    }
+}
+
+/// What the operator keeps of an object it watches: everything but `managedFields`, which it never
+/// reads and which would be most of the memory of thousands of TemplateCaches.
+pub(super) fn drop_managed_fields(object: &mut impl kube::Resource) {
+    object.meta_mut().managed_fields = None;
+}
+
+/// Runs one reconcile and counts it; a conflict (a retry by design) is not an error.
+async fn measured(
+    controller: &'static str,
+    reconcile: impl std::future::Future<Output = Result<Action, Error>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile.await;
+    let failed = matches!(&result, Err(e) if !matches!(e, Error::Conflict(_)));
+    ctx.metrics
+        .observe_reconcile(controller, started.elapsed(), failed);
+    result
+}
+
+fn labelled_pods() -> watcher::Config {
+    watcher::Config::default().labels(POD_CACHE_LABEL)
+}
+
+/// Conflicts are expected under concurrency and looked at again after 200 ms, without a log line;
+/// other errors are logged here (only here: the run stream is drained silently) and back off.
+fn error_policy<K: ResourceExt>(object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    match error {
+        Error::Conflict(_) => Action::requeue(Duration::from_millis(200)),
+        _ => {
+            warn!(object = %object.name_any(), "reconcile failed: {error}");
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}
