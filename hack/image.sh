@@ -8,8 +8,9 @@
 #                            <registry>/templatecache-consumer:$TAG
 #   hack/image.sh all        both (make image)
 #
-# TAG defaults to dev. The layer is written by Python's tarfile with fixed owners and times, so
-# the same binary gives the same digest; crane (hack/crane) appends it to an empty OCI base and
+# TAG defaults to dev; BINARY=path skips the cargo build and packages that binary. The layer is
+# written by Python's tarfile with fixed owners and times, so the same binary gives the same
+# digest; crane (hack/crane) appends it to an empty OCI base and
 # sets the config (the Dockerfile's Entrypoint, Cmd and USER). Prints one reference a line,
 # with its digest.
 set -euo pipefail
@@ -77,9 +78,10 @@ push() {
   echo "$pinned"
 }
 
+# BINARY=path packages that binary instead of building target/release/templatecache.
 operator() {
-  (cd "$root" && cargo build --release --bin templatecache >&2)
-  local bin="$root/target/release/templatecache" pairs lib
+  local bin=${BINARY:-$root/target/release/templatecache} pairs lib
+  [ -n "${BINARY:-}" ] || (cd "$root" && cargo build --release --bin templatecache >&2)
   pairs=("$bin=/usr/local/bin/templatecache" "/etc/ssl/certs/ca-certificates.crt=/etc/ssl/certs/ca-certificates.crt")
   # Every shared library the binary loads (and the loader itself), at the path it is loaded from.
   for lib in $(ldd "$bin" | awk '$2=="=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u); do
