@@ -168,7 +168,12 @@ up() {
   # Switching modes: the API server and controller manager restart with the other flags, and
   # the node goes when leaving node mode.
   if [ "$(cat "$dir/mode" 2>/dev/null || echo plain)" != "$mode" ]; then
-    [ "$mode" = plain ] && { "$root/hack/node.sh" down; }
+    # Back to plain: the node goes, and its Node object (no node lifecycle controller would
+    # ever mark it NotReady in plain mode).
+    if [ "$mode" = plain ]; then
+      "$root/hack/node.sh" down
+      "$bin/kubectl" --kubeconfig "$dir/kubeconfig" delete node "$NODE_NAME" --ignore-not-found >/dev/null 2>&1 || true
+    fi
     stop kube-controller-manager
     stop kube-apiserver
     [ "$mode" = plain ] && "$root/hack/node.sh" net-down
