@@ -93,7 +93,9 @@ operator() {
 
 consumer() {
   local busybox=/bin/busybox pairs a
-  [ -x "$busybox" ] && ! ldd "$busybox" >/dev/null 2>&1 || { echo "image: needs Debian's busybox-static" >&2; exit 1; }
+  if [ ! -x "$busybox" ] || ldd "$busybox" >/dev/null 2>&1; then
+    echo "image: needs Debian's busybox-static (a static /bin/busybox)" >&2; exit 1
+  fi
   pairs=("$busybox=/bin/busybox" "$WHOAMI=/bin/kube-whoami")
   for a in sh sha256sum wget cat ls sleep test id env grep head; do pairs+=("@busybox=/bin/$a"); done
   layer "$work/consumer.tar" "${pairs[@]}"

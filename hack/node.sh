@@ -56,8 +56,8 @@ start() {
 }
 
 wait_for() {
-  local what=$1 name=$2 i; shift 2
-  for i in $(seq 1 120); do
+  local what=$1 name=$2; shift 2
+  for _ in $(seq 1 120); do
     "$@" >/dev/null 2>&1 && return 0
     alive "$name" || break
     sleep 0.5
@@ -368,12 +368,12 @@ down() {
   # The shims of any task left, by the pid files containerd keeps for them.
   local f
   for f in "$dir"/containerd/state/io.containerd.runtime.v2.task/*/*/shim.pid; do
-    [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true
+    if [ -f "$f" ]; then kill -9 "$(cat "$f")" 2>/dev/null || true; fi
   done
   stop containerd
   stop registry
   # kube-proxy's own clean-up of its rules, then whatever chains are left.
-  [ -x "${K8S_BIN:-}/kube-proxy" ] && "$K8S_BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
+  if [ -x "${K8S_BIN:-}/kube-proxy" ]; then "$K8S_BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
   remove_chains
   # Pod and container cgroups (cgroupfs: kubepods/ in every hierarchy), deepest first.
   find /sys/fs/cgroup/*/kubepods -depth -type d -exec rmdir {} + 2>/dev/null || true
@@ -394,7 +394,7 @@ net_down() {
   local state="$cluster/node-host-state" kind name value
   [ -f "$state" ] || return 0
   while read -r kind name value; do
-    [ "$kind" = sysctl ] && sysctl -qw "$name=$value" 2>/dev/null || true
+    if [ "$kind" = sysctl ]; then sysctl -qw "$name=$value" 2>/dev/null || true; fi
   done < "$state"
   rm -f "$state"
 }

@@ -29,6 +29,7 @@ CONTAINERD_BIN="$root/.cache/containerd/$ctd_version/bin"
 cni_version=$(modversion "$hack/cni/go.mod" github.com/containernetworking/plugins)
 CNI_BIN="$root/.cache/cni/$cni_version/bin"
 crane_version=$(modversion "$hack/crane/go.mod" github.com/google/go-containerregistry)
+# shellcheck disable=SC2034 # printed below
 CRANE="$root/.cache/crane/$crane_version/bin/crane"
 PAUSE="$root/.cache/pause/$(hashof "$here/pause/go.mod" "$here/pause/main.go")/pause"
 WHOAMI="$root/.cache/whoami/$(hashof "$here/whoami/go.mod" "$here/whoami/main.go")/whoami"
@@ -36,7 +37,8 @@ WHOAMI="$root/.cache/whoami/$(hashof "$here/whoami/go.mod" "$here/whoami/main.go
 # The node's Kubernetes binaries sit next to the control plane's but with a stamp of their own:
 # hack/k8s/build.sh removes .built-* when it relinks, so this one is named .node-*.
 build_k8s() {
-  local stamp="$K8S_BIN/.node-$(hashof "$hack/k8s/go.mod" "$hack/k8s/go.sum")"
+  local stamp
+  stamp="$K8S_BIN/.node-$(hashof "$hack/k8s/go.mod" "$hack/k8s/go.sum")"
   [ -f "$stamp" ] && return
   mkdir -p "$K8S_BIN"
   # The same version ldflags as hack/k8s/build.sh, so the Node's kubeletVersion is the release.
@@ -55,7 +57,8 @@ build_k8s() {
 
 # containerd without the snapshotters that need cgo or kernel features (btrfs, devmapper, zfs).
 build_containerd() {
-  local stamp="$CONTAINERD_BIN/.built-$(hashof "$hack/containerd/go.mod" "$hack/containerd/go.sum")"
+  local stamp
+  stamp="$CONTAINERD_BIN/.built-$(hashof "$hack/containerd/go.mod" "$hack/containerd/go.sum")"
   [ -f "$stamp" ] && return
   mkdir -p "$CONTAINERD_BIN"
   echo "building containerd $ctd_version into $CONTAINERD_BIN" >&2
@@ -69,7 +72,8 @@ build_containerd() {
 }
 
 build_cni() {
-  local stamp="$CNI_BIN/.built-$(hashof "$hack/cni/go.mod" "$hack/cni/go.sum")"
+  local stamp
+  stamp="$CNI_BIN/.built-$(hashof "$hack/cni/go.mod" "$hack/cni/go.sum")"
   [ -f "$stamp" ] && return
   mkdir -p "$CNI_BIN"
   echo "building CNI plugins $cni_version into $CNI_BIN" >&2
@@ -98,6 +102,8 @@ build_small() {
 build_pause() { build_small pause "$PAUSE"; }
 build_whoami() { build_small whoami "$WHOAMI"; }
 
-for piece in ${@:-k8s containerd cni crane pause whoami}; do "build_$piece"; done
+pieces=("$@")
+[ $# -gt 0 ] || pieces=(k8s containerd cni crane pause whoami)
+for piece in "${pieces[@]}"; do "build_$piece"; done
 
 for v in K8S_BIN CONTAINERD_BIN CNI_BIN CRANE PAUSE WHOAMI; do echo "$v=${!v}"; done
