@@ -128,12 +128,19 @@ start_controller_manager() {
   # A real cluster's default set: the Job controller, node lifecycle, root-ca-cert-publisher,
   # ttl-after-finished, ReplicaSets and Deployments, EndpointSlices, ...
   [ "$mode" = node ] && controllers='*'
+  # Node mode: its own identity, and each controller as its ServiceAccount (kube-system/
+  # job-controller creates the copy Pods), as kubeadm runs it.
+  local sa_credentials=false
   cp "$dir/kubeconfig" "$dir/controller-manager.kubeconfig"
+  if [ "$mode" = node ]; then
+    cp "$dir/pki/node/kube-controller-manager.kubeconfig" "$dir/controller-manager.kubeconfig"
+    sa_credentials=true
+  fi
   start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$dir/controller-manager.kubeconfig" --leader-elect=false --secure-port 0 \
     --controllers "$controllers" \
     --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
-    --use-service-account-credentials=false
+    --use-service-account-credentials=$sa_credentials
 }
 
 wait_ready() {

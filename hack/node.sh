@@ -116,6 +116,17 @@ certs() {
   # The kubelet's identity for the Node authorizer, and its serving certificate.
   sign kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" "extendedKeyUsage=clientAuth"
   sign kubelet-serving "/CN=$NODE_NAME" "subjectAltName=IP:$NODE_IP,DNS:$NODE_NAME\nextendedKeyUsage=serverAuth"
+  # The components' own identities, as on a kubeadm cluster: the bootstrap RBAC roles bind
+  # them, and admission policies see system:kube-controller-manager (or, with
+  # --use-service-account-credentials, the job-controller ServiceAccount), never admin.
+  local c
+  for c in kube-controller-manager kube-scheduler kube-proxy; do
+    sign "$c" "/CN=system:$c" "extendedKeyUsage=clientAuth"
+  done
+  node_ports
+  for c in kube-controller-manager kube-scheduler kube-proxy; do
+    kubeconfig "$npki/$c.kubeconfig" "$npki/$c.crt" "$npki/$c.key"
+  done
 }
 
 # kubeconfig FILE CERT KEY: a kubeconfig for the API server on the node address.
@@ -269,7 +280,7 @@ kube_proxy_config() {
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: iptables
-clientConnection: {kubeconfig: $cluster/kubeconfig}
+clientConnection: {kubeconfig: $npki/kube-proxy.kubeconfig}
 hostnameOverride: $NODE_NAME
 bindAddress: $NODE_IP
 clusterCIDR: $POD_CIDR
@@ -307,7 +318,7 @@ up() {
     --hostname-override "$NODE_NAME" --node-ip "$NODE_IP"
   kube_proxy_config
   start kube-proxy "$K8S_BIN/kube-proxy" --config "$dir/kube-proxy/config.yaml"
-  start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig "$cluster/kubeconfig" \
+  start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig "$npki/kube-scheduler.kubeconfig" \
     --leader-elect=false --bind-address 127.0.0.1 --secure-port "$(free_port 127.0.0.1)"
   wait_for "the node" kubelet "$cluster/kubectl" --kubeconfig "$cluster/kubeconfig" \
     wait --for=condition=Ready "node/$NODE_NAME" --timeout=1s
