@@ -44,6 +44,10 @@ struct RunArgs {
     /// Reconcile only this namespace (all namespaces when unset).
     #[arg(long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
+    /// The operator's own namespace: remove Jobs of caches whose namespace is being deleted run
+    /// here.
+    #[arg(long, default_value = Config::DEFAULT_OPERATOR_NAMESPACE, env = "TEMPLATECACHE_OPERATOR_NAMESPACE")]
+    operator_namespace: String,
     /// StagingStore for caches without `spec.storeRef`.
     #[arg(long, default_value = Config::DEFAULT_STORE, env = "TEMPLATECACHE_DEFAULT_STORE")]
     default_store: String,
@@ -139,6 +143,7 @@ impl RunArgs {
         Config {
             namespace: self.namespace.clone(),
             default_store: self.default_store.clone(),
+            operator_namespace: self.operator_namespace.clone(),
             jobs: JobSettings {
                 image: self.job_image.clone(),
                 service_account: self.job_service_account.clone(),

@@ -989,7 +989,7 @@ async fn a_job_squatting_the_next_attempts_name_is_never_taken_for_the_copy() {
     );
     for part in [
         "image-copy-1",
-        "not created by the operator",
+        "not the Job the operator created",
         "no controller",
     ] {
         assert!(
@@ -1046,5 +1046,125 @@ async fn a_job_squatting_the_next_attempts_name_is_never_taken_for_the_copy() {
         status.and_then(|s| s.attempt),
         Some(1),
         "no attempt was used up"
+    );
+}
+
+/// A Job of `name` as a namespace user can write it: "controlled" by the cache (ownerReferences
+/// are anyone's to write), running `true`.
+fn forged_job(name: &str, cache: &TemplateCache) -> Job {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "ownerReferences": [{
+            "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
+            "name": cache.metadata.name, "uid": cache.metadata.uid, "controller": true}]},
+        "spec": {"template": {"spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "m", "image": "x", "command": ["true"]}]}}}
+    }))
+    .expect("job")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_remove_job_owned_by_the_cache_and_complete_lets_nothing_go_unremoved() {
+    let rig = Rig::new("tenant-forged-rm", 3).await;
+    let ns = &rig.ns;
+    let server = HttpServer::start().await;
+    let (bytes, spec) = template(&server, "disk.img");
+    rig.create("img", spec).await;
+    rig.assert_copied("img", &bytes).await;
+    let cache: TemplateCache = ns.api().get("img").await.expect("cache");
+    account(
+        &ns.name,
+        "tenant",
+        &[&["--verb=create", "--resource=jobs.batch"]],
+    )
+    .await;
+    let tenant = client_as(&ns.name, "tenant", None).await;
+    Api::<Job>::namespaced(tenant, &ns.name)
+        .create(&PostParams::default(), &forged_job("img-remove-1", &cache))
+        .await
+        .expect("the tenant may create Jobs");
+    support::jobs::finish_job(&ns.client, &ns.name, "img-remove-1", true).await;
+
+    ns.api::<TemplateCache>()
+        .delete("img", &DeleteParams::background())
+        .await
+        .expect("delete the cache");
+    wait_for_cache_gone(&ns.client, &ns.name, "img").await;
+    assert!(
+        rig.files().is_empty(),
+        "the cache went only once its data was removed: {:?}",
+        rig.files()
+    );
+    // (Both Jobs went with the cache, their owner, by garbage collection.)
+    record(
+        "hostile tenant (forged remove Job): a complete Job img-remove-1 whose controller ownerReference carries the cache's uid, made before the cache is deleted",
+        "not taken for the removal: the operator removed the data with its own img-remove-2, then the cache went; no file left",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_copy_job_owned_by_the_cache_is_deleted_and_never_taken_for_the_copy() {
+    // The test plays the operator's Jobs; the tenant makes the next attempt's Job first.
+    let rig = Rig::operator("tenant-forged-copy").await;
+    let ns = &rig.ns;
+    rig.create(
+        "img",
+        json!({"source": {"http": {"url": "http://example.invalid/a"}}}),
+    )
+    .await;
+    support::jobs::wait_for_job(&ns.client, &ns.name, "img-copy-1").await;
+    let cache: TemplateCache = ns.api().get("img").await.expect("cache");
+    account(
+        &ns.name,
+        "tenant",
+        &[&["--verb=create", "--resource=jobs.batch"]],
+    )
+    .await;
+    let tenant = client_as(&ns.name, "tenant", None).await;
+    let forged = Api::<Job>::namespaced(tenant, &ns.name)
+        .create(&PostParams::default(), &forged_job("img-copy-2", &cache))
+        .await
+        .expect("the tenant may create Jobs");
+    support::jobs::finish_job(&ns.client, &ns.name, "img-copy-2", true).await;
+
+    support::jobs::finish_copy(
+        &ns.client,
+        &ns.name,
+        "img",
+        1,
+        support::jobs::Outcome::Failed { error: "cut off" },
+    )
+    .await;
+    let jobs: Api<Job> = ns.api();
+    let recorded = eventually(
+        "attempt 2 runs the operator's own Job",
+        Duration::from_secs(60),
+        || async {
+            let cache: TemplateCache = ns.api().get("img").await.expect("cache");
+            let status = cache.status.unwrap_or_default();
+            let job = jobs.get_opt("img-copy-2").await.expect("read Job");
+            let uid = job.and_then(|j| j.metadata.uid);
+            match (status.attempt, status.job_uid) {
+                (Some(2), Some(recorded)) if uid.as_ref() == Some(&recorded) => Ok(recorded),
+                seen => Err(format!(
+                    "attempt and recorded uid {seen:?}, Job uid {uid:?}"
+                )),
+            }
+        },
+    )
+    .await;
+    assert_ne!(
+        Some(recorded),
+        forged.metadata.uid,
+        "the forged Job is gone"
+    );
+    let cache: TemplateCache = ns.api().get("img").await.expect("cache");
+    assert_eq!(
+        cache.status.and_then(|s| s.phase),
+        Some(Phase::Copying),
+        "the forged Job's success counted for nothing"
+    );
+    record(
+        "hostile tenant (forged copy Job): a complete Job under the next attempt's name whose controller ownerReference carries the cache's uid",
+        "never taken for the copy: not the recorded uid, so the operator deleted it and ran its own Job for attempt 2",
     );
 }

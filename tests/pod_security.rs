@@ -90,7 +90,8 @@ async fn copy_and_remove_pods_are_admitted_where_restricted_is_enforced() {
     create(&pods, &pod_of(&copy, "copy"))
         .await
         .expect("copy pod admitted");
-    let remove = jobs::remove_job(&cache, &pvc, 1, &settings).expect("remove Job");
+    let placement = jobs::RemovalJob::new(&cache, 1, None);
+    let remove = jobs::remove_job(&cache, &pvc, &placement, 1, &settings).expect("remove Job");
     create(&pods, &pod_of(&remove, "remove"))
         .await
         .expect("remove pod admitted");

@@ -13,6 +13,9 @@ pub struct Config {
     pub namespace: Option<String>,
     /// StagingStore of caches that name none.
     pub default_store: String,
+    /// The operator's own namespace: where a remove Job runs when the cache's namespace is
+    /// being deleted (no new object can be made there).
+    pub operator_namespace: String,
     /// How copy and remove Jobs run.
     pub jobs: JobSettings,
     /// How failed copies are retried.
@@ -38,6 +41,8 @@ pub struct Config {
 impl Config {
     /// The StagingStore of caches that name none, unless told otherwise.
     pub const DEFAULT_STORE: &str = "default";
+    /// The operator's namespace unless told otherwise (the chart tells it its own).
+    pub const DEFAULT_OPERATOR_NAMESPACE: &str = "default";
     /// The image of the Jobs unless told otherwise: this build's release image.
     pub const DEFAULT_JOB_IMAGE: &str = concat!(
         "ghcr.io/templatecache/templatecache:",
@@ -53,6 +58,7 @@ impl Default for Config {
         Self {
             namespace: None,
             default_store: Self::DEFAULT_STORE.to_owned(),
+            operator_namespace: Self::DEFAULT_OPERATOR_NAMESPACE.to_owned(),
             jobs: JobSettings {
                 image: Self::DEFAULT_JOB_IMAGE.to_owned(),
                 service_account: None,

@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 
 use super::retry::RetryPolicy;
 use templatecache_api::names::{
-    JOB_ATTEMPT_LABEL, JOB_CACHE_LABEL, JOB_OPERATION_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
+    JOB_ATTEMPT_LABEL, JOB_CACHE_LABEL, JOB_CACHE_NAMESPACE_LABEL, JOB_OPERATION_LABEL, MANAGED_BY,
+    MANAGED_BY_LABEL,
 };
 use templatecache_api::{
     AddressingStyle, OciSource, StagingStore, StoreVolume, TemplateCache, TemplateSource,
@@ -83,24 +84,29 @@ pub enum JobState {
         message: String,
         at: Option<k8s_openapi::jiff::Timestamp>,
     },
-    /// A Job has the name but the cache does not control it: someone else made it first (the
-    /// name is predictable). Its state means nothing for the cache, and its Pods are never
-    /// the copy's; the sentence says whose it is and what to do.
+    /// A Job has the name but it is not the one the operator created and recorded: someone
+    /// else made it (the name is predictable, and ownerReferences are anyone's to write). Its
+    /// state means nothing for the cache, and its Pods are never the copy's; the sentence says
+    /// whose it is and what to do.
     NotOurs(String),
 }
 
 impl JobState {
-    /// The state of the cache's Job of that name, or [`JobState::NotOurs`] when the Job there is
-    /// not controlled by `cache` (by uid, so a namesake cache of earlier days does not count).
-    pub fn of_cache(job: Option<&Job>, cache: &TemplateCache) -> Self {
+    /// The state of the Job under the name if it is the one whose uid the operator recorded
+    /// when it created it, else [`JobState::NotOurs`]: a tenant can make a Job of that name
+    /// whose controller ownerReference carries the cache's uid, but not one with the uid the
+    /// API server gave the operator's.
+    pub fn of_recorded(job: Option<&Job>, recorded: Option<&str>, cache: &TemplateCache) -> Self {
         match job {
-            Some(job) if !is_controlled_by(job, cache) => JobState::NotOurs(not_ours(job, cache)),
+            Some(job) if recorded.is_none() || job.metadata.uid.as_deref() != recorded => {
+                JobState::NotOurs(not_ours(job, cache))
+            }
             other => Self::of(other),
         }
     }
 
     /// The Job's own outcome, whoever made it; the controller judges its Jobs with
-    /// [`JobState::of_cache`].
+    /// [`JobState::of_recorded`].
     pub fn of(job: Option<&Job>) -> Self {
         let Some(job) = job else {
             return JobState::Missing;
@@ -132,7 +138,9 @@ impl JobState {
     }
 }
 
-fn is_controlled_by(job: &Job, cache: &TemplateCache) -> bool {
+/// Whether the cache is the Job's controller: true of the operator's Jobs, but also of any Job
+/// a namespace user writes so, so never a reason to trust one (see [`JobState::of_recorded`]).
+pub fn is_controlled_by(job: &Job, cache: &TemplateCache) -> bool {
     let uid = cache.metadata.uid.as_deref();
     let owners = job.metadata.owner_references.as_deref().unwrap_or_default();
     uid.is_some()
@@ -149,10 +157,12 @@ fn not_ours(job: &Job, cache: &TemplateCache) -> String {
         Some(o) => format!("its controller is {} {} (uid {})", o.kind, o.name, o.uid),
         None => "it has no controller".to_owned(),
     };
+    let uid = job.metadata.uid.as_deref().unwrap_or_default();
     format!(
-        "Job {name} was not created by the operator for TemplateCache {} ({whose}); a Job \
-         made by someone else is never taken for this cache's copy or trusted for its status. \
-         Delete that Job and the operator creates its own under this name",
+        "Job {name} (uid {uid}) is not the Job the operator created and recorded for \
+         TemplateCache {} ({whose}); a Job made by someone else is never taken for this \
+         cache's copy or removal or trusted for its status. Delete that Job and the operator \
+         creates its own under this name",
         cache.metadata.name.as_deref().unwrap_or_default()
     )
 }
@@ -216,17 +226,51 @@ fn served_over_plain_http(oci: &OciSource, settings: &JobSettings) -> bool {
         .any(|r| r == registry || r == host)
 }
 
-/// The Job that removes the data of `attempt` (final file and any partial file).
+/// Where a remove Job runs and under which name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemovalJob {
+    pub name: String,
+    pub namespace: String,
+}
+
+impl RemovalJob {
+    /// Try `attempt` of the cache's removal: `<cache>-remove-<attempt>` in the cache's own
+    /// namespace, or `remove-<cache uid>-<attempt>` in `operator_namespace` (given when the
+    /// cache's namespace takes no new objects), where every namespace's caches share the names.
+    pub fn new(cache: &TemplateCache, attempt: u32, operator_namespace: Option<&str>) -> Self {
+        let cache_name = cache.metadata.name.as_deref().unwrap_or_default();
+        let uid = cache.metadata.uid.as_deref().unwrap_or_default();
+        let in_place = job_name(cache_name, Operation::Remove, attempt);
+        match operator_namespace {
+            // A Job's name is also a label value: 63 characters at most.
+            None if in_place.len() <= 63 => RemovalJob {
+                name: in_place,
+                namespace: cache.metadata.namespace.clone().unwrap_or_default(),
+            },
+            elsewhere => RemovalJob {
+                name: format!("remove-{uid}-{attempt}"),
+                namespace: elsewhere
+                    .map(str::to_owned)
+                    .or_else(|| cache.metadata.namespace.clone())
+                    .unwrap_or_default(),
+            },
+        }
+    }
+}
+
+/// The Job that removes the cache's data (final file and any partial file of every attempt).
+/// It mounts only the cache's namespace folder of the store, wherever it runs.
 pub fn remove_job(
     cache: &TemplateCache,
     store: &StagingStore,
+    job: &RemovalJob,
     attempt: u32,
     settings: &JobSettings,
 ) -> Result<Job, serde_json::Error> {
     let args = RemoveArgs {
         dest: dest_in_mount(cache),
     };
-    build_job(
+    let mut built = build_job(
         cache,
         store,
         Operation::Remove,
@@ -234,7 +278,14 @@ pub fn remove_job(
         args.to_command_line(),
         vec![],
         settings,
-    )
+    )?;
+    built.metadata.name = Some(job.name.clone());
+    if built.metadata.namespace.as_deref() != Some(job.namespace.as_str()) {
+        // An owner in another namespace is not allowed; the Job's labels name the cache.
+        built.metadata.owner_references = None;
+        built.metadata.namespace = Some(job.namespace.clone());
+    }
+    Ok(built)
 }
 
 /// Where the cache's copy lives as the Job sees the store: the mount is already its namespace's
@@ -311,6 +362,7 @@ fn build_job(
     // Job's own Pods it would make the copy (or remove) Pod a reference to its cache.
     let mut labels = pod_labels.clone();
     labels[JOB_CACHE_LABEL] = json!(name);
+    labels[JOB_CACHE_NAMESPACE_LABEL] = json!(cache.metadata.namespace);
     let owner = cache.controller_owner_ref(&());
     serde_json::from_value(json!({
         "apiVersion": "batch/v1",
@@ -386,7 +438,10 @@ mod tests {
         };
         match operation {
             Operation::Copy => copy_job(&cache, &store, 1, &settings, &RetryPolicy::default()),
-            Operation::Remove => remove_job(&cache, &store, 1, &settings),
+            Operation::Remove => {
+                let placement = RemovalJob::new(&cache, 1, None);
+                remove_job(&cache, &store, &placement, 1, &settings)
+            }
         }
         .expect("job")
     }
@@ -510,12 +565,12 @@ mod tests {
     }
 
     #[test]
-    fn a_job_not_controlled_by_the_cache_is_not_ours_whatever_its_state() {
+    fn only_the_job_whose_uid_the_operator_recorded_is_ours_whatever_its_owners_say() {
         let mut cache = fixtures::cache("img", Value::Null);
         cache.metadata.uid = Some("cache-uid".into());
-        let complete = |owners: Value| -> Job {
+        let complete = |uid: &str, owners: Value| -> Job {
             serde_json::from_value(json!({
-                "metadata": {"name": "img-copy-2", "ownerReferences": owners},
+                "metadata": {"name": "img-copy-2", "uid": uid, "ownerReferences": owners},
                 "status": {"conditions": [{"type": "Complete", "status": "True"}]}
             }))
             .expect("job")
@@ -524,24 +579,79 @@ mod tests {
             json!([{"apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
                     "name": "img", "uid": uid, "controller": controller}])
         };
+        let ours = complete("job-uid", owner("cache-uid", true));
         assert_eq!(
-            JobState::of_cache(Some(&complete(owner("cache-uid", true))), &cache),
+            JobState::of_recorded(Some(&ours), Some("job-uid"), &cache),
             JobState::Succeeded
         );
-        for (owners, whose) in [
-            (json!([]), "it has no controller"),
-            (owner("cache-uid", false), "it has no controller"),
-            (owner("other-uid", true), "(uid other-uid)"),
+        // A tenant's Job under the name, "owned" by the cache as ownerReferences allow anyone
+        // to write: not the recorded uid, not ours.
+        let forged = complete("tenant-uid", owner("cache-uid", true));
+        for (job, recorded, whose) in [
+            (
+                &forged,
+                Some("job-uid"),
+                "its controller is TemplateCache img (uid cache-uid)",
+            ),
+            (&forged, None, "(uid tenant-uid)"),
+            (&ours, None, "(uid job-uid)"),
+            (
+                &complete("x", json!([])),
+                Some("job-uid"),
+                "it has no controller",
+            ),
+            (
+                &complete("x", owner("other-uid", true)),
+                Some("job-uid"),
+                "(uid other-uid)",
+            ),
         ] {
-            match JobState::of_cache(Some(&complete(owners)), &cache) {
+            match JobState::of_recorded(Some(job), recorded, &cache) {
                 JobState::NotOurs(message) => {
                     assert!(message.contains("Job img-copy-2"), "{message}");
                     assert!(message.contains(whose), "{message}");
                 }
-                other => panic!("a squatted Job must not count, got {other:?}"),
+                other => panic!("a Job not recorded must not count, got {other:?}"),
             }
         }
-        assert_eq!(JobState::of_cache(None, &cache), JobState::Missing);
+        assert_eq!(
+            JobState::of_recorded(None, Some("job-uid"), &cache),
+            JobState::Missing
+        );
+    }
+
+    #[test]
+    fn a_removal_runs_in_the_operators_namespace_under_a_name_no_other_cache_shares() {
+        let mut cache = fixtures::cache("img", Value::Null);
+        cache.metadata.uid = Some("0b5c".into());
+        let store = fixtures::store("s", "1Gi");
+        let settings = crate::controller::Config::default().jobs;
+        let here = RemovalJob::new(&cache, 2, None);
+        assert_eq!(
+            (here.name.as_str(), here.namespace.as_str()),
+            ("img-remove-2", "ns")
+        );
+        let elsewhere = RemovalJob::new(&cache, 2, Some("templatecache-system"));
+        assert_eq!(
+            (elsewhere.name.as_str(), elsewhere.namespace.as_str()),
+            ("remove-0b5c-2", "templatecache-system")
+        );
+        let job = remove_job(&cache, &store, &elsewhere, 2, &settings).expect("job");
+        assert_eq!(
+            job.metadata.namespace.as_deref(),
+            Some("templatecache-system")
+        );
+        assert_eq!(
+            job.metadata.owner_references, None,
+            "no owner across namespaces"
+        );
+        let spec = job.spec.and_then(|s| s.template.spec).expect("pod spec");
+        let mount = &spec.containers[0].volume_mounts.as_ref().expect("mounts")[0];
+        assert_eq!(
+            mount.sub_path.as_deref(),
+            Some("ns"),
+            "only the cache's namespace folder"
+        );
     }
 
     #[test]

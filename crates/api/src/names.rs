@@ -30,6 +30,10 @@ pub const JOB_CACHE_LABEL: &str = "templatecache.io/cache";
 /// Label on every copy Job: the attempt number it runs.
 pub const JOB_ATTEMPT_LABEL: &str = "templatecache.io/attempt";
 
+/// Label on every operator Job: the namespace of its cache (a remove Job may run in the
+/// operator's namespace when the cache's is being deleted).
+pub const JOB_CACHE_NAMESPACE_LABEL: &str = "templatecache.io/cache-namespace";
+
 /// Label on the operator's Jobs saying what they do: `copy` or `remove`.
 pub const JOB_OPERATION_LABEL: &str = "templatecache.io/operation";
 

@@ -13,6 +13,8 @@ pub mod cache {
     pub const STORE_FULL: &str = "StoreFull";
     pub const EVICTED: &str = "Evicted";
     pub const EVICTION_FAILED: &str = "EvictionFailed";
+    /// A deleted cache's remove Job failed; the removal is tried again under a new Job.
+    pub const REMOVE_FAILED: &str = "RemoveFailed";
     pub const SOURCE_NOT_ALLOWED: &str = "SourceNotAllowed";
     pub const STORE_NOT_ALLOWED: &str = "StoreNotAllowed";
     pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";

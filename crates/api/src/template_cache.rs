@@ -312,6 +312,29 @@ pub struct StorageAdmission {
     pub reason: Option<String>,
 }
 
+/// The removal of a cache's data: which Job does it, so that only that Job is trusted, and how
+/// many tries it took. Each try is a new Job under a new name, so a failed or squatted name is
+/// never waited on.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Removal {
+    /// Tries so far, the first included; it only grows, over every removal of the cache.
+    pub attempt: u32,
+    /// The remove Job of the current try.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// Its namespace: the cache's, or the operator's when the cache's namespace is being
+    /// deleted (no new object can be made there then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_namespace: Option<String>,
+    /// Its uid as the operator created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_uid: Option<String>,
+    /// Why the last try failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// Observed state of a TemplateCache.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -325,6 +348,11 @@ pub struct TemplateCacheStatus {
     /// Name of the copy Job of the current attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
+    /// Uid of that Job as the operator created it. Only this Job is trusted as the copy: a Job
+    /// under the same name with another uid (whatever its ownerReferences say, which any
+    /// namespace user can write) is not the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_uid: Option<String>,
     /// Current copy attempt, from 1. Written by a JSON patch that first tests the attempt the
     /// writer saw, so exactly one reconciler starts each attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -353,6 +381,9 @@ pub struct TemplateCacheStatus {
     /// controller; the data mover writes nothing before it is granted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageAdmission>,
+    /// The removal of the cache's data (after an eviction, or when the cache is deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal: Option<Removal>,
     /// Last time the set of references changed while it was not empty; drives LRU eviction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_referenced: Option<Time>,

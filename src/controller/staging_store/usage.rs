@@ -3,7 +3,8 @@
 //! unreferenced caches to evict, least recently referenced first. No I/O here.
 //!
 //! Bytes are counted from the caches' status, never from the volume: a Ready, Evicted (data not
-//! yet removed) or Deleting cache counts its `size`; a copy counts the room reserved for it.
+//! yet removed) or Deleting cache counts its `size`; a copy counts the room reserved for it, and
+//! so does a failed one that a later attempt may resume (its partial file stays).
 //!
 //! A copy is first judged by the store's tenancy rules (its namespace must be selected and stay
 //! within its quota), then by the room left: a copy refused on tenancy grounds reserves nothing
@@ -16,9 +17,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::tenancy::Tenancy;
+use templatecache_api::conditions::{READY, find};
 use templatecache_api::reasons::cache as reason;
 use templatecache_api::references::count_references;
-use templatecache_api::{EvictionPolicy, Phase, TemplateCache};
+use templatecache_api::{EvictionPolicy, Phase, TemplateCache, TemplateCacheStatus};
 
 /// What the store controller should do now.
 #[derive(Debug, Default, PartialEq)]
@@ -163,14 +165,27 @@ pub fn occupied_bytes(cache: &TemplateCache) -> u64 {
     };
     match status.phase {
         Some(Phase::Ready | Phase::Evicted | Phase::Deleting) => status.size.unwrap_or(0),
-        Some(Phase::Copying | Phase::Pending) => status
-            .storage
-            .as_ref()
-            .filter(|s| s.admitted && Some(s.attempt) == status.attempt)
-            .and_then(|s| s.bytes)
-            .unwrap_or(0),
+        Some(Phase::Copying | Phase::Pending) => reserved_for_current_attempt(status),
+        // A failed attempt may leave a partial file for the next one to resume, up to the room
+        // it was granted: counted until the next attempt asks again. A failure no attempt
+        // follows leaves none (the last attempt removes every partial file).
+        Some(Phase::Failed) if !failed_for_good(status) => reserved_for_current_attempt(status),
         Some(Phase::Failed) | None => 0,
     }
+}
+
+/// The room granted to the current attempt (what its partial file may grow to).
+fn reserved_for_current_attempt(status: &TemplateCacheStatus) -> u64 {
+    status
+        .storage
+        .as_ref()
+        .filter(|s| s.admitted && Some(s.attempt) == status.attempt)
+        .and_then(|s| s.bytes)
+        .unwrap_or(0)
+}
+
+fn failed_for_good(status: &TemplateCacheStatus) -> bool {
+    find(&status.conditions, READY).is_some_and(|c| reason::FINAL.contains(&c.reason.as_str()))
 }
 
 /// Copies asking for room: the current attempt's mover reported the size and waits.
@@ -405,6 +420,25 @@ mod tests {
         );
         assert_eq!(d.used_bytes, 16);
         assert_eq!(d.caches, 2);
+    }
+
+    #[test]
+    fn a_failed_copy_counts_the_room_its_kept_partial_file_may_fill_until_it_fails_for_good() {
+        let failed = |reason: &str| {
+            cache(
+                "d",
+                0,
+                json!({"phase": "Failed", "attempt": 2,
+                       "storage": {"attempt": 2, "admitted": true, "bytes": 13},
+                       "conditions": [{"type": "Ready", "status": "False", "reason": reason,
+                                       "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+            )
+        };
+        let resumable = decide_untenanted(100, &policy(100, 90), &[failed(reason::COPY_FAILED)]);
+        assert_eq!((resumable.used_bytes, resumable.caches), (13, 1));
+        let for_good =
+            decide_untenanted(100, &policy(100, 90), &[failed(reason::RETRIES_EXHAUSTED)]);
+        assert_eq!((for_good.used_bytes, for_good.caches), (0, 0));
     }
 
     fn in_namespace(namespace: &str, mut cache: TemplateCache) -> TemplateCache {

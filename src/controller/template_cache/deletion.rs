@@ -6,7 +6,14 @@
 //! (removed by a Job of the operator's), and only then the cleanup finalizer. A Job the cache
 //! does not control is never trusted as the removal.
 
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::removal::{self, Next};
 use crate::controller::jobs::JobState;
+use crate::controller::retry::RetryPolicy;
+use templatecache_api::Removal;
 
 /// What the reconciler saw of a deleted cache.
 #[derive(Debug)]
@@ -14,14 +21,18 @@ pub struct Seen {
     /// The cleanup finalizer is still on the cache: its data may still be in the store.
     pub holds_cleanup: bool,
     pub references: u32,
-    /// The last attempt (0 when no copy ever started).
+    /// The last copy attempt (0 when no copy ever started).
     pub attempt: u32,
     /// The cache's store still exists (with it gone, so is its data).
     pub store_exists: bool,
-    /// The copy Job of `attempt`.
+    /// The copy Job of `attempt` (the recorded one; another's Job is not ours to stop).
     pub copy: JobState,
-    /// The remove Job of `attempt`.
+    /// A Pod of that Job still runs (a deleted Job's Pods outlive it while they terminate).
+    pub copy_pods_running: bool,
+    /// `status.removal`, and the state of its Job.
+    pub removal_record: Option<Removal>,
     pub removal: JobState,
+    pub now: Timestamp,
 }
 
 /// The one thing to do now.
@@ -35,17 +46,19 @@ pub enum Deletion {
     ReleaseWithoutRemoval,
     /// The copy still runs: stop it first, so it cannot write after the data is removed.
     StopCopy,
-    /// Start the remove Job.
-    StartRemoval,
-    /// The remove Job runs.
-    WaitForRemoval,
+    /// The copy Job is gone but a Pod of it still runs: wait until none can write.
+    WaitForCopyPods,
+    /// Start removal try `n`.
+    StartRemoval(u32),
+    /// Make the Job of the recorded try (recorded, never made).
+    CreateRemoval,
+    /// The remove Job runs, or a failed try's backoff does.
+    WaitForRemoval(Option<Duration>),
     /// The data is gone: let the cache go.
     Release,
-    /// The removal failed (or a Job that is not the operator's stands under its name).
-    RemovalFailed(String),
 }
 
-pub fn plan(seen: &Seen) -> Deletion {
+pub fn plan(seen: &Seen, policy: &RetryPolicy) -> Deletion {
     if !seen.holds_cleanup {
         return Deletion::Done;
     }
@@ -55,23 +68,38 @@ pub fn plan(seen: &Seen) -> Deletion {
     if seen.attempt == 0 || !seen.store_exists {
         return Deletion::ReleaseWithoutRemoval;
     }
-    // Only its own Job is stopped: one someone else made under the name is not ours to delete.
     if seen.copy == JobState::Running {
         return Deletion::StopCopy;
     }
-    match &seen.removal {
-        JobState::Missing => Deletion::StartRemoval,
-        JobState::Running => Deletion::WaitForRemoval,
-        JobState::Succeeded => Deletion::Release,
-        JobState::Failed { message, .. } | JobState::NotOurs(message) => {
-            Deletion::RemovalFailed(message.clone())
-        }
+    if seen.copy_pods_running {
+        return Deletion::WaitForCopyPods;
+    }
+    match removal::next(
+        seen.removal_record.as_ref(),
+        &seen.removal,
+        seen.now,
+        policy,
+    ) {
+        Next::Start(attempt) => Deletion::StartRemoval(attempt),
+        Next::Create => Deletion::CreateRemoval,
+        Next::Wait(after) => Deletion::WaitForRemoval(after),
+        Next::Done => Deletion::Release,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn recorded(uid: Option<&str>) -> Option<Removal> {
+        Some(Removal {
+            attempt: 1,
+            job_name: Some("img-remove-1".into()),
+            job_namespace: Some("ns".into()),
+            job_uid: uid.map(str::to_owned),
+            message: None,
+        })
+    }
 
     fn seen() -> Seen {
         Seen {
@@ -80,7 +108,10 @@ mod tests {
             attempt: 2,
             store_exists: true,
             copy: JobState::Succeeded,
+            copy_pods_running: false,
+            removal_record: None,
             removal: JobState::Missing,
+            now: Timestamp::from_second(1_800_000_000).expect("time"),
         }
     }
 
@@ -139,12 +170,21 @@ mod tests {
                 Deletion::StopCopy,
             ),
             (
+                "copy Job gone, its Pod not yet",
+                Seen {
+                    copy: JobState::Missing,
+                    copy_pods_running: true,
+                    ..seen()
+                },
+                Deletion::WaitForCopyPods,
+            ),
+            (
                 "someone else's copy Job",
                 Seen {
                     copy: JobState::NotOurs("x".into()),
                     ..seen()
                 },
-                Deletion::StartRemoval,
+                Deletion::StartRemoval(1),
             ),
             (
                 "copy failed",
@@ -152,44 +192,56 @@ mod tests {
                     copy: failed("boom"),
                     ..seen()
                 },
-                Deletion::StartRemoval,
+                Deletion::StartRemoval(1),
             ),
-            ("no removal yet", seen(), Deletion::StartRemoval),
+            ("no removal yet", seen(), Deletion::StartRemoval(1)),
+            (
+                "recorded, never made",
+                Seen {
+                    removal_record: recorded(None),
+                    ..seen()
+                },
+                Deletion::CreateRemoval,
+            ),
             (
                 "removal running",
                 Seen {
+                    removal_record: recorded(Some("u")),
                     removal: JobState::Running,
                     ..seen()
                 },
-                Deletion::WaitForRemoval,
+                Deletion::WaitForRemoval(None),
             ),
             (
                 "removal done",
                 Seen {
+                    removal_record: recorded(Some("u")),
                     removal: JobState::Succeeded,
                     ..seen()
                 },
                 Deletion::Release,
             ),
             (
-                "removal failed",
+                "removal failed long ago: the next try",
                 Seen {
+                    removal_record: recorded(Some("u")),
                     removal: failed("disk"),
                     ..seen()
                 },
-                Deletion::RemovalFailed("disk".into()),
+                Deletion::StartRemoval(2),
             ),
             (
-                "someone else's remove Job",
+                "a forged remove Job, complete, is not the removal",
                 Seen {
+                    removal_record: recorded(None),
                     removal: JobState::NotOurs("forged".into()),
                     ..seen()
                 },
-                Deletion::RemovalFailed("forged".into()),
+                Deletion::StartRemoval(2),
             ),
         ];
         for (case, seen, expected) in cases {
-            assert_eq!(plan(&seen), expected, "{case}");
+            assert_eq!(plan(&seen, &RetryPolicy::default()), expected, "{case}");
         }
     }
 }

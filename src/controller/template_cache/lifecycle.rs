@@ -24,11 +24,14 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
+use super::removal::{self, Next};
 use crate::controller::jobs::{JobState, Operation, data_path, job_name};
 use crate::controller::retry::RetryPolicy;
 use templatecache_api::conditions::{READY, condition, set_condition};
 use templatecache_api::reasons::cache as reason;
-use templatecache_api::{Phase, Progress, StagingStore, TemplateCache, TemplateCacheStatus};
+use templatecache_api::{
+    Phase, Progress, Removal, StagingStore, TemplateCache, TemplateCacheStatus,
+};
 
 /// What the reconciler saw.
 pub struct Observed<'a> {
@@ -38,7 +41,7 @@ pub struct Observed<'a> {
     pub store: Option<&'a StagingStore>,
     /// State of the copy Job of `status.attempt`.
     pub job: JobState,
-    /// State of the remove Job of `status.attempt` (looked up only for an evicted cache).
+    /// State of the Job recorded in `status.removal` (looked up only for an evicted cache).
     pub removal: JobState,
     /// Why the operator's source allowlist refuses the source, if it does.
     pub source_refusal: Option<String>,
@@ -58,8 +61,10 @@ pub enum Step {
     StartAttempt(u32),
     /// The current attempt's Job is missing (a crash between the two writes): create it.
     EnsureJob(u32),
-    /// The cache was evicted: create the remove Job of this attempt.
+    /// The cache's data is to be removed (it was evicted): start removal try `n`.
     RemoveData(u32),
+    /// Make the Job of the recorded removal try (recorded, never made).
+    CreateRemoval,
 }
 
 /// The status the cache should have, the step to take, and when to look again.
@@ -119,7 +124,7 @@ pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
         return record(status, None);
     }
     if current.phase == Some(Phase::Evicted) {
-        return evicted(status, observed, attempt);
+        return evicted(status, observed, attempt, policy);
     }
     if attempt == 0 {
         if let Some(refusal) = &observed.namespace_refusal {
@@ -210,12 +215,19 @@ pub fn deleting_status(observed: &Observed) -> TemplateCacheStatus {
     let current = observed.cache.status.clone().unwrap_or_default();
     let mut status = common_status(observed, &current);
     status.phase = Some(Phase::Deleting);
-    let message = match observed.references {
-        0 => "removing the cached data".to_owned(),
-        n => format!("waiting for {n} reference(s) to be released"),
+    let (why, message) = match (observed.references, removal::failure(&observed.removal)) {
+        (0, Some(failure)) => (
+            reason::REMOVE_FAILED,
+            format!("removing the cached data failed, tried again under a new Job: {failure}"),
+        ),
+        (0, None) => (reason::DELETING, "removing the cached data".to_owned()),
+        (n, _) => (
+            reason::DELETING,
+            format!("waiting for {n} reference(s) to be released"),
+        ),
     };
     let generation = observed.cache.metadata.generation;
-    set_ready(&mut status, false, reason::DELETING, message, generation);
+    set_ready(&mut status, false, why, message, generation);
     status
 }
 
@@ -256,6 +268,15 @@ fn record(status: TemplateCacheStatus, requeue_after: Option<Duration>) -> Plan 
 
 fn start_attempt(mut status: TemplateCacheStatus, cache: &TemplateCache, attempt: u32) -> Plan {
     status.attempt = Some(attempt);
+    // The new attempt's Job is not made yet; its uid is recorded once it is.
+    status.job_uid = None;
+    // A removal before this attempt is over; its tries still count, so no name is reused.
+    if let Some(removal) = &mut status.removal {
+        *removal = Removal {
+            attempt: removal.attempt,
+            ..Removal::default()
+        };
+    }
     status.progress = None;
     status.storage = None;
     status.size = None;
@@ -299,36 +320,52 @@ fn waiting_for_room(status: &mut TemplateCacheStatus, generation: Option<i64>, a
 
 /// Evicted: remove the data with the attempt's remove Job; once it is gone, a reference starts
 /// the next attempt.
-fn evicted(mut status: TemplateCacheStatus, observed: &Observed, attempt: u32) -> Plan {
+fn evicted(
+    mut status: TemplateCacheStatus,
+    observed: &Observed,
+    attempt: u32,
+    policy: &RetryPolicy,
+) -> Plan {
     let cache = observed.cache;
     let generation = cache.metadata.generation;
     let store = observed.store_name;
-    let removing = reason::evicted_removing(store);
-    match &observed.removal {
-        JobState::Missing if status.size.is_some() => {
-            set_ready(&mut status, false, reason::EVICTED, removing, generation);
+    // `size` stays until the data is known to be gone: a finished removal is never repeated.
+    let next = match status.size {
+        Some(_) => removal::next(
+            current_removal(cache),
+            &observed.removal,
+            observed.now,
+            policy,
+        ),
+        None => Next::Done,
+    };
+    // A failed try says so (and is retried under a new name after its backoff).
+    let (why, removing) = match removal::failure(&observed.removal) {
+        Some(failure) => (
+            reason::EVICTION_FAILED,
+            format!("removing the evicted data failed, tried again: {failure}"),
+        ),
+        None => (reason::EVICTED, reason::evicted_removing(store)),
+    };
+    let step = match next {
+        Next::Start(try_) => Step::RemoveData(try_),
+        Next::Create => Step::CreateRemoval,
+        Next::Wait(_) | Next::Done => Step::Record,
+    };
+    match next {
+        Next::Start(_) | Next::Create | Next::Wait(_) => {
+            set_ready(&mut status, false, why, removing, generation);
+            let requeue_after = match next {
+                Next::Wait(after) => after,
+                _ => None,
+            };
             Plan {
                 status,
-                step: Step::RemoveData(attempt),
-                requeue_after: None,
+                step,
+                requeue_after,
             }
         }
-        JobState::Running => {
-            set_ready(&mut status, false, reason::EVICTED, removing, generation);
-            record(status, None)
-        }
-        JobState::Failed { message, .. } | JobState::NotOurs(message) => {
-            let message = format!("removing the evicted data failed: {message}");
-            set_ready(
-                &mut status,
-                false,
-                reason::EVICTION_FAILED,
-                message,
-                generation,
-            );
-            record(status, None)
-        }
-        JobState::Succeeded | JobState::Missing => {
+        Next::Done => {
             status.size = None;
             status.checksum = None;
             if observed.references > 0 {
@@ -341,6 +378,11 @@ fn evicted(mut status: TemplateCacheStatus, observed: &Observed, attempt: u32) -
             record(status, None)
         }
     }
+}
+
+/// The cache's removal record (see [`super::removal`]).
+fn current_removal(cache: &TemplateCache) -> Option<&Removal> {
+    cache.status.as_ref()?.removal.as_ref()
 }
 
 fn succeeded(
@@ -608,23 +650,41 @@ mod tests {
 
     #[test]
     fn an_evicted_cache_is_copied_again_only_after_its_data_is_removed() {
-        let c = cache(json!({"attempt": 3, "phase": "Evicted", "size": 10}));
         let s = store();
-        let with_store = |removal| {
+        let plan_with = |c: &TemplateCache, removal| {
             let o = Observed {
                 job: JobState::Succeeded,
                 removal,
-                ..observed(&c, Some(&s))
+                ..observed(c, Some(&s))
             };
             plan(&o, &RetryPolicy::default())
         };
-        assert_eq!(with_store(JobState::Missing).step, Step::RemoveData(3));
-        let running = with_store(JobState::Running);
+        let evicted = cache(json!({"attempt": 3, "phase": "Evicted", "size": 10}));
+        assert_eq!(
+            plan_with(&evicted, JobState::Missing).step,
+            Step::RemoveData(1)
+        );
+        let removing = cache(json!({"attempt": 3, "phase": "Evicted", "size": 10,
+            "removal": {"attempt": 1, "jobName": "img-remove-1", "jobNamespace": "ns",
+                        "jobUid": "u"}}));
+        let running = plan_with(&removing, JobState::Running);
         assert_eq!(running.step, Step::Record);
         assert_eq!(running.status.phase, Some(Phase::Evicted));
-        let removed = with_store(JobState::Succeeded);
+        let forged = plan_with(&removing, JobState::NotOurs("forged".into()));
+        assert_eq!(
+            forged.step,
+            Step::RemoveData(2),
+            "a Job not recorded is never the removal"
+        );
+        let removed = plan_with(&removing, JobState::Succeeded);
         assert_eq!(removed.step, Step::StartAttempt(4));
         assert_eq!(removed.status.size, None);
+        let next = removed.status.removal.expect("the record stays");
+        assert_eq!(
+            (next.attempt, next.job_name),
+            (1, None),
+            "tries count on, the try is over"
+        );
     }
 
     #[test]

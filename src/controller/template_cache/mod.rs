@@ -8,7 +8,10 @@
 //! seems missing is created again only after a fresh read confirms the attempt is still current.
 
 pub mod deletion;
+mod finalize;
 pub mod lifecycle;
+mod records;
+pub mod removal;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,16 +19,15 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, PatchParams, PostParams};
+use kube::api::PatchParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use serde_json::Value;
 use tracing::{debug, info};
 
-use self::deletion::Deletion;
 use self::lifecycle::{Observed, Plan, Step};
-use super::jobs::{self, JobState, Operation};
+use super::jobs::{self, JobState};
 use super::staging_store::tenancy;
 use super::writes::{self, Answer};
 use crate::controller::context::Context;
@@ -33,7 +35,7 @@ use crate::controller::error::Error;
 use crate::controller::group_commit;
 use crate::infra::metrics::CacheSample;
 use templatecache_api::conditions::{READY, find};
-use templatecache_api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
+use templatecache_api::names::CLEANUP_FINALIZER;
 use templatecache_api::reasons::cache as reason;
 use templatecache_api::references::{count_references, is_operator_reference};
 use templatecache_api::{Phase, StagingStore, TemplateCache, TemplateCacheStatus};
@@ -48,7 +50,7 @@ pub async fn reconcile(cache: Arc<TemplateCache>, ctx: Arc<Context>) -> Result<A
     let (cache, commit_wait) = group_commit::commit(cache, &ctx).await?;
     let holds_consumers = cache.finalizers().iter().any(|f| is_operator_reference(f));
     let requeue = if cache.metadata.deletion_timestamp.is_some() {
-        finalize(&cache, &caches, &jobs, &ctx).await?
+        finalize::finalize(&cache, &caches, &jobs, &ctx).await?
     } else {
         reconcile_live(cache, &caches, &jobs, &ctx).await?
     };
@@ -76,15 +78,13 @@ async fn reconcile_live(
     let store_name = ctx.store_name_of(&cache).to_owned();
     let store = ctx.store(&store_name).await?;
     let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
-    let job = JobState::of_cache(
-        current_copy_job(jobs, &cache, attempt).await?.as_ref(),
-        &cache,
-    );
+    if records::clear_unrecorded_copy_job(caches, jobs, &cache).await? {
+        return Ok(Some(Duration::from_secs(1)));
+    }
+    let job = records::copy_job_state(jobs, &cache).await?;
     let cache = read_report_if_missing(caches, cache, attempt, &job).await?;
     let removal = match cache.status.as_ref().and_then(|s| s.phase) {
-        Some(Phase::Evicted) => {
-            JobState::of_cache(removal_job(jobs, &cache, attempt).await?.as_ref(), &cache)
-        }
+        Some(Phase::Evicted) => records::removal_job_state(ctx, &cache).await?,
         _ => JobState::Missing,
     };
     let observed = Observed {
@@ -117,7 +117,16 @@ async fn reconcile_live(
         ));
     }
     let started = Instant::now();
-    execute(&plan, &cache, store.as_deref(), caches, jobs, ctx).await?;
+    execute(
+        &plan,
+        &observed.removal,
+        &cache,
+        store.as_deref(),
+        caches,
+        jobs,
+        ctx,
+    )
+    .await?;
     if count_only {
         ctx.count_writes.done(&key, started);
     }
@@ -210,6 +219,7 @@ async fn announce(plan: &Plan, cache: &TemplateCache, ctx: &Context) {
 
 async fn execute(
     plan: &Plan,
+    observed_removal: &JobState,
     cache: &TemplateCache,
     store: Option<&StagingStore>,
     caches: &Api<TemplateCache>,
@@ -221,20 +231,26 @@ async fn execute(
         (Step::StartAttempt(attempt), Some(store)) => {
             win_attempt(caches, cache, &plan.status).await?;
             info!(attempt, "won the transition; creating the copy Job");
-            create_job(
-                jobs,
-                jobs::copy_job(cache, store, *attempt, &ctx.config.jobs, &ctx.config.retry)?,
-            )
-            .await
+            let job = jobs::copy_job(cache, store, *attempt, &ctx.config.jobs, &ctx.config.retry)?;
+            if let Some(uid) = records::create_job(jobs, job).await? {
+                records::record_copy_job(caches, &cache.name_any(), *attempt, &uid).await?;
+            }
+            Ok(())
         }
-        (Step::RemoveData(attempt), Some(store)) => {
-            info!(attempt, "evicted; creating the remove Job");
-            create_job(
-                jobs,
-                jobs::remove_job(cache, store, *attempt, &ctx.config.jobs)?,
-            )
-            .await?;
-            write_status(caches, cache, &plan.status).await
+        (Step::RemoveData(try_), Some(store)) => {
+            write_status(caches, cache, &plan.status).await?;
+            let failure = removal::failure(observed_removal);
+            records::start_removal(caches, cache, store, *try_, failure, ctx).await
+        }
+        (Step::CreateRemoval, Some(store)) => {
+            write_status(caches, cache, &plan.status).await?;
+            let record = cache.status.as_ref().and_then(|s| s.removal.clone());
+            match record {
+                Some(record) => {
+                    records::create_recorded_removal(caches, cache, store, &record, ctx).await
+                }
+                None => Ok(()),
+            }
         }
         (Step::EnsureJob(attempt), Some(store)) => {
             let fresh = caches.get(&cache.name_any()).await?;
@@ -246,11 +262,10 @@ async fn execute(
                 attempt,
                 "the copy Job of the current attempt is missing; creating it"
             );
-            create_job(
-                jobs,
-                jobs::copy_job(&fresh, store, *attempt, &ctx.config.jobs, &ctx.config.retry)?,
-            )
-            .await?;
+            let job = jobs::copy_job(&fresh, store, *attempt, &ctx.config.jobs, &ctx.config.retry)?;
+            if let Some(uid) = records::create_job(jobs, job).await? {
+                records::record_copy_job(caches, &fresh.name_any(), *attempt, &uid).await?;
+            }
             write_status(caches, &fresh, &plan.status).await
         }
     }
@@ -275,109 +290,6 @@ async fn read_report_if_missing(
         return Ok(cache);
     }
     Ok(Arc::new(caches.get(&cache.name_any()).await?))
-}
-
-/// The copy Job of `attempt`, read from the API server (never from a cache: whether it exists
-/// decides whether one is created).
-async fn current_copy_job(
-    jobs: &Api<Job>,
-    cache: &TemplateCache,
-    attempt: u32,
-) -> Result<Option<Job>, Error> {
-    if attempt == 0 {
-        return Ok(None);
-    }
-    let name = jobs::job_name(&cache.name_any(), Operation::Copy, attempt);
-    Ok(jobs.get_opt(&name).await?)
-}
-
-/// The remove Job of `attempt`, read from the API server like [`current_copy_job`].
-async fn removal_job(
-    jobs: &Api<Job>,
-    cache: &TemplateCache,
-    attempt: u32,
-) -> Result<Option<Job>, Error> {
-    let name = jobs::job_name(&cache.name_any(), Operation::Remove, attempt);
-    Ok(jobs.get_opt(&name).await?)
-}
-
-/// Deleting: hold the cache until its last reference is released, then remove its data with a
-/// remove Job and let it go.
-async fn finalize(
-    cache: &TemplateCache,
-    caches: &Api<TemplateCache>,
-    jobs: &Api<Job>,
-    ctx: &Context,
-) -> Result<Option<Duration>, Error> {
-    if !has_cleanup_finalizer(cache) {
-        return Ok(None);
-    }
-    let store_name = ctx.store_name_of(cache);
-    let store = ctx.store(store_name).await?;
-    let references = count_references(cache.finalizers());
-    let observed = Observed {
-        cache,
-        references,
-        store_name,
-        store: store.as_deref(),
-        job: JobState::Missing,
-        removal: JobState::Missing,
-        source_refusal: None,
-        namespace_refusal: None,
-        now: Timestamp::now(),
-    };
-    write_status(caches, cache, &lifecycle::deleting_status(&observed)).await?;
-    let attempt = cache.status.as_ref().and_then(|s| s.attempt).unwrap_or(0);
-    // The Jobs are read only when the decision may need them.
-    let (copy, removal) = match (references, &store) {
-        (0, Some(_)) if attempt > 0 => (
-            JobState::of_cache(
-                current_copy_job(jobs, cache, attempt).await?.as_ref(),
-                cache,
-            ),
-            JobState::of_cache(removal_job(jobs, cache, attempt).await?.as_ref(), cache),
-        ),
-        _ => (JobState::Missing, JobState::Missing),
-    };
-    let seen = deletion::Seen {
-        holds_cleanup: true,
-        references,
-        attempt,
-        store_exists: store.is_some(),
-        copy,
-        removal,
-    };
-    match deletion::plan(&seen) {
-        Deletion::Done | Deletion::WaitForReferences | Deletion::WaitForRemoval => Ok(None),
-        Deletion::ReleaseWithoutRemoval => {
-            remove_cleanup_finalizer(caches, cache).await?;
-            Ok(None)
-        }
-        Deletion::StopCopy => {
-            let name = jobs::job_name(&cache.name_any(), Operation::Copy, attempt);
-            jobs.delete(&name, &DeleteParams::background()).await?;
-            Ok(Some(Duration::from_secs(1)))
-        }
-        Deletion::StartRemoval => {
-            // The plan starts a removal only with the store present.
-            let Some(store) = store else { return Ok(None) };
-            let job = jobs::remove_job(cache, &store, attempt, &ctx.config.jobs)?;
-            create_job(jobs, job).await?;
-            Ok(None)
-        }
-        Deletion::Release => {
-            info!("data removed; releasing the cache");
-            remove_cleanup_finalizer(caches, cache).await?;
-            let namespace = cache.namespace().unwrap_or_default();
-            ctx.metrics
-                .observe_cache(&namespace, &cache.name_any(), None);
-            Ok(None)
-        }
-        Deletion::RemovalFailed(message) => {
-            let remove_name = jobs::job_name(&cache.name_any(), Operation::Remove, attempt);
-            Err(Error::CleanupFailed(remove_name, message))
-        }
-    }
 }
 
 /// Writes the fields of `desired` that differ from the cache's status; nothing when none do.
@@ -478,8 +390,11 @@ fn status_changes(
 ) -> Result<serde_json::Map<String, Value>, Error> {
     let current = cache.status.clone().unwrap_or_default();
     let mut diff = status_diff(&current, desired)?;
-    diff.remove("progress");
-    diff.remove("storage");
+    // The mover's report, the store's grant, and the Job records (written right after each
+    // Job is made, so a plan from an older view must not undo them).
+    for owned_elsewhere in ["progress", "storage", "jobUid", "removal"] {
+        diff.remove(owned_elsewhere);
+    }
     Ok(diff)
 }
 
@@ -511,17 +426,6 @@ fn status_diff(
 /// Creates a Job. Its name is deterministic, so a repeat meets the Job already there and leaves
 /// it be. A create, not an apply: a Job's spec cannot change after creation anyway, and an
 /// apply costs the API server a YAML parse and a merge on every copy.
-async fn create_job(jobs: &Api<Job>, job: Job) -> Result<(), Error> {
-    let params = PostParams {
-        field_manager: Some(OPERATOR_MANAGER.to_owned()),
-        ..Default::default()
-    };
-    match jobs.create(&params, &job).await {
-        Err(kube::Error::Api(status)) if status.reason == "AlreadyExists" => Ok(()),
-        other => other.map(drop).map_err(Error::from),
-    }
-}
-
 /// Whether the operator's cleanup finalizer is on the cache: the data it copies is removed
 /// before the cache goes, so no copy starts before it is there.
 fn has_cleanup_finalizer(cache: &TemplateCache) -> bool {
