@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -97,7 +97,7 @@ pub async fn run_with(
     .inspect_ok(move |event| wake.wake(index.apply(event)));
     let index = ctx.watched.pods_by_cache.clone();
     let pod_watch = watcher(ctx.scoped::<Pod>(), labelled_pods())
-        .modify(drop_managed_fields)
+        .modify(keep_what_the_operator_reads)
         .default_backoff()
         .reflect_shared(pod_writer)
         .inspect_ok(move |event| wake_caches.wake(index.apply(event)));
@@ -244,6 +244,28 @@ pub(super) fn drop_managed_fields(object: &mut impl kube::Resource) {
     object.meta_mut().managed_fields = None;
 }
 
+/// What the operator keeps of a labelled Pod: who it is (metadata without managedFields,
+/// annotations and owners), its scheduling gates and its phase, all the pod gate and the
+/// reference commit read. A Pod's spec and status (containers, volumes, env, conditions) are
+/// most of its size, so the watch's memory grows with the number of consumer Pods, not with how
+/// big each one is written.
+fn keep_what_the_operator_reads(pod: &mut Pod) {
+    let metadata = &mut pod.metadata;
+    metadata.managed_fields = None;
+    metadata.annotations = None;
+    metadata.owner_references = None;
+    let gates = pod.spec.as_mut().and_then(|s| s.scheduling_gates.take());
+    pod.spec = Some(PodSpec {
+        scheduling_gates: gates,
+        ..PodSpec::default()
+    });
+    let phase = pod.status.as_mut().and_then(|s| s.phase.take());
+    pod.status = Some(PodStatus {
+        phase,
+        ..PodStatus::default()
+    });
+}
+
 /// Runs one reconcile and counts it; a conflict (a retry by design) is not an error.
 async fn measured(
     controller: &'static str,
@@ -271,5 +293,43 @@ fn error_policy<K: ResourceExt>(object: Arc<K>, error: &Error, _ctx: Arc<Context
             warn!(object = %object.name_any(), "reconcile failed: {error}");
             Action::requeue(Duration::from_secs(5))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_watched_pod_keeps_its_identity_gates_and_phase_and_nothing_else() {
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u", "resourceVersion": "7",
+                         "labels": {"templatecache.io/cache": "img"},
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(4096)},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "rs", "uid": "r"}]},
+            "spec": {"schedulingGates": [{"name": "templatecache.io/ready"}],
+                     "containers": [{"name": "c", "image": "i", "env": [{"name": "E", "value": "v"}]}]},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False"}]}
+        }))
+        .expect("pod");
+        let before = serde_json::to_string(&pod).expect("json").len();
+        keep_what_the_operator_reads(&mut pod);
+        let kept = serde_json::to_value(&pod).expect("json");
+        assert_eq!(
+            kept,
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "ns", "uid": "u", "resourceVersion": "7",
+                             "labels": {"templatecache.io/cache": "img"}},
+                "spec": {"containers": [], "schedulingGates": [{"name": "templatecache.io/ready"}]},
+                "status": {"phase": "Pending"}
+            })
+        );
+        assert!(
+            kept.to_string().len() * 10 < before,
+            "a tenth of the size or less"
+        );
     }
 }
