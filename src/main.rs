@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use futures::FutureExt;
-use templatecache::controller::jobs::JobSettings;
+use templatecache::controller::jobs::{JobLimits, JobSettings};
 use templatecache::controller::retry::RetryPolicy;
 use templatecache::controller::{self, Config};
 use templatecache::infra::http::{self, Readiness};
@@ -129,6 +129,22 @@ struct RunArgs {
         env = "TEMPLATECACHE_ALLOW_INTERNAL_ADDRESS"
     )]
     allow_internal_address: Vec<templatecache_mover::address::AllowedInternal>,
+    /// Seconds a copy's source may send nothing (no answer, no byte) before the attempt fails
+    /// as stalled.
+    #[arg(long, default_value_t = templatecache_mover::DEFAULT_STALL_SECONDS,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    copy_stall_seconds: u64,
+    /// The slowest copy worth waiting for, in bytes per second (`1Mi`, `512Ki`, ...): a copy
+    /// Job's activeDeadlineSeconds is the template's size at this rate plus 10 minutes (a day
+    /// while the size is unknown).
+    #[arg(long, default_value_t = JobLimits::DEFAULT_MIN_BYTES_PER_SECOND,
+          value_parser = parse_rate)]
+    copy_min_bytes_per_second: u64,
+    /// ttlSecondsAfterFinished of the operator's Jobs. At least 600: a failed copy Job must
+    /// outlive the longest wait before the next attempt, or the attempt would run again.
+    #[arg(long, default_value_t = JobLimits::DEFAULT_TTL_SECONDS,
+          value_parser = clap::value_parser!(i32).range(600..))]
+    job_ttl_seconds: i32,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -153,6 +169,11 @@ impl RunArgs {
                 },
                 oci_plain_http_registries: self.oci_plain_http_registries.clone(),
                 allow_internal_addresses: self.allow_internal_address.clone(),
+                limits: JobLimits {
+                    stall_seconds: self.copy_stall_seconds,
+                    min_bytes_per_second: self.copy_min_bytes_per_second,
+                    ttl_seconds_after_finished: self.job_ttl_seconds,
+                },
             },
             retry: RetryPolicy {
                 max_attempts: self.max_attempts,
@@ -214,6 +235,14 @@ async fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A rate in bytes per second, with the mover's size suffixes; never zero.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    match templatecache_mover::parse_bytes(text)? {
+        0 => Err(format!("{text}: a rate must be above zero")),
+        rate => Ok(rate),
     }
 }
 

@@ -8,7 +8,7 @@ use templatecache_test_support as support;
 use std::path::PathBuf;
 
 use support::ranged_server::{RangedServer, Seen};
-use support::rig::{random_bytes, sha256, store_files};
+use support::rig::{random_bytes, resume_verified, sha256, store_files};
 use support::throttle::ThrottleProxy;
 use templatecache_mover::{CopyArgs, CopyError, run_copy};
 
@@ -34,6 +34,7 @@ fn args(dest: PathBuf, url: &str, streams: u16) -> CopyArgs {
         streams,
         part_size: PART,
         allow_internal_address: support::loopback_sources(),
+        stall_seconds: templatecache_mover::DEFAULT_STALL_SECONDS,
     }
 }
 
@@ -488,4 +489,114 @@ mod s3 {
         assert_eq!(std::fs::read(&dest).expect("copy"), bytes);
         assert_only(&dir, &["disk"]);
     }
+}
+
+/// The stalled sources of issue 25: a server that sends 64 KiB of each answer and then nothing,
+/// holding the connection open. With a 2-second stall limit the attempt fails naming the stall,
+/// whether the object is read as one stream or in parts, instead of holding the copy forever.
+#[tokio::test]
+async fn a_source_that_sends_64_kib_then_nothing_fails_the_attempt_naming_the_stall() {
+    let server = RangedServer::start().await;
+    for (case, size) in [("one stream", 3 * PART), ("in parts", 16 * PART)] {
+        server.put("disk.img", random_bytes(size as usize));
+        let dir = tempfile::tempdir().expect("dest");
+        let url = server.url("stalling", "disk.img");
+        let mut request = args(dir.path().join("disk"), &url, 8);
+        request.stall_seconds = 2;
+        let started = std::time::Instant::now();
+        let copy = tokio::time::timeout(std::time::Duration::from_secs(30), run_copy(request));
+        let error = copy
+            .await
+            .unwrap_or_else(|_| panic!("{case}: the stalled copy still runs after 30 s"))
+            .expect_err("a stalled source fails the attempt");
+        let message = error.to_string();
+        assert!(
+            matches!(error, CopyError::Stalled { .. })
+                && message.contains("sent nothing for 2 s")
+                && message.contains("stalled"),
+            "{case}: {message}"
+        );
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(15),
+            "{case}: {took:?}"
+        );
+        support::corpus::record(
+            &format!("a source that sends 64 KiB then nothing, read {case}"),
+            &format!(
+                "the attempt fails after the stall limit (2 s here, 60 by default): {message}"
+            ),
+        );
+    }
+}
+
+/// The copy runs as PID 1 in its container, where SIGTERM without a handler is ignored: a
+/// deleted copy Pod went on writing into the store until SIGKILL. With the handler, SIGTERM
+/// stops the copy at once, the failure is reported, the process exits non-zero, and the partial
+/// file with its resume record stays as a broken-off source leaves it, for the next attempt.
+#[tokio::test]
+async fn sigterm_stops_the_copy_promptly_and_keeps_a_resumable_partial_file() {
+    let server = RangedServer::start().await;
+    server.put("disk.img", random_bytes(32 << 20));
+    // 2 MiB/s per connection: the copy is mid-way when the signal comes.
+    let proxy = ThrottleProxy::start(server.addr, 2 << 20).await;
+    let dir = tempfile::tempdir().expect("dest");
+    let dest = dir.path().join("disk");
+    let url = format!("http://{}/files/disk.img", proxy.addr);
+    let mut mover = tokio::process::Command::new(env!("CARGO_BIN_EXE_templatecache"))
+        .args(["copy", "--attempt", "1", "--dest"])
+        .arg(&dest)
+        .args(["--http-url", &url, "--part-size", "256Ki"])
+        .args(["--allow-internal-address", support::LOOPBACK_SOURCES])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the mover");
+    let record = dir.path().join(".partial/disk-1.resume");
+    let verified = support::eventually(
+        "the copy records verified bytes",
+        std::time::Duration::from_secs(30),
+        || async { resume_verified(&record).filter(|v| *v > 0) },
+    )
+    .await;
+    let pid = mover.id().expect("pid").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let stopped = std::time::Instant::now();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let status = mover.wait().await.expect("wait");
+        let mut stderr = String::new();
+        if let Some(mut pipe) = mover.stderr.take() {
+            use tokio::io::AsyncReadExt;
+            let _ = pipe.read_to_string(&mut stderr).await;
+        }
+        (status, stderr)
+    })
+    .await
+    .expect("the mover stops within 10 s of SIGTERM");
+    let (status, stderr) = output;
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exits with a failure of its own, not killed by the signal: {status:?} {stderr}"
+    );
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    assert!(!dest.exists(), "nothing published");
+    let kept = resume_verified(&record).expect("the resume record stays");
+    assert!(kept >= verified, "{kept} < {verified}");
+    assert!(
+        dir.path().join(".partial/disk-1").exists(),
+        "the partial file stays"
+    );
+    support::corpus::record(
+        "SIGTERM to a copy mid-way (its Pod deleted, its node drained)",
+        &format!(
+            "stops in {:?}, exits 1, keeps its partial file ({kept} bytes verified) for the next attempt: {}",
+            stopped.elapsed(),
+            stderr.lines().last().unwrap_or_default()
+        ),
+    );
 }

@@ -151,6 +151,15 @@ fn assert_bad_values_refused_by_name() {
             "/copyJobs/namespaces/0",
         ),
         (vec!["--set", "metrics.port=80"], "/metrics/port"),
+        // A finished copy Job must outlive the wait before the next attempt.
+        (
+            vec!["--set", "copyJobs.ttlSecondsAfterFinished=60"],
+            "/copyJobs/ttlSecondsAfterFinished",
+        ),
+        (
+            vec!["--set", "copyJobs.minBytesPerSecond=0"],
+            "/copyJobs/minBytesPerSecond",
+        ),
         // A cluster older than the chart supports is refused before anything is installed.
         (
             vec!["--kube-version", "v1.30.0"],

@@ -81,6 +81,7 @@ async fn copy_and_remove_pods_are_admitted_where_restricted_is_enforced() {
         copy: Default::default(),
         oci_plain_http_registries: vec![],
         allow_internal_addresses: vec![],
+        limits: Default::default(),
     };
     let cache = cache(&ns.name);
     let pvc = store(json!({"persistentVolumeClaim": {"claimName": "staging"}}));

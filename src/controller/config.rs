@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::jobs::JobSettings;
+use super::jobs::{JobLimits, JobSettings};
 use super::retry::RetryPolicy;
 
 /// Settings of `templatecache run`.
@@ -65,6 +65,7 @@ impl Default for Config {
                 copy: templatecache_mover::Tuning::default(),
                 oci_plain_http_registries: vec![],
                 allow_internal_addresses: vec![],
+                limits: JobLimits::default(),
             },
             retry: RetryPolicy::default(),
             concurrency: Self::DEFAULT_CONCURRENCY,

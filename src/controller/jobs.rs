@@ -46,6 +46,57 @@ pub struct JobSettings {
     /// Internal destinations copy Jobs may read from (`templatecache copy
     /// --allow-internal-address`); every other non-global address is refused by the mover.
     pub allow_internal_addresses: Vec<AllowedInternal>,
+    /// How long Jobs may run and stay.
+    pub limits: JobLimits,
+}
+
+/// Deadlines of the operator's Jobs: no Job holds its cache (and the room reserved for it)
+/// forever, and finished Jobs do not pile up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Seconds a copy's source may send nothing (`templatecache copy --stall-seconds`).
+    pub stall_seconds: u64,
+    /// The slowest copy worth waiting for: a copy Job's `activeDeadlineSeconds` is the
+    /// template's size at this rate, plus [`JobLimits::ALLOWANCE_SECONDS`].
+    pub min_bytes_per_second: u64,
+    /// `ttlSecondsAfterFinished` of every Job.
+    pub ttl_seconds_after_finished: i32,
+}
+
+impl JobLimits {
+    pub const DEFAULT_MIN_BYTES_PER_SECOND: u64 = 1 << 20;
+    /// An hour: long enough to read a failed Job's Pod, and longer than the longest wait
+    /// between attempts (the retry policy's 10 minutes), so the operator always sees how an
+    /// attempt ended.
+    pub const DEFAULT_TTL_SECONDS: i32 = 3600;
+    /// Time a copy Job gets on top of its bytes: image pull, waiting for room, re-hashing a
+    /// resumed prefix, the final sync.
+    pub const ALLOWANCE_SECONDS: u64 = 600;
+    /// A copy Job's deadline when the template's size is not known yet (the first attempt):
+    /// a day, 84 GiB at the default floor rate.
+    pub const UNKNOWN_SIZE_SECONDS: u64 = 24 * 3600;
+
+    /// `activeDeadlineSeconds` of a copy of `size` bytes, if known.
+    pub fn copy_deadline(&self, size: Option<u64>) -> i64 {
+        let seconds = match size {
+            Some(bytes) => {
+                let rate = self.min_bytes_per_second.max(1);
+                Self::ALLOWANCE_SECONDS.saturating_add(bytes.div_ceil(rate))
+            }
+            None => Self::UNKNOWN_SIZE_SECONDS,
+        };
+        i64::try_from(seconds).unwrap_or(i64::MAX)
+    }
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self {
+            stall_seconds: templatecache_mover::DEFAULT_STALL_SECONDS,
+            min_bytes_per_second: Self::DEFAULT_MIN_BYTES_PER_SECOND,
+            ttl_seconds_after_finished: Self::DEFAULT_TTL_SECONDS,
+        }
+    }
 }
 
 /// What a Job does.
@@ -177,7 +228,22 @@ pub fn copy_job(
 ) -> Result<Job, serde_json::Error> {
     let args = copy_args(cache, attempt, settings, retry).to_command_line();
     let env = credential_env(&cache.spec.source);
-    build_job(cache, store, Operation::Copy, attempt, args, env, settings)
+    let mut job = build_job(cache, store, Operation::Copy, attempt, args, env, settings)?;
+    if let Some(spec) = job.spec.as_mut() {
+        // A Job past its deadline is Failed (reason DeadlineExceeded): the attempt fails and
+        // the next one resumes what was verified.
+        spec.active_deadline_seconds = Some(settings.limits.copy_deadline(template_size(cache)));
+    }
+    Ok(job)
+}
+
+/// The template's size, when an earlier attempt learnt it: the size of the staged copy, or the
+/// total the mover reported.
+fn template_size(cache: &TemplateCache) -> Option<u64> {
+    let status = cache.status.as_ref()?;
+    status
+        .size
+        .or_else(|| status.progress.as_ref()?.total_bytes)
 }
 
 /// What the mover of `attempt` is told: the source, where the copy goes, and how to run.
@@ -212,6 +278,7 @@ pub fn copy_args(
         streams: settings.copy.streams,
         part_size: settings.copy.part_size,
         allow_internal_address: settings.allow_internal_addresses.clone(),
+        stall_seconds: settings.limits.stall_seconds,
     }
 }
 
@@ -375,6 +442,7 @@ fn build_job(
         },
         "spec": {
             "backoffLimit": 0,
+            "ttlSecondsAfterFinished": settings.limits.ttl_seconds_after_finished,
             "template": {
                 "metadata": {"labels": pod_labels},
                 "spec": {
@@ -435,6 +503,7 @@ mod tests {
                 "10.96.0.0/12".parse().expect("network"),
                 "127.0.0.1:9000".parse().expect("endpoint"),
             ],
+            limits: JobLimits::default(),
         };
         match operation {
             Operation::Copy => copy_job(&cache, &store, 1, &settings, &RetryPolicy::default()),
@@ -499,6 +568,7 @@ mod tests {
                 copy: Default::default(),
                 oci_plain_http_registries: plain.iter().map(|r| r.to_string()).collect(),
                 allow_internal_addresses: vec![],
+                limits: JobLimits::default(),
             };
             let job = copy_job(&cache, &store, 2, &settings, &RetryPolicy::default()).expect("job");
             job.spec
@@ -652,6 +722,69 @@ mod tests {
             Some("ns"),
             "only the cache's namespace folder"
         );
+    }
+
+    #[test]
+    fn a_job_past_its_deadline_is_failed_with_the_deadline_named() {
+        // As the Job controller leaves it: FailureTarget first, then Failed.
+        let job: Job = serde_json::from_value(json!({
+            "metadata": {"name": "img-copy-1"},
+            "status": {"conditions": [
+                {"type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded",
+                 "message": "Job was active longer than specified deadline"},
+                {"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                 "message": "Job was active longer than specified deadline",
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        }))
+        .expect("job");
+        match JobState::of(Some(&job)) {
+            JobState::Failed { message, at } => {
+                assert_eq!(message, "Job was active longer than specified deadline");
+                assert!(at.is_some());
+            }
+            other => panic!("a Job past its deadline is Failed, got {other:?}"),
+        }
+        // Only FailureTarget so far: its Pod is still being stopped.
+        let stopping: Job = serde_json::from_value(json!({
+            "status": {"conditions": [{"type": "FailureTarget", "status": "True",
+                                       "reason": "DeadlineExceeded"}]}
+        }))
+        .expect("job");
+        assert_eq!(JobState::of(Some(&stopping)), JobState::Running);
+    }
+
+    #[test]
+    fn copy_jobs_get_a_deadline_from_the_template_size_and_every_job_a_ttl() {
+        let limits = JobLimits::default();
+        assert_eq!(limits.copy_deadline(None), 24 * 3600);
+        assert_eq!(limits.copy_deadline(Some(10 << 30)), 600 + 10 * 1024);
+        assert_eq!(limits.copy_deadline(Some(1)), 601);
+        let slow = JobLimits {
+            min_bytes_per_second: 0,
+            ..JobLimits::default()
+        };
+        assert_eq!(slow.copy_deadline(Some(u64::MAX)), i64::MAX);
+
+        let mut cache = fixtures::cache("img", Value::Null);
+        cache.status = Some(
+            serde_json::from_value(json!({"progress": {"attempt": 1, "bytesCopied": 0,
+                                                       "totalBytes": 1u64 << 30}}))
+            .expect("status"),
+        );
+        let store = fixtures::store("s", "1Gi");
+        let settings = crate::controller::Config::default().jobs;
+        let copy = copy_job(&cache, &store, 2, &settings, &RetryPolicy::default()).expect("job");
+        let spec = copy.spec.expect("spec");
+        assert_eq!(spec.active_deadline_seconds, Some(600 + 1024));
+        assert_eq!(spec.ttl_seconds_after_finished, Some(3600));
+        let args = spec.template.spec.expect("pod").containers[0]
+            .args
+            .clone()
+            .expect("args");
+        assert!(args.contains(&"--stall-seconds=60".to_owned()), "{args:?}");
+        let remove = job(Operation::Remove).spec.expect("spec");
+        assert_eq!(remove.ttl_seconds_after_finished, Some(3600));
+        assert_eq!(remove.active_deadline_seconds, None);
     }
 
     #[test]

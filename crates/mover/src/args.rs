@@ -70,7 +70,16 @@ pub struct CopyArgs {
     /// other loopback, link-local, private or otherwise non-global address is refused.
     #[arg(long, value_delimiter = ',')]
     pub allow_internal_address: Vec<address::AllowedInternal>,
+    /// Seconds a source may send nothing (no answer, no byte of a body) before the attempt
+    /// fails as stalled: a source that stops without closing the connection would otherwise
+    /// hold the copy, and the room reserved for it, forever.
+    #[arg(long, default_value_t = DEFAULT_STALL_SECONDS, env = env::COPY_STALL_SECONDS,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub stall_seconds: u64,
 }
+
+/// Stall limit unless told otherwise: a minute without a byte is no slow link but a dead one.
+pub const DEFAULT_STALL_SECONDS: u64 = 60;
 
 /// Part size unless told otherwise: AWS's guidance is 8 to 16 MiB ranges.
 pub const DEFAULT_PART_SIZE: u64 = 16 << 20;
@@ -83,8 +92,17 @@ pub const DEFAULT_STREAMS: u16 = 8;
 /// a broken part costs too much to fetch again.
 const PART_SIZES: std::ops::RangeInclusive<u64> = (64 << 10)..=(1 << 30);
 
-/// `16Mi`, `512Ki`, `1Gi` or a plain number of bytes.
+/// A part size ([`parse_bytes`]) between 64 KiB and 1 GiB.
 pub fn parse_part_size(text: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(text)?;
+    if !PART_SIZES.contains(&bytes) {
+        return Err(format!("{text}: a part must be between 64Ki and 1Gi"));
+    }
+    Ok(bytes)
+}
+
+/// `16Mi`, `512Ki`, `1Gi` or a plain number of bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
         Some(at) => text.split_at(at),
         None => (text, ""),
@@ -100,15 +118,11 @@ pub fn parse_part_size(text: &str) -> Result<u64, String> {
             ));
         }
     };
-    let bytes = digits
+    digits
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| format!("{text}: not a size"))?;
-    if !PART_SIZES.contains(&bytes) {
-        return Err(format!("{text}: a part must be between 64Ki and 1Gi"));
-    }
-    Ok(bytes)
+        .ok_or_else(|| format!("{text}: not a size"))
 }
 
 /// Arguments of `templatecache remove`.
@@ -150,6 +164,7 @@ impl CopyArgs {
         }
         value("streams", &self.streams);
         value("part-size", &self.part_size);
+        value("stall-seconds", &self.stall_seconds);
         // One argument per entry: the Job's spec shows exactly which internal destinations it
         // may reach, and an empty list (the default) allows none.
         for allowed in &self.allow_internal_address {
@@ -230,6 +245,7 @@ mod tests {
                 "10.96.0.0/12".parse().expect("network"),
                 "127.0.0.1:9000".parse().expect("address and port"),
             ],
+            stall_seconds: 7,
         }
     }
 

@@ -19,6 +19,7 @@ pub const OCI_DOCKER_CONFIG: &str = "TEMPLATECACHE_OCI_DOCKER_CONFIG";
 /// Tuning a user may set on the mover's container instead of its arguments.
 pub const COPY_STREAMS: &str = "TEMPLATECACHE_COPY_STREAMS";
 pub const COPY_PART_SIZE: &str = "TEMPLATECACHE_COPY_PART_SIZE";
+pub const COPY_STALL_SECONDS: &str = "TEMPLATECACHE_COPY_STALL_SECONDS";
 
 /// `(variable, key of the http.secretRef Secret)`.
 pub const HTTP_SECRET_KEYS: [(&str, &str); 3] = [

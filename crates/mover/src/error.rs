@@ -29,6 +29,31 @@ pub enum CopyError {
         expected: u64,
         cause: String,
     },
+    #[error(
+        "{source_name} sent nothing for {seconds} s after {got} bytes: the source stalled, so this attempt stops (the limit is the copy's --stall-seconds)"
+    )]
+    Stalled {
+        source_name: String,
+        got: u64,
+        seconds: u64,
+    },
+    #[error(
+        "stopped by SIGTERM (the copy's Pod is being deleted, or its node drained) before the copy was done"
+    )]
+    Terminated,
+    #[error(
+        "the store granted {granted} bytes of room to this attempt, but the source is {size} bytes: nothing is written (the room was asked for with another size)"
+    )]
+    RoomTooSmall { size: u64, granted: u64 },
+    #[error(
+        "{source_name} holds a tar {kind} header of {size} bytes, over the {limit}-byte limit: the containerDisk layer is refused before the header is read"
+    )]
+    TarHeaderTooLarge {
+        source_name: String,
+        kind: &'static str,
+        size: u64,
+        limit: u64,
+    },
     #[error("checksum mismatch: expected {expected}, the source has {actual}")]
     ChecksumMismatch { expected: String, actual: String },
     #[error("the staging store is full: {0} does not fit")]

@@ -21,9 +21,13 @@ mod report;
 mod resume;
 mod run;
 mod source;
+mod stall;
 mod transfer;
 
-pub use args::{CopyArgs, DEFAULT_PART_SIZE, DEFAULT_STREAMS, RemoveArgs, parse_part_size};
+pub use args::{
+    CopyArgs, DEFAULT_PART_SIZE, DEFAULT_STALL_SECONDS, DEFAULT_STREAMS, RemoveArgs, parse_bytes,
+    parse_part_size,
+};
 pub use error::CopyError;
 pub use plan::{MIN_PARTS, Tuning};
 pub use run::{run_copy, run_remove};

@@ -30,6 +30,7 @@ use crate::landing::{Checkpoint, Front, Landing, Sink, Start};
 use crate::plan::{Fallback, Pin, Tuning, plan};
 use crate::resume::{self, Identity, Recorder, TakenOver};
 use crate::source::Source;
+use crate::stall::StallLimit;
 use crate::transfer::{Transferred, hex};
 use crate::{CopyError, Partial, io_error};
 
@@ -69,6 +70,7 @@ pub async fn transfer(
         size: meta.size,
         part_size: pin.part_size,
         pin,
+        stall: source.stall,
     };
     let (file, start) = match resume::take_over(partial, &identity)? {
         Some(taken) => {
@@ -79,7 +81,8 @@ pub async fn transfer(
     };
     let (first_part, resumed_at) = (start.at / parts.part_size, start.at);
     // The first part's answer tells whether the server splits at all, before a byte is written.
-    let first = match parts.get(parts.range(first_part)).await {
+    let asked = parts.get(parts.range(first_part));
+    let first = match parts.stall.wait(&parts.display, start.at, asked).await? {
         Err(object_store::Error::NotSupported { .. }) => {
             return Ok(Outcome::SingleStream(Fallback::NoRanges));
         }
@@ -261,6 +264,7 @@ struct Parts {
     pin: Pin,
     size: u64,
     part_size: u64,
+    stall: StallLimit,
 }
 
 impl Parts {
@@ -376,7 +380,13 @@ impl Download {
         loop {
             let got = match answer.take() {
                 Some(result) => Ok(result),
-                None => self.parts.get(at..range.end).await,
+                None => {
+                    let asked = self.parts.get(at..range.end);
+                    self.parts
+                        .stall
+                        .wait(&self.parts.display, at, asked)
+                        .await?
+                }
             };
             let cause = match got {
                 Ok(result) => {
@@ -416,7 +426,8 @@ impl Download {
     ) -> Result<Option<String>, Stop> {
         let asked = *at;
         let mut stream = result.into_stream();
-        while let Some(chunk) = stream.next().await {
+        let stall = self.parts.stall;
+        while let Some(chunk) = stall.wait(&self.parts.display, *at, stream.next()).await? {
             let bytes = match chunk {
                 Ok(bytes) => bytes,
                 Err(e) => return Ok(Some(crate::one_line(&e.to_string()))),

@@ -61,7 +61,13 @@ impl Reporter {
 
     /// Asks the cache's store for `bytes` of room (by reporting the size before any byte is
     /// copied) and waits until the StagingStore controller grants it. Fails if the cache moves on
-    /// to another attempt or is deleted meanwhile; returns at once when there is no cache.
+    /// to another attempt or is deleted meanwhile, or if the room granted is less than `bytes`;
+    /// returns at once when there is no cache.
+    ///
+    /// The grant is checked because what was asked for is not to be trusted: `totalBytes` is
+    /// written with the copy Pod's token, which anyone who can exec into the Pod holds. Every
+    /// source stops at the size it announced (`bytes`), so a copy that passes never writes past
+    /// the room granted.
     pub async fn wait_for_room(&mut self, bytes: u64) -> Result<(), CopyError> {
         let Some((api, name)) = self.target.clone() else {
             return Ok(());
@@ -77,8 +83,8 @@ impl Reporter {
             match api.get(&name).await {
                 Ok(cache) => {
                     let answer = self.room_answer(&cache)?;
-                    if answer.as_ref().is_some_and(|a| a.admitted) {
-                        return Ok(());
+                    if let Some(granted) = answer.as_ref().filter(|a| a.admitted) {
+                        return covers(granted, bytes);
                     }
                     let message = answer.and_then(|a| a.message);
                     if message.is_some() && message != last_answer {
@@ -197,6 +203,18 @@ impl Reporter {
     }
 }
 
+/// Whether the room `granted` holds `size` bytes.
+fn covers(granted: &StorageAdmission, size: u64) -> Result<(), CopyError> {
+    let room = granted.bytes.unwrap_or(0);
+    if size > room {
+        return Err(CopyError::RoomTooSmall {
+            size,
+            granted: room,
+        });
+    }
+    Ok(())
+}
+
 /// A refused address stays refused whatever the attempt: the operator's allowlist decides, and
 /// the operator fails the cache for good instead of retrying.
 fn final_reason(error: &CopyError) -> Option<&'static str> {
@@ -210,4 +228,36 @@ fn final_reason(error: &CopyError) -> Option<&'static str> {
 fn percent(bytes: u64, total: Option<u64>) -> Option<String> {
     let total = total.filter(|t| *t > 0)?;
     Some(format!("{}%", bytes.saturating_mul(100) / total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn granted(bytes: Option<u64>) -> StorageAdmission {
+        StorageAdmission {
+            attempt: 1,
+            admitted: true,
+            bytes,
+            message: None,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn a_copy_larger_than_the_room_granted_is_refused_before_writing() {
+        assert!(covers(&granted(Some(1000)), 1000).is_ok());
+        assert!(covers(&granted(Some(1001)), 1000).is_ok());
+        for room in [Some(999), Some(0), None] {
+            let error = covers(&granted(room), 1000)
+                .expect_err("too small")
+                .to_string();
+            assert!(
+                error.contains("granted")
+                    && error.contains("1000 bytes")
+                    && error.contains("nothing is written"),
+                "{error}"
+            );
+        }
+    }
 }

@@ -104,15 +104,20 @@ pub fn take_over(partial: &Partial, identity: &Identity) -> Result<Option<TakenO
 }
 
 /// Whether a failed attempt's partial file stays for the next attempt: when the source broke
-/// off (the link, not the data, failed) and the file has a resume record. Any other failure
-/// (a checksum that does not match, a source that changed, a full store) would meet the same
-/// bytes again.
+/// off or stalled, or the mover was told to stop (the link or the Pod, not the data, failed),
+/// and the file has a resume record. Any other failure (a checksum that does not match, a
+/// source that changed, a full store) would meet the same bytes again.
 pub fn worth_keeping(partial: &Partial, error: &CopyError) -> bool {
-    matches!(error, CopyError::Truncated { .. } | CopyError::Source(..))
-        && partial
-            .folder
-            .read_resume(partial.attempt, RECORD_LIMIT)
-            .is_ok_and(|record| record.is_some())
+    matches!(
+        error,
+        CopyError::Truncated { .. }
+            | CopyError::Source(..)
+            | CopyError::Stalled { .. }
+            | CopyError::Terminated
+    ) && partial
+        .folder
+        .read_resume(partial.attempt, RECORD_LIMIT)
+        .is_ok_and(|record| record.is_some())
 }
 
 /// The verified length `attempt`'s record gives, if it describes `identity` and is sound.

@@ -7,6 +7,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use tracing::{info, warn};
 
@@ -34,7 +37,8 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
         .map_err(CopyError::InvalidArguments)?;
     let folder = Arc::new(StoreFolder::open(&args.dest)?);
     let mut copied = 0;
-    let result = async {
+    let mut terminate = sigterm();
+    let attempt = async {
         // A link planted at the cache's name stops the copy before a byte is fetched.
         folder.check_final()?;
         let partial = Partial {
@@ -58,8 +62,14 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
             reporter.progress(front, total).await;
         })
         .await
-    }
-    .await;
+    };
+    // Stopping drops the attempt where it stands: its streams and parts end, and the partial
+    // file and its resume record stay as a broken-off source leaves them (the record never
+    // claims more than is synced).
+    let result = tokio::select! {
+        result = attempt => result,
+        () = terminated(&mut terminate) => Err(CopyError::Terminated),
+    };
     match result {
         Ok(done) => {
             reporter
@@ -87,9 +97,44 @@ pub async fn run_copy(args: CopyArgs) -> Result<Transferred, CopyError> {
             if let Err(cleanup) = discarded {
                 warn!("the partial file stays: {cleanup}");
             }
-            reporter.failed(copied, &error).await;
+            // Bounded: after a SIGTERM the grace period is running, and a report the API
+            // server does not take must not hold the exit.
+            let report = reporter.failed(copied, &error);
+            if tokio::time::timeout(FAILURE_REPORT_TIMEOUT, report)
+                .await
+                .is_err()
+            {
+                warn!("the failure could not be reported in time");
+            }
             Err(error)
         }
+    }
+}
+
+/// How long the report of a failure may take before the mover exits anyway.
+const FAILURE_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SIGTERM handler, installed before anything is fetched: the mover runs as PID 1 in its
+/// container, where a signal without a handler is ignored, so a deleted copy Pod would run on
+/// (and write into the store) until the kubelet's SIGKILL at the end of the grace period.
+fn sigterm() -> Option<Signal> {
+    match signal(SignalKind::terminate()) {
+        Ok(handler) => Some(handler),
+        Err(e) => {
+            warn!("no SIGTERM handler (the copy stops only when killed): {e}");
+            None
+        }
+    }
+}
+
+/// Resolves when SIGTERM arrives; never without a handler.
+async fn terminated(handler: &mut Option<Signal>) {
+    match handler {
+        Some(handler) => {
+            handler.recv().await;
+            info!("SIGTERM: stopping the copy");
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -17,6 +17,7 @@ use crate::env::{
     HTTP_PASSWORD, HTTP_TOKEN, HTTP_USERNAME, S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY,
     S3_SESSION_TOKEN,
 };
+use crate::stall::StallLimit;
 use crate::{CopyArgs, CopyError};
 
 /// A readable object.
@@ -25,15 +26,17 @@ pub struct Source {
     pub path: Path,
     /// For messages: the URL or `s3://bucket/key`, never credentials.
     pub display: String,
+    /// How long the source may send nothing before the attempt fails.
+    pub stall: StallLimit,
 }
 
 impl Source {
     /// The object as a HEAD request sees it: its size (what the copy asks its store to
     /// reserve) and the version (ETag, S3 versionId) a parallel download pins its parts to.
     pub async fn head(&self) -> Result<ObjectMeta, CopyError> {
-        self.store
-            .head(&self.path)
-            .await
+        self.stall
+            .wait(&self.display, 0, self.store.head(&self.path))
+            .await?
             .map_err(|e| CopyError::from_source(&self.display, e))
     }
 }
@@ -41,13 +44,21 @@ impl Source {
 /// Builds the source the arguments name.
 pub fn open(args: &CopyArgs) -> Result<Source, CopyError> {
     let policy = Arc::new(AddressPolicy::new(args.allow_internal_address.clone()));
-    match (&args.http_url, &args.s3_bucket, &args.s3_key) {
-        (Some(url), None, None) => open_http(url, policy),
-        (None, Some(bucket), Some(key)) => open_s3(args, bucket, key, policy),
-        _ => Err(CopyError::InvalidArguments(
-            "give either --http-url, or --s3-bucket with --s3-key".into(),
-        )),
-    }
+    let (store, path, display) = match (&args.http_url, &args.s3_bucket, &args.s3_key) {
+        (Some(url), None, None) => open_http(url, policy)?,
+        (None, Some(bucket), Some(key)) => open_s3(args, bucket, key, policy)?,
+        _ => {
+            return Err(CopyError::InvalidArguments(
+                "give either --http-url, or --s3-bucket with --s3-key".into(),
+            ));
+        }
+    };
+    Ok(Source {
+        store,
+        path,
+        display,
+        stall: StallLimit::from_seconds(args.stall_seconds),
+    })
 }
 
 /// Timeout to connect to a stalled peer; none for a large body, which is streamed.
@@ -78,7 +89,10 @@ fn retry_config() -> RetryConfig {
     }
 }
 
-fn open_http(url: &str, policy: Arc<AddressPolicy>) -> Result<Source, CopyError> {
+/// A source's client, its object's path, and its name for messages.
+type Opened = (Arc<dyn ObjectStore>, Path, String);
+
+fn open_http(url: &str, policy: Arc<AddressPolicy>) -> Result<Opened, CopyError> {
     let parsed = url::Url::parse(url)
         .map_err(|e| CopyError::InvalidArguments(format!("--http-url {url}: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
@@ -103,11 +117,7 @@ fn open_http(url: &str, policy: Arc<AddressPolicy>) -> Result<Source, CopyError>
     let mut display = parsed.clone();
     let _ = display.set_password(None);
     let _ = display.set_username("");
-    Ok(Source {
-        store: Arc::new(store),
-        path,
-        display: display.to_string(),
-    })
+    Ok((Arc::new(store), path, display.to_string()))
 }
 
 /// `Bearer <token>` or `Basic <user:password>` from the environment, when given.
@@ -138,7 +148,7 @@ fn open_s3(
     bucket: &str,
     key: &str,
     policy: Arc<AddressPolicy>,
-) -> Result<Source, CopyError> {
+) -> Result<Opened, CopyError> {
     let mut builder = AmazonS3Builder::new()
         .with_bucket_name(bucket)
         .with_region(args.s3_region.as_deref().unwrap_or("us-east-1"))
@@ -174,9 +184,5 @@ fn open_s3(
         .map_err(|e| CopyError::InvalidArguments(format!("s3://{bucket}/{key}: {e}")))?;
     let path = Path::parse(key)
         .map_err(|e| CopyError::InvalidArguments(format!("--s3-key {key}: {e}")))?;
-    Ok(Source {
-        store: Arc::new(store),
-        path,
-        display: format!("s3://{bucket}/{key}"),
-    })
+    Ok((Arc::new(store), path, format!("s3://{bucket}/{key}")))
 }

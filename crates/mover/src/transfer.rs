@@ -93,7 +93,8 @@ async fn read_all(
             if_match: expected.as_ref().and_then(|(_, etag)| etag.clone()),
             ..GetOptions::default()
         };
-        let result = match source.store.get_opts(&source.path, options).await {
+        let answer = source.store.get_opts(&source.path, options);
+        let result = match source.stall.wait(&source.display, written, answer).await? {
             Ok(result) => result,
             Err(object_store::Error::NotSupported { .. }) if written > 0 => {
                 return Err(CopyError::Truncated {
@@ -120,7 +121,11 @@ async fn read_all(
         }
         let mut stream = result.into_stream();
         let mut broken = None;
-        while let Some(chunk) = stream.next().await {
+        while let Some(chunk) = source
+            .stall
+            .wait(&source.display, written, stream.next())
+            .await?
+        {
             match chunk {
                 Ok(bytes) => {
                     written += bytes.len() as u64;
@@ -256,6 +261,7 @@ mod tests {
             store: Arc::new(store),
             path,
             display: "mem://disk.img".into(),
+            stall: crate::stall::StallLimit::from_seconds(60),
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let folder = StoreFolder::open(&dir.path().join("img")).expect("folder");

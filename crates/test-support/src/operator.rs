@@ -31,6 +31,7 @@ pub fn config(namespace: &str, store: &str) -> Config {
             // The tests' registry serves plain HTTP on loopback.
             oci_plain_http_registries: vec!["127.0.0.1".to_owned()],
             allow_internal_addresses: super::loopback_sources(),
+            limits: Default::default(),
         },
         retry: RetryPolicy {
             max_attempts: 3,

@@ -12,6 +12,8 @@
 //! - `/long-parts/<name>`: announces the object truthfully (HEAD, `Content-Range`), but answers
 //!   each ranged GET with twice the bytes asked for: a source trying to write past the room
 //!   reserved for it.
+//! - `/stalling/<name>`: every GET answer sends its first 64 KiB, then nothing, holding the
+//!   connection open: a source that stalls without closing.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -176,12 +178,25 @@ async fn serve(
     }
     let body = if route == "long-parts" && status == StatusCode::PARTIAL_CONTENT {
         Body::from([body.clone(), body].concat())
+    } else if route == "stalling" && method == axum::http::Method::GET {
+        stall_after(body, STALL_AFTER)
     } else if cut {
         cut_halfway(body)
     } else {
         Body::from(body)
     };
     response.body(body).expect("response")
+}
+
+/// What `/stalling/` sends of each answer before it goes silent.
+pub const STALL_AFTER: usize = 64 << 10;
+
+/// Sends the first `bytes` of `body`, then nothing, never closing.
+fn stall_after(body: Bytes, bytes: usize) -> Body {
+    let head = body.slice(..bytes.min(body.len()));
+    let stream =
+        futures::stream::iter([Ok::<_, std::io::Error>(head)]).chain(futures::stream::pending());
+    Body::from_stream(stream)
 }
 
 /// Sends the first half of `body`, then breaks the connection (after a pause, so the half has

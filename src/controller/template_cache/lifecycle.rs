@@ -148,6 +148,9 @@ pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
         return record(status, None);
     }
     match &observed.job {
+        // The last attempt's Job went after it failed (its ttlSecondsAfterFinished): the cache
+        // stays failed instead of running that attempt again.
+        JobState::Missing if failed_for_good_before(&current) => record(status, None),
         JobState::Missing => {
             copying(&mut status, cache, attempt);
             waiting_for_room(&mut status, generation, attempt);
@@ -175,6 +178,15 @@ pub fn plan(observed: &Observed, policy: &RetryPolicy) -> Plan {
         }
         JobState::NotOurs(message) => not_ours(status, cache, message),
     }
+}
+
+/// Whether the cache already failed with no attempt left.
+fn failed_for_good_before(current: &TemplateCacheStatus) -> bool {
+    let ready = templatecache_api::conditions::find(&current.conditions, READY);
+    current.phase == Some(Phase::Failed)
+        && ready.is_some_and(|c| {
+            [reason::RETRIES_EXHAUSTED, reason::ADDRESS_NOT_ALLOWED].contains(&c.reason.as_str())
+        })
 }
 
 /// A failure no other attempt would get past (the mover said so): Failed, no retry.
@@ -622,6 +634,24 @@ mod tests {
         let ready = &p.status.conditions[0];
         assert_eq!(ready.reason, reason::RETRIES_EXHAUSTED);
         assert!(ready.message.contains("404 Not Found"));
+    }
+
+    #[test]
+    fn a_final_failure_stays_when_its_job_is_deleted_after_its_ttl() {
+        let c = cache(json!({"attempt": 5, "phase": "Copying"}));
+        let failed = JobState::Failed {
+            message: "Job was active longer than specified deadline".into(),
+            at: Some(Timestamp::UNIX_EPOCH),
+        };
+        let after_failure = plan_for(&c, failed, Some(&store())).status;
+        let c = cache(serde_json::to_value(&after_failure).expect("status"));
+        let p = plan_for(&c, JobState::Missing, Some(&store()));
+        assert_eq!(p.step, Step::Record, "the last attempt does not run again");
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        let ready =
+            templatecache_api::conditions::find(&p.status.conditions, READY).expect("Ready");
+        assert_eq!(ready.reason, reason::RETRIES_EXHAUSTED);
+        assert!(ready.message.contains("longer than specified deadline"));
     }
 
     #[test]

@@ -38,11 +38,19 @@ pub async fn fetch(
     let mut reader_open = true;
     let mut resumes = 0;
     loop {
-        let mut blob = registry.blob_from(&image, &layer, received).await?;
+        let asked = registry.blob_from(&image, &layer, received);
+        let mut blob = registry
+            .stall
+            .wait(&registry.display, received, asked)
+            .await??;
         // Bytes of this response that were already received (a registry that ignored the range).
         let mut skip = received - blob.starts_at.min(received);
         let mut broken = None;
-        while let Some(chunk) = blob.stream.next().await {
+        let stall = registry.stall;
+        while let Some(chunk) = stall
+            .wait(&registry.display, received, blob.stream.next())
+            .await?
+        {
             let mut bytes = match chunk {
                 Ok(bytes) => bytes,
                 Err(e) => {

@@ -10,6 +10,7 @@
 
 mod fetch;
 mod registry;
+mod tar_guard;
 mod unpack;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use unpack::{DiskLayer, RoomGate, Written};
 use super::address::AddressPolicy;
 use super::landing::Front;
 use super::report::Reporter;
+use super::stall::StallLimit;
 use super::{CopyArgs, CopyError, Partial, Transferred};
 
 /// How often progress is read from the writing thread.
@@ -40,7 +42,8 @@ pub async fn download(
     copied: &mut u64,
 ) -> Result<Transferred, CopyError> {
     let policy = AddressPolicy::new(args.allow_internal_address.clone());
-    let registry = Arc::new(Registry::open(reference, args.oci_plain_http, policy).await?);
+    let stall = StallLimit::from_seconds(args.stall_seconds);
+    let registry = Arc::new(Registry::open(reference, args.oci_plain_http, policy, stall).await?);
     let pinned = registry.pin(args.oci_digest.as_deref()).await?;
     if args.oci_digest.is_none() {
         reporter.resolved(&pinned.digest).await?;

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::CopyError;
 use crate::address::AddressPolicy;
 use crate::address::proxy::CheckedProxy;
+use crate::stall::StallLimit;
 use crate::transfer::hex;
 
 /// The annotation ORAS puts on each layer with the file's name.
@@ -46,6 +47,8 @@ pub struct Registry {
     /// The reference as the user wrote it, for messages (it holds no credentials).
     pub display: String,
     reference: Reference,
+    /// How long the registry may send nothing before the attempt fails.
+    pub stall: StallLimit,
 }
 
 /// The image manifest the copy pulls, addressed by digest.
@@ -65,6 +68,7 @@ impl Registry {
         reference: &str,
         plain_http: bool,
         policy: AddressPolicy,
+        stall: StallLimit,
     ) -> Result<Self, CopyError> {
         let parsed = Reference::try_from(reference).map_err(|e| {
             CopyError::InvalidArguments(format!("--oci-reference {reference}: {e}"))
@@ -79,11 +83,12 @@ impl Registry {
                 )
             })?;
         Ok(Self {
-            client: registry_client(plain_http, &proxy.url),
+            client: registry_client(plain_http, &proxy.url, stall),
             proxy,
             auth,
             display: reference.to_owned(),
             reference: parsed,
+            stall,
         })
     }
 
@@ -235,7 +240,7 @@ pub struct BlobStream {
 /// or connector: so the client is given the mover's address-checking proxy (`proxy_url`) for
 /// both schemes and nothing else, and every destination (registry, token realm, blob redirect,
 /// foreign-layer URL) is judged there.
-fn registry_client(plain_http: bool, proxy_url: &str) -> Client {
+fn registry_client(plain_http: bool, proxy_url: &str, stall: StallLimit) -> Client {
     // reqwest is built without a crypto provider of its own; use ring, as kube does. Installing
     // twice is refused harmlessly.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -245,9 +250,10 @@ fn registry_client(plain_http: bool, proxy_url: &str) -> Client {
         } else {
             ClientProtocol::Https
         },
-        // Timeouts for a stalled peer, not for a large body: the body is streamed.
+        // Timeouts for a stalled peer, not for a large body: the body is streamed. Blob reads
+        // are also bounded by the fetch itself, which names the stall (see `fetch`).
         connect_timeout: Some(std::time::Duration::from_secs(10)),
-        read_timeout: Some(std::time::Duration::from_secs(60)),
+        read_timeout: Some(stall.0),
         // Indexes are resolved by `choose_platform`, never by the client's guess.
         platform_resolver: None,
         https_proxy: Some(proxy_url.to_owned()),

@@ -13,6 +13,7 @@ use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use super::tar_guard::{BoundedHeaders, HEADER_LIMIT, TooLarge};
 use crate::transfer::{Transferred, Writeback, hex};
 use crate::{CopyError, Partial, io_error};
 
@@ -138,13 +139,20 @@ pub fn unpack_disk(
     written: &Written,
     gate: &mut RoomGate,
 ) -> Result<DiskLayer, CopyError> {
-    let unreadable = |e: std::io::Error| {
-        CopyError::Source(
+    let unreadable = |e: std::io::Error| match e.get_ref().and_then(|e| e.downcast_ref()) {
+        Some(TooLarge { kind, size }) => CopyError::TarHeaderTooLarge {
+            source_name: display.to_owned(),
+            kind,
+            size: *size,
+            limit: HEADER_LIMIT,
+        },
+        None => CopyError::Source(
             display.to_owned(),
             format!("the containerDisk layer is not a readable tar: {e}"),
-        )
+        ),
     };
-    let mut archive = tar::Archive::new(decompressed(reader).map_err(unreadable)?);
+    let tar = BoundedHeaders::new(decompressed(reader).map_err(unreadable)?);
+    let mut archive = tar::Archive::new(tar);
     let mut candidates = vec![];
     let mut done = None;
     for entry in archive.entries().map_err(unreadable)? {
@@ -381,6 +389,26 @@ mod tests {
         let (result, written) = unpack(tar, Some("b.qcow2"));
         assert!(matches!(result, Ok(DiskLayer::Written(_))));
         assert_eq!(written, b"b");
+    }
+
+    #[test]
+    fn a_gzip_layer_with_a_huge_long_name_is_refused_naming_the_header() {
+        let mut header = tar::Header::new_gnu();
+        header.set_path("././@LongLink").expect("name");
+        header.set_entry_type(tar::EntryType::GNULongName);
+        header.set_size(1 << 30);
+        header.set_cksum();
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gzip.write_all(header.as_bytes()).expect("gzip");
+        gzip.write_all(&[b'a'; 1 << 20]).expect("gzip");
+        let (result, written) = unpack(gzip.finish().expect("gzip"), None);
+        let error = result.err().expect("refused").to_string();
+        assert!(
+            error.contains("GNU long name header of 1073741824 bytes")
+                && error.contains("65536-byte limit"),
+            "{error}"
+        );
+        assert!(written.is_empty());
     }
 
     #[test]
