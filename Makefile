@@ -3,17 +3,24 @@ SHELL := /bin/bash
 CARGO ?= cargo
 KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
 
-.PHONY: all build test lint unit integration crds check-crds check-dockerfile cluster-up cluster-down node-up node-down image up down check-rules demo bench chaos reliability clean
+.PHONY: all build test test-node lint unit integration crds check-crds check-dockerfile cluster-up cluster-down node-up node-down image up down check-rules demo bench chaos reliability clean
 
 all: build
 
 build:
 	$(CARGO) build --workspace --all-targets
 
-## Everything CI checks: format, lint, the Dockerfile's build, unit tests of every crate, and the
-## integration tests against the real local control plane (started if it is not up).
+## Everything CI checks: format, lint, the Dockerfile's build, unit tests of every crate, the
+## integration tests against the real local control plane (started if it is not up), then the
+## product as deployed on the real node (test-node; it switches the control plane to node mode).
 test: lint check-dockerfile cluster-up
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --workspace --all-targets --no-fail-fast
+	hack/test-node.sh
+
+## tests/node.rs on the real node: the node up, the images from check-dockerfile's release
+## binary, the chart installed, real copy, consumer, forgery and removal Pods; times each phase.
+test-node: check-dockerfile
+	hack/test-node.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

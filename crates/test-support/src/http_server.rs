@@ -1,4 +1,4 @@
-//! A real HTTP server on loopback serving a folder (with Range support, from tower-http), plus
+//! A real HTTP server (on loopback unless told another address) serving a folder (with Range support, from tower-http), plus
 //! routes that misbehave the ways a real source does: a body cut short, a slow body, a file
 //! behind basic auth, a source that fails at random and counts how it failed, one that lies
 //! about its size, and a redirect to anywhere. It counts the requests it receives.
@@ -67,8 +67,9 @@ impl HttpServer {
         Self::start_on(Ipv4Addr::LOCALHOST.into()).await
     }
 
-    /// A server on another loopback address (127.0.0.2, say), to tell two servers apart by
-    /// address, as the mover's allowlist does.
+    /// A server on another address: another loopback one (127.0.0.2, say) to tell two servers
+    /// apart as the mover's allowlist does, or the node's address (`node::Node::ip`), the one
+    /// address of this machine that Pods on the real node reach.
     pub async fn start_on(ip: IpAddr) -> Self {
         let dir = tempfile::tempdir().expect("server folder");
         let root = dir.path().to_owned();

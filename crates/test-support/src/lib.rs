@@ -77,12 +77,26 @@ fn run_checked(mut cmd: Command, what: &str) {
     );
 }
 
+/// The cluster this test binary started, once: every later [`client`] call finds it up.
+static CLUSTER: OnceLock<()> = OnceLock::new();
+
 /// Starts the control plane and installs the CRDs, once per test binary.
 pub fn ensure_cluster() {
-    static READY: OnceLock<()> = OnceLock::new();
-    READY.get_or_init(|| {
+    CLUSTER.get_or_init(|| start_cluster(false));
+}
+
+/// The same in node mode (a kubelet, the real Job controller): `hack/cluster.sh up` switches
+/// the control plane to the mode it is asked for, so a node test must ask for node mode before
+/// its first [`client`], or `client` would switch the node off.
+pub(crate) fn ensure_node_cluster() {
+    CLUSTER.get_or_init(|| start_cluster(true));
+}
+
+fn start_cluster(node: bool) {
+    {
         let mut up = Command::new(repo_root().join("hack/cluster.sh"));
-        up.arg("up");
+        up.arg("up")
+            .env("TEMPLATECACHE_NODE", if node { "1" } else { "0" });
         run_checked(up, "hack/cluster.sh up");
         // The CRDs and the API priority and fairness settings a user installs with the chart.
         for manifests in [
@@ -105,7 +119,7 @@ pub fn ensure_cluster() {
             "crd/stagingstores.templatecache.io",
         ]);
         run_checked(wait, "kubectl wait crds");
-    });
+    }
 }
 
 /// Where the tests' sources are: every test server (HTTP, S3, throttling proxies) listens on
@@ -298,6 +312,7 @@ pub mod corpus;
 pub mod executor;
 pub mod http_server;
 pub mod jobs;
+pub mod node;
 pub mod operator;
 pub mod ranged_server;
 pub mod registry;
