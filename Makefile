@@ -10,12 +10,13 @@ all: build
 build:
 	$(CARGO) build --workspace --all-targets
 
-## Everything CI checks: format, lint, the Dockerfile's build, unit tests of every crate, the
-## integration tests against the real local control plane (started if it is not up), then the
-## product as deployed on the real node (test-node; it switches the control plane to node mode).
-test: lint check-dockerfile cluster-up
+## Everything CI checks: format, lint, the Dockerfile's build, the product as deployed on the
+## real node (test-node), then unit tests of every crate and the integration tests against the
+## real local control plane (cluster-up switches the node off; the local Job executor runs their
+## Jobs). The workspace's binaries are built first: the tests start the operator and the executor.
+test: lint check-dockerfile test-node cluster-up
+	$(CARGO) build --workspace --bins
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --workspace --all-targets --no-fail-fast
-	hack/test-node.sh
 
 ## tests/node.rs on the real node: the node up, the images from check-dockerfile's release
 ## binary, the chart installed, real copy, consumer, forgery and removal Pods; times each phase.
