@@ -88,7 +88,7 @@ demo: cluster-up
 ## Benchmarks on the local control plane; the tables go to docs/benchmarks.md, the plots of the
 ## same run to docs/plots/.
 bench: cluster-up
-	$(CARGO) build --quiet --workspace --bins
+	$(CARGO) build --quiet --release --workspace --bins
 	hack/bench-mover.sh
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) bench --bench contention
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) bench --bench scale

@@ -4,9 +4,12 @@
 //! that time, the operator's peak RSS, its write requests per second (from the API server's own
 //! `apiserver_request_total`), and the API server's raw write rate measured in the same run (small
 //! objects created by 32 concurrent writers) as the ceiling, beside the rates of TemplateCache
-//! creates and status patches for scale. Writes `target/bench/scale.md`.
+//! creates and status patches for scale. Then, with the operator still running, PODS labelled
+//! gated Pods (a realistic spec of 2-3 KiB each) name the caches round robin, and the clock runs
+//! until every cache counts them; the operator's peak RSS then is what the chart's memory limit
+//! is set from. Writes `target/bench/scale.md`.
 //!
-//!     cargo bench --bench scale [-- CACHES REFERENCES_PER_CACHE]
+//!     cargo bench --bench scale [-- CACHES REFERENCES_PER_CACHE PODS]
 
 use templatecache_test_support as support;
 
@@ -14,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -58,6 +61,30 @@ fn cache(i: usize, references: usize) -> TemplateCache {
         "spec": {"source": {"http": {"url": format!("http://127.0.0.1:9/t{i}.img")}}},
     }))
     .expect("cache literal")
+}
+
+/// A consumer Pod as a Deployment's replica looks: gated, labelled for cache `t<i % caches>`,
+/// with the env, volumes and probes that make a real Pod 2-3 KiB (and the API server's
+/// defaults add more).
+fn gated_pod(i: usize, caches: usize) -> Pod {
+    let env: Vec<_> = (0..20)
+        .map(|e| json!({"name": format!("SETTING_{e}"), "value": format!("value-of-setting-{e}-for-replica-{i}")}))
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("consumer-{i}"),
+                     "labels": {"templatecache.io/cache": format!("t{}", i % caches), "app": "vm"},
+                     "annotations": {"example.com/owner": "platform-team", "example.com/build": "2026.12.03-1"}},
+        "spec": {
+            "schedulingGates": [{"name": "templatecache.io/ready"}],
+            "containers": [{"name": "vm", "image": "registry.example/vm:1", "env": env,
+                            "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+                            "volumeMounts": [{"name": "templates", "mountPath": "/templates", "subPath": "ns/t"}],
+                            "readinessProbe": {"exec": {"command": ["test", "-f", "/templates/disk.img"]}}}],
+            "volumes": [{"name": "templates", "persistentVolumeClaim": {"claimName": "templates"}}]
+        }
+    }))
+    .expect("pod literal")
 }
 
 fn config_map(i: usize) -> ConfigMap {
@@ -113,6 +140,13 @@ impl Progress {
         }
     }
 
+    /// Caches whose refCount has reached at least `references`.
+    fn counting_at_least(&self, references: u32) -> usize {
+        (self.caches.state().iter())
+            .filter(|c| c.status.as_ref().and_then(|s| s.ref_count) >= Some(references))
+            .count()
+    }
+
     fn reconciled(&self, references: u32) -> (usize, usize) {
         let counted = (self.caches.state().iter())
             .filter(|c| c.status.as_ref().and_then(|s| s.ref_count) == Some(references))
@@ -131,6 +165,7 @@ async fn main() {
     let numbers: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let caches_n = numbers.first().copied().unwrap_or(5000);
     let refs_n = numbers.get(1).copied().unwrap_or(10);
+    let pods_n = numbers.get(2).copied().unwrap_or(50_000);
 
     let rig = Rig::builder("bench-scale").store("100Ti").start().await;
     let (ns, store) = (&rig.ns, rig.store());
@@ -180,16 +215,36 @@ async fn main() {
     let elapsed = started.elapsed();
     let writes = support::api_writes::served(&ns.client, &OPERATOR_RESOURCES).await - writes_before;
     let rss = operator.peak_rss();
-    operator.kill().await;
     let rate = writes / elapsed.as_secs_f64();
     println!(
         "scale: reconciled in {elapsed:?}, {writes} writes ({rate:.0}/s), peak RSS {} MiB",
         rss >> 20
     );
 
+    // The operator keeps the labelled Pods it watches: its memory with a Deployment's worth of
+    // consumers is what the chart's limit has to hold.
+    let pods_started = Instant::now();
+    let pods_create = create_all(&ns.api::<Pod>(), pods_n, |i| gated_pod(i, caches_n)).await;
+    let with_pods = u32::try_from(refs_n + pods_n / caches_n.max(1)).expect("references");
+    while progress.counting_at_least(with_pods) < caches_n {
+        assert!(
+            pods_started.elapsed() < Duration::from_secs(1800),
+            "Pods not counted in 30 min: {} caches count them",
+            progress.counting_at_least(with_pods)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let pods_elapsed = pods_started.elapsed();
+    let pods_rss = operator.peak_rss();
+    operator.kill().await;
+    println!(
+        "scale: {pods_n} gated Pods created in {pods_create:?}, all counted after {pods_elapsed:?}, peak RSS {} MiB",
+        pods_rss >> 20
+    );
+
     let report = format!(
         "## Scale\n\n\
-         `cargo bench --bench scale -- {caches_n} {refs_n}` (also `make bench`), {} cores: {caches_n} \
+         `cargo bench --bench scale -- {caches_n} {refs_n} {pods_n}` (also `make bench`), {} cores: {caches_n} \
          TemplateCaches holding {} references ({refs_n} each) are created while no operator runs \
          ({WRITERS} concurrent writers, {:.0} s); then the operator (release build, its own process, \
          one namespace) starts and the clock runs until every cache has its refCount recorded and \
@@ -205,7 +260,13 @@ async fn main() {
          are the state-changing requests the API server counted (`apiserver_request_total`) to the \
          kinds the operator writes (TemplateCaches and their status, Jobs, Events) while it worked, \
          about {:.1} per cache (cleanup finalizer, the attempt transition, the Job, the CopyStarted \
-         Event); the API server's own Lease renewals and other background writes are left out.\n",
+         Event); the API server's own Lease renewals and other background writes are left out.\n\n\
+         Then, with the operator still running, {pods_n} labelled gated Pods (a Deployment \
+         replica's spec: 20 env vars, a volume, a probe, two annotations) name the caches round \
+         robin; they were created in {:.0} s and every cache counted them after {:.0} s. The \
+         operator keeps only what it reads of each Pod (identity, labels, gates, phase). \
+         **Operator peak RSS with {pods_n} Pods: {} MiB**; the chart's memory limit is set from \
+         it with room for a relist (which holds the old and new lists at once).\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         caches_n * refs_n,
         create_time.as_secs_f64(),
@@ -216,6 +277,9 @@ async fn main() {
         rate / cache_rate,
         rate / patch_rate,
         writes / caches_n as f64,
+        pods_create.as_secs_f64(),
+        pods_elapsed.as_secs_f64(),
+        pods_rss >> 20,
     );
     support::write_report("bench/scale.md", &report);
     println!("scale: wrote target/bench/scale.md");
