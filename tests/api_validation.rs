@@ -338,13 +338,13 @@ async fn store_ref_and_checksum_cannot_be_added_changed_or_removed_with_kubectl(
             "spec.checksum",
         ),
         (
-            "changing spec.checksum with kubectl",
+            "changing spec.checksum",
             "pinned",
             json!({"checksum": checksum("b")}),
             "spec.checksum",
         ),
         (
-            "removing spec.checksum with kubectl",
+            "removing spec.checksum",
             "pinned",
             json!({"checksum": null}),
             "spec.checksum",
