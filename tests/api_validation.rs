@@ -285,6 +285,97 @@ async fn invalid_template_caches_are_refused_with_the_field_named() {
     );
 }
 
+/// `kubectl patch tc <name> --type merge -p <patch>` in `namespace`: kubectl's answer.
+fn kubectl_patch(namespace: &str, name: &str, patch: &Value) -> Result<String, String> {
+    let mut command = support::kubectl();
+    command
+        .args([
+            "patch", "tc", name, "-n", namespace, "--type", "merge", "-p",
+        ])
+        .arg(patch.to_string());
+    support::tools::run(command)
+}
+
+/// `storeRef` and `checksum` are fixed at creation: the rules sit on the spec, since CEL does
+/// not evaluate a field's own transition rule when the field is absent on one side, which once
+/// let `storeRef` be added (the bytes stayed in one store and were counted in another).
+#[tokio::test]
+async fn store_ref_and_checksum_cannot_be_added_changed_or_removed_with_kubectl() {
+    let rig = Rig::namespace("immutable-tc").await;
+    let ns = &rig.ns;
+    let checksum = |c: &str| format!("sha256:{}", c.repeat(64));
+    ns.create_cache("plain", json!({"source": http("https://a.example/x")}))
+        .await;
+    ns.create_cache(
+        "pinned",
+        json!({"source": http("https://a.example/y"), "storeRef": {"name": "fast"},
+               "checksum": checksum("a")}),
+    )
+    .await;
+    let cases = [
+        (
+            "adding spec.storeRef",
+            "plain",
+            json!({"storeRef": {"name": "other"}}),
+            "spec.storeRef",
+        ),
+        (
+            "changing spec.storeRef",
+            "pinned",
+            json!({"storeRef": {"name": "other"}}),
+            "spec.storeRef",
+        ),
+        (
+            "removing spec.storeRef",
+            "pinned",
+            json!({"storeRef": null}),
+            "spec.storeRef",
+        ),
+        (
+            "adding spec.checksum",
+            "plain",
+            json!({"checksum": checksum("b")}),
+            "spec.checksum",
+        ),
+        (
+            "changing spec.checksum",
+            "pinned",
+            json!({"checksum": checksum("b")}),
+            "spec.checksum",
+        ),
+        (
+            "removing spec.checksum",
+            "pinned",
+            json!({"checksum": null}),
+            "spec.checksum",
+        ),
+    ];
+    for (case, name, spec, field) in cases {
+        let refused = kubectl_patch(&ns.name, name, &json!({"spec": spec}))
+            .expect_err(&format!("{case}: kubectl patch is refused"));
+        for fragment in [field, "immutable", "cannot be added, changed or removed"] {
+            assert!(refused.contains(fragment), "{case}: {refused}");
+        }
+        println!("refused ({case}): {refused}");
+        support::corpus::record(
+            &format!("kubectl patch tc: {case}"),
+            &format!("refused: {}", refused.trim()),
+        );
+    }
+    // What the rules leave alone: the same values written again, and the rest of the object.
+    let same = json!({"spec": {"storeRef": {"name": "fast"}, "checksum": checksum("a")},
+                      "metadata": {"labels": {"team": "a"}}});
+    kubectl_patch(&ns.name, "pinned", &same).expect("the same storeRef and checksum pass");
+    kubectl_patch(
+        &ns.name,
+        "plain",
+        &json!({"metadata": {"labels": {"team": "a"}}}),
+    )
+    .expect("a cache without storeRef or checksum may still be labelled");
+    let plain: TemplateCache = ns.api().get("plain").await.expect("plain");
+    assert_eq!((plain.spec.store_ref, plain.spec.checksum), (None, None));
+}
+
 fn oci(source: Value) -> Value {
     json!({"source": {"oci": source}})
 }

@@ -166,6 +166,42 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
     holder.release().await.expect("release");
 }
 
+/// A consumer id that is `h-` and 20 hex characters is used as it is in its claim's name; it
+/// once equalled the hashed name of another id (`Pod_UID.x`), and the two consumers shared a
+/// claim: one release dropped the other's reference.
+#[tokio::test]
+async fn two_consumers_whose_ids_once_named_one_claim_hold_a_reference_each() {
+    use sha2::{Digest, Sha256};
+    let rig = Rig::operator("lookalike-id").await;
+    let ns = &rig.ns;
+    let cache = ns.request(
+        "img",
+        Some(http_spec("https://templates.invalid/img.qcow2")),
+    );
+    let hashed_id = "Pod_UID.x";
+    let digest = Sha256::digest(hashed_id.as_bytes());
+    let lookalike: String = std::iter::once("h-".to_owned())
+        .chain(digest.iter().take(10).map(|b| format!("{b:02x}")))
+        .collect();
+    let first = client::acquire(ns.client.clone(), &cache, hashed_id)
+        .await
+        .expect("acquire");
+    let second = client::acquire(ns.client.clone(), &cache, &lookalike)
+        .await
+        .expect("acquire");
+    let names = format!("{} and {}", first.claim_name(), second.claim_name());
+    assert_ne!(first.claim_name(), second.claim_name(), "two claims");
+    settled_refs(ns, "img", 2).await;
+    first.release().await.expect("release");
+    settled_refs(ns, "img", 1).await;
+    let left: TemplateCacheClaim = ns.api().get(second.claim_name()).await.expect("claim");
+    assert_eq!(left.spec.cache_name, "img");
+    record(
+        &format!("consumer ids {hashed_id} and {lookalike} (once the same claim name)"),
+        &format!("two claims ({names}), refCount 2; releasing one leaves the other's reference"),
+    );
+}
+
 #[tokio::test]
 async fn ten_thousand_references_on_one_cache_are_counted_and_released() {
     let rig = Rig::operator("tenk").await;

@@ -3,8 +3,8 @@
 //! folders, a Secret handed to the mover by someone who may not read it, a forged Ready from a
 //! Pod running as the mover's account, links planted in its store folder, caches named like
 //! another cache's partial file, sources that lie about their size to the real mover, a source
-//! at an internal address (directly or through a redirect), and a Job squatting the name of the
-//! cache's next copy Job. Each attack is refused with a clear reason, nothing of the other
+//! at an internal address (directly or through a redirect), a copy Pod changing the size it asked
+//! room for, and a Job squatting the name of the cache's next copy Job. Each attack is refused with a clear reason, nothing of the other
 //! tenant's is lost, and each is recorded in the bad-input corpus.
 
 use templatecache_test_support as support;
@@ -634,6 +634,116 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
         .and_then(|s| s.scheduling_gates)
         .unwrap_or_default();
     assert_eq!(gates.len(), 1, "the consumer Pod stays gated");
+}
+
+/// The room a copy gets is what its mover asked for in `status.progress.totalBytes`, written with
+/// the copy Pod's token (which `kubectl exec` into the Pod gives away). Asking is allowed once:
+/// after the store has answered for the attempt, the size is fixed, and progress still flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_pod_cannot_change_the_size_it_asked_room_for() {
+    // No executor: the copy Job never runs; the test's Pod reports as its mover would.
+    let rig = Rig::builder("tenant-room")
+        .store("1Gi")
+        .operator()
+        .start()
+        .await;
+    let ns = &rig.ns;
+    let mover = format!("mover-{}", std::process::id());
+    let _policies = Policies::install(&ns.name, &mover);
+    account(
+        &ns.name,
+        &mover,
+        &[&[
+            "--verb=get,patch",
+            "--resource=templatecaches.templatecache.io,templatecaches.templatecache.io/status",
+        ]],
+    )
+    .await;
+    ns.create_cache(
+        "image",
+        json!({"source": {"http": {"url": "http://example/x"}}}),
+    )
+    .await;
+    wait_for_cache(&ns.client, &ns.name, "image", "Copying", |c| {
+        c.status.as_ref().and_then(|s| s.job_name.as_deref()) == Some("image-copy-1")
+    })
+    .await;
+    let job_pod = mover_pod(ns, &mover, None, Some("image-copy-1-")).await;
+    let caches: Api<TemplateCache> =
+        Api::namespaced(client_as(&ns.name, &mover, Some(&job_pod)).await, &ns.name);
+    let report = |progress: Value| Patch::Merge(json!({"status": {"progress": progress}}));
+    until_refused("a status write beyond progress", || {
+        let caches = caches.clone();
+        async move {
+            let forged = Patch::Merge(json!({"status": {"phase": "Ready"}}));
+            caches.patch_status("image", &dry_run(), &forged).await
+        }
+    })
+    .await;
+
+    // The mover's ask, as it reports it before a byte is written; the store grants it.
+    let asked = 1_000;
+    let params = PatchParams::default();
+    caches
+        .patch_status(
+            "image",
+            &params,
+            &report(json!({"attempt": 1, "bytesCopied": 0, "totalBytes": asked})),
+        )
+        .await
+        .expect("the copy Pod asks for room");
+    wait_for_cache(&ns.client, &ns.name, "image", "room granted", |c| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.storage.as_ref())
+            .is_some_and(|s| s.admitted)
+    })
+    .await;
+
+    let forgeries = [
+        (
+            "a copy Pod grows totalBytes once room is granted",
+            json!({"attempt": 1, "bytesCopied": 0, "totalBytes": 500_u64 << 30}),
+        ),
+        (
+            "a copy Pod shrinks totalBytes once room is granted",
+            json!({"attempt": 1, "bytesCopied": 0, "totalBytes": 1}),
+        ),
+        (
+            "a copy Pod drops totalBytes once room is granted",
+            json!({"attempt": 1, "bytesCopied": 0, "totalBytes": null}),
+        ),
+    ];
+    for (case, progress) in forgeries {
+        let result = caches
+            .patch_status("image", &params, &report(progress))
+            .await;
+        let message = refusal(result, case);
+        record(&format!("hostile tenant (forged room): {case}"), &message);
+        assert!(
+            message.contains("status.progress.totalBytes may not change")
+                && message.contains("1000 bytes"),
+            "{case}: {message}"
+        );
+    }
+    // Progress of the same size still passes, as the real mover's does.
+    caches
+        .patch_status(
+            "image",
+            &params,
+            &report(json!({"attempt": 1, "bytesCopied": 400, "bytesLanded": 400,
+                           "totalBytes": asked, "percent": "40%"})),
+        )
+        .await
+        .expect("progress of the size asked for");
+    let cache: TemplateCache = ns.api().get("image").await.expect("cache");
+    let status = cache.status.expect("status");
+    let progress = status.progress.expect("progress");
+    assert_eq!(
+        (progress.bytes_copied, progress.total_bytes),
+        (400, Some(asked))
+    );
+    assert_eq!(status.storage.and_then(|s| s.bytes), Some(asked));
 }
 
 const TENANT_B_DATA: &[u8] = b"tenant B's template, which tenant A must never reach";

@@ -33,7 +33,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 52").message("metadata.name must be at most 52 characters, so that the copy Job name <name>-copy-<attempt> stays a valid label value")
 )]
-#[x_kube(validation = Rule::new("!has(oldSelf.checksum) || (has(self.checksum) && self.checksum == oldSelf.checksum)").message("spec.checksum is immutable once set").field_path(".checksum"))]
+// Both rules sit on the spec, not on the fields: CEL skips a field's transition rule when the
+// field is absent on either side, so a rule on an optional field could not refuse adding or
+// removing it. A checksum added later is refused rather than re-verified: the bytes were staged
+// unchecked, and a user who wants a checked copy makes a new cache.
+#[x_kube(validation = Rule::new("has(self.checksum) == has(oldSelf.checksum) && (!has(self.checksum) || self.checksum == oldSelf.checksum)").message("spec.checksum is immutable: it cannot be added, changed or removed after creation (make a new cache to check the bytes)").field_path(".checksum"))]
+#[x_kube(validation = Rule::new("has(self.storeRef) == has(oldSelf.storeRef) && (!has(self.storeRef) || self.storeRef == oldSelf.storeRef)").message("spec.storeRef is immutable: it cannot be added, changed or removed after creation (the data stays in the store it was copied to)").field_path(".storeRef"))]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateCacheSpec {
     /// Where the template is copied from. Immutable: a different source is a different cache.
@@ -41,14 +46,15 @@ pub struct TemplateCacheSpec {
     pub source: TemplateSource,
 
     /// Expected digest of the template, `sha256:<64 lowercase hex>`. When set, a copy whose digest
-    /// differs fails and never becomes Ready. Immutable once set.
+    /// differs fails and never becomes Ready. Immutable: it cannot be added, changed or removed
+    /// after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^sha256:[0-9a-f]{64}$"))]
     pub checksum: Option<String>,
 
     /// The StagingStore that holds the copy; the operator's default store when unset.
+    /// Immutable: it cannot be added, changed or removed after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.storeRef is immutable"))]
     pub store_ref: Option<StoreRef>,
 }
 

@@ -118,21 +118,35 @@ pub async fn release(
 }
 
 /// The name of a consumer's claim on a cache: `<cache>.<consumer id>` when the id can be part
-/// of a name as it is, else `<cache>.h-<digest of the id>`. Deterministic, so acquiring twice is
-/// one claim, and a restarted consumer finds its claim again.
+/// of a name as it is (one DNS label), else `<cache>.h.<digest of the id>`. Deterministic, so
+/// acquiring twice is one claim, and a restarted consumer finds its claim again.
+///
+/// The digest is two labels (`h.<hex>`) because an id used as it is never holds a dot: no
+/// consumer id of the same cache can produce a hashed name. (An id that is itself `h-<hex>`
+/// once did, and two consumers shared one claim.) Any valid name splits into some cache name
+/// and some one-label id, so a hashed name can still equal a plain name of a cache called
+/// `<cache>.h`; that claim names the other cache, and [`acquire`] refuses it as
+/// [`ClientError::ClaimTaken`] instead of sharing it.
 pub fn claim_name(cache: &str, consumer_id: &str) -> Result<String, InvalidConsumerId> {
     consumer_reference(consumer_id)?;
-    let usable = consumer_id
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && consumer_id.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && consumer_id.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if usable {
+    if is_one_label(consumer_id) {
         return Ok(format!("{cache}.{consumer_id}"));
     }
     let digest = Sha256::digest(consumer_id.as_bytes());
     let hex: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
-    Ok(format!("{cache}.h-{hex}"))
+    Ok(format!("{cache}.{HASHED_MARK}.{hex}"))
+}
+
+/// The label between a cache's name and the digest of a consumer id in a hashed claim name.
+const HASHED_MARK: &str = "h";
+
+/// Whether `id` is a DNS label: lowercase letters, digits and `-`, starting and ending with a
+/// letter or digit (no dot, so it is one label of the claim's name).
+fn is_one_label(id: &str) -> bool {
+    id.bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 async fn delete_claim(api: &Api<TemplateCacheClaim>, name: &str) -> Result<(), ClientError> {
@@ -233,7 +247,7 @@ mod tests {
     fn claim_names_are_deterministic_and_valid() {
         assert_eq!(claim_name("img", "vm-1234").as_deref(), Ok("img.vm-1234"));
         let hashed = claim_name("img", "Pod_UID.x").expect("valid id");
-        assert!(hashed.starts_with("img.h-"), "{hashed}");
+        assert!(hashed.starts_with("img.h."), "{hashed}");
         assert_eq!(
             claim_name("img", "Pod_UID.x").as_deref(),
             Ok(hashed.as_str())
@@ -245,5 +259,51 @@ mod tests {
         assert!(claim_name("img", "has space").is_err());
         let longest = claim_name(&"c".repeat(52), &"x".repeat(63)).expect("valid");
         assert!(longest.len() <= 253);
+        let longest_hashed = claim_name(&"c".repeat(52), &"X".repeat(63)).expect("valid");
+        assert!(is_dns_subdomain(&longest_hashed), "{longest_hashed}");
+    }
+
+    #[test]
+    fn a_consumer_id_shaped_like_a_digest_gets_a_claim_of_its_own() {
+        // `h-` and the 20 hex of the digest of "Pod_UID.x": once the hashed name of that id.
+        let digest = Sha256::digest(b"Pod_UID.x");
+        let hex: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
+        let lookalike = format!("h-{hex}");
+        let hashed = claim_name("img", "Pod_UID.x").expect("valid id");
+        let plain = claim_name("img", &lookalike).expect("valid id");
+        assert_eq!(
+            plain,
+            format!("img.{lookalike}"),
+            "plain ids keep their names"
+        );
+        assert_ne!(plain, hashed, "two consumers, two claims");
+        assert!(is_dns_subdomain(&hashed), "{hashed}");
+    }
+
+    #[test]
+    fn plain_ids_keep_the_names_they_always_had() {
+        for (id, name) in [
+            ("vm-1234", "img.vm-1234"),
+            (
+                "0f3c9a2e-1b4d-4e8a-9c7f-2d6b5a8e1f00",
+                "img.0f3c9a2e-1b4d-4e8a-9c7f-2d6b5a8e1f00",
+            ),
+            ("h-0123456789abcdef0123", "img.h-0123456789abcdef0123"),
+            ("h", "img.h"),
+        ] {
+            assert_eq!(claim_name("img", id).as_deref(), Ok(name));
+        }
+    }
+
+    fn is_dns_subdomain(name: &str) -> bool {
+        name.len() <= 253
+            && name.split('.').all(|label| {
+                (1..=63).contains(&label.len())
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
     }
 }
