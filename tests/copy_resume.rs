@@ -9,10 +9,14 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use kube::Api;
 use support::eventually;
+use support::jobs::wait_for_reason;
 use support::ranged_server::{RangedServer, Seen};
-use support::rig::{Rig, random_bytes, resume_verified, sha256};
+use support::rig::{Rig, random_bytes, resume_verified, sha256, store_files};
 use support::throttle::ThrottleProxy;
+use templatecache_api::reasons::cache as reason;
+use templatecache_api::{Phase, StagingStore};
 
 const PART: u64 = 1 << 20;
 const SIZE: usize = 24 << 20;
@@ -184,4 +188,65 @@ async fn a_source_replaced_between_attempts_is_fetched_whole_not_spliced() {
         "attempt 2 fetched the new version whole"
     );
     assert_eq!(rig.files(), ["disk"], "the old partial file is gone");
+}
+
+/// What the store reports as used, from its status.
+async fn store_used_bytes(rig: &Rig) -> u64 {
+    let stores: Api<StagingStore> = Api::all(rig.ns.client.clone());
+    let store = stores.get(&rig.store().name).await.expect("the store");
+    store.status.and_then(|s| s.used_bytes).unwrap_or(0)
+}
+
+/// Issue 25, item 7: between a failed attempt and the next, the partial file the next attempt
+/// resumes stays in the store. It counts there, up to the room granted to the attempt, in the
+/// store's usage (and so in the namespace quota and eviction): before, a failed cache counted
+/// 0 bytes while its partial file filled the volume.
+#[tokio::test]
+async fn a_failed_attempts_partial_file_counts_in_the_stores_usage_until_the_next_attempt() {
+    let server = RangedServer::start().await;
+    let bytes = random_bytes(SIZE);
+    server.put("disk.img", bytes.clone());
+    let proxy = ThrottleProxy::start(server.addr, CONNECTION_RATE).await;
+    // A backoff long enough to look at the failed cache before attempt 2 starts.
+    let rig = Rig::with_config("resume-counted", |cfg| {
+        cfg.jobs.copy.streams = 4;
+        cfg.jobs.copy.part_size = PART;
+        cfg.retry.max_attempts = 2;
+        cfg.retry.base_delay = Duration::from_secs(20);
+        cfg.retry.max_delay = Duration::from_secs(20);
+    })
+    .await;
+
+    copy_and_kill_halfway(&rig, &server, &proxy, Some(sha256(&bytes))).await;
+    let failed = wait_for_reason(&rig.ns.client, &rig.ns.name, "disk", reason::COPY_FAILED).await;
+    let phase = failed.status.as_ref().and_then(|s| s.phase);
+    assert_eq!(
+        phase,
+        Some(Phase::Failed),
+        "attempt 1 failed, attempt 2 waits"
+    );
+    let files = store_files(&rig.folder());
+    let Some(&(_, on_disk)) = files.iter().find(|(name, _)| name == ".partial/disk-1") else {
+        panic!("the partial file stays for attempt 2: {files:?}");
+    };
+    let counted = eventually(
+        "the store counting the failed cache's room",
+        Duration::from_secs(10),
+        || async { Some(store_used_bytes(&rig).await).filter(|used| *used > 0) },
+    )
+    .await;
+    assert_eq!(
+        counted, SIZE as u64,
+        "the room granted to attempt 1 (the object's size) is counted"
+    );
+    assert!(counted >= on_disk, "{counted} counted, {on_disk} on disk");
+    support::corpus::record(
+        "a copy that fails with its partial file kept for the next attempt",
+        &format!(
+            "the store counts the room granted to the failed attempt ({counted} bytes; the partial file is {on_disk}) until the next attempt asks again"
+        ),
+    );
+
+    rig.assert_copied("disk", &bytes).await;
+    assert_eq!(store_used_bytes(&rig).await, SIZE as u64, "the Ready copy");
 }
