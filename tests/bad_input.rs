@@ -16,6 +16,7 @@ use support::jobs::wait_for_cache;
 use support::registry::{PASSWORD, Registry};
 use support::rig::{Rig, ready_reason};
 use support::{TestNamespace, kubectl};
+use templatecache_api::conditions::{READY, find};
 use templatecache_api::reasons::cache as reason;
 use templatecache_api::references::count_references;
 use templatecache_api::{TemplateCache, TemplateCacheClaim};
@@ -57,6 +58,17 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
     let holder = client::acquire(ns.client.clone(), &cache, "holder")
         .await
         .expect("acquire");
+    // No executor runs here, so the copy Job waits for ever: once the cache says Copying,
+    // records its Job's uid and counts the holder, the operator has nothing left to write, and
+    // any change of its resourceVersion is the misbehaving consumer's.
+    wait_for_cache(&ns.client, &ns.name, "img", "copying, Job recorded", |c| {
+        let status = c.status.clone().unwrap_or_default();
+        let ready = find(&status.conditions, READY);
+        ready.is_some_and(|r| r.reason == reason::COPYING)
+            && status.job_uid.is_some()
+            && status.ref_count == Some(1)
+    })
+    .await;
     let before = settled_refs(ns, "img", 1).await;
 
     for (case, id) in [
