@@ -64,9 +64,7 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
     wait_for_cache(&ns.client, &ns.name, "img", "copying, Job recorded", |c| {
         let status = c.status.clone().unwrap_or_default();
         let ready = find(&status.conditions, READY);
-        ready.is_some_and(|r| r.reason == reason::COPYING)
-            && status.job_uid.is_some()
-            && status.ref_count == Some(1)
+        ready.is_some_and(|r| r.reason == reason::COPYING) && status.job_uid.is_some()
     })
     .await;
     let before = settled_refs(ns, "img", 1).await;

@@ -9,14 +9,13 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use kube::Api;
 use support::eventually;
 use support::jobs::wait_for_reason;
 use support::ranged_server::{RangedServer, Seen};
 use support::rig::{Rig, random_bytes, resume_verified, sha256, store_files};
 use support::throttle::ThrottleProxy;
+use templatecache_api::Phase;
 use templatecache_api::reasons::cache as reason;
-use templatecache_api::{Phase, StagingStore};
 
 const PART: u64 = 1 << 20;
 const SIZE: usize = 24 << 20;
@@ -30,12 +29,17 @@ const CONNECTION_RATE: u64 = 1 << 20;
 /// reads the source, however loaded the machine (with the tests' 200 ms, a busy test thread
 /// replaced it after attempt 2 had pinned the old version, and the test failed on a 412).
 async fn rig(prefix: &str) -> Rig {
-    Rig::with_config(prefix, |cfg| {
+    rig_with_backoff(prefix, Duration::from_secs(3)).await
+}
+
+/// [`rig`] with `backoff` between the two attempts.
+async fn rig_with_backoff(prefix: &str, backoff: Duration) -> Rig {
+    Rig::with_config(prefix, move |cfg| {
         cfg.jobs.copy.streams = 4;
         cfg.jobs.copy.part_size = PART;
         cfg.retry.max_attempts = 2;
-        cfg.retry.base_delay = Duration::from_secs(3);
-        cfg.retry.max_delay = Duration::from_secs(3);
+        cfg.retry.base_delay = backoff;
+        cfg.retry.max_delay = backoff;
     })
     .await
 }
@@ -190,13 +194,6 @@ async fn a_source_replaced_between_attempts_is_fetched_whole_not_spliced() {
     assert_eq!(rig.files(), ["disk"], "the old partial file is gone");
 }
 
-/// What the store reports as used, from its status.
-async fn store_used_bytes(rig: &Rig) -> u64 {
-    let stores: Api<StagingStore> = Api::all(rig.ns.client.clone());
-    let store = stores.get(&rig.store().name).await.expect("the store");
-    store.status.and_then(|s| s.used_bytes).unwrap_or(0)
-}
-
 /// Issue 25, item 7: between a failed attempt and the next, the partial file the next attempt
 /// resumes stays in the store. It counts there, up to the room granted to the attempt, in the
 /// store's usage (and so in the namespace quota and eviction): before, a failed cache counted
@@ -208,14 +205,7 @@ async fn a_failed_attempts_partial_file_counts_in_the_stores_usage_until_the_nex
     server.put("disk.img", bytes.clone());
     let proxy = ThrottleProxy::start(server.addr, CONNECTION_RATE).await;
     // A backoff long enough to look at the failed cache before attempt 2 starts.
-    let rig = Rig::with_config("resume-counted", |cfg| {
-        cfg.jobs.copy.streams = 4;
-        cfg.jobs.copy.part_size = PART;
-        cfg.retry.max_attempts = 2;
-        cfg.retry.base_delay = Duration::from_secs(20);
-        cfg.retry.max_delay = Duration::from_secs(20);
-    })
-    .await;
+    let rig = rig_with_backoff("resume-counted", Duration::from_secs(20)).await;
 
     copy_and_kill_halfway(&rig, &server, &proxy, Some(sha256(&bytes))).await;
     let failed = wait_for_reason(&rig.ns.client, &rig.ns.name, "disk", reason::COPY_FAILED).await;
@@ -232,7 +222,7 @@ async fn a_failed_attempts_partial_file_counts_in_the_stores_usage_until_the_nex
     let counted = eventually(
         "the store counting the failed cache's room",
         Duration::from_secs(10),
-        || async { Some(store_used_bytes(&rig).await).filter(|used| *used > 0) },
+        || async { Some(rig.store_used_bytes().await).filter(|used| *used > 0) },
     )
     .await;
     assert_eq!(
@@ -248,5 +238,5 @@ async fn a_failed_attempts_partial_file_counts_in_the_stores_usage_until_the_nex
     );
 
     rig.assert_copied("disk", &bytes).await;
-    assert_eq!(store_used_bytes(&rig).await, SIZE as u64, "the Ready copy");
+    assert_eq!(rig.store_used_bytes().await, SIZE as u64, "the Ready copy");
 }

@@ -230,6 +230,12 @@ impl Rig {
             .collect()
     }
 
+    /// What the rig's store reports as used (`status.usedBytes`) now.
+    pub async fn store_used_bytes(&self) -> u64 {
+        let stores: Api<StagingStore> = Api::all(self.ns.client.clone());
+        reported_usage(&stores, &self.store().name).await
+    }
+
     /// Samples the namespace's folder in the store and the store's reported usage every 20 ms
     /// until the task is aborted; the largest of each so far.
     pub fn sample_usage(&self) -> (Arc<Mutex<(u64, u64)>>, tokio::task::JoinHandle<()>) {
@@ -241,13 +247,7 @@ impl Rig {
         let task = tokio::spawn(async move {
             loop {
                 let disk = bytes_on_disk(&dir);
-                let reported = stores
-                    .get(&store)
-                    .await
-                    .expect("read the store's usage")
-                    .status
-                    .and_then(|s| s.used_bytes)
-                    .unwrap_or(0);
+                let reported = reported_usage(&stores, &store).await;
                 {
                     let mut peak = out.lock().unwrap();
                     peak.0 = peak.0.max(disk);
@@ -405,6 +405,17 @@ pub fn store_files(dir: &Path) -> Vec<(String, u64)> {
     }
     found.sort();
     found
+}
+
+/// The `status.usedBytes` of `store` (0 before the operator first writes it).
+async fn reported_usage(stores: &Api<StagingStore>, store: &str) -> u64 {
+    stores
+        .get(store)
+        .await
+        .expect("read the store's usage")
+        .status
+        .and_then(|s| s.used_bytes)
+        .unwrap_or(0)
 }
 
 /// Bytes of every file (partial files included) in a store folder.
