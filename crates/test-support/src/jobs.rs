@@ -94,16 +94,34 @@ pub async fn wait_for_cache(
     // take minutes.
     let found = tokio::time::timeout(
         Duration::from_secs(240),
-        await_condition(caches, cache, move |c: Option<&TemplateCache>| {
+        watch_until(&caches, cache, |c: Option<&TemplateCache>| {
             c.is_some_and(&condition)
         }),
     )
     .await
     .unwrap_or_else(|_| {
         panic!("TemplateCache {namespace}/{cache} did not become {what} within 240s")
-    })
-    .expect("watch TemplateCache");
+    });
     found.expect("cache exists")
+}
+
+/// Watches `cache` until `condition` holds; the caller bounds the time. A watch that fails (a
+/// read the client timed out on a loaded machine: CI saw `ReadEvents(... TimedOut)`) is opened
+/// again, which lists the cache afresh, rather than failing the test.
+async fn watch_until(
+    caches: &Api<TemplateCache>,
+    cache: &str,
+    condition: impl Fn(Option<&TemplateCache>) -> bool,
+) -> Option<TemplateCache> {
+    loop {
+        match await_condition(caches.clone(), cache, &condition).await {
+            Ok(found) => return found,
+            Err(e) => {
+                eprintln!("watch of TemplateCache {cache} failed, opened again: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 /// Waits until the Ready condition of `cache` has `reason` as its reason.
@@ -125,9 +143,8 @@ pub async fn wait_for_cache_gone(client: &Client, namespace: &str, cache: &str) 
     let caches: Api<TemplateCache> = Api::namespaced(client.clone(), namespace);
     tokio::time::timeout(
         Duration::from_secs(120),
-        await_condition(caches, cache, |c: Option<&TemplateCache>| c.is_none()),
+        watch_until(&caches, cache, |c: Option<&TemplateCache>| c.is_none()),
     )
     .await
-    .unwrap_or_else(|_| panic!("TemplateCache {namespace}/{cache} was not gone within 120s"))
-    .expect("watch TemplateCache");
+    .unwrap_or_else(|_| panic!("TemplateCache {namespace}/{cache} was not gone within 120s"));
 }
