@@ -19,8 +19,9 @@ chaos=target/chaos/report.md
   echo
   echo "## Bad input"
   echo
-  echo "Every hostile or invalid input that \`tests/api_validation.rs\`, \`tests/bad_input.rs\`, \`tests/helm_chart.rs\`"
-  echo "and \`tests/hostile_tenant.rs\` (one namespace attacking the others) try, and what happened. A refusal by the API server names the field; an input the API"
+  echo "Every hostile or invalid input that \`tests/api_validation.rs\`, \`tests/bad_input.rs\`, \`tests/helm_chart.rs\`,"
+  echo "\`tests/hostile_tenant.rs\` (one namespace attacking the others), \`tests/removal.rs\` (deletion, forged Jobs),"
+  echo "\`tests/copy_resume.rs\`, \`tests/copy_parallel.rs\` and \`tests/copy_end_to_end.rs\` (stalls, kept partial files) try, and what happened. A refusal by the API server names the field; an input the API"
   echo "server must accept (it cannot know) is shown with what the operator did instead."
   echo "$(wc -l < "$cases") cases."
   echo

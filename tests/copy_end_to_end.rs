@@ -327,3 +327,35 @@ async fn progress_counts_the_parts_landed_ahead_of_the_bytes_hashed_in_order() {
     );
     assert_eq!(seen.last(), Some(&(total, Some(total))), "{seen:?}");
 }
+
+/// Issue 25, item 5, through the operator: a source that sends 64 KiB and then nothing, with the
+/// connection held open, fails the copy Job's attempt once the stall limit passes (2 s here; 60
+/// by default, `copyJobs.stallSeconds` in the chart), and the cache's message names the stall.
+/// Before, the cache stayed Copying for as long as the source kept the connection.
+#[tokio::test]
+async fn a_source_that_goes_silent_fails_the_attempt_with_the_stall_named() {
+    let server = RangedServer::start().await;
+    server.put("disk.img", random_bytes(3 << 20));
+    let rig = Rig::with_config("e2e-stall", |cfg| {
+        cfg.jobs.limits.stall_seconds = 2;
+        cfg.retry.max_attempts = 1;
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    let url = server.url("stalling", "disk.img");
+    rig.create("silent", json!({"source": {"http": {"url": url}}}))
+        .await;
+    let message = rig.failed_for_good("silent").await;
+    assert!(
+        message.contains("stalled") && message.contains("sent nothing for 2 s"),
+        "{message}"
+    );
+    support::corpus::record(
+        "a cache whose source sends 64 KiB then nothing, through the operator (stall limit 2 s)",
+        &format!(
+            "the copy Job's attempt failed after {} s and the cache says why: {message}",
+            started.elapsed().as_secs()
+        ),
+    );
+}
