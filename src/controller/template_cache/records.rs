@@ -126,6 +126,12 @@ pub async fn copy_pods_running(ctx: &Context, cache: &TemplateCache) -> Result<b
 }
 
 /// The state of the Job of the recorded removal try: only the recorded uid counts.
+///
+/// A Job whose uid the cache as watched does not record is judged again on a fresh read of the
+/// cache before it is called someone else's: the watch can lag the record of a Job made a
+/// moment ago (seen on a loaded machine: the operator's own failed remove Job taken for a
+/// forgery, its failure message lost). A fresh read whose record moved on to another try is a
+/// conflict: the reconcile starts over from it.
 pub async fn removal_job_state(ctx: &Context, cache: &TemplateCache) -> Result<JobState, Error> {
     let record = cache.status.as_ref().and_then(|s| s.removal.as_ref());
     let Some((name, namespace)) =
@@ -136,7 +142,20 @@ pub async fn removal_job_state(ctx: &Context, cache: &TemplateCache) -> Result<J
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     let job = jobs.get_opt(name).await?;
     let recorded = record.and_then(|r| r.job_uid.as_deref());
-    Ok(JobState::of_recorded(job.as_ref(), recorded, cache))
+    let state = JobState::of_recorded(job.as_ref(), recorded, cache);
+    if !matches!(state, JobState::NotOurs(_)) {
+        return Ok(state);
+    }
+    let caches: Api<TemplateCache> =
+        Api::namespaced(ctx.client.clone(), &cache.namespace().unwrap_or_default());
+    let fresh = caches.get(&cache.name_any()).await?;
+    let fresh_record = fresh.status.as_ref().and_then(|s| s.removal.as_ref());
+    let try_of = |r: Option<&Removal>| r.map(|r| (r.attempt, r.job_name.clone()));
+    if try_of(fresh_record) != try_of(record) {
+        return Err(Error::Conflict(cache.name_any()));
+    }
+    let recorded = fresh_record.and_then(|r| r.job_uid.as_deref());
+    Ok(JobState::of_recorded(job.as_ref(), recorded, &fresh))
 }
 
 /// Starts removal try `attempt`: records it (on the view the decision was made from, so two
