@@ -259,8 +259,8 @@ async fn main() {
          Targets: operator peak RSS under 150 MiB; at least half the raw write rate. Operator writes \
          are the state-changing requests the API server counted (`apiserver_request_total`) to the \
          kinds the operator writes (TemplateCaches and their status, Jobs, Events) while it worked, \
-         about {:.1} per cache (cleanup finalizer, the attempt transition, the Job, the CopyStarted \
-         Event); the API server's own Lease renewals and other background writes are left out.\n\n\
+         about {:.1} per cache (cleanup finalizer, the attempt transition, the Job, its uid \
+         recorded in the status, the CopyStarted Event); the API server's own Lease renewals and other background writes are left out.\n\n\
          Then, with the operator still running, {pods_n} labelled gated Pods (a Deployment \
          replica's spec: 20 env vars, a volume, a probe, two annotations) name the caches round \
          robin; they were created in {:.0} s and every cache counted them after {:.0} s. The \

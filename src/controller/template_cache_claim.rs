@@ -8,7 +8,9 @@
 //! operator's watch shows them; the watch that woke the reconcile has already stored the cache,
 //! so what a claim says is never older than the change that woke it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::api::{PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -19,7 +21,7 @@ use tracing::info;
 
 use super::context::Context;
 use super::error::Error;
-use super::group_commit::template_matches;
+use super::group_commit::{claim_may_bind, template_matches};
 use super::writes::{self, Answer};
 use templatecache_api::conditions::{BOUND, READY, condition, find, set_condition};
 use templatecache_api::names::{CLEANUP_FINALIZER, OPERATOR_MANAGER};
@@ -146,23 +148,74 @@ fn unbound(
 }
 
 /// A bound claim's phase and Ready condition, from the cache's.
+///
+/// While the cache is being copied the claim says so in words of its own, not the cache's
+/// message: that message names the attempt and its Job and changes as the copy starts, and a
+/// claim mirroring it would be written again, for every claim of the cache at once, at each
+/// change (1,440 status writes for 1,000 claims in a storm, issue 28). What a claim's user can
+/// act on (a store full, a quota, a failed attempt) is still mirrored as the cache says it.
 fn mirrored_readiness(cache: &TemplateCache) -> (ClaimPhase, bool, String, String) {
     let status = cache.status.clone().unwrap_or_default();
     let ready = find(&status.conditions, READY);
-    let message = ready.map(|c| c.message.clone()).unwrap_or_else(|| {
-        format!(
-            "TemplateCache {} has not been looked at yet",
-            cache.name_any()
-        )
-    });
     let cache_reason = ready.map_or(cache_reason::COPYING, |c| c.reason.as_str());
+    let message = match ready {
+        Some(c) if cache_reason != cache_reason::COPYING => c.message.clone(),
+        _ => format!(
+            "TemplateCache {} is being copied; the claim is Ready once it is",
+            cache.name_any()
+        ),
+    };
     if status.phase == Some(Phase::Ready) && ready.is_some_and(|c| c.status == "True") {
+        let message = ready.map(|c| c.message.clone()).unwrap_or_default();
         return (ClaimPhase::Ready, true, reason::CACHE_READY.into(), message);
     }
     if cache_reason::FINAL.contains(&cache_reason) {
         return (ClaimPhase::Failed, false, cache_reason.into(), message);
     }
     (ClaimPhase::Bound, false, cache_reason.into(), message)
+}
+
+/// How long at most a claim's first Bound write waits for the rest of its storm to be recorded.
+const STORM_HOLD: Duration = Duration::from_secs(10);
+
+/// Whether a claim's first Bound write waits for its cache's commits to settle (issue 28).
+/// While other claims of the cache still wait to be recorded, the API server's time goes to the
+/// commits that record them rather than to N status writes competing with them; this claim's
+/// reference is on the cache already (that is what protects it), and its status follows once
+/// the storm is recorded, as one write with Ready when the copy is done by then. Only while
+/// the claim is younger than [`STORM_HOLD`], so a claim that is never recorded cannot hold
+/// the others' status for long.
+pub fn waits_for_the_storm(
+    claim: &TemplateCacheClaim,
+    planned: &TemplateCacheClaimStatus,
+    cache: &TemplateCache,
+    claims_of_cache: &[Arc<TemplateCacheClaim>],
+    reference_limit: usize,
+    now: k8s_openapi::jiff::Timestamp,
+) -> bool {
+    let said_bound = claim
+        .status
+        .as_ref()
+        .and_then(|s| find(&s.conditions, BOUND))
+        .is_some_and(|c| c.status == "True");
+    let young = claim
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .is_some_and(|t| now.duration_since(t.0).unsigned_abs() < STORM_HOLD);
+    if said_bound || planned.phase != Some(ClaimPhase::Bound) || !young {
+        return false;
+    }
+    let references: HashSet<&str> = cache.finalizers().iter().map(String::as_str).collect();
+    if count_references(cache.finalizers()) as usize >= reference_limit {
+        return false;
+    }
+    claims_of_cache.iter().any(|other| {
+        claim_may_bind(other, cache)
+            && other
+                .uid()
+                .is_some_and(|uid| !references.contains(claim_reference(&uid).as_str()))
+    })
 }
 
 /// Reconciles one claim.
@@ -188,6 +241,15 @@ pub async fn reconcile(claim: Arc<TemplateCacheClaim>, ctx: Arc<Context>) -> Res
     if claim.status.is_none() && is_transient(&plan.status) {
         // Being bound within moments: a storm of claims costs no extra write for it.
         return Ok(Action::await_change());
+    }
+    if let Some(cache) = &cache {
+        let claims_of_cache = ctx.watched.claims_of(&key);
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let limit = ctx.config.max_references;
+        if waits_for_the_storm(&claim, &plan.status, cache, &claims_of_cache, limit, now) {
+            // The next commit wakes it; the requeue is the backstop for the hold's end.
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
     }
     write_status(&claim, &plan.status, &namespace, &ctx).await?;
     Ok(Action::await_change())
@@ -337,6 +399,89 @@ mod tests {
         let plan = claim_status(&claim(None), Some(&ready), 100);
         assert_eq!(plan.status.phase, Some(ClaimPhase::Ready));
         assert_eq!(plan.status.cache.as_ref().and_then(|c| c.size), Some(3));
+    }
+
+    /// Issue 28: the steps of a copy (the cache looked at, each attempt's Job) leave a bound
+    /// claim's status as it is, so they cost no write per claim; a reason its user can act on
+    /// still reaches it.
+    #[test]
+    fn a_bound_claims_status_stays_as_it_is_while_its_cache_is_copied() {
+        let mut bound = claim(None);
+        let unseen = cache(&[MINE], json!({}));
+        bound.status = Some(claim_status(&bound, Some(&unseen), 100).status);
+        for attempt in ["attempt 1: Job img-copy-1", "attempt 2: Job img-copy-2"] {
+            let copying = cache_in(&[MINE], "Copying", false, "Copying", attempt);
+            let plan = claim_status(&bound, Some(&copying), 100);
+            assert_eq!(Some(&plan.status), bound.status.as_ref(), "{attempt}");
+        }
+        let full = cache_in(&[MINE], "Pending", false, "StoreFull", "store full");
+        let plan = claim_status(&bound, Some(&full), 100);
+        assert_eq!(reason_of(&plan, READY), "StoreFull");
+        let ready = find(&plan.status.conditions, READY).expect("Ready");
+        assert_eq!(ready.message, "store full");
+    }
+
+    /// A claim made at `created` (seconds after the epoch) with uid `uid`, naming `img`.
+    fn claim_made(uid: &str, created: i64) -> TemplateCacheClaim {
+        let mut made = claim(None);
+        made.metadata.uid = Some(uid.into());
+        made.metadata.creation_timestamp =
+            Some(Time(Timestamp::from_second(created).expect("time")));
+        made
+    }
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).expect("time")
+    }
+
+    /// Issue 28: a claim recorded in the middle of a storm says Bound once the rest of the storm
+    /// is recorded, so its status write never competes with the commits; never longer than the
+    /// hold, never for a claim that cannot be recorded, never once it has said Bound.
+    #[test]
+    fn a_bound_claims_first_write_waits_while_others_of_its_storm_are_unrecorded() {
+        let mine = claim_made("uid-1", 1_000);
+        let other = Arc::new(claim_made("uid-2", 1_000));
+        let copying = cache_in(&[MINE], "Copying", false, "Copying", "copying");
+        let planned = claim_status(&mine, Some(&copying), 100).status;
+        let waits = |claim: &TemplateCacheClaim, cache: &TemplateCache, now: i64| {
+            let others = [Arc::new(claim.clone()), other.clone()];
+            waits_for_the_storm(claim, &planned, cache, &others, 100, at(now))
+        };
+        assert!(
+            waits(&mine, &copying, 1_002),
+            "the other claim is unrecorded"
+        );
+
+        let both = cache_in(
+            &[MINE, "claim.ref.templatecache.io/uid-2"],
+            "Copying",
+            false,
+            "Copying",
+            "copying",
+        );
+        assert!(!waits(&mine, &both, 1_002), "the storm is recorded");
+        assert!(
+            !waits(&mine, &copying, 1_011),
+            "held no longer than the hold"
+        );
+        let others = std::slice::from_ref(&other);
+        let full = waits_for_the_storm(&mine, &planned, &copying, others, 1, at(1_002));
+        assert!(
+            !full,
+            "the other can never be recorded: the cache is at its limit"
+        );
+
+        let mut said = mine.clone();
+        said.status = Some(planned.clone());
+        assert!(!waits(&said, &copying, 1_002), "it said Bound already");
+
+        let ready = cache_in(&[MINE], "Ready", true, "Copied", "copied");
+        let ready_plan = claim_status(&mine, Some(&ready), 100).status;
+        let others = [other.clone()];
+        assert!(
+            !waits_for_the_storm(&mine, &ready_plan, &ready, &others, 100, at(1_002)),
+            "Ready is written at once"
+        );
     }
 
     #[test]

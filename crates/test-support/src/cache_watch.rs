@@ -43,8 +43,18 @@ impl CacheWatch {
         name: &str,
         count: fn(&DynamicObject) -> Option<i64>,
     ) -> Self {
-        let ar = ApiResource::erase::<TemplateCache>(&());
-        let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
+        Self::counting_kind(ns, &ApiResource::erase::<TemplateCache>(&()), name, count)
+    }
+
+    /// [`CacheWatch::counting`] on an object of another kind (a benchmark's stand-in for a
+    /// database row).
+    pub fn counting_kind(
+        ns: &TestNamespace,
+        ar: &ApiResource,
+        name: &str,
+        count: fn(&DynamicObject) -> Option<i64>,
+    ) -> Self {
+        let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, ar);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let (stop, mut stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
