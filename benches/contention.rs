@@ -287,6 +287,25 @@ async fn released_row(ns: &TestNamespace, watch: CacheWatch, measured: Measured)
     }
 }
 
+/// Every consumer acquires its claim on `request` at once, each with its own client: each one's
+/// reference, when it began, and how long its create took.
+async fn claim_storm(
+    clients: Vec<Client>,
+    request: &client::CacheRequest,
+) -> Vec<(client::Reference, Instant, Duration)> {
+    let storm = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| async move {
+            let begun = Instant::now();
+            let reference = client::acquire(client, request, &format!("consumer-{i}"))
+                .await
+                .expect("acquire");
+            (reference, begun, begun.elapsed())
+        });
+    future::join_all(storm).await
+}
+
 async fn claims_way(n: usize) -> Row {
     let rig = Rig::operator(&format!("bench-claims-{n}")).await;
     let ns = &rig.ns;
@@ -295,17 +314,7 @@ async fn claims_way(n: usize) -> Row {
     let request = ns.request("template", Some(spec()));
     let writes_before = writes_now(ns).await;
     let started = Instant::now();
-    let storm = clients.into_iter().enumerate().map(|(i, client)| {
-        let request = request.clone();
-        async move {
-            let begun = Instant::now();
-            let reference = client::acquire(client, &request, &format!("consumer-{i}"))
-                .await
-                .expect("acquire");
-            (reference, begun)
-        }
-    });
-    let acquired = future::join_all(storm).await;
+    let acquired = claim_storm(clients, &request).await;
     println!(
         "claims N={n}: every claim created after {:?}",
         started.elapsed()
@@ -321,7 +330,7 @@ async fn claims_way(n: usize) -> Row {
         .collect();
     let wanted: BTreeMap<String, Instant> = acquired
         .iter()
-        .map(|(r, begun)| (claim_reference(&uids[r.claim_name()]), *begun))
+        .map(|(r, begun, _)| (claim_reference(&uids[r.claim_name()]), *begun))
         .collect();
     let (all_counted, counted_at, api_writes) =
         until_counted(ns, "every claim counted", &wanted, started, &writes_before).await;
@@ -338,7 +347,7 @@ async fn claims_way(n: usize) -> Row {
     .await;
     let all_ready = completed.elapsed();
 
-    let releases = acquired.into_iter().map(|(r, _)| r.release());
+    let releases = acquired.into_iter().map(|(r, _, _)| r.release());
     for released in future::join_all(releases).await {
         released.expect("release");
     }
@@ -495,18 +504,9 @@ async fn claims_floor(n: usize) -> Row {
     let request = ns.request("template", Some(spec()));
     let writes_before = writes_now(ns).await;
     let started = Instant::now();
-    let storm = clients.into_iter().enumerate().map(|(i, client)| {
-        let request = request.clone();
-        async move {
-            let begun = Instant::now();
-            client::acquire(client, &request, &format!("consumer-{i}"))
-                .await
-                .expect("acquire");
-            begun.elapsed()
-        }
-    });
-    let counted = future::join_all(storm).await;
+    let acquired = claim_storm(clients, &request).await;
     let all = started.elapsed();
+    let counted = acquired.into_iter().map(|(_, _, took)| took).collect();
     let writes = writes_since(ns, &writes_before).await;
     floor_row(CLAIMS_FLOOR, n, counted, all, writes)
 }
