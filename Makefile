@@ -59,14 +59,16 @@ node-down:
 image:
 	hack/image.sh all
 
-## The local quickstart: the control plane, the CRDs, and in the background the operator, the
-## local Job executor and an HTTP server for examples/files/ (logs and pids in .cluster/quickstart/).
-## Then: kubectl apply -f examples/local/ (see the README's "Try it").
+## The local quickstart on the real node: the control plane in node mode, the images from the
+## release binary in the node's registry, the chart installed with helm, and an HTTP server for
+## examples/files/ (logs in .cluster/quickstart/). Then: kubectl apply -f examples/local/ (see
+## the README's "Try it"). Needs root, as the node does.
 up:
-	$(CARGO) build --quiet --workspace --bins
+	$(CARGO) build --quiet --release --bin templatecache
 	hack/quickstart.sh up
 
-## Stop what `make up` started, by pid; the control plane only if `make up` started it.
+## Uninstall what `make up` installed, stop its HTTP server; the control plane only if `make up`
+## started it (one that was up without the node is switched back to that).
 down:
 	hack/quickstart.sh down
 

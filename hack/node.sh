@@ -169,11 +169,17 @@ CFG
 
 containerd_config() {
   local c="$dir/containerd"
-  mkdir -p "$c/certs.d/$REGISTRY" "$dir/cni/net.d"
+  mkdir -p "$c/certs.d/$REGISTRY" "$c/certs.d/$REGISTRY_ALIAS" "$dir/cni/net.d"
   cat > "$c/certs.d/$REGISTRY/hosts.toml" <<TOML
 server = "http://$REGISTRY"
 [host."http://$REGISTRY"]
   capabilities = ["pull", "resolve", "push"]
+TOML
+  # The same registry under its fixed name (hack/node/env.sh).
+  cat > "$c/certs.d/$REGISTRY_ALIAS/hosts.toml" <<TOML
+server = "http://$REGISTRY"
+[host."http://$REGISTRY"]
+  capabilities = ["pull", "resolve"]
 TOML
   # The shim socket folder /run/containerd/s is hard-coded in containerd; everything else is here.
   cat > "$c/config.toml" <<TOML

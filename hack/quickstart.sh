@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
-# The local quickstart: the local control plane with the CRDs, and in the background the
-# operator, the local Job executor and a loopback HTTP server for examples/files/, so that the
-# manifests in examples/local/ work offline.
+# The local quickstart, on the real node: the control plane in node mode (kubelet, containerd,
+# scheduler, the real Job controller), the operator and consumer images in the node's registry,
+# the chart installed with helm as the README's "Install with Helm" says, and an HTTP server for
+# examples/files/ on the node's address, so the manifests in examples/local/ work offline.
 #
 #   hack/quickstart.sh up      start what does not run yet (idempotent); `make up` builds first
-#   hack/quickstart.sh down    stop what `up` started, by pid file, never by name
+#   hack/quickstart.sh down    uninstall the chart, stop the HTTP server (by pid file), put the
+#                              control plane back as `up` found it
 #   hack/quickstart.sh status  print what runs
 #
-# Logs and pid files are in .cluster/quickstart/. `down` stops the control plane only if `up`
-# started it: a control plane that was already up (`make cluster-up`, `make test`) is someone
-# else's and keeps running.
+# The images are made from target/release/templatecache (`make up` builds it). Logs and pid
+# files are in .cluster/quickstart/. `down` stops the control plane only if `up` started it; a
+# control plane that was up without the node (`make cluster-up`) is switched back to that.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir="$root/.cluster/quickstart"
 kubectl="$root/.cluster/kubectl"
 export KUBECONFIG="$root/.cluster/kubeconfig"
-# examples/local/cache.yaml names this port; examples/local/store.yaml this folder.
+# shellcheck source=hack/node/env.sh
+source "$root/hack/node/env.sh"
+# examples/local/cache.yaml names this address; examples/local/store.yaml this folder.
 http_port=18089
 store_dir=/tmp/templatecache-quickstart
-metrics_address=127.0.0.1:18080
-processes="operator executor http"
+release=templatecache
+namespace=templatecache-system
+# The UID and GID of the image (its USER): the copy Jobs' mover writes into the store as them.
+image_user=65532
+processes="http"
 
 log() { echo "quickstart: $*" >&2; }
 
@@ -34,10 +41,10 @@ start() {
   echo $! > "$dir/$name.pid"
 }
 
-# Whether nothing listens on port $1 (SO_REUSEADDR, as http.server binds: a closed connection
-# lingering in TIME_WAIT does not take the port).
+# Whether nothing listens on port $1 of the node's address (SO_REUSEADDR, as http.server binds:
+# a closed connection lingering in TIME_WAIT does not take the port).
 port_free() {
-  python3 -c "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[1])))" "$1" 2>/dev/null
+  python3 -c "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], int(sys.argv[2])))" "$NODE_IP" "$1" 2>/dev/null
 }
 
 # wait_for WHAT CMD...: retries CMD for 30 s.
@@ -48,49 +55,88 @@ wait_for() {
   return 1
 }
 
-up() {
-  for bin in templatecache templatecache-local-executor; do
-    [ -x "$root/target/debug/$bin" ] || { log "target/debug/$bin is missing: run make up"; exit 1; }
-  done
-  mkdir -p "$dir" "$store_dir"
-  local before
-  before=$("$root/hack/cluster.sh" status 2>/dev/null || true)
-  if ! grep -q '^kube-apiserver running' <<<"$before"; then
+helm() { "$("$root/hack/helm/build.sh")" "$@"; }
+
+# The pinned reference hack/image.sh pushed for KEY (TEMPLATECACHE_IMAGE, ...).
+pushed() { sed -n "s/^$1=//p" "$root/.cluster/images.env"; }
+
+# The cluster's control plane before `up`: none, plain (the local Job executor's world) or node.
+record_cluster_mode() {
+  local status
+  status=$("$root/hack/cluster.sh" status 2>/dev/null || true)
+  rm -f "$dir/started-cluster" "$dir/was-plain"
+  if ! grep -q '^kube-apiserver running' <<<"$status"; then
     touch "$dir/started-cluster"
+  elif [ ! -f "$root/.cluster/node.env" ]; then
+    touch "$dir/was-plain"
   fi
-  "$root/hack/cluster.sh" up
-  "$kubectl" apply --server-side -f "$root/crds/" \
-    -f "$root/charts/templatecache-operator/files/flowcontrol.yaml" >/dev/null
-  "$kubectl" wait --for=condition=Established --timeout=60s \
-    crd/templatecaches.templatecache.io crd/stagingstores.templatecache.io >/dev/null
+}
+
+# The store's folder as a provisioner makes one: owned by the image's user, setgid, so the
+# folders the kubelet creates for subPath mounts are the mover's group and writable by it.
+# What an earlier run left there (the local Job executor of old wrote as root) is handed over too.
+store_folder() {
+  mkdir -p "$store_dir"
+  chown -R "$image_user:$image_user" "$store_dir"
+  find "$store_dir" -type d -exec chmod 2775 {} +
+}
+
+# helm upgrade --install of the chart with the image just pushed (pinned by digest), the
+# quickstart store as the default, copy Jobs allowed in "default" and to read the HTTP server.
+install_chart() {
+  local image tag flow_control=true managed
+  image=$(pushed TEMPLATECACHE_IMAGE)
+  tag=${image#*/templatecache:}   # dev@sha256:...: the tag, pinned to what was pushed
+  # The API priority settings applied with kubectl (the tests do) are not helm's to adopt.
+  managed=$("$kubectl" get flowschema templatecache-operator --ignore-not-found \
+    -o 'jsonpath={.metadata.labels.app\.kubernetes\.io/managed-by}')
+  if "$kubectl" get flowschema templatecache-operator >/dev/null 2>&1 && [ "$managed" != Helm ]; then
+    flow_control=false
+  fi
+  helm upgrade --install "$release" "$root/charts/templatecache-operator" \
+    --namespace "$namespace" --create-namespace \
+    --set image.repository="$REGISTRY_ALIAS/templatecache" --set image.tag="$tag" \
+    --set defaultStore.name=quickstart \
+    --set 'copyJobs.namespaces={default}' \
+    --set-json "operator.allowInternalAddresses=[\"$NODE_IP:$http_port\"]" \
+    --set flowControl.enabled="$flow_control" \
+    --wait --timeout 5m >"$dir/helm.log" 2>&1 || { tail -20 "$dir/helm.log" >&2; return 1; }
+}
+
+up() {
+  local binary="$root/target/release/templatecache"
+  [ -x "$binary" ] || { log "target/release/templatecache is missing: run make up"; exit 1; }
+  mkdir -p "$dir"
+  [ -f "$dir/started-cluster" ] || [ -f "$dir/was-plain" ] || [ -f "$dir/installed" ] || record_cluster_mode
+  TEMPLATECACHE_NODE=1 "$root/hack/cluster.sh" up
+  BINARY="$binary" "$root/hack/image.sh" all >"$dir/images.log"
+  store_folder
 
   if ! alive http; then
-    port_free "$http_port" || { log "port $http_port is taken; examples/local/ needs it"; exit 1; }
-    start http python3 -m http.server "$http_port" --bind 127.0.0.1 --directory "$root/examples/files"
+    port_free "$http_port" || { log "port $http_port of $NODE_IP is taken; examples/local/ needs it"; exit 1; }
+    start http python3 -m http.server "$http_port" --bind "$NODE_IP" --directory "$root/examples/files"
   fi
-  start executor "$root/target/debug/templatecache-local-executor" \
-    --templatecache "$root/target/debug/templatecache"
-  # Leader election on as in a Deployment, on a Lease of its own in "default".
-  start operator env RUST_LOG=info "$root/target/debug/templatecache" run \
-    --default-store quickstart --instance quickstart \
-    --leader-election-namespace default --leader-election-lease templatecache-quickstart \
-    --job-image templatecache:local --retry-base-seconds 2 \
-    --allow-internal-address "127.0.0.1:$http_port" \
-    --metrics-address "$metrics_address"
-
-  wait_for "the HTTP server" curl -sf "http://127.0.0.1:$http_port/demo.img" -o /dev/null
-  wait_for "the operator" curl -sf "http://$metrics_address/readyz"
-  log "running: operator (metrics on http://$metrics_address/metrics), executor, files on http://127.0.0.1:$http_port/"
-  log "export KUBECONFIG=$KUBECONFIG; logs in $dir/"
+  wait_for "the HTTP server" curl -sf "http://$NODE_IP:$http_port/demo.img" -o /dev/null
+  install_chart
+  touch "$dir/installed"
+  log "running: the chart in $namespace ($(pushed TEMPLATECACHE_IMAGE)), files on http://$NODE_IP:$http_port/"
+  log "export KUBECONFIG=$KUBECONFIG; operator logs: kubectl -n $namespace logs deploy/$release"
 }
 
 down() {
   local name
+  if [ -f "$dir/installed" ]; then
+    helm uninstall "$release" --namespace "$namespace" --wait --ignore-not-found >/dev/null
+    "$kubectl" delete namespace "$namespace" --ignore-not-found >/dev/null
+    rm -f "$dir/installed"
+  fi
   for name in $processes; do stop "$name"; done
   if [ -f "$dir/started-cluster" ]; then
     "$root/hack/cluster.sh" down
-    rm -f "$dir/started-cluster"
+  elif [ -f "$dir/was-plain" ]; then
+    "$root/hack/cluster.sh" up
   fi
+  rm -f "$dir/started-cluster" "$dir/was-plain"
   log "stopped"
 }
 
@@ -100,6 +146,7 @@ case "${1:-}" in
   status)
     for n in $processes; do
       if alive "$n"; then echo "$n running (pid $(cat "$dir/$n.pid"))"; else echo "$n stopped"; fi
-    done ;;
+    done
+    if [ -f "$dir/installed" ]; then echo "chart installed in $namespace"; else echo "chart not installed"; fi ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

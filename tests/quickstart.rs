@@ -1,8 +1,11 @@
-//! The README's "Try it", command by command: `make up`, `kubectl apply -f examples/local/`,
+//! The README's "Try it", command by command, on the real node: `make up` (the chart installed
+//! with helm, its image from the node's registry), `kubectl apply -f examples/local/`,
 //! `kubectl wait --for=condition=Ready tc/demo`, the Pods' gates removed and counted, the
-//! consumers, cache and store deleted (the data with them), `make down`. `make up` runs a
-//! cluster-wide operator, so this test is a binary of its own (cargo runs test binaries one
-//! after another), and it leaves the control plane it found running.
+//! consumers running on the node and printing the cache's checksum in `kubectl logs`, the
+//! consumers, cache and store deleted (the data with them), `make down`. `make up` installs a
+//! cluster-wide operator, so this test is a binary of its own, run by `make test-node` with the
+//! node's other test (ignored by plain `cargo test --workspace`); it leaves the control plane it
+//! found running.
 
 use templatecache_test_support as support;
 
@@ -55,7 +58,7 @@ fn cluster_status() -> String {
 }
 
 fn quickstart_pids() -> Vec<u32> {
-    ["operator", "executor", "http"]
+    ["http"]
         .iter()
         .filter_map(|name| {
             let path = support::repo_root().join(format!(".cluster/quickstart/{name}.pid"));
@@ -65,20 +68,29 @@ fn quickstart_pids() -> Vec<u32> {
 }
 
 #[tokio::test]
-async fn the_readmes_try_it_commands_make_a_cache_ready_and_ungate_its_pods() {
-    support::ensure_cluster();
+#[ignore = "needs the real node: make test-node"]
+async fn the_readmes_try_it_commands_make_a_cache_ready_and_its_pods_read_it_on_the_node() {
+    support::node::up();
     let shared = cluster_status();
     assert!(shared.contains("kube-apiserver running"), "{shared}");
 
     let guard = Quickstart;
-    // `make up` as the README has it, but without its `cargo build`: the binaries it starts are
-    // the ones `cargo test` built for this test, and a nested build without the
-    // dev-dependencies' features would relink them (about half a minute, twice per run).
+    // `make up` as the README has it, but without its `cargo build`: the images are made from
+    // the release binary `make check-dockerfile` built, as `make test-node`'s are.
     let mut up = make("up");
     up.arg("CARGO=true");
     must(up);
     let pids = quickstart_pids();
-    assert_eq!(pids.len(), 3, "operator, executor and HTTP server run");
+    assert_eq!(pids.len(), 1, "the HTTP server runs");
+    let operator = kubectl(&[
+        "-n",
+        "templatecache-system",
+        "get",
+        "deploy/templatecache",
+        "-o",
+        "jsonpath={.status.availableReplicas}",
+    ]);
+    assert_eq!(operator, "2", "the chart's two replicas are available");
 
     kubectl(&["apply", "-f", "examples/local/"]);
     let started = Instant::now();
@@ -114,6 +126,26 @@ async fn the_readmes_try_it_commands_make_a_cache_ready_and_ungate_its_pods() {
     .await;
     println!("{}", kubectl(&["get", "tc,tcc,sst"]));
 
+    // The consumers run on the node and read the staged file: `kubectl logs` shows its digest.
+    kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/consumer-1",
+        "pod/consumer-2",
+        "--timeout=120s",
+    ]);
+    let checksum = kubectl(&["get", "tc/demo", "-o", "jsonpath={.status.checksum}"]);
+    let hex = checksum.trim_start_matches("sha256:");
+    assert_eq!(hex.len(), 64, "the cache's checksum: {checksum:?}");
+    for pod in ["consumer-1", "consumer-2"] {
+        let log = kubectl(&["logs", pod]);
+        assert_eq!(
+            log.split_whitespace().next(),
+            Some(hex),
+            "{pod} printed the SHA-256 of the file it read: {log}"
+        );
+    }
+
     // The consumers and the cache first: the cache's remove Job needs its store to delete the
     // data.
     let data = std::path::Path::new(STORE).join("default/demo");
@@ -140,5 +172,12 @@ async fn the_readmes_try_it_commands_make_a_cache_ready_and_ungate_its_pods() {
     assert!(
         cluster_status().contains("kube-apiserver running"),
         "make down leaves a control plane it did not start"
+    );
+    let mut list = support::tools::helm();
+    list.args(["list", "--all-namespaces", "--short"]);
+    let releases = must(list);
+    assert!(
+        !releases.lines().any(|r| r == "templatecache"),
+        "make down uninstalled the chart: {releases}"
     );
 }

@@ -7,5 +7,8 @@ NODE_BRIDGE=tccni0
 NODE_IP=10.88.0.1
 POD_CIDR=10.88.0.0/22
 SERVICE_CIDR=10.0.0.0/24
+# A fixed name for the node's registry, whatever port it got: containerd sends pulls of
+# registry.templatecache.local/... to it (certs.d), so examples/local/ can name images.
+REGISTRY_ALIAS=registry.templatecache.local
 # The name containerd v2.4.2 pins as its sandbox image; hack/node.sh imports its own pause there.
 SANDBOX_IMAGE=registry.k8s.io/pause:3.10.2
