@@ -4,8 +4,8 @@
 #      control plane over; etcd's data stays);
 #   2. the operator and consumer images into the node's registry, from the release binary
 #      `make check-dockerfile` built (never built twice);
-#   3. tests/node.rs and tests/quickstart.rs (the README's "Try it"), whose tests are ignored
-#      by plain `cargo test --workspace`.
+#   3. the tests that need the node, ignored by plain `cargo test --workspace`: tests/node.rs,
+#      tests/quickstart.rs (the README's "Try it") and the chaos test's run on the node.
 # Prints the time of each phase. The node stays up: `make cluster-down` removes it, and plain
 # `make cluster-up` (the rest of the suite) switches it off.
 set -euo pipefail
@@ -31,5 +31,5 @@ TEMPLATECACHE_NODE=1 hack/cluster.sh up
 phase "node up (control plane in node mode, kubelet Ready)"
 BINARY=$binary hack/image.sh all
 phase "images from $binary, pushed to the node's registry"
-KUBECONFIG="$root/.cluster/kubeconfig" cargo test --test node --test quickstart -- --include-ignored --nocapture
-phase "cargo test --test node --test quickstart (build included)"
+KUBECONFIG="$root/.cluster/kubeconfig" cargo test --test node --test quickstart --test chaos -- --ignored --nocapture
+phase "cargo test --test node --test quickstart --test chaos -- --ignored (build included)"

@@ -8,6 +8,11 @@
 //!
 //! `make test` runs it for `CHAOS_SECONDS` (default 45); `make chaos` runs it for 10 minutes
 //! and writes the report into docs/reliability.md.
+//!
+//! The same run on the real node (`make test-node`), with the chart installed: the copy Jobs
+//! run as Pods, whose movers are SIGKILLed half-way through a copy, the kubelet is SIGKILLed
+//! once, and the leading operator Pod is deleted at once several times, so a standby must take
+//! over; the same books must come out right.
 
 use templatecache_test_support as support;
 
@@ -18,14 +23,18 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{ApiResource, DynamicObject};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ApiResource, DeleteParams, DynamicObject};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use support::TestNamespace;
+use support::chart::{Release, STORE_CLAIM};
 use support::eventually;
 use support::http_server::{HttpServer, random_below};
+use support::node::{self, ProvisionedVolume};
 use support::operator::OperatorProcess;
 use support::rig::Rig;
 use support::rig::{random_bytes, sha256, store_files};
@@ -71,14 +80,40 @@ struct Tally {
     last_watch_event: Mutex<Option<Instant>>,
     /// Versions whose refCount exceeded the references they held.
     counts_above_references: Mutex<Vec<String>>,
+    /// On the node: copy Pods' movers SIGKILLed while their partial file held bytes.
+    copy_kills: AtomicU32,
+    /// On the node: kubelet SIGKILLs.
+    kubelet_kills: AtomicU32,
+    /// On the node: how long each leader Pod kill left the operator without a leader.
+    takeovers: Mutex<Vec<Duration>>,
 }
 
-fn spec_of(server: &HttpServer, t: usize, checksum: &str) -> TemplateCacheSpec {
-    serde_json::from_value(json!({
-        "source": {"http": {"url": server.url(&format!("unreliable/t{t}.img"))}},
-        "checksum": checksum,
-    }))
-    .expect("spec")
+/// Templates `t0`..: `unreliable` of 256 KiB on the `/unreliable/` route (its first answer for
+/// each is stale), then `slow` of 2 MiB on `/slow/` (64 KiB pieces 50 ms apart: a copy takes
+/// about 1.6 s, long enough to be killed half-way). The bytes of each, and the spec naming it.
+fn serve_templates(
+    server: &HttpServer,
+    unreliable: usize,
+    slow: usize,
+) -> (Vec<Vec<u8>>, Vec<TemplateCacheSpec>) {
+    (0..unreliable + slow)
+        .map(|t| {
+            let (route, size) = if t < unreliable {
+                ("unreliable", 256 << 10)
+            } else {
+                ("slow", 2 << 20)
+            };
+            let mut bytes = random_bytes(size);
+            bytes[0] = t as u8;
+            server.put(&format!("t{t}.img"), &bytes);
+            let spec = serde_json::from_value(json!({
+                "source": {"http": {"url": server.url(&format!("{route}/t{t}.img"))}},
+                "checksum": sha256(&bytes),
+            }))
+            .expect("spec");
+            (bytes, spec)
+        })
+        .unzip()
 }
 
 /// One consumer: acquire a random template, wait for it, hold it a moment, release it; again
@@ -95,7 +130,7 @@ async fn consumer(
     let keeps_last = index.is_multiple_of(2);
     let mut round = 0;
     loop {
-        let t = usize::try_from(random_below(TEMPLATES as u64)).unwrap_or(0);
+        let t = usize::try_from(random_below(specs.len() as u64)).unwrap_or(0);
         let id = format!("c{index}-{round}");
         round += 1;
         let request = ns.request(&format!("t{t}"), Some(specs[t].clone()));
@@ -242,69 +277,20 @@ async fn wait_for_quiet(ns: &TestNamespace) -> (Vec<TemplateCache>, Vec<Job>) {
     .await
 }
 
-fn settled(cache: &TemplateCache) -> bool {
-    let Some(status) = &cache.status else {
-        return false;
-    };
-    let given_up =
-        find(&status.conditions, READY).is_some_and(|r| r.reason == reason::RETRIES_EXHAUSTED);
-    let counted = status.ref_count == Some(count_references(cache.finalizers()));
-    counted && (status.phase == Some(Phase::Ready) || given_up)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing_source() {
-    let settings = Settings::from_env();
-    let server = HttpServer::start().await;
-    let sources: Vec<Vec<u8>> = (0..TEMPLATES)
-        .map(|t| {
-            let mut bytes = random_bytes(256 << 10);
-            bytes[0] = t as u8;
-            server.put(&format!("t{t}.img"), &bytes);
-            bytes
-        })
-        .collect();
-    let specs: Arc<Vec<TemplateCacheSpec>> = Arc::new(
-        sources
-            .iter()
-            .enumerate()
-            .map(|(t, b)| spec_of(&server, t, &sha256(b)))
-            .collect(),
-    );
-    let rig = Rig::builder("chaos").store("10Gi").executor().start().await;
-    let (ns, store) = (Arc::new(rig.ns.clone()), rig.store());
-    let tally = Arc::new(Tally::default());
-    let watch = watch_ref_counts(&ns, tally.clone());
-    let begun = Instant::now();
-    let until = begun + settings.run;
-
-    let consumers = futures::future::join_all(
-        (0..CONSUMERS)
-            .map(|i| tokio::spawn(consumer(ns.clone(), specs.clone(), i, until, tally.clone()))),
-    );
-    let monkey = chaos_monkey(
-        ns.clone(),
-        store.name.clone(),
-        &settings,
-        until,
-        tally.clone(),
-    );
-    let (held, _operator) = tokio::join!(consumers, monkey);
-    let held: Vec<usize> = held
-        .into_iter()
-        .filter_map(|r| r.expect("consumer"))
-        .collect();
-    let mut expected: BTreeMap<String, u32> = BTreeMap::new();
-    for t in held {
-        *expected.entry(format!("t{t}")).or_default() += 1;
-    }
-
-    let (caches, jobs) = wait_for_quiet(&ns).await;
-    watch.abort();
+/// What the books must say once the namespace is quiet: per cache one Job per attempt, a
+/// refCount equal to its references and to what consumers hold, the right bytes when Ready, at
+/// least two attempts (every first copy is made to fail), and nothing else in the store.
+/// Returns the problems and a table row per cache.
+fn check_the_books(
+    caches: &[TemplateCache],
+    jobs: &[Job],
+    expected: &BTreeMap<String, u32>,
+    sources: &[Vec<u8>],
+    dir: &std::path::Path,
+) -> (Vec<String>, Vec<String>) {
     let mut problems = vec![];
     let mut rows = vec![];
-    let dir = store.dir.path().join(&ns.name);
-    for cache in &caches {
+    for cache in caches {
         let name = cache.name_any();
         let status = cache.status.clone().unwrap_or_default();
         let attempt = status.attempt.unwrap_or(0);
@@ -350,7 +336,7 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
         }
         if attempt < 2 {
             problems.push(format!(
-                "{name}: {attempt} attempt(s), but the source's first answer was stale"
+                "{name}: {attempt} attempt(s), but its first copy was stale or killed"
             ));
         }
         rows.push(format!(
@@ -360,11 +346,62 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
         ));
     }
     let names: BTreeSet<String> = caches.iter().map(|c| c.name_any()).collect();
-    for (file, _) in store_files(&dir) {
+    for (file, _) in store_files(dir) {
         if !names.contains(&file) {
             problems.push(format!("left in the store: {file}"));
         }
     }
+    (problems, rows)
+}
+
+fn settled(cache: &TemplateCache) -> bool {
+    let Some(status) = &cache.status else {
+        return false;
+    };
+    let given_up =
+        find(&status.conditions, READY).is_some_and(|r| r.reason == reason::RETRIES_EXHAUSTED);
+    let counted = status.ref_count == Some(count_references(cache.finalizers()));
+    counted && (status.phase == Some(Phase::Ready) || given_up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing_source() {
+    let settings = Settings::from_env();
+    let server = HttpServer::start().await;
+    let (sources, specs) = serve_templates(&server, TEMPLATES, 0);
+    let specs = Arc::new(specs);
+    let rig = Rig::builder("chaos").store("10Gi").executor().start().await;
+    let (ns, store) = (Arc::new(rig.ns.clone()), rig.store());
+    let tally = Arc::new(Tally::default());
+    let watch = watch_ref_counts(&ns, tally.clone());
+    let begun = Instant::now();
+    let until = begun + settings.run;
+
+    let consumers = futures::future::join_all(
+        (0..CONSUMERS)
+            .map(|i| tokio::spawn(consumer(ns.clone(), specs.clone(), i, until, tally.clone()))),
+    );
+    let monkey = chaos_monkey(
+        ns.clone(),
+        store.name.clone(),
+        &settings,
+        until,
+        tally.clone(),
+    );
+    let (held, _operator) = tokio::join!(consumers, monkey);
+    let held: Vec<usize> = held
+        .into_iter()
+        .filter_map(|r| r.expect("consumer"))
+        .collect();
+    let mut expected: BTreeMap<String, u32> = BTreeMap::new();
+    for t in held {
+        *expected.entry(format!("t{t}")).or_default() += 1;
+    }
+
+    let (caches, jobs) = wait_for_quiet(&ns).await;
+    watch.abort();
+    let dir = store.dir.path().join(&ns.name);
+    let (mut problems, rows) = check_the_books(&caches, &jobs, &expected, &sources, &dir);
     problems.extend(
         tally
             .counts_above_references
@@ -418,4 +455,279 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
     );
     println!("{report}");
     support::write_report("chaos/report.md", &report);
+}
+
+/// Slow templates of the chaos on the node (see [`serve_templates`]): the first copy of each is
+/// killed once its partial file holds bytes.
+const SLOW_TEMPLATES: usize = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the real node: make test-node"]
+async fn on_the_node_copy_pods_killed_mid_copy_a_kubelet_kill_and_leader_pod_kills_lose_nothing() {
+    let settings = Settings::from_env();
+    let (node, images) = node::up();
+    let operator_ns = TestNamespace::new("chaos-ops").await;
+    let caches_ns = TestNamespace::new("chaos-node").await;
+    let mut release = Release::new(&operator_ns, &caches_ns);
+    for ns in [&operator_ns, &caches_ns] {
+        node::enforce_restricted(&ns.name);
+    }
+    let volume = ProvisionedVolume::new(&caches_ns, STORE_CLAIM);
+    let server = HttpServer::start_on(node.ip).await;
+    let (sources, specs) = serve_templates(&server, TEMPLATES, SLOW_TEMPLATES);
+    let specs = Arc::new(specs);
+    // Retries a second apart (doubling), a sweep of gone consumers every 5 s and a 5 s Lease:
+    // the run is short, the chart's defaults are tuned for hours.
+    release.install(
+        &images,
+        &node,
+        server.addr,
+        &[
+            "operator.maxAttempts=20",
+            "operator.retryBaseSeconds=1",
+            "operator.referenceSweepSeconds=5",
+            "leaderElection.leaseDurationSeconds=5",
+        ],
+    );
+    release.assert_available_from_the_registry(&images).await;
+
+    let ns = Arc::new(caches_ns.clone());
+    let tally = Arc::new(Tally::default());
+    let watch = watch_ref_counts(&ns, tally.clone());
+    let begun = Instant::now();
+    let until = begun + settings.run;
+    let leader_kills = 3.max(u32::try_from(settings.run.as_secs() / 15).unwrap_or(u32::MAX));
+    let store_dir = volume.dir.join(&ns.name);
+    let consumers = futures::future::join_all(
+        (0..CONSUMERS)
+            .map(|i| tokio::spawn(consumer(ns.clone(), specs.clone(), i, until, tally.clone()))),
+    );
+    let monkey = node_monkey(
+        &release,
+        &ns,
+        &store_dir,
+        leader_kills,
+        until,
+        tally.clone(),
+    );
+    let (held, ()) = tokio::join!(consumers, monkey);
+    let mut expected: BTreeMap<String, u32> = BTreeMap::new();
+    for t in held.into_iter().filter_map(|r| r.expect("consumer")) {
+        *expected.entry(format!("t{t}")).or_default() += 1;
+    }
+
+    let (caches, jobs) = wait_for_quiet(&ns).await;
+    watch.abort();
+    let (mut problems, rows) = check_the_books(&caches, &jobs, &expected, &sources, &store_dir);
+    problems.extend(
+        tally
+            .counts_above_references
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned(),
+    );
+    let copy_kills = tally.copy_kills.load(Ordering::Relaxed);
+    let kills = tally.kills.load(Ordering::Relaxed);
+    let takeovers = tally.takeovers.lock().unwrap().clone();
+    assert!(
+        copy_kills >= SLOW_TEMPLATES as u32,
+        "{copy_kills} copy Pods killed mid-copy"
+    );
+    assert_eq!(tally.kubelet_kills.load(Ordering::Relaxed), 1);
+    assert!(
+        kills >= leader_kills && takeovers.len() == kills as usize,
+        "{kills} leader Pods killed, {} standbys took over",
+        takeovers.len()
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    let attempts: u32 = caches
+        .iter()
+        .filter_map(|c| c.status.as_ref()?.attempt)
+        .sum();
+    let report = format!(
+        "On the node, ran {:.0} s: {CONSUMERS} consumers, {} acquires, {} releases; {copy_kills} \
+         copy Pods' movers SIGKILLed with bytes in their partial file, the kubelet SIGKILLed \
+         once, the leading operator Pod deleted {kills} times (a standby led again after {}); \
+         {attempts} copy attempts for {} caches. A raw watch of the caches saw {} versions, none \
+         with a refCount above its references. Every cache ended Ready with the right bytes.\n\n\
+         | cache | phase | attempts | copy Jobs | refCount | references held by consumers |\n\
+         |---|---|---|---|---|---|\n{}\n",
+        begun.elapsed().as_secs_f64(),
+        tally.acquires.load(Ordering::Relaxed),
+        tally.releases.load(Ordering::Relaxed),
+        takeovers
+            .iter()
+            .map(|d| format!("{:.1} s", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        caches.len(),
+        tally.watch_events.load(Ordering::Relaxed),
+        rows.join("\n"),
+    );
+    println!("{report}");
+    support::write_report("chaos/node-report.md", &report);
+}
+
+/// The chaos on the node: first the first copy of every slow template is killed mid-copy, then
+/// `leader_kills` leader Pods are deleted spread over the run (with the copies running at each
+/// moment killed too), and the kubelet once half-way.
+async fn node_monkey(
+    release: &Release,
+    ns: &TestNamespace,
+    store_dir: &std::path::Path,
+    leader_kills: u32,
+    until: Instant,
+    tally: Arc<Tally>,
+) {
+    let slow: BTreeSet<String> = (TEMPLATES..TEMPLATES + SLOW_TEMPLATES)
+        .map(|t| format!("t{t}"))
+        .collect();
+    let mut first_copies_killed = BTreeSet::new();
+    eventually(
+        "the first copy of each slow template killed mid-copy",
+        Duration::from_secs(120),
+        || {
+            let killed = kill_copies_mid_copy(ns, store_dir, |cache, attempt| {
+                attempt == 1 && slow.contains(cache)
+            });
+            tally
+                .copy_kills
+                .fetch_add(killed.len() as u32, Ordering::Relaxed);
+            first_copies_killed.extend(killed);
+            let done = first_copies_killed.len() == slow.len();
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    let left = until.saturating_duration_since(Instant::now());
+    let pause = left / (leader_kills + 1);
+    for k in 0..leader_kills {
+        tokio::time::sleep(pause).await;
+        let killed = kill_copies_mid_copy(ns, store_dir, |_, _| true);
+        tally
+            .copy_kills
+            .fetch_add(killed.len() as u32, Ordering::Relaxed);
+        if k == leader_kills / 2 {
+            kill_the_kubelet().await;
+            tally.kubelet_kills.fetch_add(1, Ordering::Relaxed);
+        }
+        let without_leader = kill_the_leader_pod(release).await;
+        tally.kills.fetch_add(1, Ordering::Relaxed);
+        tally.takeovers.lock().unwrap().push(without_leader);
+    }
+    tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
+}
+
+/// SIGKILLs, as the kernel's OOM killer would, every mover of `ns` on this machine (the node's
+/// containers are its processes) that copies a cache and attempt `pick` chooses and whose
+/// partial file already holds bytes. Returns the caches whose copy it killed.
+fn kill_copies_mid_copy(
+    ns: &TestNamespace,
+    store_dir: &std::path::Path,
+    pick: impl Fn(&str, u32) -> bool,
+) -> Vec<String> {
+    let mut killed = vec![];
+    for (pid, args) in processes() {
+        if args.get(1).map(String::as_str) != Some("copy") {
+            continue;
+        }
+        let arg = |flag: &str| {
+            args.iter()
+                .find_map(|a| a.strip_prefix(&format!("--{flag}=")).map(str::to_owned))
+        };
+        let Some(cache) =
+            arg("cache").and_then(|c| c.strip_prefix(&format!("{}/", ns.name)).map(str::to_owned))
+        else {
+            continue;
+        };
+        let Some(attempt) = arg("attempt").and_then(|a| a.parse().ok()) else {
+            continue;
+        };
+        let partial = store_dir
+            .join(".partial")
+            .join(templatecache_mover::partial_name(&cache, attempt));
+        let written = std::fs::metadata(&partial).map_or(0, |m| m.len());
+        if pick(&cache, attempt) && written > 0 {
+            let status = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .expect("run kill");
+            if status.success() {
+                killed.push(cache);
+            }
+        }
+    }
+    killed
+}
+
+/// Every process of this machine with its arguments.
+fn processes() -> Vec<(u32, Vec<String>)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            Some((pid, args))
+        })
+        .collect()
+}
+
+/// SIGKILLs the node's kubelet and starts it again (`hack/node.sh up` starts what is not
+/// running) once the node has been without it for 3 s.
+async fn kill_the_kubelet() {
+    let pid_file = support::repo_root().join(".cluster/node/kubelet.pid");
+    let pid = std::fs::read_to_string(&pid_file).expect("the kubelet's pid file");
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill the kubelet (pid {pid})");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = tokio::process::Command::new(support::repo_root().join("hack/node.sh"))
+        .arg("up")
+        .status()
+        .await
+        .expect("restart the kubelet");
+    assert!(status.success(), "hack/node.sh up brought the kubelet back");
+}
+
+/// Deletes the Pod that holds the release's Lease at once (grace period 0: its process gets no
+/// time to give the Lease up) and returns how long until another Pod holds it.
+async fn kill_the_leader_pod(release: &Release) -> Duration {
+    let leases: Api<Lease> = Api::namespaced(support::client().await, &release.namespace);
+    let holder = || async {
+        leases
+            .get_opt(&release.name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    let leader = eventually("a leader", Duration::from_secs(60), holder).await;
+    let pods: Api<Pod> = Api::namespaced(leases.clone().into_client(), &release.namespace);
+    let killed = Instant::now();
+    pods.delete(
+        &leader,
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .expect("delete the leader Pod");
+    eventually("a standby leads", Duration::from_secs(120), || async {
+        holder().await.filter(|h| *h != leader)
+    })
+    .await;
+    killed.elapsed()
 }

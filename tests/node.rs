@@ -14,27 +14,23 @@ use templatecache_test_support as support;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams};
 use serde_json::json;
 use support::TestNamespace;
+use support::chart::{Release, STORE_CLAIM, container_image_ids};
 use support::eventually;
 use support::http_server::HttpServer;
 use support::jobs::{wait_for_cache, wait_for_cache_gone};
-use support::node::{self, Images, Node, ProvisionedVolume, restricted_container};
+use support::node::{self, Images, ProvisionedVolume, restricted_container};
 use support::rig::{random_bytes, sha256};
-use support::tools::{helm, run};
 use templatecache_api::{Phase, TemplateCache};
 
-const CHART: &str = "charts/templatecache-operator";
 const MOVER: &str = "templatecache-mover";
 /// Gated consumer Pods of the one cache: the issue's 100, which the 2-core node starts in
 /// about 40 s.
 const CONSUMERS: i32 = 100;
-/// The store's claim in the caches' namespace (the chart's `defaultStore.volume`).
-const CLAIM: &str = "templates";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the real node: make test-node"]
@@ -47,11 +43,11 @@ async fn the_chart_on_a_real_node_copies_starts_100_consumers_refuses_forgery_an
     for ns in [&operator_ns, &caches_ns] {
         node::enforce_restricted(&ns.name);
     }
-    let volume = ProvisionedVolume::new(&caches_ns, CLAIM);
+    let volume = ProvisionedVolume::new(&caches_ns, STORE_CLAIM);
     let server = HttpServer::start_on(node.ip).await;
     clock.done("namespaces (restricted), PV + PVC, HTTP server on the node's address");
 
-    release.install(&images, &server, &node);
+    release.install(&images, &node, server.addr, &[]);
     release.assert_available_from_the_registry(&images).await;
     clock.done("helm install: 2 replicas Available, image from the registry, a leader");
 
@@ -118,158 +114,6 @@ fn phase(cache: &TemplateCache) -> Option<Phase> {
     cache.status.as_ref().and_then(|s| s.phase)
 }
 
-/// The chart installed into `operator_ns` as the README installs it, with copy Jobs allowed in
-/// the caches' namespace. A drop guard: on a failure half-way it frees the caches (their
-/// finalizers would hold the namespace forever without the operator), uninstalls the release
-/// (its admission policies and ClusterRoles are cluster-scoped) and deletes both namespaces.
-struct Release {
-    name: String,
-    namespace: String,
-    caches_namespace: String,
-    installed: bool,
-}
-
-impl Release {
-    fn new(operator_ns: &TestNamespace, caches_ns: &TestNamespace) -> Self {
-        Self {
-            // Contains "templatecache": the chart names its objects after the release.
-            name: format!("templatecache-{}", std::process::id()),
-            namespace: operator_ns.name.clone(),
-            caches_namespace: caches_ns.name.clone(),
-            installed: false,
-        }
-    }
-
-    fn install(&mut self, images: &Images, server: &HttpServer, node: &Node) {
-        self.installed = true;
-        let operator = &images.operator;
-        let mut install = helm();
-        install
-            .args(["install", &self.name, CHART, "--namespace", &self.namespace])
-            .args([
-                "--set",
-                &format!("image.repository={}", operator.repository),
-            ])
-            // The chart has no digest value: `tag@digest` pins the image all the same.
-            .args([
-                "--set",
-                &format!("image.tag={}@{}", operator.tag, operator.digest),
-            ])
-            .args([
-                "--set",
-                "replicaCount=2",
-                "--set",
-                "leaderElection.enabled=true",
-            ])
-            .args(["--set", "defaultStore.create=true"])
-            .args(["--set", &format!("defaultStore.name={}", self.name)])
-            .args(["--set", "defaultStore.capacity=1Gi"])
-            .args([
-                "--set-json",
-                &format!(
-                    r#"defaultStore.volume={{"persistentVolumeClaim":{{"claimName":"{CLAIM}"}}}}"#
-                ),
-            ])
-            .args([
-                "--set",
-                &format!("copyJobs.namespaces={{{}}}", self.caches_namespace),
-            ])
-            // The test's HTTP server is on the node's address, private, so copy Jobs may not
-            // read it unless the operator names it: exactly that address and port.
-            .args([
-                "--set-json",
-                &format!(
-                    r#"operator.allowInternalAddresses=["{}:{}"]"#,
-                    node.ip,
-                    server.addr.port()
-                ),
-            ])
-            // The cluster already has the API priority settings, applied with kubectl by the
-            // test support as for every test binary: helm would refuse to adopt them.
-            .args(["--set", "flowControl.enabled=false"])
-            .args(["--wait", "--timeout", "5m"]);
-        run(install).expect("helm install");
-    }
-
-    /// Both replicas run the image pulled from the node's registry (the kubelet's image ID is
-    /// the pushed digest) and one holds the Lease.
-    async fn assert_available_from_the_registry(&self, images: &Images) {
-        let client = support::client().await;
-        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &self.namespace);
-        eventually(
-            "both replicas are available",
-            Duration::from_secs(180),
-            || async {
-                let deployment = deployments.get(&self.name).await.ok()?;
-                (deployment.status?.available_replicas == Some(2)).then_some(())
-            },
-        )
-        .await;
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &self.namespace);
-        let pods = pods.list(&ListParams::default()).await.expect("list Pods");
-        assert_eq!(pods.items.len(), 2);
-        for pod in &pods.items {
-            let image_ids: Vec<String> = container_image_ids(pod);
-            assert!(
-                image_ids
-                    .iter()
-                    .all(|id| id.starts_with(&images.operator.repository)
-                        && id.ends_with(&images.operator.digest)),
-                "the operator runs {} from the registry: {image_ids:?}",
-                images.operator.digest
-            );
-        }
-        let leases: Api<Lease> = Api::namespaced(client, &self.namespace);
-        eventually("a replica leads", Duration::from_secs(60), || async {
-            let lease = leases.get_opt(&self.name).await.ok()??;
-            lease.spec?.holder_identity
-        })
-        .await;
-    }
-
-    fn uninstall(&mut self) {
-        let mut uninstall = helm();
-        uninstall
-            .args(["uninstall", &self.name, "--namespace", &self.namespace])
-            .arg("--wait");
-        run(uninstall).expect("helm uninstall");
-        self.installed = false;
-    }
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        if self.installed {
-            let mut caches = support::kubectl();
-            caches.args(["get", "tc", "-o", "name", "-n", &self.caches_namespace]);
-            for cache in run(caches).unwrap_or_default().lines() {
-                let mut free = support::kubectl();
-                free.args(["patch", cache, "-n", &self.caches_namespace])
-                    .args(["--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#]);
-                let _ = run(free);
-            }
-            let mut uninstall = helm();
-            uninstall.args(["uninstall", &self.name, "--namespace", &self.namespace]);
-            let _ = run(uninstall);
-        }
-        let mut delete = support::kubectl();
-        delete
-            .args(["delete", "namespace", "--wait=false", "--ignore-not-found"])
-            .args([&self.namespace, &self.caches_namespace]);
-        let _ = run(delete);
-    }
-}
-
-fn container_image_ids(pod: &Pod) -> Vec<String> {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_deref())
-        .unwrap_or_default()
-        .iter()
-        .map(|c| c.image_id.clone())
-        .collect()
-}
-
 /// The Job's Pod ran to completion on the node from the operator's image.
 async fn assert_ran_from_the_image(ns: &TestNamespace, job: &str, images: &Images) {
     let pods = ns
@@ -329,7 +173,7 @@ impl Consumers {
                             }]
                         }],
                         "volumes": [{"name": "store",
-                            "persistentVolumeClaim": {"claimName": CLAIM, "readOnly": true}}]
+                            "persistentVolumeClaim": {"claimName": STORE_CLAIM, "readOnly": true}}]
                     }
                 }
             }

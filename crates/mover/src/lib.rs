@@ -29,6 +29,7 @@ pub use args::{
     parse_part_size,
 };
 pub use error::CopyError;
+pub use folder::partial_name;
 pub use plan::{MIN_PARTS, Tuning};
 pub use run::{run_copy, run_remove};
 pub use transfer::Transferred;

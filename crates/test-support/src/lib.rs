@@ -307,6 +307,7 @@ impl TestNamespace {
 
 pub mod api_writes;
 pub mod cache_watch;
+pub mod chart;
 pub mod consumer;
 pub mod corpus;
 pub mod executor;
