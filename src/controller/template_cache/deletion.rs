@@ -27,7 +27,8 @@ pub struct Seen {
     pub store_exists: bool,
     /// The copy Job of `attempt` (the recorded one; another's Job is not ours to stop).
     pub copy: JobState,
-    /// A Pod of that Job still runs (a deleted Job's Pods outlive it while they terminate).
+    /// A Pod of that Job still exists (a deleted Job's Pods outlive it while they terminate; a
+    /// failed Job keeps its Pods until it is deleted).
     pub copy_pods_running: bool,
     /// `status.removal`, and the state of its Job.
     pub removal_record: Option<Removal>,
@@ -44,7 +45,8 @@ pub enum Deletion {
     WaitForReferences,
     /// Nothing was ever copied, or the store is gone with its data: let the cache go.
     ReleaseWithoutRemoval,
-    /// The copy still runs: stop it first, so it cannot write after the data is removed.
+    /// The copy still runs, or failed with its Pods kept: delete its Job first, so nothing of
+    /// it can write after the data is removed.
     StopCopy,
     /// The copy Job is gone but a Pod of it still runs: wait until none can write.
     WaitForCopyPods,
@@ -69,6 +71,11 @@ pub fn plan(seen: &Seen, policy: &RetryPolicy) -> Deletion {
         return Deletion::ReleaseWithoutRemoval;
     }
     if seen.copy == JobState::Running {
+        return Deletion::StopCopy;
+    }
+    // A failed Job keeps its Pods (stopped, kept for their logs) until the Job goes: deleting
+    // it lets the garbage collector take them, or the removal would wait for the Job's TTL.
+    if matches!(seen.copy, JobState::Failed { .. }) && seen.copy_pods_running {
         return Deletion::StopCopy;
     }
     if seen.copy_pods_running {
@@ -193,6 +200,15 @@ mod tests {
                     ..seen()
                 },
                 Deletion::StartRemoval(1),
+            ),
+            (
+                "copy failed, its Pod kept by the Job",
+                Seen {
+                    copy: failed("boom"),
+                    copy_pods_running: true,
+                    ..seen()
+                },
+                Deletion::StopCopy,
             ),
             ("no removal yet", seen(), Deletion::StartRemoval(1)),
             (
