@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# make test-node (and the end of make test): the product as it is deployed, on the real node.
+# make test-node (the first part of make test): the suites that run Jobs, on the real node.
 #   1. the control plane in node mode with the node (hack/cluster.sh up switches an up plain
 #      control plane over; etcd's data stays);
 #   2. the operator and consumer images into the node's registry, from the release binary
 #      `make check-dockerfile` built (never built twice);
-#   3. the tests that need the node, ignored by plain `cargo test --workspace`: tests/node.rs,
-#      tests/quickstart.rs (the README's "Try it") and the chaos test's run on the node.
+#   3. NODE_SUITES (the Makefile's list) with TEMPLATECACHE_JOBS=node: each test's Jobs run as
+#      Pods of that image, and the node's own tests (tests/node.rs, tests/quickstart.rs, the
+#      chaos run on the node), ignored by plain `cargo test`, run too.
 # Prints the time of each phase. The node stays up: `make cluster-down` removes it, and plain
 # `make cluster-up` (the rest of the suite) switches it off.
 set -euo pipefail
@@ -31,5 +32,10 @@ TEMPLATECACHE_NODE=1 hack/cluster.sh up
 phase "node up (control plane in node mode, kubelet Ready)"
 BINARY=$binary hack/image.sh all
 phase "images from $binary, pushed to the node's registry"
-KUBECONFIG="$root/.cluster/kubeconfig" cargo test --test node --test quickstart --test chaos -- --ignored --nocapture
-phase "cargo test --test node --test quickstart --test chaos -- --ignored (build included)"
+suites=()
+for suite in ${NODE_SUITES:?the Makefile names them}; do suites+=(--test "$suite"); done
+cargo build --workspace --bins
+phase "cargo build --workspace --bins"
+KUBECONFIG="$root/.cluster/kubeconfig" TEMPLATECACHE_JOBS=node \
+  cargo test "${suites[@]}" --no-fail-fast -- --include-ignored
+phase "cargo test on the node: $NODE_SUITES (build included)"

@@ -34,6 +34,7 @@ use support::TestNamespace;
 use support::chart::{Release, STORE_CLAIM};
 use support::eventually;
 use support::http_server::{HttpServer, random_below};
+use support::jobs::running_movers;
 use support::node::{self, ProvisionedVolume};
 use support::operator::OperatorProcess;
 use support::rig::Rig;
@@ -46,6 +47,10 @@ use templatecache_api::{Phase, TemplateCache, TemplateCacheSpec};
 use templatecache_client as client;
 
 const TEMPLATES: usize = 10;
+
+/// Held by each chaos run for its whole length: the two runs (`make test-node` runs both in one
+/// binary) would otherwise share two cores and the API server restarts.
+static ONE_RUN_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const CONSUMERS: usize = 200;
 
 struct Settings {
@@ -366,6 +371,7 @@ fn settled(cache: &TemplateCache) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing_source() {
+    let _alone = ONE_RUN_AT_A_TIME.lock().await;
     let settings = Settings::from_env();
     let server = HttpServer::start().await;
     let (sources, specs) = serve_templates(&server, TEMPLATES, 0);
@@ -464,6 +470,7 @@ const SLOW_TEMPLATES: usize = 2;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the real node: make test-node"]
 async fn on_the_node_copy_pods_killed_mid_copy_a_kubelet_kill_and_leader_pod_kills_lose_nothing() {
+    let _alone = ONE_RUN_AT_A_TIME.lock().await;
     let settings = Settings::from_env();
     let (node, images) = node::up();
     let operator_ns = TestNamespace::new("chaos-ops").await;
@@ -476,13 +483,16 @@ async fn on_the_node_copy_pods_killed_mid_copy_a_kubelet_kill_and_leader_pod_kil
     let server = HttpServer::start_on(node.ip).await;
     let (sources, specs) = serve_templates(&server, TEMPLATES, SLOW_TEMPLATES);
     let specs = Arc::new(specs);
-    // Retries a second apart (doubling), a sweep of gone consumers every 5 s and a 5 s Lease:
-    // the run is short, the chart's defaults are tuned for hours.
+    // Its own namespace only (the other chaos run may have an operator of its own); retries a
+    // second apart (doubling), a sweep of gone consumers every 5 s and a 5 s Lease: the run is
+    // short, the chart's defaults are tuned for hours.
+    let watch_only = format!("watchNamespace={}", caches_ns.name);
     release.install(
         &images,
         &node,
         server.addr,
         &[
+            &watch_only,
             "operator.maxAttempts=20",
             "operator.retryBaseSeconds=1",
             "operator.referenceSweepSeconds=5",
@@ -620,66 +630,34 @@ async fn node_monkey(
     tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
 }
 
-/// SIGKILLs, as the kernel's OOM killer would, every mover of `ns` on this machine (the node's
-/// containers are its processes) that copies a cache and attempt `pick` chooses and whose
-/// partial file already holds bytes. Returns the caches whose copy it killed.
+/// SIGKILLs, as the kernel's OOM killer would, every mover of `ns` (the node's containers are
+/// this machine's processes) that copies a cache and attempt `pick` chooses and whose partial
+/// file already holds bytes. Returns the caches whose copy it killed.
 fn kill_copies_mid_copy(
     ns: &TestNamespace,
     store_dir: &std::path::Path,
     pick: impl Fn(&str, u32) -> bool,
 ) -> Vec<String> {
     let mut killed = vec![];
-    for (pid, args) in processes() {
-        if args.get(1).map(String::as_str) != Some("copy") {
-            continue;
-        }
-        let arg = |flag: &str| {
-            args.iter()
-                .find_map(|a| a.strip_prefix(&format!("--{flag}=")).map(str::to_owned))
-        };
-        let Some(cache) =
-            arg("cache").and_then(|c| c.strip_prefix(&format!("{}/", ns.name)).map(str::to_owned))
-        else {
-            continue;
-        };
-        let Some(attempt) = arg("attempt").and_then(|a| a.parse().ok()) else {
-            continue;
-        };
+    for mover in running_movers(&ns.name) {
         let partial = store_dir
             .join(".partial")
-            .join(templatecache_mover::partial_name(&cache, attempt));
+            .join(templatecache_mover::partial_name(
+                &mover.cache,
+                mover.attempt,
+            ));
         let written = std::fs::metadata(&partial).map_or(0, |m| m.len());
-        if pick(&cache, attempt) && written > 0 {
+        if pick(&mover.cache, mover.attempt) && written > 0 {
             let status = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
+                .args(["-KILL", &mover.pid.to_string()])
                 .status()
                 .expect("run kill");
             if status.success() {
-                killed.push(cache);
+                killed.push(mover.cache);
             }
         }
     }
     killed
-}
-
-/// Every process of this machine with its arguments.
-fn processes() -> Vec<(u32, Vec<String>)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    entries
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args = raw
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            Some((pid, args))
-        })
-        .collect()
 }
 
 /// SIGKILLs the node's kubelet and starts it again (`hack/node.sh up` starts what is not

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use support::eventually;
-use support::jobs::wait_for_reason;
+use support::jobs::{running_movers, wait_for_reason};
 use support::ranged_server::{RangedServer, Seen};
 use support::rig::{Rig, random_bytes, resume_verified, sha256, store_files};
 use support::throttle::ThrottleProxy;
@@ -52,27 +52,6 @@ fn recorded(rig: &Rig, cache: &str, attempt: u32) -> Option<u64> {
     )
 }
 
-/// The pid of the copy process the executor started for `cache` of `namespace`.
-fn mover_of(namespace: &str, cache: &str) -> Option<u32> {
-    let dest = format!("/{namespace}/{cache}");
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let copies = args.iter().any(|a| a == "copy");
-            let ours = args
-                .iter()
-                .any(|a| a.starts_with("--dest=") && a.ends_with(&dest));
-            (copies && ours).then_some(pid)
-        })
-}
-
 /// Waits until attempt 1 of `cache` has recorded at least `at` bytes as verified, then kills
 /// its process with SIGKILL: no cleanup runs, as when a Pod is killed. Returns the verified
 /// length of the record the process left.
@@ -83,7 +62,11 @@ async fn kill_first_attempt_past(rig: &Rig, cache: &str, at: u64) -> u64 {
         || async { recorded(rig, cache, 1).filter(|v| *v >= at) },
     )
     .await;
-    let pid = mover_of(&rig.ns.name, cache).expect("the copy process is running");
+    let pid = running_movers(&rig.ns.name)
+        .into_iter()
+        .find(|m| m.cache == cache)
+        .expect("the copy process is running")
+        .pid;
     let killed = std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()

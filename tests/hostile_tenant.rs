@@ -4,8 +4,8 @@
 //! Pod running as the mover's account, links planted in its store folder, caches named like
 //! another cache's partial file, sources that lie about their size to the real mover, a source
 //! at an internal address (directly or through a redirect), a copy Pod changing the size it asked
-//! room for, and a Job squatting the name of the cache's next copy Job. Each attack is refused with a clear reason, nothing of the other
-//! tenant's is lost, and each is recorded in the bad-input corpus.
+//! room for. Each attack is refused with a clear reason, nothing of the other tenant's is lost,
+//! and each is recorded in the bad-input corpus. Forged Jobs are in tests/forged_jobs.rs.
 
 use templatecache_test_support as support;
 
@@ -15,8 +15,7 @@ use std::time::Duration;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::corpus::record;
 use support::eventually;
@@ -24,11 +23,13 @@ use support::http_server::{HttpServer, LYING_HEAD_BYTES};
 use support::jobs::{wait_for_cache, wait_for_cache_gone};
 use support::ranged_server::RangedServer;
 use support::rig::{Rig, random_bytes, ready_reason, sha256, stop_observer, store_files};
+use support::tenant::{account, client_as, kubectl_ok, template};
 use support::tools::helm_offline;
 use support::{TestNamespace, kubectl};
 use templatecache::controller::Config as OperatorConfig;
 use templatecache_api::reasons::cache as reason;
 use templatecache_api::{Phase, StagingStore, TemplateCache, TemplateCacheClaim};
+use templatecache_mover::address::classify;
 
 const MIB: usize = 1 << 20;
 
@@ -41,15 +42,6 @@ async fn patch_store(rig: &Rig, spec: Value) {
         )
         .await
         .expect("patch the store's tenancy rules");
-}
-
-/// A 1 MiB template named `name` on `server`, and a cache spec for it.
-fn template(server: &HttpServer, name: &str) -> (Vec<u8>, Value) {
-    let mut bytes = random_bytes(MIB);
-    bytes[..name.len()].copy_from_slice(name.as_bytes());
-    server.put(name, &bytes);
-    let spec = json!({"source": {"http": {"url": server.url(name)}}, "checksum": sha256(&bytes)});
-    (bytes, spec)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,71 +245,6 @@ fn kubectl_stdin(args: &[&str], input: &str) -> Result<String, String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
-}
-
-fn kubectl_ok(args: &[&str]) -> String {
-    let out = kubectl().args(args).output().expect("kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// A ServiceAccount with `rules` in its own Role, and a client authenticated with a token of
-/// it (bound to `pod`, name and uid, when given: `kubectl create token --bound-object-kind Pod`).
-async fn account(ns: &str, name: &str, rules: &[&[&str]]) {
-    kubectl_ok(&["-n", ns, "create", "serviceaccount", name]);
-    for (i, rule) in rules.iter().enumerate() {
-        let role = format!("{name}-{i}");
-        let mut args = vec!["-n", ns, "create", "role", &role];
-        args.extend_from_slice(rule);
-        kubectl_ok(&args);
-        let subject = format!("--serviceaccount={ns}:{name}");
-        kubectl_ok(&[
-            "-n",
-            ns,
-            "create",
-            "rolebinding",
-            &role,
-            "--role",
-            &role,
-            &subject,
-        ]);
-    }
-}
-
-async fn client_as(ns: &str, account: &str, pod: Option<&Pod>) -> Client {
-    let mut args = vec![
-        "-n".to_owned(),
-        ns.to_owned(),
-        "create".into(),
-        "token".into(),
-    ];
-    args.push(account.to_owned());
-    if let Some(pod) = pod {
-        args.extend(["--bound-object-kind".into(), "Pod".into()]);
-        args.push(format!(
-            "--bound-object-name={}",
-            pod.metadata.name.clone().unwrap_or_default()
-        ));
-        args.push(format!(
-            "--bound-object-uid={}",
-            pod.metadata.uid.clone().unwrap_or_default()
-        ));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let token = kubectl_ok(&args);
-    let kubeconfig = Kubeconfig::read_from(support::kubeconfig_path()).expect("kubeconfig");
-    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("config");
-    config.auth_info = AuthInfo {
-        token: Some(token.into()),
-        ..Default::default()
-    };
-    Client::try_from(config).expect("client")
 }
 
 fn refusal(result: Result<impl std::fmt::Debug, kube::Error>, what: &str) -> String {
@@ -771,11 +698,12 @@ async fn links_planted_in_a_tenants_folder_never_lead_the_mover_or_the_remover_o
         assert_eq!(b_files, ["image"], "nothing written into B's folder");
     };
     // What a Pod of tenant A's namespace, mounting A's folder, can plant there.
-    let folder = rig.folder();
-    std::fs::create_dir_all(folder.join(".partial")).expect("A's partial folder");
+    let folder = rig.make_folders();
+    // Returns how the mover names the link: by its path from the store's root (the store is
+    // the host's folder under the local executor, its mount in a Pod on the node).
     let link = |target: &std::path::Path, at: &str| {
         std::os::unix::fs::symlink(target, folder.join(at)).expect("plant a link");
-        folder.join(at).display().to_string()
+        format!("/{at}")
     };
     let cases = [
         (
@@ -974,21 +902,23 @@ async fn internal_addresses_are_refused_with_the_default_config_before_any_reque
         ),
     );
 
-    // An internal Service stands in as a real server on loopback: it sees no request at all,
-    // whether the URL names its address or a name that resolves to it.
+    // An internal Service stands in as a real server on the tests' source address (loopback,
+    // or the node's private address): it sees no request at all, whether the URL names its
+    // address or a name that resolves to an internal one.
     let service = HttpServer::start().await;
     let (_, spec) = template(&service, "internal.img");
     rig.create("service", spec).await;
-    let by_name = service
-        .url("internal.img")
-        .replace("127.0.0.1", "localhost");
+    let by_name = format!("http://localhost:{}/internal.img", service.addr.port());
     rig.create(
         "service-by-name",
         json!({"source": {"http": {"url": by_name}}}),
     )
     .await;
+    let kind = classify(service.addr.ip())
+        .expect("the tests' sources are internal")
+        .to_string();
     let message = rig
-        .refused_for_good("service", &["127.0.0.1", "loopback"])
+        .refused_for_good("service", &[&*service.addr.ip().to_string(), &*kind])
         .await;
     record(
         "hostile tenant (internal address): a cache of an internal server (loopback) with the operator's default config",
@@ -1012,11 +942,13 @@ async fn internal_addresses_are_refused_with_the_default_config_before_any_reque
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_from_an_allowed_host_to_an_internal_one_is_refused() {
-    // Two servers on loopback told apart by address: only 127.0.0.2 is allowed.
-    let allowed = HttpServer::start_on([127, 0, 0, 2].into()).await;
+    // Two servers on the tests' source address told apart by port: only the allowed one's
+    // address and port is named (address:port entries are how a Service is allowed).
+    let allowed = HttpServer::start().await;
     let internal = HttpServer::start().await;
-    let rig = Rig::with_config("tenant-redirect", |cfg| {
-        cfg.jobs.allow_internal_addresses = vec!["127.0.0.2".parse().expect("entry")];
+    let entry = allowed.addr.to_string();
+    let rig = Rig::with_config("tenant-redirect", move |cfg| {
+        cfg.jobs.allow_internal_addresses = vec![entry.parse().expect("entry")];
     })
     .await;
     let (_, secret) = template(&internal, "secret.img");
@@ -1035,12 +967,14 @@ async fn a_redirect_from_an_allowed_host_to_an_internal_one_is_refused() {
             &[
                 &format!("redirect to {secret_url} refused"),
                 &internal.addr.to_string(),
-                "loopback",
+                &classify(internal.addr.ip())
+                    .expect("the tests' sources are internal")
+                    .to_string(),
             ],
         )
         .await;
     record(
-        "hostile tenant (internal address): an allowed host (127.0.0.2) answers 302 to an internal one (127.0.0.1)",
+        "hostile tenant (internal address): an allowed host (address:port) answers 302 to another port of the same internal address",
         &format!(
             "Failed for good, Ready reason {}, the internal server saw no request: {message}",
             reason::ADDRESS_NOT_ALLOWED
@@ -1058,223 +992,4 @@ async fn a_redirect_from_an_allowed_host_to_an_internal_one_is_refused() {
     )
     .await;
     rig.assert_copied("followed", &bytes).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_squatting_the_next_attempts_name_is_never_taken_for_the_copy() {
-    let rig = Rig::new("tenant-squat", 3).await;
-    let ns = &rig.ns;
-    // A namespace user who may create Jobs, with its own account (the mover's is reserved to
-    // the operator by policy), makes the Job the cache's first attempt will be named after,
-    // before the cache exists, and it completes.
-    account(
-        &ns.name,
-        "tenant",
-        &[&["--verb=create", "--resource=jobs.batch"]],
-    )
-    .await;
-    let tenant = client_as(&ns.name, "tenant", None).await;
-    let squatter: Job = serde_json::from_value(json!({
-        "metadata": {"name": "image-copy-1"},
-        "spec": {"template": {"spec": {"restartPolicy": "Never",
-                 "containers": [{"name": "m", "image": "x"}]}}}
-    }))
-    .expect("job");
-    Api::<Job>::namespaced(tenant, &ns.name)
-        .create(&PostParams::default(), &squatter)
-        .await
-        .expect("the tenant may create Jobs");
-    support::jobs::finish_job(&ns.client, &ns.name, "image-copy-1", true).await;
-
-    let server = HttpServer::start().await;
-    let (bytes, spec) = template(&server, "disk.img");
-    rig.create("image", spec).await;
-    let message = ready_reason(ns, "image", reason::JOB_NOT_OURS).await;
-    record(
-        "hostile tenant (squatted Job): a Job under the next attempt's name, made (and completed) by a namespace user before the operator",
-        &format!(
-            "not taken for the copy, Ready reason {}: {message}",
-            reason::JOB_NOT_OURS
-        ),
-    );
-    for part in [
-        "image-copy-1",
-        "not the Job the operator created",
-        "no controller",
-    ] {
-        assert!(
-            message.contains(part),
-            "the refusal names {part}: {message}"
-        );
-    }
-    let cache: TemplateCache = ns.api().get("image").await.expect("cache");
-    let status = cache.status.clone().expect("status");
-    assert_ne!(
-        status.phase,
-        Some(Phase::Ready),
-        "nothing goes Ready from it"
-    );
-    assert_eq!(
-        status.job_name, None,
-        "no Pod of it counts as the current Job's"
-    );
-    assert!(
-        rig.files().is_empty(),
-        "nothing is written: {:?}",
-        rig.files()
-    );
-    let job: Job = ns
-        .api()
-        .get("image-copy-1")
-        .await
-        .expect("the squatter's Job");
-    assert_eq!(
-        job.metadata.owner_references, None,
-        "the operator did not adopt it"
-    );
-
-    // Once its owner deletes it, the operator makes its own Job for the same attempt.
-    ns.api::<Job>()
-        .delete("image-copy-1", &kube::api::DeleteParams::background())
-        .await
-        .expect("delete the squatter's Job");
-    rig.assert_copied("image", &bytes).await;
-    let job: Job = ns
-        .api()
-        .get("image-copy-1")
-        .await
-        .expect("the operator's Job");
-    let owner = &job.metadata.owner_references.expect("owned")[0];
-    assert_eq!(Some(&owner.uid), cache.metadata.uid.as_ref());
-    let status = ns
-        .api::<TemplateCache>()
-        .get("image")
-        .await
-        .expect("cache")
-        .status;
-    assert_eq!(
-        status.and_then(|s| s.attempt),
-        Some(1),
-        "no attempt was used up"
-    );
-}
-
-/// A Job of `name` as a namespace user can write it: "controlled" by the cache (ownerReferences
-/// are anyone's to write), running `true`.
-fn forged_job(name: &str, cache: &TemplateCache) -> Job {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "ownerReferences": [{
-            "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
-            "name": cache.metadata.name, "uid": cache.metadata.uid, "controller": true}]},
-        "spec": {"template": {"spec": {"restartPolicy": "Never",
-                 "containers": [{"name": "m", "image": "x", "command": ["true"]}]}}}
-    }))
-    .expect("job")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_remove_job_owned_by_the_cache_and_complete_lets_nothing_go_unremoved() {
-    let rig = Rig::new("tenant-forged-rm", 3).await;
-    let ns = &rig.ns;
-    let server = HttpServer::start().await;
-    let (bytes, spec) = template(&server, "disk.img");
-    rig.create("img", spec).await;
-    rig.assert_copied("img", &bytes).await;
-    let cache: TemplateCache = ns.api().get("img").await.expect("cache");
-    account(
-        &ns.name,
-        "tenant",
-        &[&["--verb=create", "--resource=jobs.batch"]],
-    )
-    .await;
-    let tenant = client_as(&ns.name, "tenant", None).await;
-    Api::<Job>::namespaced(tenant, &ns.name)
-        .create(&PostParams::default(), &forged_job("img-remove-1", &cache))
-        .await
-        .expect("the tenant may create Jobs");
-    support::jobs::finish_job(&ns.client, &ns.name, "img-remove-1", true).await;
-
-    ns.api::<TemplateCache>()
-        .delete("img", &DeleteParams::background())
-        .await
-        .expect("delete the cache");
-    wait_for_cache_gone(&ns.client, &ns.name, "img").await;
-    assert!(
-        rig.files().is_empty(),
-        "the cache went only once its data was removed: {:?}",
-        rig.files()
-    );
-    // (Both Jobs went with the cache, their owner, by garbage collection.)
-    record(
-        "hostile tenant (forged remove Job): a complete Job img-remove-1 whose controller ownerReference carries the cache's uid, made before the cache is deleted",
-        "not taken for the removal: the operator removed the data with its own img-remove-2, then the cache went; no file left",
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_copy_job_owned_by_the_cache_is_deleted_and_never_taken_for_the_copy() {
-    // The test plays the operator's Jobs; the tenant makes the next attempt's Job first.
-    let rig = Rig::operator("tenant-forged-copy").await;
-    let ns = &rig.ns;
-    rig.create(
-        "img",
-        json!({"source": {"http": {"url": "http://example.invalid/a"}}}),
-    )
-    .await;
-    support::jobs::wait_for_job(&ns.client, &ns.name, "img-copy-1").await;
-    let cache: TemplateCache = ns.api().get("img").await.expect("cache");
-    account(
-        &ns.name,
-        "tenant",
-        &[&["--verb=create", "--resource=jobs.batch"]],
-    )
-    .await;
-    let tenant = client_as(&ns.name, "tenant", None).await;
-    let forged = Api::<Job>::namespaced(tenant, &ns.name)
-        .create(&PostParams::default(), &forged_job("img-copy-2", &cache))
-        .await
-        .expect("the tenant may create Jobs");
-    support::jobs::finish_job(&ns.client, &ns.name, "img-copy-2", true).await;
-
-    support::jobs::finish_copy(
-        &ns.client,
-        &ns.name,
-        "img",
-        1,
-        support::jobs::Outcome::Failed { error: "cut off" },
-    )
-    .await;
-    let jobs: Api<Job> = ns.api();
-    let recorded = eventually(
-        "attempt 2 runs the operator's own Job",
-        Duration::from_secs(60),
-        || async {
-            let cache: TemplateCache = ns.api().get("img").await.expect("cache");
-            let status = cache.status.unwrap_or_default();
-            let job = jobs.get_opt("img-copy-2").await.expect("read Job");
-            let uid = job.and_then(|j| j.metadata.uid);
-            match (status.attempt, status.job_uid) {
-                (Some(2), Some(recorded)) if uid.as_ref() == Some(&recorded) => Ok(recorded),
-                seen => Err(format!(
-                    "attempt and recorded uid {seen:?}, Job uid {uid:?}"
-                )),
-            }
-        },
-    )
-    .await;
-    assert_ne!(
-        Some(recorded),
-        forged.metadata.uid,
-        "the forged Job is gone"
-    );
-    let cache: TemplateCache = ns.api().get("img").await.expect("cache");
-    assert_eq!(
-        cache.status.and_then(|s| s.phase),
-        Some(Phase::Copying),
-        "the forged Job's success counted for nothing"
-    );
-    record(
-        "hostile tenant (forged copy Job): a complete Job under the next attempt's name whose controller ownerReference carries the cache's uid",
-        "never taken for the copy: not the recorded uid, so the operator deleted it and ran its own Job for attempt 2",
-    );
 }

@@ -16,6 +16,7 @@ use support::registry::{PASSWORD, Registry};
 use support::rig::{Rig, random_bytes, sha256};
 use support::throttle::ThrottleProxy;
 use templatecache_api::{Phase, StagingStore, TemplateCache};
+use templatecache_mover::address::classify;
 
 /// The pull secret every test uses, and one with a wrong password, for the registry reached as
 /// `host` (itself, or a proxy in front of it).
@@ -322,8 +323,7 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
     let outside = tempfile::tempdir().expect("outside the store");
     let victim = outside.path().join("node-file");
     std::fs::write(&victim, b"a file outside the store").expect("victim");
-    let folder = rig.folder();
-    std::fs::create_dir_all(folder.join(".partial")).expect("the partial folder");
+    let folder = rig.make_folders();
     let planted = [
         ("at-name", folder.join("at-name")),
         ("at-partial", folder.join(".partial/at-partial-1")),
@@ -338,7 +338,11 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
     }
     for (name, link) in &planted {
         let message = rig.failed_for_good(name).await;
-        for part in [&*link.display().to_string(), "symbolic link"] {
+        // The mover names the link as it sees the store: the host's folder under the local
+        // executor, the store's mount in a Pod on the node; the part within the store is the
+        // same.
+        let in_store = link.strip_prefix(&folder).expect("planted in the store");
+        for part in [&*format!("/{}", in_store.display()), "symbolic link"] {
             assert!(message.contains(part), "{name} names {part}: {message}");
         }
     }
@@ -348,8 +352,8 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
     );
     drop(rig);
 
-    // The operator's default: no internal destination, so a registry on loopback is refused
-    // for good, like an HTTP source there.
+    // The operator's default: no internal destination, so the tests' registry (on loopback, or
+    // on the node's private address) is refused for good, like an HTTP source there.
     let rig = Rig::with_config("oci-internal", |cfg| {
         cfg.jobs.allow_internal_addresses = vec![];
     })
@@ -360,6 +364,9 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
         json!({"source": oci(&registry.host, "models/guarded:v1", None)}),
     )
     .await;
-    let parts = [&*registry.host, "loopback", "--allow-internal-address"];
+    let kind = classify(support::source_ip())
+        .expect("the tests' sources are on an internal address")
+        .to_string();
+    let parts = [&*registry.host, &*kind, "--allow-internal-address"];
     rig.refused_for_good("internal", &parts).await;
 }

@@ -13,7 +13,6 @@ use kube::api::DeleteParams;
 use serde_json::json;
 use support::corpus::record;
 use support::eventually;
-use support::executor::Executor;
 use support::jobs::{
     Outcome, finish_copy, finish_job, wait_for_cache, wait_for_cache_gone, wait_for_job,
 };
@@ -28,11 +27,10 @@ const MIB: usize = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_namespace_with_ready_caches_claims_and_a_running_copy_finishes_and_leaves_no_file()
  {
-    // The operator's own namespace, with an executor of its own: remove Jobs of a namespace
-    // being deleted run there.
-    let home = Rig::namespace("removal-home").await;
+    // The operator's own namespace, where remove Jobs of a namespace being deleted run: with
+    // an executor of its own, or the mover's account when Jobs run on the node.
+    let home = Rig::builder("removal-home").executor().start().await;
     let home_name = home.ns.name.clone();
-    let _home_executor = Executor::start(&home_name);
     let rig = Rig::builder("removal-ns")
         .store("10Gi")
         .configured(move |config| config.operator_namespace = home_name)

@@ -4,7 +4,7 @@
 //! about its size, and a redirect to anywhere. It counts the requests it receives.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,8 +63,10 @@ pub const USER: &str = "reader";
 pub const PASSWORD: &str = "s3cret";
 
 impl HttpServer {
+    /// A server on the tests' source address ([`super::source_ip`]): loopback, or the node's
+    /// address when Jobs run on the node.
     pub async fn start() -> Self {
-        Self::start_on(Ipv4Addr::LOCALHOST.into()).await
+        Self::start_on(super::source_ip()).await
     }
 
     /// A server on another address: another loopback one (127.0.0.2, say) to tell two servers

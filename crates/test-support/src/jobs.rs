@@ -148,3 +148,45 @@ pub async fn wait_for_cache_gone(client: &Client, namespace: &str, cache: &str) 
     .await
     .unwrap_or_else(|_| panic!("TemplateCache {namespace}/{cache} was not gone within 120s"));
 }
+
+/// A copy process of the data mover running on this machine: the local executor's child, or a
+/// copy Job's container on the node (its processes are this machine's).
+pub struct RunningMover {
+    pub pid: u32,
+    pub cache: String,
+    pub attempt: u32,
+}
+
+/// The data movers copying caches of `namespace` now, found by their arguments
+/// (`copy --cache=<namespace>/<name> --attempt=<n>`), the same wherever the Job runs.
+pub fn running_movers(namespace: &str) -> Vec<RunningMover> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let ours = format!("--cache={namespace}/");
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.get(1).map(String::as_str) != Some("copy") {
+                return None;
+            }
+            let cache = args.iter().find_map(|a| a.strip_prefix(&ours))?.to_owned();
+            let attempt = args
+                .iter()
+                .find_map(|a| a.strip_prefix("--attempt="))?
+                .parse()
+                .ok()?;
+            Some(RunningMover {
+                pid,
+                cache,
+                attempt,
+            })
+        })
+        .collect()
+}

@@ -80,9 +80,31 @@ fn run_checked(mut cmd: Command, what: &str) {
 /// The cluster this test binary started, once: every later [`client`] call finds it up.
 static CLUSTER: OnceLock<()> = OnceLock::new();
 
-/// Starts the control plane and installs the CRDs, once per test binary.
+/// Starts the control plane and installs the CRDs, once per test binary: in node mode when the
+/// binary's Jobs run on the node ([`jobs_on_node`]).
 pub fn ensure_cluster() {
-    CLUSTER.get_or_init(|| start_cluster(false));
+    CLUSTER.get_or_init(|| start_cluster(jobs_run_on_the_node()));
+}
+
+/// Whether this run's Jobs run on the real node (`TEMPLATECACHE_JOBS=node`, which `make
+/// test-node` sets for the suites it runs there) instead of the local Job executor.
+fn jobs_run_on_the_node() -> bool {
+    std::env::var("TEMPLATECACHE_JOBS").is_ok_and(|v| v == "node")
+}
+
+/// The node and its images when this run's Jobs run on the node: a [`rig::Rig`] then gives its
+/// operator the image and the mover's ServiceAccount instead of starting the local executor,
+/// and every test server listens on the node's address ([`source_ip`]).
+pub fn jobs_on_node() -> Option<&'static (node::Node, node::Images)> {
+    static NODE: OnceLock<Option<(node::Node, node::Images)>> = OnceLock::new();
+    NODE.get_or_init(|| jobs_run_on_the_node().then(node::up))
+        .as_ref()
+}
+
+/// The address the tests' servers listen on: loopback, or the node's address when Jobs run on
+/// the node (the one address of this machine its Pods reach).
+pub fn source_ip() -> std::net::IpAddr {
+    jobs_on_node().map_or(std::net::Ipv4Addr::LOCALHOST.into(), |(node, _)| node.ip)
 }
 
 /// The same in node mode (a kubelet, the real Job controller): `hack/cluster.sh up` switches
@@ -128,10 +150,14 @@ fn start_cluster(node: bool) {
 /// the tests that run the mover themselves all take it from here.
 pub const LOOPBACK_SOURCES: &str = "127.0.0.0/8,::1";
 
-/// [`LOOPBACK_SOURCES`] as the operator's setting.
+/// [`LOOPBACK_SOURCES`] as the operator's setting, and the node's address when Jobs run on the
+/// node ([`source_ip`]).
 pub fn loopback_sources() -> Vec<templatecache_mover::address::AllowedInternal> {
+    let node = jobs_on_node().map(|(node, _)| node.ip.to_string());
     LOOPBACK_SOURCES
         .split(',')
+        .map(str::to_owned)
+        .chain(node)
         .map(|entry| entry.parse().expect("a valid allowlist entry"))
         .collect()
 }
@@ -319,5 +345,6 @@ pub mod ranged_server;
 pub mod registry;
 pub mod rig;
 pub mod s3_server;
+pub mod tenant;
 pub mod throttle;
 pub mod tools;

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
@@ -132,10 +132,7 @@ impl ProvisionedVolume {
         std::fs::create_dir_all(&dir).expect("the volume's folder");
         // The API server refuses a hostPath with `..` in it, as repo_root() has.
         let dir = dir.canonicalize().expect("the volume's folder");
-        std::os::unix::fs::chown(&dir, Some(IMAGE_USER), Some(IMAGE_USER))
-            .expect("chown the volume's folder (node mode runs as root)");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2775))
-            .expect("chmod the volume's folder");
+        hand_to_the_mover(&dir);
         let this = Self {
             claim: claim.to_owned(),
             dir,
@@ -173,6 +170,52 @@ impl ProvisionedVolume {
     pub fn data(&self, namespace: &str, name: &str) -> PathBuf {
         self.dir.join(namespace).join(name)
     }
+}
+
+/// Makes `dir` a store folder the image's user writes into, as a provisioner would: owned by
+/// UID and GID 65532, mode `2775` (see [`ProvisionedVolume`] for why the setgid bit).
+pub fn hand_to_the_mover(dir: &Path) {
+    std::os::unix::fs::chown(dir, Some(IMAGE_USER), Some(IMAGE_USER))
+        .expect("chown the store's folder (node mode runs as root)");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o2775))
+        .expect("chmod the store's folder");
+}
+
+/// The ServiceAccount the chart gives copy and remove Jobs (`copyJobs.serviceAccountName`).
+pub const MOVER_ACCOUNT: &str = "templatecache-mover";
+
+/// The copy and remove Jobs' ServiceAccount in `namespace`, bound to the mover's ClusterRole,
+/// as the chart makes them (`helm template`, so the rules are the chart's own), for a test
+/// whose in-process operator runs its Jobs on the node.
+pub fn mover_account(namespace: &str) {
+    let mut template = super::tools::helm_offline();
+    template
+        .args([
+            "template",
+            "templatecache-tests",
+            "charts/templatecache-operator",
+        ])
+        .args(["--namespace", namespace])
+        .args(["--show-only", "templates/rbac.yaml"])
+        .args(["--show-only", "templates/serviceaccount.yaml"]);
+    let rendered = super::tools::run(template).unwrap_or_else(|e| panic!("helm template: {e}"));
+    let movers: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .filter_map(|doc| serde::Deserialize::deserialize(doc).ok())
+        .filter(|object: &serde_json::Value| {
+            let name = object["metadata"]["name"].as_str().unwrap_or_default();
+            match object["kind"].as_str() {
+                Some("ServiceAccount") => name == MOVER_ACCOUNT,
+                Some("ClusterRole" | "RoleBinding") => name.ends_with("-mover"),
+                _ => false,
+            }
+        })
+        .collect();
+    assert_eq!(
+        movers.len(),
+        3,
+        "the chart's mover account, role and binding"
+    );
+    apply(&json!({"apiVersion": "v1", "kind": "List", "items": movers}));
 }
 
 impl Drop for ProvisionedVolume {

@@ -19,17 +19,22 @@ pub struct Operator {
     task: JoinHandle<()>,
 }
 
-/// Operator settings for a test: its namespace, its store, fast retries.
+/// Operator settings for a test: its namespace, its store, fast retries. When Jobs run on the
+/// node, they run the pushed image as the chart's mover account ([`super::node::mover_account`]).
 pub fn config(namespace: &str, store: &str) -> Config {
+    let on_node = super::jobs_on_node();
     Config {
         namespace: Some(namespace.to_owned()),
         default_store: store.to_owned(),
         jobs: JobSettings {
-            image: "templatecache:test".to_owned(),
-            service_account: None,
+            image: on_node.map_or_else(
+                || "templatecache:test".to_owned(),
+                |(_, images)| images.operator.pinned(),
+            ),
+            service_account: on_node.map(|_| super::node::MOVER_ACCOUNT.to_owned()),
             copy: Default::default(),
-            // The tests' registry serves plain HTTP on loopback.
-            oci_plain_http_registries: vec!["127.0.0.1".to_owned()],
+            // The tests' registry serves plain HTTP on the source address.
+            oci_plain_http_registries: vec![super::source_ip().to_string()],
             allow_internal_addresses: super::loopback_sources(),
             limits: Default::default(),
         },
@@ -113,6 +118,9 @@ impl TestStore {
         eviction: serde_json::Value,
     ) -> Self {
         let dir = tempfile::tempdir().expect("temporary store folder");
+        if super::jobs_on_node().is_some() {
+            super::node::hand_to_the_mover(dir.path());
+        }
         let store: StagingStore = serde_json::from_value(json!({
             "apiVersion": "templatecache.io/v1alpha1", "kind": "StagingStore",
             "metadata": {"name": name},
@@ -141,7 +149,14 @@ pub struct OperatorProcess {
 
 impl OperatorProcess {
     /// Starts replica `identity` reconciling `namespace` with `store` as its default store.
+    /// Its Jobs are set up as the in-process operator's ([`config`]).
     pub fn start(identity: &str, namespace: &str, store: &str, extra: &[&str]) -> Self {
+        let jobs = config(namespace, store).jobs;
+        let allowed: Vec<String> = jobs
+            .allow_internal_addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let fixed = [
             "run",
             "--namespace",
@@ -153,13 +168,22 @@ impl OperatorProcess {
             "--leader-election-namespace",
             namespace,
             "--job-image",
-            "templatecache:test",
+            &jobs.image,
             "--retry-base-seconds",
             "1",
             "--allow-internal-address",
-            super::LOOPBACK_SOURCES,
+            &allowed.join(","),
         ];
-        let args: Vec<String> = fixed.iter().chain(extra).map(|a| a.to_string()).collect();
+        let account = jobs
+            .service_account
+            .iter()
+            .flat_map(|account| ["--job-service-account", account.as_str()]);
+        let args: Vec<String> = fixed
+            .into_iter()
+            .chain(account)
+            .chain(extra.iter().copied())
+            .map(str::to_owned)
+            .collect();
         Self::spawn(identity, &args, &super::kubeconfig_path())
     }
 

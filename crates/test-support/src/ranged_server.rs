@@ -16,7 +16,7 @@
 //!   connection open: a source that stalls without closing.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -64,7 +64,7 @@ impl RangedServer {
         let app = Router::new()
             .route("/{route}/{name}", get(serve))
             .with_state(objects.clone());
-        let served = Served::start(Ipv4Addr::LOCALHOST.into(), app).await;
+        let served = Served::start(super::source_ip(), app).await;
         Self {
             addr: served.addr,
             objects,

@@ -1,4 +1,4 @@
-//! A real OCI registry on loopback: the CNCF distribution registry (built from its Go module by
+//! A real OCI registry on the tests' source address ([`super::source_ip`]): the CNCF distribution registry (built from its Go module by
 //! `hack/registry/build.sh`) over a temporary folder, behind htpasswd basic auth. Content is
 //! pushed with the `oras` CLI (`hack/oras/build.sh`): ORAS artifacts with `oras push`, and
 //! containerDisks and indexes as blobs plus manifests written here, since `oras push` would
@@ -10,14 +10,14 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 use super::rig::sha256;
-use super::tools::{built, run, serve_on_loopback};
+use super::tools::{built, run, serve_source};
 
 pub const USER: &str = "puller";
 pub const PASSWORD: &str = "registry-test-password";
 
 /// A running registry; killed when dropped.
 pub struct Registry {
-    /// `127.0.0.1:<port>`, the registry part of references.
+    /// `<address>:<port>`, the registry part of references.
     pub host: String,
     /// Before `dir`: fields drop in order, and the registry goes before its storage.
     _child: tokio::process::Child,
@@ -32,12 +32,12 @@ impl Registry {
         std::fs::write(&htpasswd, format!("{USER}:{hash}\n")).expect("htpasswd");
         let config = dir.path().join("config.yml");
         let storage = dir.path().join("storage");
-        let (child, port) = serve_on_loopback("the registry", |port| {
+        let (child, addr) = serve_source("the registry", |addr| {
             std::fs::write(
                 &config,
                 format!(
                     "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\n\
-                     http: {{addr: 127.0.0.1:{port}}}\n\
+                     http: {{addr: {addr}}}\n\
                      auth: {{htpasswd: {{realm: templatecache-test, path: {}}}}}\n",
                     storage.display(),
                     htpasswd.display()
@@ -53,7 +53,7 @@ impl Registry {
         })
         .await;
         Self {
-            host: format!("127.0.0.1:{port}"),
+            host: addr.to_string(),
             _child: child,
             dir,
         }

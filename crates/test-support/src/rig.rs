@@ -37,7 +37,8 @@ pub struct Rig {
     executor: Option<Executor>,
 }
 
-/// Which executor a rig runs.
+/// Which executor a rig runs (none when Jobs run on the node: [`super::jobs_on_node`]).
+#[derive(Clone, Copy)]
 enum ExecutorKind {
     /// Runs each Job's process with the operator's credentials.
     Plain,
@@ -117,12 +118,18 @@ impl RigBuilder {
             let store = TestStore::with_eviction(&rig.ns.client, &name, &capacity, eviction).await;
             rig.store = Some(store);
         }
+        // On the node the kubelet runs the Jobs, always with their ServiceAccount's token: the
+        // account must exist before the operator makes the first Job.
+        let executor = self.executor.filter(|_| super::jobs_on_node().is_none());
+        if self.executor.is_some() && executor.is_none() {
+            super::node::mover_account(&rig.ns.name);
+        }
         if let Some(adjust) = self.operator {
             let mut cfg = rig.config();
             adjust(&mut cfg);
             rig.start_operator(cfg).await;
         }
-        rig.executor = self.executor.map(|kind| match kind {
+        rig.executor = executor.map(|kind| match kind {
             ExecutorKind::Plain => Executor::start(&rig.ns.name),
             ExecutorKind::AsJobAccounts => Executor::start_as_job_accounts(&rig.ns.name),
         });
@@ -220,6 +227,20 @@ impl Rig {
     /// The namespace's folder in the store.
     pub fn folder(&self) -> std::path::PathBuf {
         self.store().dir.path().join(&self.ns.name)
+    }
+
+    /// The namespace's folder and its `.partial` folder made ahead of the first Job, as a Pod of
+    /// the namespace mounting its folder could: on the node, writable by the mover's group like
+    /// the folders the kubelet makes there. Returns the namespace's folder.
+    pub fn make_folders(&self) -> std::path::PathBuf {
+        let folder = self.folder();
+        std::fs::create_dir_all(folder.join(".partial")).expect("the namespace's folders");
+        if super::jobs_on_node().is_some() {
+            for dir in [folder.clone(), folder.join(".partial")] {
+                super::node::hand_to_the_mover(&dir);
+            }
+        }
+        folder
     }
 
     /// Files of the namespace's folder in the store, partial files as `.partial/<name>`.

@@ -1,4 +1,4 @@
-//! A real S3-compatible server on loopback: versitygw (built from its Go module by
+//! A real S3-compatible server on the tests' source address ([`super::source_ip`]): versitygw (built from its Go module by
 //! `hack/s3/build.sh`) over a temporary folder. Objects are uploaded through the S3 API itself.
 
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::process::{Child, Command};
 
-use super::tools::{built, serve_on_loopback};
+use super::tools::{built, serve_source};
 
 pub const ACCESS_KEY: &str = "templatecache-test";
 pub const SECRET_KEY: &str = "templatecache-test-secret";
@@ -25,19 +25,19 @@ impl S3Server {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("S3 folder");
         std::fs::create_dir(dir.path().join(BUCKET)).expect("bucket folder");
-        let (child, port) = serve_on_loopback("versitygw", |port| {
+        let (child, addr) = serve_source("versitygw", |addr| {
             let mut command = Command::new(built("s3"));
             command
                 .args(["--access", ACCESS_KEY, "--secret", SECRET_KEY])
                 .arg("--port")
-                .arg(format!("127.0.0.1:{port}"))
+                .arg(addr.to_string())
                 .arg("posix")
                 .arg(dir.path());
             command
         })
         .await;
         Self {
-            endpoint: format!("http://127.0.0.1:{port}"),
+            endpoint: format!("http://{addr}"),
             _dir: dir,
             _child: child,
         }

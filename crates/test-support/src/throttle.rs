@@ -62,9 +62,9 @@ impl ThrottleProxy {
     }
 
     async fn shaping(upstream: SocketAddr, shape: Shape) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind((super::source_ip(), 0))
             .await
-            .expect("bind loopback");
+            .expect("bind the source address");
         let addr = listener.local_addr().expect("address");
         let connections = Arc::new(AtomicU64::new(0));
         let counted = connections.clone();

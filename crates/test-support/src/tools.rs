@@ -83,26 +83,27 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// Starts a server process on a free loopback port (`command` makes its command line for the
-/// port), quiet and killed when dropped, and waits until it accepts connections there.
-pub async fn serve_on_loopback(
+/// Starts a source server process on a free port of [`super::source_ip`] (`command` makes its
+/// command line for that address), quiet and killed when dropped, and waits until it accepts
+/// connections there.
+pub async fn serve_source(
     what: &str,
-    command: impl FnOnce(u16) -> tokio::process::Command,
-) -> (tokio::process::Child, u16) {
-    let port = free_port();
-    let child = command(port)
+    command: impl FnOnce(std::net::SocketAddr) -> tokio::process::Command,
+) -> (tokio::process::Child, std::net::SocketAddr) {
+    let ip = super::source_ip();
+    let addr = std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let child = command(addr)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("start {what}: {e}"));
-    let listening = format!("{what} listening on 127.0.0.1:{port}");
+    let listening = format!("{what} listening on {addr}");
     super::eventually(&listening, std::time::Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(drop)
+        tokio::net::TcpStream::connect(addr).await.ok().map(drop)
     })
     .await;
-    (child, port)
+    (child, addr)
 }
