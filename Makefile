@@ -118,6 +118,6 @@ chaos: cluster-up
 reliability: cluster-up
 	rm -rf target/corpus
 	$(CARGO) build --quiet --workspace --bins
-	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test api_validation --test bad_input --test helm_chart --test hostile_tenant --test removal --test copy_resume --test copy_parallel --test copy_end_to_end
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(CARGO) test --test api_validation --test bad_input --test helm_chart --test hostile_tenant --test forged_jobs --test removal --test copy_resume --test copy_parallel --test copy_end_to_end
 	$(MAKE) chaos
 	hack/reliability.sh
