@@ -19,7 +19,10 @@ build:
 ## copy_end_to_end passes on the node but stays here for now: its progress test samples reports
 ## for a part landed ahead of the hashed front, which on the node's timing it missed once in
 ## four runs (to be made deterministic with a source that holds one part back).
-NODE_SUITES := bad_input chaos copy_resume hostile_tenant node oci_source operator_process \
+## chaos is in neither list alone: its run on the node (ignored by plain cargo test) runs in
+## test-node, its plain run (operator processes SIGKILLed, API server restarts) here with the
+## executor; on the node that run once left 4 copy Jobs running for 300 s (not yet understood).
+NODE_SUITES := bad_input copy_resume hostile_tenant node oci_source operator_process \
 	quickstart removal staging_store
 PLAIN_SUITES := $(filter-out $(NODE_SUITES),$(basename $(notdir $(wildcard tests/*.rs))))
 

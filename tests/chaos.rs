@@ -48,8 +48,8 @@ use templatecache_client as client;
 
 const TEMPLATES: usize = 10;
 
-/// Held by each chaos run for its whole length: the two runs (`make test-node` runs both in one
-/// binary) would otherwise share two cores and the API server restarts.
+/// Held by each chaos run for its whole length: the two runs, when one binary runs both
+/// (`--include-ignored`), would otherwise share two cores and the API server restarts.
 static ONE_RUN_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const CONSUMERS: usize = 200;
 
