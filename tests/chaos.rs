@@ -288,19 +288,37 @@ async fn wait_for_quiet(ns: &TestNamespace) -> (Vec<TemplateCache>, Vec<Job>) {
 /// the node) once its Lease is taken (5 s).
 const BOOKS_SETTLE: Duration = Duration::from_secs(60);
 
-/// The caches once the namespace is quiet and the books balance ([`check_the_books`]), with
-/// their problems and rows; the problems still seen after [`BOOKS_SETTLE`] if they never
+/// References held at the end, per cache, from the template each consumer still holds.
+fn held_at_the_end(held: impl IntoIterator<Item = usize>) -> BTreeMap<String, u32> {
+    let mut expected = BTreeMap::new();
+    for t in held {
+        *expected.entry(format!("t{t}")).or_default() += 1;
+    }
+    expected
+}
+
+/// The caches once the namespace is quiet and the books balance ([`check_the_books`], and no
+/// version the watch saw counted above its references), with their problems and rows; the problems still seen after [`BOOKS_SETTLE`] if they never
 /// do.
 async fn settled_books(
     ns: &TestNamespace,
     expected: &BTreeMap<String, u32>,
     sources: &[Vec<u8>],
     dir: &std::path::Path,
+    tally: &Tally,
 ) -> (Vec<TemplateCache>, Vec<String>, Vec<String>) {
     let quiet = Instant::now();
     loop {
         let (caches, jobs) = wait_for_quiet(ns).await;
-        let (problems, rows) = check_the_books(&caches, &jobs, expected, sources, dir);
+        let (mut problems, rows) = check_the_books(&caches, &jobs, expected, sources, dir);
+        problems.extend(
+            tally
+                .counts_above_references
+                .lock()
+                .unwrap()
+                .iter()
+                .cloned(),
+        );
         if problems.is_empty() || quiet.elapsed() > BOOKS_SETTLE {
             eprintln!(
                 "the books, {:.1} s after the namespace was quiet: {} problems",
@@ -430,22 +448,10 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
         .into_iter()
         .filter_map(|r| r.expect("consumer"))
         .collect();
-    let mut expected: BTreeMap<String, u32> = BTreeMap::new();
-    for t in held {
-        *expected.entry(format!("t{t}")).or_default() += 1;
-    }
-
+    let expected = held_at_the_end(held);
     let dir = store.dir.path().join(&ns.name);
-    let (caches, mut problems, rows) = settled_books(&ns, &expected, &sources, &dir).await;
+    let (caches, problems, rows) = settled_books(&ns, &expected, &sources, &dir, &tally).await;
     watch.abort();
-    problems.extend(
-        tally
-            .counts_above_references
-            .lock()
-            .unwrap()
-            .iter()
-            .cloned(),
-    );
     let kills = tally.kills.load(Ordering::Relaxed);
     let restarts = tally.restarts.load(Ordering::Relaxed);
     let last_restart = *tally.last_restart.lock().unwrap();
@@ -551,21 +557,10 @@ async fn on_the_node_copy_pods_killed_mid_copy_a_kubelet_kill_and_leader_pod_kil
         tally.clone(),
     );
     let (held, ()) = tokio::join!(consumers, monkey);
-    let mut expected: BTreeMap<String, u32> = BTreeMap::new();
-    for t in held.into_iter().filter_map(|r| r.expect("consumer")) {
-        *expected.entry(format!("t{t}")).or_default() += 1;
-    }
-
-    let (caches, mut problems, rows) = settled_books(&ns, &expected, &sources, &store_dir).await;
+    let expected = held_at_the_end(held.into_iter().filter_map(|r| r.expect("consumer")));
+    let (caches, problems, rows) =
+        settled_books(&ns, &expected, &sources, &store_dir, &tally).await;
     watch.abort();
-    problems.extend(
-        tally
-            .counts_above_references
-            .lock()
-            .unwrap()
-            .iter()
-            .cloned(),
-    );
     let copy_kills = tally.copy_kills.load(Ordering::Relaxed);
     let kills = tally.kills.load(Ordering::Relaxed);
     let takeovers = tally.takeovers.lock().unwrap().clone();
