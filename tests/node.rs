@@ -242,10 +242,19 @@ impl Consumers {
         let pods = self.ns.api::<Pod>();
         for pod in self.pods().await {
             let name = pod.metadata.name.unwrap_or_default();
-            let log = pods
-                .logs(&name, &LogParams::default())
-                .await
-                .unwrap_or_else(|e| panic!("logs of {name}: {e}"));
+            // Available means started: the container may not have printed its line yet.
+            let log = eventually(
+                &format!("{name} printed a line"),
+                Duration::from_secs(30),
+                || async {
+                    let log = pods
+                        .logs(&name, &LogParams::default())
+                        .await
+                        .unwrap_or_else(|e| panic!("logs of {name}: {e}"));
+                    (!log.trim().is_empty()).then_some(log)
+                },
+            )
+            .await;
             assert_eq!(
                 log.split_whitespace().next(),
                 Some(hex),
