@@ -16,13 +16,10 @@ build:
 ## outcomes the test writes itself as the Job controller would) on the plain control plane,
 ## which runs no Job controller to race the test. Run by hand without the node, a node suite's
 ## Jobs are run by the local Job executor (crates/local-executor) instead.
-## copy_end_to_end passes on the node but stays here for now: its progress test samples reports
-## for a part landed ahead of the hashed front, which on the node's timing it missed once in
-## four runs (to be made deterministic with a source that holds one part back).
 ## chaos is in neither list alone: its run on the node (ignored by plain cargo test) runs in
 ## test-node, its plain run (operator processes SIGKILLed, API server restarts) here with the
 ## executor; on the node that run once left 4 copy Jobs running for 300 s (not yet understood).
-NODE_SUITES := bad_input copy_resume hostile_tenant node oci_source operator_process \
+NODE_SUITES := bad_input copy_end_to_end copy_resume hostile_tenant node oci_source operator_process \
 	quickstart removal staging_store
 PLAIN_SUITES := $(filter-out $(NODE_SUITES),$(basename $(notdir $(wildcard tests/*.rs))))
 

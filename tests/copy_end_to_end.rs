@@ -13,7 +13,7 @@ use serde_json::json;
 
 use support::eventually;
 use support::http_server::{HttpServer, PASSWORD, USER};
-use support::ranged_server::RangedServer;
+use support::ranged_server::{self, RangedServer};
 use support::rig::{Rig, random_bytes, ready_message, sha256};
 use support::throttle::ThrottleProxy;
 use templatecache_api::{Phase, TemplateCache};
@@ -283,14 +283,21 @@ async fn progress_counts_the_parts_landed_ahead_of_the_bytes_hashed_in_order() {
     let server = RangedServer::start().await;
     let bytes = random_bytes(32 << 20);
     server.put("disk.img", bytes.clone());
-    // 2 MiB/s per connection, 4 streams of 1 MiB parts: about 5 s, parts always in flight.
+    // 2 MiB/s per connection, 4 streams of 1 MiB parts; the part at 8 MiB (by then all 4
+    // streams are open) answers 6 s late, so for 6 s the parts after it land ahead of the
+    // hashed front, long past the mover's 2 s between reports.
     let proxy = ThrottleProxy::start(server.addr, 2 << 20).await;
     let rig = Rig::with_config("e2e-landed", |cfg| {
         cfg.jobs.copy.streams = 4;
         cfg.jobs.copy.part_size = 1 << 20;
     })
     .await;
-    let url = format!("http://{}/files/disk.img", proxy.addr);
+    assert_eq!(
+        ranged_server::LATE_PART_AT % (1 << 20),
+        0,
+        "the late range is a whole part"
+    );
+    let url = format!("http://{}/late-part/disk.img", proxy.addr);
     rig.create("disk", json!({"source": {"http": {"url": url}}}))
         .await;
 

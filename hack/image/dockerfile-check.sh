@@ -32,4 +32,9 @@ echo "dockerfile-check: $(cd "$context" && find . -maxdepth 1 | sort | tr '\n' '
 echo "dockerfile-check: $command" >&2
 cd "$context"
 CARGO_TARGET_DIR="$root/target" bash -c "$command"
+# Cargo records the sources of this build by their path under the target folder, and the
+# checkout's crates share their fingerprints: while the copy is there, a later
+# `cargo build --release` in the checkout checks the copy's files, finds them unchanged and keeps
+# this binary, however the checkout was edited since. Without the copy it rebuilds.
+rm -rf "$context"
 echo "dockerfile-check: built $root/target/release/templatecache from the Dockerfile's files only" >&2

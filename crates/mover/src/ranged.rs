@@ -216,6 +216,11 @@ async fn fetch_all(
     let mut closed = Some(download);
     let mut front = sink.front.clone();
     let mut reporting = true;
+    // The reporter drops changes that come within its interval of the last report; this tick
+    // tells the last of them once the interval has passed. Without it a front that moved and
+    // then stopped (a slow part holding the window) stays unreported until the part lands.
+    let mut trailing = tokio::time::interval(TRAILING_REPORT);
+    trailing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             joined = workers.join_next() => match joined {
@@ -242,6 +247,10 @@ async fn fetch_all(
                 }
                 Err(_) => reporting = false,
             },
+            _ = trailing.tick(), if reporting => {
+                let now = *front.borrow();
+                progress(now, size).await;
+            }
         }
     };
     // The other workers stop at once after a failure; waiting for them drops their handles on
@@ -249,6 +258,9 @@ async fn fetch_all(
     workers.shutdown().await;
     result
 }
+
+/// How often a download checks for a change of its front the reporter has not told yet.
+const TRAILING_REPORT: Duration = Duration::from_secs(1);
 
 /// Whether the hasher, after a fair sample of this attempt's bytes, spent under a third of the
 /// time working.

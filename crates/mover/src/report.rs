@@ -125,8 +125,13 @@ impl Reporter {
         if self.last.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
             return;
         }
-        self.last = Some(Instant::now());
+        let before = self.report.clone();
         self.count(front.hashed, front.landed, front.resumed, total);
+        if self.last.is_some() && self.report == before {
+            // Nothing moved since the last report: a write would only cost the API server.
+            return;
+        }
+        self.last = Some(Instant::now());
         if let Err(e) = self.write().await {
             warn!("could not report progress (the copy goes on): {e}");
         }

@@ -14,6 +14,9 @@
 //!   reserved for it.
 //! - `/stalling/<name>`: every GET answer sends its first 64 KiB, then nothing, holding the
 //!   connection open: a source that stalls without closing.
+//! - `/late-part/<name>`: the answer for the range starting at [`LATE_PART_AT`] comes
+//!   [`LATE_BY`] late; every other answer at once. A part that holds the hashed front while
+//!   the parts after it land.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -180,6 +183,8 @@ async fn serve(
         Body::from([body.clone(), body].concat())
     } else if route == "stalling" && method == axum::http::Method::GET {
         stall_after(body, STALL_AFTER)
+    } else if route == "late-part" && method == axum::http::Method::GET && start == LATE_PART_AT {
+        arrive_late(body, LATE_BY)
     } else if cut {
         cut_halfway(body)
     } else {
@@ -188,8 +193,23 @@ async fn serve(
     response.body(body).expect("response")
 }
 
+/// Where the range `/late-part/` answers late starts.
+pub const LATE_PART_AT: u64 = 8 << 20;
+
+/// How late `/late-part/` answers that range.
+pub const LATE_BY: std::time::Duration = std::time::Duration::from_secs(6);
+
 /// What `/stalling/` sends of each answer before it goes silent.
 pub const STALL_AFTER: usize = 64 << 10;
+
+/// Sends `body` once `late` has passed (the headers go at once).
+fn arrive_late(body: Bytes, late: std::time::Duration) -> Body {
+    let stream = futures::stream::once(async move {
+        tokio::time::sleep(late).await;
+        Ok::<_, std::io::Error>(body)
+    });
+    Body::from_stream(stream)
+}
 
 /// Sends the first `bytes` of `body`, then nothing, never closing.
 fn stall_after(body: Bytes, bytes: usize) -> Body {
