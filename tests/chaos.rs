@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ApiResource, DeleteParams, DynamicObject};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -34,7 +33,7 @@ use support::TestNamespace;
 use support::chart::{Release, STORE_CLAIM};
 use support::eventually;
 use support::http_server::{HttpServer, random_below};
-use support::jobs::running_movers;
+use support::jobs::{self, running_movers};
 use support::node::{self, ProvisionedVolume};
 use support::operator::OperatorProcess;
 use support::rig::Rig;
@@ -261,21 +260,27 @@ async fn wait_for_quiet(ns: &TestNamespace) -> (Vec<TemplateCache>, Vec<Job>) {
             let (Ok(caches), Ok(jobs)) = (caches, jobs) else {
                 return Err("no answer from the API server".to_owned());
             };
-            let running = jobs
+            let running: Vec<String> = jobs
                 .items
                 .iter()
                 .filter(|j| JobState::of(Some(j)) == JobState::Running)
-                .count();
+                .map(|j| j.name_any())
+                .collect();
             let unsettled: Vec<String> = caches
                 .items
                 .iter()
                 .filter(|c| !settled(c))
                 .map(|c| c.name_any())
                 .collect();
-            if running == 0 && unsettled.is_empty() {
+            if running.is_empty() && unsettled.is_empty() {
                 Ok((caches.items, jobs.items))
             } else {
-                Err(format!("{running} Jobs running, unsettled: {unsettled:?}"))
+                let described = jobs::describe_jobs(&ns.client, &ns.name, &running).await;
+                let count = running.len();
+                Err(format!(
+                    "{count} Jobs running, unsettled: {unsettled:?}
+{described}"
+                ))
             }
         },
     )
@@ -706,17 +711,9 @@ async fn kill_the_kubelet() {
 /// Deletes the Pod that holds the release's Lease at once (grace period 0: its process gets no
 /// time to give the Lease up) and returns how long until another Pod holds it.
 async fn kill_the_leader_pod(release: &Release) -> Duration {
-    let leases: Api<Lease> = Api::namespaced(support::client().await, &release.namespace);
-    let holder = || async {
-        leases
-            .get_opt(&release.name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|l| l.spec?.holder_identity)
-    };
+    let holder = || release.lease_holder();
     let leader = eventually("a leader", Duration::from_secs(60), holder).await;
-    let pods: Api<Pod> = Api::namespaced(leases.clone().into_client(), &release.namespace);
+    let pods: Api<Pod> = Api::namespaced(support::client().await, &release.namespace);
     let killed = Instant::now();
     pods.delete(
         &leader,

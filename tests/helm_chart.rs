@@ -1,28 +1,23 @@
 //! The Helm chart, with `helm` built from its Go module (hack/helm): it lints, renders and refuses
-//! bad values by name; `helm install` into the local control plane creates every object; and the
-//! operator, run with exactly the Deployment's arguments and a token of the chart's
-//! ServiceAccount, takes a cache through its whole life while the copy Job runs with a token of
-//! the chart's mover account. `kubectl auth can-i` shows what both accounts must not do.
+//! bad values by name; and on the real node (`make test-node`), `helm install` creates every
+//! object, `kubectl auth can-i` shows what the operator's and the mover's accounts must not do,
+//! and a cache lives its whole life under the chart's RBAC: the operator in its Deployment's
+//! Pods, the copy and remove Jobs' Pods with the mover's account.
 
 use templatecache_test_support as support;
 
-use templatecache_local_executor::identity;
-
-use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
-use kube::config::Kubeconfig;
 use serde_json::json;
 use support::TestNamespace;
+use support::chart::{Release, STORE_CLAIM};
 use support::eventually;
 use support::http_server::HttpServer;
 use support::jobs::{wait_for_cache, wait_for_cache_gone};
-use support::operator::OperatorProcess;
-use support::rig::Rig;
+use support::node::{self, ProvisionedVolume};
 use support::rig::{random_bytes, sha256};
-use support::tools::{helm, helm_offline, run};
+use support::tools::{helm_offline, run};
 use templatecache_api::{ClaimPhase, Phase, TemplateCache, TemplateCacheClaim};
 
 const CHART: &str = "charts/templatecache-operator";
@@ -199,128 +194,73 @@ fn can_i(namespace: &str, account: &str, args: &[&str]) -> bool {
     }
 }
 
-/// One install of the chart into a test namespace: the names the chart gives its objects. A
-/// drop guard: a release still installed when it drops (a test that failed half-way) is
-/// uninstalled, for its cluster-scoped objects (admission policies among them) outlive the
-/// namespace and would act on the tests after it.
-struct Release {
-    name: String,
-    namespace: String,
-    /// The operator's ServiceAccount, also the Deployment's and the ClusterRole's name.
-    operator_account: String,
-    store_name: String,
-    store_dir: tempfile::TempDir,
-    installed: bool,
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        if self.installed {
-            let _ = run(self.uninstall_command());
-        }
-    }
-}
-
-impl Release {
-    fn new(ns: &TestNamespace) -> Self {
-        let name = format!("tc-{}", std::process::id());
-        Self {
-            operator_account: format!("{name}-templatecache"),
-            name,
-            namespace: ns.name.clone(),
-            store_name: format!("{}-store", ns.name),
-            store_dir: tempfile::tempdir().expect("store folder"),
-            installed: false,
-        }
-    }
-
-    /// `helm install` watching the namespace only, with a hostPath default store and loopback
-    /// sources allowed.
-    fn install(&mut self) {
-        self.installed = true;
-        let mut install = helm();
-        install
-            .args(["install", &self.name, CHART, "--namespace", &self.namespace])
-            .args(["--set", &format!("watchNamespace={}", self.namespace)])
-            .args(["--set", "image.tag=test", "--set", "replicaCount=1"])
-            .args(["--set", "leaderElection.leaseDurationSeconds=5"])
-            .args(["--set", "operator.retryBaseSeconds=1"])
-            // The tests' control plane already has the API priority settings, applied by kubectl.
-            .args(["--set", "flowControl.enabled=false"])
-            // The local executor stands in for the Job controller, as the control plane's admin.
-            .args(["--set-json", r#"copyJobs.podCreators=["admin"]"#])
-            .args(["--set", "defaultStore.create=true"])
-            .args(["--set", &format!("defaultStore.name={}", self.store_name)])
-            .args(["--set", "defaultStore.capacity=1Gi"])
-            // The test's HTTP server is on loopback, which copy Jobs may not reach by default.
-            .args([
-                "--set-json",
-                &format!(
-                    "operator.allowInternalAddresses={}",
-                    json!(support::LOOPBACK_SOURCES.split(',').collect::<Vec<_>>())
-                ),
-            ])
-            .args([
-                "--set-json",
-                &format!(
-                    r#"defaultStore.volume={{"hostPath":{{"path":"{}"}}}}"#,
-                    self.store_dir.path().display()
-                ),
-            ]);
-        run(install).expect("helm install");
-    }
-
-    fn uninstall_command(&self) -> std::process::Command {
-        let mut uninstall = helm();
-        uninstall
-            .args(["uninstall", &self.name, "--namespace", &self.namespace])
-            .arg("--wait");
-        uninstall
-    }
-
-    /// Where the store keeps cache `name` of the namespace.
-    fn data(&self, name: &str) -> PathBuf {
-        self.store_dir.path().join(&self.namespace).join(name)
-    }
-
-    fn get(&self, object: &str) -> Result<String, String> {
-        let mut command = support::kubectl();
-        command.args(["get", "-n", &self.namespace, object]);
-        run(command)
-    }
-
-    fn assert_every_object_created(&self) {
-        let account = &self.operator_account;
-        for object in [
-            format!("serviceaccount/{account}"),
-            format!("serviceaccount/{MOVER}"),
-            format!("deployment/{account}"),
-            format!("service/{account}-metrics"),
-            format!("role/{account}-leader-election"),
-            format!("rolebinding/{account}-leader-election"),
-            format!("rolebinding/{account}-mover"),
-            format!("clusterrole/{account}"),
-            format!("clusterrole/{account}-mover"),
-            format!("clusterrolebinding/{account}"),
-            format!("stagingstore/{}", self.store_name),
-            // On by default: the copy below runs under them (its mover's token is bound to a
-            // Pod of the copy Job by the executor, as a kubelet's is).
+/// The chart's objects, each where it belongs: the operator's in the release namespace, the
+/// mover's account and binding in the caches' namespace too, the rest cluster-scoped. The
+/// release's name contains the chart's, so the chart names its objects after the release.
+fn assert_every_object_created(release: &Release, caches_ns: &str) {
+    let (ns, account) = (release.namespace.as_str(), release.name.as_str());
+    let objects = [
+        (ns, format!("serviceaccount/{account}")),
+        (ns, format!("serviceaccount/{MOVER}")),
+        (caches_ns, format!("serviceaccount/{MOVER}")),
+        (ns, format!("deployment/{account}")),
+        (ns, format!("service/{account}-metrics")),
+        (ns, format!("poddisruptionbudget/{account}")),
+        (ns, format!("role/{account}-leader-election")),
+        (ns, format!("rolebinding/{account}-leader-election")),
+        (ns, format!("rolebinding/{account}-mover")),
+        (caches_ns, format!("rolebinding/{account}-mover")),
+        (ns, format!("clusterrole/{account}")),
+        (ns, format!("clusterrole/{account}-mover")),
+        (ns, format!("clusterrolebinding/{account}")),
+        (ns, format!("stagingstore/{account}")),
+        // On by default: the copy below runs under them, with the kubelet's bound token.
+        (
+            ns,
             format!("validatingadmissionpolicy/{account}-credentials"),
+        ),
+        (
+            ns,
             format!("validatingadmissionpolicy/{account}-mover-status"),
-            format!("validatingadmissionpolicybinding/{account}-credentials"),
-            format!("validatingadmissionpolicybinding/{account}-mover-status"),
+        ),
+        (
+            ns,
             format!("validatingadmissionpolicy/{account}-mover-workloads"),
+        ),
+        (
+            ns,
+            format!("validatingadmissionpolicybinding/{account}-credentials"),
+        ),
+        (
+            ns,
+            format!("validatingadmissionpolicybinding/{account}-mover-status"),
+        ),
+        (
+            ns,
             format!("validatingadmissionpolicybinding/{account}-mover-workloads"),
-        ] {
-            self.get(&object)
-                .unwrap_or_else(|e| panic!("helm install created {object}: {e}"));
-        }
+        ),
+    ];
+    for (namespace, object) in objects {
+        let mut get = support::kubectl();
+        get.args(["get", "-n", namespace, &object]);
+        run(get).unwrap_or_else(|e| panic!("helm install created {object} in {namespace}: {e}"));
     }
+}
 
+/// The names the rights are checked with: the release's namespace, the caches' namespace and
+/// the operator's account.
+struct Accounts<'a> {
+    namespace: &'a str,
+    caches: &'a str,
+    operator_account: &'a str,
+}
+
+impl Accounts<'_> {
     /// What the operator's account may and must not do.
     fn assert_operator_rights(&self) {
-        let ns_arg = format!("--namespace={}", self.namespace);
-        let operator_may = |args: &[&str]| can_i(&self.namespace, &self.operator_account, args);
+        let ns_arg = format!("--namespace={}", self.caches);
+        let own_ns = format!("--namespace={}", self.namespace);
+        let operator_may = |args: &[&str]| can_i(self.namespace, self.operator_account, args);
         assert!(operator_may(&["create", "jobs.batch", &ns_arg]));
         assert!(operator_may(&[
             "patch",
@@ -331,7 +271,7 @@ impl Release {
         assert!(operator_may(&[
             "update",
             "leases.coordination.k8s.io",
-            &ns_arg
+            &own_ns
         ]));
         assert!(
             !operator_may(&["list", "secrets", "--all-namespaces"]),
@@ -386,8 +326,8 @@ impl Release {
 
     /// What the mover's account may and must not do.
     fn assert_mover_rights(&self) {
-        let ns_arg = format!("--namespace={}", self.namespace);
-        let mover_may = |args: &[&str]| can_i(&self.namespace, MOVER, args);
+        let ns_arg = format!("--namespace={}", self.caches);
+        let mover_may = |args: &[&str]| can_i(self.caches, MOVER, args);
         assert!(mover_may(&[
             "patch",
             "templatecaches.templatecache.io",
@@ -409,56 +349,15 @@ impl Release {
         );
         assert!(!mover_may(&["create", "jobs.batch", &ns_arg]));
     }
-
-    /// The operator as the Deployment runs it, with a token of the chart's account; the
-    /// kubeconfig holding that token is deleted when dropped, so it must outlive the process.
-    async fn start_operator(
-        &self,
-        ns: &TestNamespace,
-    ) -> (OperatorProcess, identity::AccountKubeconfig) {
-        let deployment: Deployment = ns
-            .api()
-            .get(&self.operator_account)
-            .await
-            .expect("the Deployment");
-        let mut args = deployment.spec.template.spec.expect("pod spec").containers[0]
-            .args
-            .clone()
-            .expect("args");
-        let own = Kubeconfig::read_from(support::kubeconfig_path()).expect("kubeconfig");
-        let token = identity::AccountKubeconfig::issue(
-            &ns.client,
-            own,
-            &ns.name,
-            &self.operator_account,
-            &self.name,
-        )
-        .await
-        .expect("a token of the operator's account");
-        // The Deployment sets the Lease namespace from the pod's own; here it is set the same way.
-        args.push(format!("--leader-election-namespace={}", ns.name));
-        let operator = OperatorProcess::spawn("helm-replica-0", &args, token.path());
-        (operator, token)
-    }
-
-    /// `helm uninstall`, which removes the cluster-scoped objects too.
-    fn uninstall(&mut self) {
-        run(self.uninstall_command()).expect("helm uninstall");
-        self.installed = false;
-        assert!(
-            self.get(&format!("clusterrole/{}", self.operator_account))
-                .is_err(),
-            "uninstall removes the cluster-scoped objects"
-        );
-    }
 }
 
 /// A consumer's claim with a template: the operator creates the cache from it, under the
-/// chart's RBAC, copies `bytes` into the store and tells the claim when the copy is Ready.
+/// chart's RBAC, the copy Job's Pod writes `bytes` into the store's volume, and the claim is
+/// told when the copy is Ready; the leader's metrics count the copy.
 async fn claim_until_ready(
     ns: &TestNamespace,
     release: &Release,
-    operator: &OperatorProcess,
+    volume: &ProvisionedVolume,
     bytes: &[u8],
     url: String,
 ) {
@@ -475,15 +374,14 @@ async fn claim_until_ready(
     .await;
     assert_eq!(ready.status.and_then(|s| s.size), Some(bytes.len() as u64));
     assert_eq!(
-        std::fs::read(release.data("image")).expect("the copy"),
+        std::fs::read(volume.data(&ns.name, "image")).expect("the copy"),
         bytes,
         "the copy is byte for byte"
     );
+    let metrics = release.leader_metrics().await;
     assert!(
-        operator
-            .metrics()
-            .await
-            .contains("templatecache_copies_succeeded_total 1")
+        metrics.contains("templatecache_copies_succeeded_total 1"),
+        "the leader counted the copy: {metrics}"
     );
     let claims: Api<TemplateCacheClaim> = ns.api();
     eventually("the claim says Ready", Duration::from_secs(20), || async {
@@ -495,7 +393,7 @@ async fn claim_until_ready(
 
 /// Releasing the claim, then deleting the cache, removes its data through a remove Job, also
 /// under the chart's RBAC.
-async fn release_and_delete(ns: &TestNamespace, release: &Release) {
+async fn release_and_delete(ns: &TestNamespace, volume: &ProvisionedVolume) {
     ns.api::<TemplateCacheClaim>()
         .delete("vm-1", &Default::default())
         .await
@@ -507,32 +405,54 @@ async fn release_and_delete(ns: &TestNamespace, release: &Release) {
     // The cache is gone once its data is removed.
     wait_for_cache_gone(&ns.client, &ns.name, "image").await;
     assert!(
-        !release.data("image").exists(),
+        !volume.data(&ns.name, "image").exists(),
         "its data is removed from the store"
     );
 }
 
+/// `helm install` as the README says, on the node: the operator's two replicas in Pods of the
+/// pushed image with the chart's account, the copy and remove Jobs' Pods with the mover's
+/// account and the kubelet's bound tokens, `restricted` enforced on both namespaces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real node: make test-node"]
 async fn a_cache_lives_its_whole_life_under_the_charts_rbac() {
-    // The executor runs each Job with its ServiceAccount's token, requested per Job, so it may
-    // start before the release creates the accounts.
-    let rig = Rig::builder("helm")
-        .executor_as_job_accounts()
-        .start()
-        .await;
-    let mut release = Release::new(&rig.ns);
-    release.install();
-    release.assert_every_object_created();
-    release.assert_operator_rights();
-    release.assert_mover_rights();
+    let (node, images) = node::up();
+    let operator_ns = TestNamespace::new("helm-ops").await;
+    let caches_ns = TestNamespace::new("helm-caches").await;
+    for ns in [&operator_ns, &caches_ns] {
+        node::enforce_restricted(&ns.name);
+    }
+    let volume = ProvisionedVolume::new(&caches_ns, STORE_CLAIM);
+    let server = HttpServer::start_on(node.ip).await;
+    let mut release = Release::new(&operator_ns, &caches_ns);
+    release.install(&images, &node, server.addr, &[]);
+    release.assert_available_from_the_registry(&images).await;
+    assert_every_object_created(&release, &caches_ns.name);
+    let accounts = Accounts {
+        namespace: &release.namespace,
+        caches: &caches_ns.name,
+        operator_account: &release.name,
+    };
+    accounts.assert_operator_rights();
+    accounts.assert_mover_rights();
 
-    let (mut operator, _token) = release.start_operator(&rig.ns).await;
-    let server = HttpServer::start().await;
     let bytes = random_bytes(3 << 20);
     server.put("disk.img", &bytes);
-    claim_until_ready(&rig.ns, &release, &operator, &bytes, server.url("disk.img")).await;
-    release_and_delete(&rig.ns, &release).await;
+    claim_until_ready(
+        &caches_ns,
+        &release,
+        &volume,
+        &bytes,
+        server.url("disk.img"),
+    )
+    .await;
+    release_and_delete(&caches_ns, &volume).await;
 
-    operator.kill().await;
     release.uninstall();
+    let mut cluster_role = support::kubectl();
+    cluster_role.args(["get", &format!("clusterrole/{}", release.name)]);
+    assert!(
+        run(cluster_role).is_err(),
+        "uninstall removes the cluster-scoped objects"
+    );
 }

@@ -20,6 +20,8 @@ const CHART: &str = "charts/templatecache-operator";
 /// The store's claim in the caches' namespace (the chart's `defaultStore.volume`); make it with
 /// [`super::node::ProvisionedVolume`].
 pub const STORE_CLAIM: &str = "templates";
+/// The chart's `metrics.port`.
+const METRICS_PORT: u16 = 8080;
 
 /// The chart installed into `operator_ns` as the README installs it, with copy Jobs allowed in
 /// the caches' namespace. A drop guard: on a failure half-way it frees the caches (their
@@ -138,12 +140,32 @@ impl Release {
                 images.operator.digest
             );
         }
-        let leases: Api<Lease> = Api::namespaced(client, &self.namespace);
-        eventually("a replica leads", Duration::from_secs(60), || async {
-            let lease = leases.get_opt(&self.name).await.ok()??;
-            lease.spec?.holder_identity
+        eventually("a replica leads", Duration::from_secs(60), || {
+            self.lease_holder()
         })
         .await;
+    }
+
+    /// The Pod that holds the release's Lease now, if one does.
+    pub async fn lease_holder(&self) -> Option<String> {
+        let leases: Api<Lease> = Api::namespaced(super::client().await, &self.namespace);
+        let lease = leases.get_opt(&self.name).await.ok()??;
+        lease.spec?.holder_identity
+    }
+
+    /// The leader's `/metrics`, read from its Pod's address (this machine is the node).
+    pub async fn leader_metrics(&self) -> String {
+        let leader = eventually("a leader", Duration::from_secs(60), || self.lease_holder()).await;
+        let pods: Api<Pod> = Api::namespaced(super::client().await, &self.namespace);
+        let pod = pods.get(&leader).await.expect("the leader's Pod");
+        let ip = pod
+            .status
+            .and_then(|s| s.pod_ip)
+            .expect("the leader's address");
+        let url = format!("http://{ip}:{METRICS_PORT}/metrics");
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-sf", &url]);
+        run(curl).unwrap_or_else(|e| panic!("{url}: {e}"))
     }
 
     pub fn uninstall(&mut self) {

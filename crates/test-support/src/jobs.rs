@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, Client};
@@ -189,4 +190,57 @@ pub fn running_movers(namespace: &str) -> Vec<RunningMover> {
             })
         })
         .collect()
+}
+
+/// What the Job controller and the kubelet say about the Jobs named `names`: each Job's counts
+/// and conditions, its Pods' phases and container states, for a test's failure message.
+pub async fn describe_jobs(client: &Client, namespace: &str, names: &[String]) -> String {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut lines = vec![];
+    for name in names {
+        let Ok(job) = jobs.get(name).await else {
+            lines.push(format!("Job {name}: gone"));
+            continue;
+        };
+        let status = job.status.unwrap_or_default();
+        let conditions: Vec<String> = (status.conditions.unwrap_or_default().into_iter())
+            .map(|c| format!("{}={}", c.type_, c.status))
+            .collect();
+        lines.push(format!(
+            "Job {name}: active {:?}, failed {:?}, succeeded {:?}, conditions {conditions:?}",
+            status.active, status.failed, status.succeeded
+        ));
+        let selector = format!("job-name={name}");
+        let listed = pods.list(&ListParams::default().labels(&selector)).await;
+        for pod in listed.map(|l| l.items).unwrap_or_default() {
+            lines.push(format!("  {}", pod_state(&pod)));
+        }
+    }
+    lines.join("\n")
+}
+
+/// One line for a Pod: its phase, node and each container's state.
+fn pod_state(pod: &Pod) -> String {
+    let status = pod.status.clone().unwrap_or_default();
+    let containers: Vec<String> = (status.container_statuses.unwrap_or_default().into_iter())
+        .map(|c| {
+            let state = c.state.unwrap_or_default();
+            let now = match (state.waiting, state.running, state.terminated) {
+                (Some(w), _, _) => format!("waiting {}", w.reason.unwrap_or_default()),
+                (_, Some(r), _) => format!("running since {:?}", r.started_at.map(|t| t.0)),
+                (_, _, Some(t)) => {
+                    format!("exited {} {}", t.exit_code, t.reason.unwrap_or_default())
+                }
+                _ => "no state".to_owned(),
+            };
+            format!("{}: {now}, {} restarts", c.name, c.restart_count)
+        })
+        .collect();
+    format!(
+        "Pod {}: {} on {:?}, {containers:?}",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        status.phase.unwrap_or_default(),
+        pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+    )
 }
