@@ -3,12 +3,10 @@
 //! write) under the names of its next copy and remove Jobs. None is ever taken for the
 //! operator's own; each case goes to the bad-input corpus.
 //!
-//! The test plays the Job controller here (it completes the forged Jobs and fails the
-//! operator's by hand, at the moment the case needs), so this suite runs on the plain control
-//! plane, whose controller manager runs no Job controller: on the node the real one would
-//! race it. What the operator checks is the Job object (its uid against the one it recorded),
-//! which a Pod adds nothing to. The attacks that need a running Pod (a Pod running as the
-//! mover's account, a copy Pod rewriting its reservation) are in tests/hostile_tenant.rs.
+//! On the real node (`make test-node`): each forged Job runs a Pod of the consumer image and
+//! the real Job controller completes it, and the operator's own Jobs fail and succeed for real.
+//! The attacks from inside a running Pod (a Pod running as the mover's account, a copy Pod
+//! rewriting its reservation) are in tests/hostile_tenant.rs.
 
 use templatecache_test_support as support;
 
@@ -21,9 +19,10 @@ use serde_json::json;
 use support::corpus::record;
 use support::eventually;
 use support::http_server::HttpServer;
-use support::jobs::wait_for_cache_gone;
-use support::rig::{Rig, ready_reason};
-use support::tenant::{account, client_as, template};
+use support::jobs::{wait_for_cache_gone, wait_until_complete};
+use support::ranged_server::RangedServer;
+use support::rig::{Rig, random_bytes, ready_reason};
+use support::tenant::{account, client_as, completing_job, template};
 use templatecache_api::reasons::cache as reason;
 use templatecache_api::{Phase, TemplateCache};
 
@@ -41,17 +40,12 @@ async fn a_job_squatting_the_next_attempts_name_is_never_taken_for_the_copy() {
     )
     .await;
     let tenant = client_as(&ns.name, "tenant", None).await;
-    let squatter: Job = serde_json::from_value(json!({
-        "metadata": {"name": "image-copy-1"},
-        "spec": {"template": {"spec": {"restartPolicy": "Never",
-                 "containers": [{"name": "m", "image": "x"}]}}}
-    }))
-    .expect("job");
+    let squatter = completing_job::<TemplateCache>("image-copy-1", None);
     Api::<Job>::namespaced(tenant, &ns.name)
         .create(&PostParams::default(), &squatter)
         .await
         .expect("the tenant may create Jobs");
-    support::jobs::finish_job(&ns.client, &ns.name, "image-copy-1", true).await;
+    wait_until_complete(&ns.client, &ns.name, "image-copy-1").await;
 
     let server = HttpServer::start().await;
     let (bytes, spec) = template(&server, "disk.img");
@@ -126,19 +120,6 @@ async fn a_job_squatting_the_next_attempts_name_is_never_taken_for_the_copy() {
     );
 }
 
-/// A Job of `name` as a namespace user can write it: "controlled" by the cache (ownerReferences
-/// are anyone's to write), running `true`.
-fn forged_job(name: &str, cache: &TemplateCache) -> Job {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "ownerReferences": [{
-            "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
-            "name": cache.metadata.name, "uid": cache.metadata.uid, "controller": true}]},
-        "spec": {"template": {"spec": {"restartPolicy": "Never",
-                 "containers": [{"name": "m", "image": "x", "command": ["true"]}]}}}
-    }))
-    .expect("job")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_remove_job_owned_by_the_cache_and_complete_lets_nothing_go_unremoved() {
     let rig = Rig::new("tenant-forged-rm", 3).await;
@@ -156,10 +137,13 @@ async fn a_forged_remove_job_owned_by_the_cache_and_complete_lets_nothing_go_unr
     .await;
     let tenant = client_as(&ns.name, "tenant", None).await;
     Api::<Job>::namespaced(tenant, &ns.name)
-        .create(&PostParams::default(), &forged_job("img-remove-1", &cache))
+        .create(
+            &PostParams::default(),
+            &completing_job("img-remove-1", Some(&cache)),
+        )
         .await
         .expect("the tenant may create Jobs");
-    support::jobs::finish_job(&ns.client, &ns.name, "img-remove-1", true).await;
+    wait_until_complete(&ns.client, &ns.name, "img-remove-1").await;
 
     ns.api::<TemplateCache>()
         .delete("img", &DeleteParams::background())
@@ -178,16 +162,25 @@ async fn a_forged_remove_job_owned_by_the_cache_and_complete_lets_nothing_go_unr
     );
 }
 
+/// How long the source may send nothing before the copy's attempt fails: the forged Job is
+/// made and completed in the meantime.
+const STALL_SECONDS: u64 = 20;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_copy_job_owned_by_the_cache_is_deleted_and_never_taken_for_the_copy() {
-    // The test plays the operator's Jobs; the tenant makes the next attempt's Job first.
-    let rig = Rig::operator("tenant-forged-copy").await;
-    let ns = &rig.ns;
-    rig.create(
-        "img",
-        json!({"source": {"http": {"url": "http://example.invalid/a"}}}),
-    )
+    // The source stalls every attempt: attempt 1 fails STALL_SECONDS after its first bytes,
+    // by which time the tenant's Job under the next attempt's name has run to completion.
+    let server = RangedServer::start().await;
+    server.put("disk.img", random_bytes(3 << 20));
+    let rig = Rig::with_config("tenant-forged-copy", |cfg| {
+        cfg.jobs.limits.stall_seconds = STALL_SECONDS;
+        cfg.retry.max_attempts = 3;
+    })
     .await;
+    let ns = &rig.ns;
+    let url = server.url("stalling", "disk.img");
+    rig.create("img", json!({"source": {"http": {"url": url}}}))
+        .await;
     support::jobs::wait_for_job(&ns.client, &ns.name, "img-copy-1").await;
     let cache: TemplateCache = ns.api().get("img").await.expect("cache");
     account(
@@ -198,23 +191,24 @@ async fn a_forged_copy_job_owned_by_the_cache_is_deleted_and_never_taken_for_the
     .await;
     let tenant = client_as(&ns.name, "tenant", None).await;
     let forged = Api::<Job>::namespaced(tenant, &ns.name)
-        .create(&PostParams::default(), &forged_job("img-copy-2", &cache))
+        .create(
+            &PostParams::default(),
+            &completing_job("img-copy-2", Some(&cache)),
+        )
         .await
         .expect("the tenant may create Jobs");
-    support::jobs::finish_job(&ns.client, &ns.name, "img-copy-2", true).await;
+    wait_until_complete(&ns.client, &ns.name, "img-copy-2").await;
+    let cache: TemplateCache = ns.api().get("img").await.expect("cache");
+    assert_eq!(
+        cache.status.and_then(|s| s.attempt),
+        Some(1),
+        "the forged Job completed while attempt 1 still ran"
+    );
 
-    support::jobs::finish_copy(
-        &ns.client,
-        &ns.name,
-        "img",
-        1,
-        support::jobs::Outcome::Failed { error: "cut off" },
-    )
-    .await;
     let jobs: Api<Job> = ns.api();
     let recorded = eventually(
         "attempt 2 runs the operator's own Job",
-        Duration::from_secs(60),
+        Duration::from_secs(STALL_SECONDS + 90),
         || async {
             let cache: TemplateCache = ns.api().get("img").await.expect("cache");
             let status = cache.status.unwrap_or_default();
@@ -241,7 +235,7 @@ async fn a_forged_copy_job_owned_by_the_cache_is_deleted_and_never_taken_for_the
         "the forged Job's success counted for nothing"
     );
     record(
-        "hostile tenant (forged copy Job): a complete Job under the next attempt's name whose controller ownerReference carries the cache's uid",
+        "hostile tenant (forged copy Job): a Job under the next attempt's name whose controller ownerReference carries the cache's uid, completed by the Job controller while attempt 1 runs",
         "never taken for the copy: not the recorded uid, so the operator deleted it and ran its own Job for attempt 2",
     );
 }

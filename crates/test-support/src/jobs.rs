@@ -34,6 +34,26 @@ pub async fn wait_for_job(client: &Client, namespace: &str, name: &str) -> Job {
     found.expect("Job exists")
 }
 
+/// Waits until the Job controller has completed the Job `name` (its `Complete` condition).
+pub async fn wait_until_complete(client: &Client, namespace: &str, name: &str) -> Job {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let complete = |job: Option<&Job>| {
+        let conditions = job.and_then(|j| j.status.as_ref()?.conditions.as_ref());
+        conditions.is_some_and(|c| {
+            c.iter()
+                .any(|c| c.type_ == "Complete" && c.status == "True")
+        })
+    };
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        await_condition(jobs, name, complete),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("Job {namespace}/{name} did not complete within 120s"))
+    .expect("watch Job")
+    .expect("Job exists")
+}
+
 /// All Jobs in the namespace labelled for `cache`.
 pub async fn jobs_of(client: &Client, namespace: &str, cache: &str) -> Vec<Job> {
     let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);

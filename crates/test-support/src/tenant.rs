@@ -1,13 +1,15 @@
 //! A namespace user of the hostile-tenant tests: a ServiceAccount with rules of its own and a
 //! client with its token, and a template a tenant serves.
 
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::{Client, Config, Resource};
 use serde_json::{Value, json};
 
 use super::http_server::HttpServer;
 use super::kubectl;
+use super::node::restricted_container;
 use super::rig::{random_bytes, sha256};
 
 /// `kubectl <args>`, failing the test with kubectl's answer; its trimmed stdout.
@@ -84,4 +86,30 @@ pub fn template(server: &HttpServer, name: &str) -> (Vec<u8>, Value) {
     server.put(name, &bytes);
     let spec = json!({"source": {"http": {"url": server.url(name)}}, "checksum": sha256(&bytes)});
     (bytes, spec)
+}
+
+/// A Job as a namespace user may write it: one restricted Pod of the consumer image that exits
+/// 0, so the Job controller completes it. "Controlled" by `owner` when given:
+/// ownerReferences are anyone's to write. Needs the node ([`super::jobs_on_node`]).
+pub fn completing_job<K: Resource<DynamicType = ()>>(name: &str, owner: Option<&K>) -> Job {
+    let (_, images) =
+        super::jobs_on_node().expect("a Job that runs needs the node: make test-node");
+    let owners: Vec<Value> = owner
+        .into_iter()
+        .map(|o| {
+            json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()),
+                   "name": o.meta().name, "uid": o.meta().uid, "controller": true})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "ownerReferences": owners},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "m", "image": images.consumer.pinned(), "command": ["sh", "-c", "exit 0"],
+                            "securityContext": restricted_container()}]}}}
+    }))
+    .expect("job")
 }
