@@ -1,8 +1,9 @@
-//! `make demo`: CLOUDSTACK-7539's parallel deployment on the local control plane, with real bytes.
+//! `make demo`: CLOUDSTACK-7539's parallel deployment on the local cluster's real node, with real
+//! bytes.
 //!
-//! Serves a generated template over HTTP on loopback, runs the operator and the local Job
-//! executor (the integration tests' rig, from `crates/test-support`), lets 50 consumers acquire the
-//! same template at once, and prints what happened: caches and Jobs created, the final and the
+//! Serves a generated template over HTTP on the node's address, runs the operator with its copy
+//! and remove Jobs as Pods of the pushed image (the integration tests' rig, from
+//! `crates/test-support`), lets 50 consumers acquire the same template at once, and prints what happened: caches and Jobs created, the final and the
 //! lowest reference count seen, and how long the slowest consumer waited for Ready.
 
 use templatecache_test_support as support;
@@ -44,16 +45,15 @@ async fn main() -> Result<(), Error> {
         .map(|i| (i * 31 % 251) as u8)
         .collect();
     server.put("template.img", &template);
-    // The template is served on loopback, which copy Jobs may not reach unless the operator
-    // names it: exactly this address and port, nothing else of the machine.
+    // The template is served on the node's address, which copy Jobs may not reach unless the
+    // operator names it: exactly this address and port, nothing else of the machine.
     let served_at = server.addr;
     let rig = Rig::builder("demo")
         .configured(move |cfg| {
-            cfg.jobs.image = "templatecache:dev".into();
             cfg.jobs.oci_plain_http_registries = vec![];
             cfg.jobs.allow_internal_addresses = vec![AllowedInternal::Endpoint(served_at)];
         })
-        .executor()
+        .runs_jobs()
         .start()
         .await;
     let lowest = watch_lowest_ref_count(rig.client().clone(), &rig.ns.name);
@@ -150,7 +150,7 @@ fn print_summary(outcome: &Outcome, template: &[u8]) {
 }
 
 /// Releases every consumer and deletes the cache: its data goes with it, through a remove Job.
-/// The rig stops the operator and the executor and deletes the namespace when it drops.
+/// The rig stops the operator and deletes the namespace when it drops.
 async fn release_all(rig: &Rig) -> Result<(), Error> {
     let (client, namespace) = (rig.client(), &rig.ns.name);
     for i in 0..CONSUMERS {

@@ -9,7 +9,8 @@
 #
 # Everything lives in .cluster/: certificates, the service-account key pair, etcd's data, logs,
 # pid files, the chosen ports and the kubeconfig. The controller manager runs without its job
-# controller: copy Jobs are run by the local Job executor instead, since there is no kubelet.
+# controller and there is no kubelet: no Job runs (the suites that play the Job controller
+# themselves, and the benchmarks, need exactly that).
 #
 # Node mode (TEMPLATECACHE_NODE=1 hack/cluster.sh up, or make cluster-up NODE=1): a real node
 # as well (hack/node.sh). The API server then binds the node address on the project's bridge

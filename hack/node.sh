@@ -2,7 +2,7 @@
 # The local node: containerd + runc + CNI bridge, kubelet, kube-proxy and kube-scheduler next to
 # the control plane of hack/cluster.sh, so Pods run for real. Opt-in: the control plane must run
 # in node mode (TEMPLATECACHE_NODE=1 hack/cluster.sh up, or make cluster-up NODE=1, which calls
-# this script); plain `make cluster-up` keeps the local Job executor's world unchanged.
+# this script); plain `make cluster-up` switches it off again (no Job runs there).
 #
 #   hack/node.sh net       create the bridge that carries the node address (cluster.sh, first)
 #   hack/node.sh certs     the certificates node mode needs (cluster.sh, before the API server)

@@ -60,7 +60,7 @@ helm() { "$("$root/hack/helm/build.sh")" "$@"; }
 # The pinned reference hack/image.sh pushed for KEY (TEMPLATECACHE_IMAGE, ...).
 pushed() { sed -n "s/^$1=//p" "$root/.cluster/images.env"; }
 
-# The cluster's control plane before `up`: none, plain (the local Job executor's world) or node.
+# The cluster's control plane before `up`: none, plain (no kubelet) or node.
 record_cluster_mode() {
   local status
   status=$("$root/hack/cluster.sh" status 2>/dev/null || true)
@@ -74,7 +74,7 @@ record_cluster_mode() {
 
 # The store's folder as a provisioner makes one: owned by the image's user, setgid, so the
 # folders the kubelet creates for subPath mounts are the mover's group and writable by it.
-# What an earlier run left there (the local Job executor of old wrote as root) is handed over too.
+# What an earlier run left there (written as root by an older version) is handed over too.
 store_folder() {
   mkdir -p "$store_dir"
   chown -R "$image_user:$image_user" "$store_dir"

@@ -5,8 +5,9 @@
 #   2. the operator and consumer images into the node's registry, from the release binary
 #      `make check-dockerfile` built (never built twice);
 #   3. NODE_SUITES (the Makefile's list) with TEMPLATECACHE_JOBS=node: each test's Jobs run as
-#      Pods of that image, and the node's own tests (tests/node.rs, tests/quickstart.rs),
-#      ignored by plain `cargo test`, run too; then the chaos run on the node.
+#      Pods of that image, and the tests that need the node itself (tests/node.rs,
+#      tests/quickstart.rs, the chart's whole life, the chaos run that kills Pods), ignored by
+#      plain `cargo test`, run too.
 # Prints the time of each phase. The node stays up: `make cluster-down` removes it, and plain
 # `make cluster-up` (the rest of the suite) switches it off.
 set -euo pipefail
@@ -39,6 +40,3 @@ phase "cargo build --workspace --bins"
 KUBECONFIG="$root/.cluster/kubeconfig" TEMPLATECACHE_JOBS=node \
   cargo test "${suites[@]}" --no-fail-fast -- --include-ignored
 phase "cargo test on the node: $NODE_SUITES (build included)"
-# The chaos run on the node; the suite's plain run is make test's.
-KUBECONFIG="$root/.cluster/kubeconfig" TEMPLATECACHE_JOBS=node cargo test --test chaos -- --ignored
-phase "cargo test --test chaos -- --ignored: chaos on the node"

@@ -58,7 +58,8 @@ async fn consumers_that_misbehave_change_nothing_they_should_not() {
     let holder = client::acquire(ns.client.clone(), &cache, "holder")
         .await
         .expect("acquire");
-    // No executor runs here, so the copy Job waits for ever: once the cache says Copying,
+    // The copy Job never runs here (the rig makes no mover account, so the Job controller
+    // cannot make its Pod), so it waits for ever: once the cache says Copying,
     // records its Job's uid and counts the holder, the operator has nothing left to write, and
     // any change of its resourceVersion is the misbehaving consumer's.
     wait_for_cache(&ns.client, &ns.name, "img", "copying, Job recorded", |c| {

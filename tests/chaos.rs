@@ -430,7 +430,11 @@ async fn two_hundred_consumers_survive_operator_kills_api_restarts_and_a_failing
     let server = HttpServer::start().await;
     let (sources, specs) = serve_templates(&server, TEMPLATES, 0);
     let specs = Arc::new(specs);
-    let rig = Rig::builder("chaos").store("10Gi").executor().start().await;
+    let rig = Rig::builder("chaos")
+        .store("10Gi")
+        .runs_jobs()
+        .start()
+        .await;
     let (ns, store) = (Arc::new(rig.ns.clone()), rig.store());
     let tally = Arc::new(Tally::default());
     let watch = watch_ref_counts(&ns, tally.clone());

@@ -1,6 +1,6 @@
-//! Real bytes, end to end on the local control plane: the operator starts a copy Job, the local
-//! Job executor runs `templatecache copy` against a hostPath StagingStore, and the data mover
-//! reads from a real HTTP server on loopback.
+//! Real bytes, end to end on the real node: the operator starts a copy Job, its Pod runs
+//! `templatecache copy` from the pushed image against a hostPath StagingStore, and the data
+//! mover reads from a real HTTP server on the node's address.
 
 use templatecache_test_support as support;
 

@@ -431,7 +431,8 @@ async fn mover_pod(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
-    // No executor: the copy Job never runs, so the cache stays Copying unless someone lies.
+    // The copy Job never runs (no mover account in the namespace, so the Job controller cannot
+    // make its Pod): the cache stays Copying unless someone lies.
     let rig = Rig::builder("tenant-forge")
         .store("1Gi")
         .operator()
@@ -568,7 +569,8 @@ async fn a_pod_running_as_the_mover_cannot_forge_ready_and_nothing_ungates() {
 /// after the store has answered for the attempt, the size is fixed, and progress still flows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_pod_cannot_change_the_size_it_asked_room_for() {
-    // No executor: the copy Job never runs; the test's Pod reports as its mover would.
+    // The copy Job never runs (no mover account in the namespace); the test's Pod reports as
+    // its mover would.
     let rig = Rig::builder("tenant-room")
         .store("1Gi")
         .operator()
@@ -699,8 +701,8 @@ async fn links_planted_in_a_tenants_folder_never_lead_the_mover_or_the_remover_o
     };
     // What a Pod of tenant A's namespace, mounting A's folder, can plant there.
     let folder = rig.make_folders();
-    // Returns how the mover names the link: by its path from the store's root (the store is
-    // the host's folder under the local executor, its mount in a Pod on the node).
+    // Returns how the mover names the link: by its path from the store's root (its mount in
+    // the copy Pod).
     let link = |target: &std::path::Path, at: &str| {
         std::os::unix::fs::symlink(target, folder.join(at)).expect("plant a link");
         format!("/{at}")

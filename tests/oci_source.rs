@@ -1,6 +1,6 @@
-//! Templates from a real OCI registry, end to end on the local control plane: the CNCF
-//! distribution registry on loopback behind htpasswd auth, artifacts pushed with `oras`, the
-//! operator's copy Jobs run by the local executor, the pull secret handed over as a
+//! Templates from a real OCI registry, end to end on the real node: the CNCF distribution
+//! registry on the node's address behind htpasswd auth, artifacts pushed with `oras`, the
+//! operator's copy Jobs run as Pods, the pull secret handed over as a
 //! `kubernetes.io/dockerconfigjson` Secret.
 
 use templatecache_test_support as support;
@@ -338,9 +338,8 @@ async fn an_oci_copy_never_writes_through_a_planted_link_and_never_reaches_an_in
     }
     for (name, link) in &planted {
         let message = rig.failed_for_good(name).await;
-        // The mover names the link as it sees the store: the host's folder under the local
-        // executor, the store's mount in a Pod on the node; the part within the store is the
-        // same.
+        // The mover names the link as it sees the store, through its mount in the copy Pod;
+        // the part within the store is the test's.
         let in_store = link.strip_prefix(&folder).expect("planted in the store");
         for part in [&*format!("/{}", in_store.display()), "symbolic link"] {
             assert!(message.contains(part), "{name} names {part}: {message}");

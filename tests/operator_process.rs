@@ -76,7 +76,7 @@ async fn a_standby_takes_over_from_a_killed_leader_and_each_attempt_still_has_on
     server.put("big.img", &bytes);
     let rig = Rig::builder("leader")
         .store("10Gi")
-        .executor()
+        .runs_jobs()
         .start()
         .await;
     let (ns, store) = (&rig.ns, rig.store());
@@ -193,7 +193,7 @@ async fn metrics_count_what_the_operator_did() {
     server.put("ok.img", &bytes);
     let rig = Rig::builder("metrics")
         .store("10Gi")
-        .executor()
+        .runs_jobs()
         .start()
         .await;
     let (ns, store) = (&rig.ns, rig.store());

@@ -27,14 +27,14 @@ const MIB: usize = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_namespace_with_ready_caches_claims_and_a_running_copy_finishes_and_leaves_no_file()
  {
-    // The operator's own namespace, where remove Jobs of a namespace being deleted run: with
-    // an executor of its own, or the mover's account when Jobs run on the node.
-    let home = Rig::builder("removal-home").executor().start().await;
+    // The operator's own namespace, where remove Jobs of a namespace being deleted run, with
+    // the mover's account of its own.
+    let home = Rig::builder("removal-home").runs_jobs().start().await;
     let home_name = home.ns.name.clone();
     let rig = Rig::builder("removal-ns")
         .store("10Gi")
         .configured(move |config| config.operator_namespace = home_name)
-        .executor()
+        .runs_jobs()
         .start()
         .await;
     let ns = &rig.ns;

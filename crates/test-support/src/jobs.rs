@@ -13,7 +13,7 @@ use serde_json::json;
 use templatecache_api::TemplateCache;
 use templatecache_api::conditions::{READY, find};
 
-use templatecache_local_executor::job_status;
+use super::job_status;
 
 /// The outcome a test gives a Job.
 pub enum Outcome<'a> {
@@ -170,8 +170,8 @@ pub async fn wait_for_cache_gone(client: &Client, namespace: &str, cache: &str) 
     .unwrap_or_else(|_| panic!("TemplateCache {namespace}/{cache} was not gone within 120s"));
 }
 
-/// A copy process of the data mover running on this machine: the local executor's child, or a
-/// copy Job's container on the node (its processes are this machine's).
+/// A copy process of the data mover running on this machine: a copy Job's container on the node
+/// (its processes are this machine's).
 pub struct RunningMover {
     pub pid: u32,
     pub cache: String,

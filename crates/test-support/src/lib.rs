@@ -35,11 +35,6 @@ pub fn operator_binary() -> PathBuf {
     built_binary("templatecache")
 }
 
-/// The local Job executor's binary.
-pub fn executor_binary() -> PathBuf {
-    built_binary("templatecache-local-executor")
-}
-
 /// A workspace binary beside the running test, bench or example: they run from
 /// `target/<profile>/deps` or `target/<profile>/examples`, the binaries sit in
 /// `target/<profile>`. `cargo test --workspace` (what `make test` runs) builds them first.
@@ -87,14 +82,15 @@ pub fn ensure_cluster() {
 }
 
 /// Whether this run's Jobs run on the real node (`TEMPLATECACHE_JOBS=node`, which `make
-/// test-node` sets for the suites it runs there) instead of the local Job executor.
+/// test-node` sets for the suites it runs there). Without it no Job runs: the plain control
+/// plane has no Job controller and no kubelet.
 fn jobs_run_on_the_node() -> bool {
     std::env::var("TEMPLATECACHE_JOBS").is_ok_and(|v| v == "node")
 }
 
 /// The node and its images when this run's Jobs run on the node: a [`rig::Rig`] then gives its
-/// operator the image and the mover's ServiceAccount instead of starting the local executor,
-/// and every test server listens on the node's address ([`source_ip`]).
+/// operator the image and the mover's ServiceAccount, and every test server listens on the
+/// node's address ([`source_ip`]).
 pub fn jobs_on_node() -> Option<&'static (node::Node, node::Images)> {
     static NODE: OnceLock<Option<(node::Node, node::Images)>> = OnceLock::new();
     NODE.get_or_init(|| jobs_run_on_the_node().then(node::up))
@@ -336,8 +332,8 @@ pub mod cache_watch;
 pub mod chart;
 pub mod consumer;
 pub mod corpus;
-pub mod executor;
 pub mod http_server;
+pub mod job_status;
 pub mod jobs;
 pub mod node;
 pub mod operator;

@@ -1,9 +1,9 @@
 //! The one setup of the integration tests: a namespace of the test's own and, as the test asks,
-//! a StagingStore, in-process operators and the local Job executor. Everything it started goes
+//! a StagingStore, in-process operators, and Jobs run on the real node. Everything it started goes
 //! when it is dropped, also when the test panics: a test never tears down by hand.
 //!
 //! Teardown order matters. The operators stop first (each is a drop guard of its own), so none
-//! writes while the namespace goes; then the executor is killed; then the store is deleted and the
+//! writes while the namespace goes; then the store is deleted and the
 //! caches lose their finalizers and are deleted before the namespace is (see
 //! [`delete_test_objects`]). Drop
 //! cannot await, and a kube client is bound to the runtime it was made on, so that last part runs
@@ -25,7 +25,6 @@ use templatecache_api::reasons::cache as reason;
 use templatecache_api::{Phase, StagingStore, TemplateCache};
 
 use super::TestNamespace;
-use super::executor::Executor;
 use super::jobs::{wait_for_cache, wait_for_reason};
 use super::operator::{Operator, TestStore, config};
 
@@ -34,16 +33,6 @@ pub struct Rig {
     pub ns: TestNamespace,
     store: Option<TestStore>,
     operators: Vec<Operator>,
-    executor: Option<Executor>,
-}
-
-/// Which executor a rig runs (none when Jobs run on the node: [`super::jobs_on_node`]).
-#[derive(Clone, Copy)]
-enum ExecutorKind {
-    /// Runs each Job's process with the operator's credentials.
-    Plain,
-    /// Runs each Job's process with a token of the Job's ServiceAccount, as a kubelet would.
-    AsJobAccounts,
 }
 
 /// Changes a test makes to the tests' operator [`config`].
@@ -54,7 +43,7 @@ pub struct RigBuilder {
     prefix: String,
     store: Option<(String, serde_json::Value)>,
     operator: Option<Adjust>,
-    executor: Option<ExecutorKind>,
+    runs_jobs: bool,
 }
 
 impl RigBuilder {
@@ -93,15 +82,12 @@ impl RigBuilder {
         self
     }
 
-    /// The local Job executor for the namespace.
-    pub fn executor(mut self) -> Self {
-        self.executor = Some(ExecutorKind::Plain);
-        self
-    }
-
-    /// The local Job executor, running each Job with its ServiceAccount's rights only.
-    pub fn executor_as_job_accounts(mut self) -> Self {
-        self.executor = Some(ExecutorKind::AsJobAccounts);
+    /// The operator's Jobs run: as Pods on the real node, with the chart's mover account in the
+    /// namespace. A test that asks for it fails at once without the node
+    /// (`TEMPLATECACHE_JOBS=node`, as `make test-node` runs it), rather than waiting for Jobs
+    /// nothing would run.
+    pub fn runs_jobs(mut self) -> Self {
+        self.runs_jobs = true;
         self
     }
 
@@ -111,17 +97,20 @@ impl RigBuilder {
             ns,
             store: None,
             operators: vec![],
-            executor: None,
         };
         if let Some((capacity, eviction)) = self.store {
             let name = format!("{}-store", rig.ns.name);
             let store = TestStore::with_eviction(&rig.ns.client, &name, &capacity, eviction).await;
             rig.store = Some(store);
         }
-        // On the node the kubelet runs the Jobs, always with their ServiceAccount's token: the
-        // account must exist before the operator makes the first Job.
-        let executor = self.executor.filter(|_| super::jobs_on_node().is_none());
-        if self.executor.is_some() && executor.is_none() {
+        // The kubelet runs the Jobs, always with their ServiceAccount's token: the account must
+        // exist before the operator makes the first Job.
+        if self.runs_jobs {
+            assert!(
+                super::jobs_on_node().is_some(),
+                "this test runs Jobs, which need the real node: `make test-node`, or \
+                 TEMPLATECACHE_JOBS=node cargo test (as root; it brings the node up)"
+            );
             super::node::mover_account(&rig.ns.name);
         }
         if let Some(adjust) = self.operator {
@@ -129,10 +118,6 @@ impl RigBuilder {
             adjust(&mut cfg);
             rig.start_operator(cfg).await;
         }
-        rig.executor = executor.map(|kind| match kind {
-            ExecutorKind::Plain => Executor::start(&rig.ns.name),
-            ExecutorKind::AsJobAccounts => Executor::start_as_job_accounts(&rig.ns.name),
-        });
         rig
     }
 }
@@ -144,7 +129,7 @@ impl Rig {
             prefix: prefix.to_owned(),
             store: None,
             operator: None,
-            executor: None,
+            runs_jobs: false,
         }
     }
 
@@ -153,12 +138,13 @@ impl Rig {
         Self::builder(prefix).start().await
     }
 
-    /// A namespace with a store and an operator, without executor: the test plays the Jobs.
+    /// A namespace with a store and an operator whose Jobs never run (no kubelet on the plain
+    /// control plane; no mover account for their Pods on the node): the test plays the Jobs.
     pub async fn operator(prefix: &str) -> Self {
         Self::builder(prefix).operator().start().await
     }
 
-    /// A namespace with a store, an operator (retry limit `attempts`) and an executor.
+    /// A namespace with a store, an operator (retry limit `attempts`) and Jobs that run.
     pub async fn new(prefix: &str, attempts: u32) -> Self {
         Self::with_store(prefix, attempts, "10Gi", json!({})).await
     }
@@ -174,7 +160,7 @@ impl Rig {
             .store(capacity)
             .eviction(eviction)
             .configured(move |cfg| cfg.retry.max_attempts = attempts)
-            .executor()
+            .runs_jobs()
             .start()
             .await
     }
@@ -183,7 +169,7 @@ impl Rig {
     pub async fn with_config(prefix: &str, adjust: impl FnOnce(&mut Config) + 'static) -> Self {
         Self::builder(prefix)
             .configured(adjust)
-            .executor()
+            .runs_jobs()
             .start()
             .await
     }
@@ -348,7 +334,6 @@ impl Drop for Rig {
     fn drop(&mut self) {
         // Each operator stops as it drops (see `Operator`'s drop), before anything is deleted.
         self.operators.clear();
-        self.executor.take();
         let namespace = self.ns.name.clone();
         let store = self.store.as_ref().map(|s| s.name.clone());
         let cleanup = std::thread::spawn(move || {

@@ -1,7 +1,8 @@
 //! Job status written the way the Job controller writes it, with the conditions Kubernetes' Job
 //! status validation requires (`SuccessCriteriaMet` before `Complete`, `FailureTarget` before
-//! `Failed`, `startTime` on every finished Job, `completionTime` only on complete ones). Shared by
-//! the local Job executor and the tests.
+//! `Failed`, `startTime` on every finished Job, `completionTime` only on complete ones): for the
+//! suites on the plain control plane, which runs no Job controller, where the test decides how
+//! a Job ends.
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
