@@ -37,6 +37,8 @@ enum Command {
     Copy(templatecache_mover::CopyArgs),
     /// Remove a cache's data from a staging store (what a remove Job runs).
     Remove(templatecache_mover::RemoveArgs),
+    /// Fill a new volume from a staged cache and read it back (what a populate Job runs).
+    Populate(templatecache_mover::PopulateArgs),
 }
 
 #[derive(Args)]
@@ -228,6 +230,7 @@ async fn main() -> ExitCode {
         Command::Remove(args) => templatecache_mover::run_remove(args)
             .await
             .map_err(|e| e.to_string()),
+        Command::Populate(args) => populate(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -244,6 +247,22 @@ fn parse_rate(text: &str) -> Result<u64, String> {
         0 => Err(format!("{text}: a rate must be above zero")),
         rate => Ok(rate),
     }
+}
+
+/// `templatecache populate`: file I/O only, on a blocking thread.
+async fn populate(args: templatecache_mover::PopulateArgs) -> Result<(), String> {
+    let filled = tokio::task::spawn_blocking(move || templatecache_mover::run_populate(&args))
+        .await
+        .map_err(|e| format!("the fill stopped: {e}"))?
+        .map_err(|e| e.to_string())?;
+    println!(
+        "filled {} with {} bytes, {} ({:.0} MiB/s with the read-back)",
+        filled.target.display(),
+        filled.bytes,
+        filled.checksum,
+        filled.bytes as f64 / f64::from(1 << 20) / filled.seconds.max(1e-9)
+    );
+    Ok(())
 }
 
 fn print_crds() -> Result<(), String> {

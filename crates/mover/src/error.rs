@@ -110,6 +110,28 @@ pub enum CopyError {
     },
     #[error("{0}")]
     AddressRefused(#[from] address::AddressRefused),
+    #[error(
+        "the staged file {path} holds {size} bytes, not the cache's {expected}: it changed after the copy, so no volume is filled from it"
+    )]
+    StagedFileChanged {
+        path: PathBuf,
+        size: u64,
+        expected: u64,
+    },
+    #[error(
+        "{path} reads back with {actual}, not the cache's {expected}: the volume is not filled"
+    )]
+    FilledVolumeMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path} holds {capacity} bytes, less than the template's {size}")]
+    VolumeTooSmall {
+        path: PathBuf,
+        capacity: u64,
+        size: u64,
+    },
 }
 
 impl CopyError {

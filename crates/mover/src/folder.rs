@@ -113,6 +113,19 @@ impl StoreFolder {
             .join(partial_name(&self.cache, attempt))
     }
 
+    /// The cache's final file, open for reading: a regular file, reached without a link.
+    pub fn open_final(&self) -> Result<File, CopyError> {
+        let path = self.final_path();
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+        let file = open_beneath(&self.dir, &self.cache, flags, Mode::empty())
+            .map_err(|errno| refusal(&path, errno))?;
+        let stat = rustix::fs::fstat(&file).map_err(|errno| refusal(&path, errno))?;
+        if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file() {
+            return Err(CopyError::NotAFile { path });
+        }
+        Ok(File::from(file))
+    }
+
     /// Fails if something other than a regular file (or nothing) holds the cache's name: a link
     /// planted there would be replaced by the rename, never written through, but it says
     /// someone is playing with the folder, and the copy stops before fetching a byte.

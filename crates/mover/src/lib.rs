@@ -16,6 +16,7 @@ mod folder;
 mod landing;
 mod oci;
 mod plan;
+mod populate;
 mod ranged;
 mod report;
 mod resume;
@@ -31,6 +32,7 @@ pub use args::{
 pub use error::CopyError;
 pub use folder::partial_name;
 pub use plan::{MIN_PARTS, Tuning};
+pub use populate::{DISK_IMAGE, Filled, PopulateArgs, VolumeMode, run_populate};
 pub use run::{run_copy, run_remove};
 pub use transfer::Transferred;
 
