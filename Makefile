@@ -17,7 +17,7 @@ build:
 ## validation, claims and Pods' references, Job outcomes the test writes itself as the Job
 ## controller would) on the plain control plane, which runs no Job controller to race the test.
 NODE_SUITES := bad_input chaos copy_end_to_end copy_resume forged_jobs helm_chart hostile_tenant \
-	node oci_source operator_process quickstart removal staging_store
+	node oci_source operator_process populator quickstart removal staging_store
 PLAIN_SUITES := $(filter-out $(NODE_SUITES),$(basename $(notdir $(wildcard tests/*.rs))))
 
 ## Everything CI checks: format, lint, the Dockerfile's build, the suites that run Jobs on the

@@ -131,15 +131,18 @@ start_controller_manager() {
   [ "$mode" = node ] && controllers='*'
   # Node mode: its own identity, and each controller as its ServiceAccount (kube-system/
   # job-controller creates the copy Pods), as kubeadm runs it.
-  local sa_credentials=false
+  local sa_credentials=false hostpath_provisioner=false
   cp "$dir/kubeconfig" "$dir/controller-manager.kubeconfig"
   if [ "$mode" = node ]; then
     cp "$dir/pki/node/kube-controller-manager.kubeconfig" "$dir/controller-manager.kubeconfig"
     sa_credentials=true
+    # Claims of a StorageClass with provisioner kubernetes.io/host-path get a folder under
+    # /tmp/hostpath_pv (the populator's prime claims in the tests); one node, so it serves.
+    hostpath_provisioner=true
   fi
   start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$dir/controller-manager.kubeconfig" --leader-elect=false --secure-port 0 \
-    --controllers "$controllers" \
+    --controllers "$controllers" --enable-hostpath-provisioner=$hostpath_provisioner \
     --service-account-private-key-file "$dir/pki/sa.key" --root-ca-file "$dir/pki/ca.crt" \
     --use-service-account-credentials=$sa_credentials
 }

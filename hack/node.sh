@@ -69,7 +69,7 @@ wait_for() {
 
 # What the host had before the node touched it, recorded once, so down puts back exactly that.
 sysctls="net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes net.ipv4.conf.all.route_localnet"
-hostpaths="/run/containerd /var/lib/cni /var/lib/kubelet /var/log/containers /var/log/pods /run/netns"
+hostpaths="/run/containerd /var/lib/cni /var/lib/kubelet /var/log/containers /var/log/pods /run/netns /tmp/hostpath_pv"
 record_host() {
   mkdir -p "$cluster"
   [ -f "$cluster/node-host-state" ] && return

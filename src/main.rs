@@ -147,6 +147,11 @@ struct RunArgs {
     #[arg(long, default_value_t = JobLimits::DEFAULT_TTL_SECONDS,
           value_parser = clap::value_parser!(i32).range(600..))]
     job_ttl_seconds: i32,
+    /// Run populate Jobs as UID 0 with no capability, for volumes Kubernetes does not hand to
+    /// the Pod's fsGroup (hostPath and in-tree host-path provisioning, some local-volume
+    /// provisioners, raw block devices); 65532 otherwise.
+    #[arg(long, env = "TEMPLATECACHE_POPULATE_AS_ROOT")]
+    populate_as_root: bool,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -177,6 +182,7 @@ impl RunArgs {
                     ttl_seconds_after_finished: self.job_ttl_seconds,
                 },
             },
+            populate_as_root: self.populate_as_root,
             retry: RetryPolicy {
                 max_attempts: self.max_attempts,
                 base_delay: Duration::from_secs(self.retry_base_seconds),

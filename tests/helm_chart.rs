@@ -209,6 +209,8 @@ fn assert_every_object_created(release: &Release, caches_ns: &str) {
         (ns, format!("role/{account}-leader-election")),
         (ns, format!("rolebinding/{account}-leader-election")),
         (ns, format!("rolebinding/{account}-mover")),
+        (ns, format!("role/{account}-populator")),
+        (ns, format!("rolebinding/{account}-populator")),
         (caches_ns, format!("rolebinding/{account}-mover")),
         (ns, format!("clusterrole/{account}")),
         (ns, format!("clusterrole/{account}-mover")),
@@ -322,6 +324,19 @@ impl Accounts<'_> {
             !operator_may(&["create", "templatecacheclaims.templatecache.io", &ns_arg]),
             "claims are the consumers' to make"
         );
+        // The populator: prime claims in its own namespace only; volumes handed over, never
+        // deleted.
+        assert!(operator_may(&["create", "persistentvolumeclaims", &own_ns]));
+        assert!(
+            !operator_may(&["create", "persistentvolumeclaims", &ns_arg]),
+            "the populator makes no claim in a user's namespace"
+        );
+        assert!(
+            !operator_may(&["delete", "persistentvolumeclaims", &ns_arg]),
+            "nor deletes one there"
+        );
+        assert!(operator_may(&["patch", "persistentvolumes"]));
+        assert!(!operator_may(&["delete", "persistentvolumes"]));
     }
 
     /// What the mover's account may and must not do.

@@ -16,8 +16,12 @@ pub struct Config {
     /// The operator's own namespace: where a remove Job runs when the cache's namespace is
     /// being deleted (no new object can be made there).
     pub operator_namespace: String,
-    /// How copy and remove Jobs run.
+    /// How copy, remove and populate Jobs run.
     pub jobs: JobSettings,
+    /// Populate Jobs run as UID 0 (with no capability) instead of 65532: for volumes whose
+    /// ownership Kubernetes does not hand to the Pod's fsGroup (hostPath, the in-tree host-path
+    /// provisioner, some local-volume provisioners make root-owned folders; raw block devices).
+    pub populate_as_root: bool,
     /// How failed copies are retried.
     pub retry: RetryPolicy,
     /// Caches reconciled at once.
@@ -67,6 +71,7 @@ impl Default for Config {
                 allow_internal_addresses: vec![],
                 limits: JobLimits::default(),
             },
+            populate_as_root: false,
             retry: RetryPolicy::default(),
             concurrency: Self::DEFAULT_CONCURRENCY,
             claim_concurrency: Self::DEFAULT_CLAIM_CONCURRENCY,

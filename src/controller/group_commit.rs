@@ -21,7 +21,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, PatchParams};
@@ -35,8 +35,8 @@ use super::error::Error;
 use super::writes::{self, Answer};
 use templatecache_api::names::{CLEANUP_FINALIZER, POD_CACHE_LABEL};
 use templatecache_api::references::{
-    claim_reference, claim_uid_of, count_references, is_operator_reference, is_reference,
-    pod_reference, pod_uid_of,
+    claim_reference, count_references, is_operator_reference, is_reference, operator_reference_uid,
+    pod_reference, volume_reference,
 };
 use templatecache_api::{TemplateCache, TemplateCacheClaim};
 
@@ -79,10 +79,28 @@ pub fn has_finished(pod: &Pod) -> bool {
     matches!(phase, Some("Succeeded" | "Failed"))
 }
 
+/// Whether `volume` (a PersistentVolumeClaim whose `dataSourceRef` names `cache`) should hold a
+/// reference on it: it is not being deleted and not yet bound (its fill is to come or under
+/// way), and the cache is not being deleted. Once bound, its volume holds the data and the
+/// cache may go.
+pub fn volume_may_bind(volume: &PersistentVolumeClaim, cache: &TemplateCache) -> bool {
+    volume_waits_for_fill(volume)
+        && cache.metadata.deletion_timestamp.is_none()
+        && volume.namespace() == cache.namespace()
+        && super::watched::cache_of_volume(volume).is_some_and(|key| key.name == cache.name_any())
+}
+
+/// A claim not being deleted and not bound: its fill is to come or under way.
+pub fn volume_waits_for_fill(volume: &PersistentVolumeClaim) -> bool {
+    let bound = volume.spec.as_ref().and_then(|s| s.volume_name.as_deref());
+    volume.metadata.deletion_timestamp.is_none() && bound.is_none_or(str::is_empty)
+}
+
 /// The consumers of one cache, as some view (the watch, or a live list) shows them.
 pub struct Consumers<'a> {
     pub claims: &'a [Arc<TemplateCacheClaim>],
     pub pods: &'a [Arc<Pod>],
+    pub volumes: &'a [Arc<PersistentVolumeClaim>],
 }
 
 impl Consumers<'_> {
@@ -102,14 +120,20 @@ impl Consumers<'_> {
                 wanted.push((created, pod_reference(&uid)));
             }
         }
+        for volume in self.volumes.iter().filter(|v| volume_may_bind(v, cache)) {
+            if let Some(uid) = volume.uid() {
+                let created = volume.metadata.creation_timestamp.clone();
+                wanted.push((created, volume_reference(&uid)));
+            }
+        }
         wanted.sort_by(|a, b| {
             (a.0.as_ref().map(|t| t.0), &a.1).cmp(&(b.0.as_ref().map(|t| t.0), &b.1))
         });
         wanted.into_iter().map(|(_, reference)| reference).collect()
     }
 
-    /// UIDs of the claims and Pods that still exist (and, for Pods, still run): whose
-    /// references must stay.
+    /// UIDs of the claims, Pods and volumes that still need the cache (Pods that still run,
+    /// volumes not filled yet): whose references must stay.
     fn live(&self) -> BTreeSet<String> {
         let claims = self
             .claims
@@ -121,7 +145,12 @@ impl Consumers<'_> {
             .iter()
             .filter(|p| !has_finished(p))
             .filter_map(|p| p.uid());
-        claims.chain(pods).collect()
+        let volumes = self
+            .volumes
+            .iter()
+            .filter(|v| volume_waits_for_fill(v))
+            .filter_map(|v| v.uid());
+        claims.chain(pods).chain(volumes).collect()
     }
 }
 
@@ -170,12 +199,7 @@ pub fn changes(
         present
             .iter()
             .filter(|f| is_operator_reference(f))
-            .filter(|f| {
-                let uid = claim_uid_of(f)
-                    .or_else(|| pod_uid_of(f))
-                    .unwrap_or_default();
-                !live.contains(uid)
-            })
+            .filter(|f| !live.contains(operator_reference_uid(f).unwrap_or_default()))
             .map(|f| f.to_string())
             .collect()
     } else {
@@ -204,9 +228,11 @@ pub async fn commit(
     let key = ObjectRef::from_obj(&*cache);
     let claims = ctx.watched.claims_of(&key);
     let pods = ctx.watched.pods_of(&key);
+    let volumes = ctx.watched.volumes_of(&key);
     let view = Consumers {
         claims: &claims,
         pods: &pods,
+        volumes: &volumes,
     };
     let limit = ctx.config.max_references;
     let mut wanted = changes(&cache, &view, limit, ctx.watched.synced());
@@ -340,21 +366,50 @@ fn caches_of(cache: &TemplateCache, ctx: &Context) -> Api<TemplateCache> {
 
 /// The claims and Pods that name `cache`, read live from the API server (never from a watch):
 /// what removals and protections are decided on.
-async fn live_consumers(
-    cache: &TemplateCache,
-    ctx: &Context,
-) -> Result<(Vec<Arc<TemplateCacheClaim>>, Vec<Arc<Pod>>), Error> {
+/// A cache's consumers as a live list shows them.
+struct Listed {
+    claims: Vec<Arc<TemplateCacheClaim>>,
+    pods: Vec<Arc<Pod>>,
+    volumes: Vec<Arc<PersistentVolumeClaim>>,
+}
+
+impl Listed {
+    fn view(&self) -> Consumers<'_> {
+        Consumers {
+            claims: &self.claims,
+            pods: &self.pods,
+            volumes: &self.volumes,
+        }
+    }
+}
+
+/// The claims, Pods and volumes that name `cache`, listed from the API server. No selector
+/// finds a volume by its `dataSourceRef`: the namespace's claims are listed and filtered.
+async fn live_consumers(cache: &TemplateCache, ctx: &Context) -> Result<Listed, Error> {
     let namespace = cache.namespace().unwrap_or_default();
     let name = cache.name_any();
     let claims: Api<TemplateCacheClaim> = Api::namespaced(ctx.client.clone(), &namespace);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let volumes: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
     let by_name = ListParams::default().fields(&format!("spec.cacheName={name}"));
     let by_label = ListParams::default().labels(&format!("{POD_CACHE_LABEL}={name}"));
-    let (claims, pods) = futures::try_join!(claims.list(&by_name), pods.list(&by_label))?;
-    Ok((
-        claims.items.into_iter().map(Arc::new).collect(),
-        pods.items.into_iter().map(Arc::new).collect(),
-    ))
+    let every = ListParams::default();
+    let (claims, pods, volumes) = futures::try_join!(
+        claims.list(&by_name),
+        pods.list(&by_label),
+        volumes.list(&every)
+    )?;
+    let names_cache = |v: &PersistentVolumeClaim| {
+        super::watched::cache_of_volume(v).is_some_and(|key| key.name == name)
+    };
+    Ok(Listed {
+        claims: claims.items.into_iter().map(Arc::new).collect(),
+        pods: pods.items.into_iter().map(Arc::new).collect(),
+        volumes: (volumes.items.into_iter())
+            .filter(names_cache)
+            .map(Arc::new)
+            .collect(),
+    })
 }
 
 /// Of the references in `candidates`, those whose claim or Pod a live list confirms is gone (or
@@ -364,20 +419,10 @@ async fn confirmed_gone(
     candidates: &[String],
     ctx: &Context,
 ) -> Result<Vec<String>, Error> {
-    let (claims, pods) = live_consumers(cache, ctx).await?;
-    let live = Consumers {
-        claims: &claims,
-        pods: &pods,
-    }
-    .live();
+    let live = live_consumers(cache, ctx).await?.view().live();
     Ok(candidates
         .iter()
-        .filter(|f| {
-            let uid = claim_uid_of(f)
-                .or_else(|| pod_uid_of(f))
-                .unwrap_or_default();
-            !live.contains(uid)
-        })
+        .filter(|f| !live.contains(operator_reference_uid(f).unwrap_or_default()))
         .cloned()
         .collect())
 }
@@ -385,13 +430,9 @@ async fn confirmed_gone(
 /// How many claims and Pods, by a live list, should hold a reference on `cache` but do not yet
 /// (their commit is still to come). While any do, the cache is not evicted.
 pub async fn unbound_consumers(cache: &TemplateCache, ctx: &Context) -> Result<usize, Error> {
-    let (claims, pods) = live_consumers(cache, ctx).await?;
+    let listed = live_consumers(cache, ctx).await?;
     let present: BTreeSet<&str> = cache.finalizers().iter().map(String::as_str).collect();
-    let wanted = Consumers {
-        claims: &claims,
-        pods: &pods,
-    }
-    .wanted(cache);
+    let wanted = listed.view().wanted(cache);
     Ok(wanted
         .iter()
         .filter(|r| !present.contains(r.as_str()))
@@ -464,6 +505,7 @@ mod tests {
         let view = Consumers {
             claims: &claims,
             pods: &pods,
+            volumes: &[],
         };
         let change = changes(&cache, &view, 100, true);
         assert_eq!(
@@ -501,6 +543,7 @@ mod tests {
         let view = Consumers {
             claims: &claims,
             pods: &[],
+            volumes: &[],
         };
         assert_eq!(
             changes(&cache, &view, 100, true).add,
@@ -518,6 +561,7 @@ mod tests {
         let view = Consumers {
             claims: &claims,
             pods: &pods,
+            volumes: &[],
         };
         assert_eq!(changes(&cache, &view, 100, true), Changes::default());
     }
@@ -533,6 +577,7 @@ mod tests {
         let view = Consumers {
             claims: &claims,
             pods: &[],
+            volumes: &[],
         };
         let change = changes(&cache, &view, 3, true);
         assert_eq!(
@@ -552,6 +597,7 @@ mod tests {
         let view = Consumers {
             claims: &claims,
             pods: &[],
+            volumes: &[],
         };
         let change = changes(&cache, &view, 100, true);
         assert_eq!(

@@ -1,5 +1,6 @@
-//! The Jobs the operator runs: `<cache>-copy-<attempt>` (the data mover) and
-//! `<cache>-remove-<attempt>` (removes a copy's data from its store).
+//! The Jobs the operator runs: `<cache>-copy-<attempt>` (the data mover),
+//! `<cache>-remove-<attempt>` (removes a copy's data from its store) and `populate-<claim uid>`
+//! (fills a volume from a cache, in the operator's namespace).
 //!
 //! Names are deterministic so a second create for the same attempt can only ever meet the first
 //! Job: there is no way to have two copy Jobs for one attempt. Jobs are owned by their cache, run
@@ -13,19 +14,20 @@
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::Resource;
 use serde_json::{Value, json};
 
 use super::retry::RetryPolicy;
 use templatecache_api::names::{
     JOB_ATTEMPT_LABEL, JOB_CACHE_LABEL, JOB_CACHE_NAMESPACE_LABEL, JOB_OPERATION_LABEL, MANAGED_BY,
-    MANAGED_BY_LABEL,
+    MANAGED_BY_LABEL, POPULATE_FOR_ANNOTATION, POPULATE_FOR_LABEL,
 };
 use templatecache_api::{
     AddressingStyle, OciSource, StagingStore, StoreVolume, TemplateCache, TemplateSource,
 };
 use templatecache_mover::address::AllowedInternal;
-use templatecache_mover::{CopyArgs, RemoveArgs, env};
+use templatecache_mover::{CopyArgs, PopulateArgs, RemoveArgs, VolumeMode, env};
 
 /// Where copy and remove Jobs mount the store.
 pub const STORE_MOUNT: &str = "/store";
@@ -395,6 +397,132 @@ fn credential_env(source: &TemplateSource) -> Vec<Value> {
             })
         })
         .collect()
+}
+
+/// Where a populate Job mounts (Filesystem) or finds (Block) the volume it fills.
+pub const VOLUME_MOUNT: &str = "/volume";
+pub const VOLUME_DEVICE: &str = "/dev/volume";
+
+/// Tries the Job controller makes of a populate Job's Pod, with its own backoff, before the
+/// Job fails.
+const POPULATE_BACKOFF_LIMIT: i32 = 3;
+
+/// The name of the populate Job of a user claim with `uid`.
+pub fn populate_job_name(uid: &str) -> String {
+    format!("populate-{uid}")
+}
+
+/// What a populate Job fills and from what.
+pub struct Fill<'a> {
+    /// The user's claim.
+    pub claim: &'a PersistentVolumeClaim,
+    /// Its prime claim, which the Job mounts.
+    pub prime: &'a PersistentVolumeClaim,
+    pub cache: &'a TemplateCache,
+    pub store: &'a StagingStore,
+    /// Run as UID 0 with no capability (see `Config::populate_as_root`).
+    pub as_root: bool,
+}
+
+/// The populate Job of `fill`, in the prime claim's namespace (the operator's): it mounts the
+/// cache's namespace folder of the store read-only and the prime claim's volume, and runs
+/// `templatecache populate`. No ServiceAccount token: it reads and writes files only. Not owned
+/// by the user's claim (owners never cross namespaces): labelled with its UID instead.
+pub fn populate_job(fill: &Fill, settings: &JobSettings) -> Result<Job, serde_json::Error> {
+    let uid = fill.claim.metadata.uid.clone().unwrap_or_default();
+    let cache = fill.cache.metadata.name.clone().unwrap_or_default();
+    let status = fill.cache.status.clone().unwrap_or_default();
+    let block = fill
+        .prime
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_mode.as_deref())
+        == Some("Block");
+    let args = PopulateArgs {
+        source: Path::new(STORE_MOUNT).join(&cache),
+        volume: PathBuf::from(if block { VOLUME_DEVICE } else { VOLUME_MOUNT }),
+        volume_mode: if block {
+            VolumeMode::Block
+        } else {
+            VolumeMode::Filesystem
+        },
+        size: status.size.unwrap_or_default(),
+        checksum: status.checksum.unwrap_or_default(),
+    };
+    let (volume_mounts, volume_devices) = if block {
+        (
+            vec![],
+            vec![json!({"name": "volume", "devicePath": VOLUME_DEVICE})],
+        )
+    } else {
+        (
+            vec![json!({"name": "volume", "mountPath": VOLUME_MOUNT})],
+            vec![],
+        )
+    };
+    let mut mounts = vec![json!({
+        "name": "store", "mountPath": STORE_MOUNT, "readOnly": true,
+        "subPath": fill.cache.metadata.namespace,
+    })];
+    mounts.extend(volume_mounts);
+    let user = if fill.as_root { 0 } else { 65532 };
+    let labels = json!({
+        MANAGED_BY_LABEL: MANAGED_BY,
+        JOB_OPERATION_LABEL: "populate",
+        POPULATE_FOR_LABEL: uid,
+    });
+    let annotations =
+        json!({POPULATE_FOR_ANNOTATION: super::populator::plan::user_key(fill.claim)});
+    serde_json::from_value(json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": populate_job_name(&uid),
+            "namespace": fill.prime.metadata.namespace,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": {
+            "backoffLimit": POPULATE_BACKOFF_LIMIT,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": false,
+                    "securityContext": {
+                        "runAsNonRoot": !fill.as_root,
+                        "runAsUser": user,
+                        "runAsGroup": user,
+                        "fsGroup": 65532,
+                        "fsGroupChangePolicy": "OnRootMismatch",
+                        "seccompProfile": {"type": "RuntimeDefault"}
+                    },
+                    "containers": [{
+                        "name": "populate",
+                        "image": settings.image,
+                        "args": args.to_command_line(),
+                        "volumeMounts": mounts,
+                        "volumeDevices": volume_devices,
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]}
+                        },
+                        "resources": {
+                            "requests": {"cpu": "100m", "memory": "64Mi"},
+                            "limits": {"memory": "128Mi"}
+                        }
+                    }],
+                    "volumes": [
+                        store_volume(&fill.store.spec.volume),
+                        {"name": "volume", "persistentVolumeClaim":
+                            {"claimName": fill.prime.metadata.name}}
+                    ]
+                }
+            }
+        }
+    }))
 }
 
 /// The pod volume for a store.

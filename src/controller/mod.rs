@@ -11,6 +11,7 @@ pub mod index;
 pub mod jobs;
 pub mod pacing;
 pub mod pod_gate;
+pub mod populator;
 pub mod retry;
 mod run;
 pub mod staging_store;

@@ -6,21 +6,21 @@ use std::time::Duration;
 
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodSpec, PodStatus};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
 use super::config::Config;
 use super::context::Context;
 use super::error::Error;
 use super::index::{ByCache, Wakeups};
-use super::watched::{Watched, cache_of_claim, cache_of_pod};
-use super::{pod_gate, staging_store, template_cache, template_cache_claim};
+use super::watched::{Watched, cache_of_claim, cache_of_pod, cache_of_volume};
+use super::{pod_gate, populator, staging_store, template_cache, template_cache_claim};
 use crate::infra::metrics::Metrics;
-use templatecache_api::names::{MANAGED_BY, MANAGED_BY_LABEL, POD_CACHE_LABEL};
+use templatecache_api::names::{MANAGED_BY, MANAGED_BY_LABEL, POD_CACHE_LABEL, POPULATE_FOR_LABEL};
 use templatecache_api::{StagingStore, TemplateCache, TemplateCacheClaim};
 
 /// Runs the controllers until `shutdown` resolves.
@@ -47,20 +47,25 @@ pub async fn run_with(
     let (caches, cache_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
     let (claims, claim_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
     let (pods, pod_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+    let (volumes, volume_writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
     let watched = Watched {
         caches,
         claims,
         pods,
+        volumes,
         claims_by_cache: ByCache::new(cache_of_claim),
         pods_by_cache: ByCache::new(cache_of_pod),
+        volumes_by_cache: ByCache::new(cache_of_volume),
     };
     let subscribe = "a shared store always takes subscribers";
     let cache_changes = cache_writer.subscribe().expect(subscribe);
     let claim_changes = claim_writer.subscribe().expect(subscribe);
     let pod_changes = pod_writer.subscribe().expect(subscribe);
+    let volume_changes = volume_writer.subscribe().expect(subscribe);
     let (wake_caches, cache_wakeups) = Wakeups::channel();
     let (wake_claims, claim_wakeups) = Wakeups::channel();
     let (wake_pods, pod_wakeups) = Wakeups::channel();
+    let (wake_volumes, volume_wakeups) = Wakeups::channel();
     let (wake_stores, store_wakeups) = Wakeups::channel();
 
     let ctx = Arc::new(Context::watching(
@@ -68,8 +73,8 @@ pub async fn run_with(
     ));
     let shutdown = shutdown.shared();
     let watched = ctx.watched.clone();
-    // A cache's change concerns the claims and Pods that name it (its deletion too: a claim
-    // with a template makes it again) and its store's usage.
+    // A cache's change concerns the claims, Pods and volumes that name it (its deletion too: a
+    // claim with a template makes it again) and its store's usage.
     let default_store = ctx.config.default_store.clone();
     let cache_watch = watcher(ctx.scoped::<TemplateCache>(), watcher::Config::default())
         .modify(drop_managed_fields)
@@ -80,6 +85,7 @@ pub async fn run_with(
                 let key = ObjectRef::from_obj(cache);
                 wake_claims.wake(watched.claims_by_cache.members(&key));
                 wake_pods.wake(watched.pods_by_cache.members(&key));
+                wake_volumes.wake(watched.volumes_by_cache.members(&key));
                 let store = cache.spec.store_name(&default_store);
                 wake_stores.wake([ObjectRef::<StagingStore>::new(store)]);
             }
@@ -96,11 +102,23 @@ pub async fn run_with(
     .reflect_shared(claim_writer)
     .inspect_ok(move |event| wake.wake(index.apply(event)));
     let index = ctx.watched.pods_by_cache.clone();
+    let wake = wake_caches.clone();
     let pod_watch = watcher(ctx.scoped::<Pod>(), labelled_pods())
         .modify(keep_what_the_operator_reads)
         .default_backoff()
         .reflect_shared(pod_writer)
-        .inspect_ok(move |event| wake_caches.wake(index.apply(event)));
+        .inspect_ok(move |event| wake.wake(index.apply(event)));
+    // No selector finds a claim by its dataSourceRef: every claim in scope is watched, and the
+    // index keeps those that name a cache.
+    let index = ctx.watched.volumes_by_cache.clone();
+    let volume_watch = watcher(
+        ctx.scoped::<PersistentVolumeClaim>(),
+        watcher::Config::default(),
+    )
+    .modify(drop_managed_fields)
+    .default_backoff()
+    .reflect_shared(volume_writer)
+    .inspect_ok(move |event| wake_caches.wake(index.apply(event)));
 
     let jobs_selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
     let cache_controller = Controller::for_shared_stream(cache_changes, ctx.watched.caches.clone())
@@ -116,11 +134,29 @@ pub async fn run_with(
     let pod_gate = Controller::for_shared_stream(pod_changes, ctx.watched.pods.clone())
         .reconcile_on(pod_wakeups)
         .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency));
+    // The prime claims and populate Jobs live in the operator's namespace, out of the user
+    // claim's reach as owner: each names its claim in an annotation.
+    let made_here = watcher::Config::default().labels(POPULATE_FOR_LABEL);
+    let populate_namespace = &ctx.config.operator_namespace;
+    let populator = Controller::for_shared_stream(volume_changes, ctx.watched.volumes.clone())
+        .watches(
+            Api::<Job>::namespaced(ctx.client.clone(), populate_namespace),
+            made_here.clone(),
+            |job| populator::user_claim_of(&job),
+        )
+        .watches(
+            Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), populate_namespace),
+            made_here,
+            |prime| populator::user_claim_of(&prime),
+        )
+        .reconcile_on(volume_wakeups)
+        .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency));
 
     futures::join!(
         drive("TemplateCache", cache_watch, shutdown.clone()),
         drive("TemplateCacheClaim", claim_watch, shutdown.clone()),
         drive("Pod", pod_watch, shutdown.clone()),
+        drive("PersistentVolumeClaim", volume_watch, shutdown.clone()),
         run_controller(
             "template_cache",
             cache_controller,
@@ -139,6 +175,13 @@ pub async fn run_with(
             "pod_gate",
             pod_gate,
             pod_gate::reconcile,
+            ctx.clone(),
+            shutdown.clone()
+        ),
+        run_controller(
+            "populator",
+            populator,
+            populator::reconcile,
             ctx.clone(),
             shutdown.clone()
         ),

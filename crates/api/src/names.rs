@@ -18,6 +18,23 @@ pub const POD_REF_PREFIX: &str = "pod.ref.templatecache.io/";
 /// `claim.ref.templatecache.io/<claim-uid>`.
 pub const CLAIM_REF_PREFIX: &str = "claim.ref.templatecache.io/";
 
+/// Prefix of a reference held by the operator for a PersistentVolumeClaim being filled from the
+/// cache (its `dataSourceRef` names the cache): `pvc.ref.templatecache.io/<pvc-uid>`.
+pub const PVC_REF_PREFIX: &str = "pvc.ref.templatecache.io/";
+
+/// Annotation on a volume the populator filled: `<namespace>/<cache>@sha256:<hex>`.
+pub const POPULATED_FROM_ANNOTATION: &str = "templatecache.io/populated-from";
+
+/// Label on a prime claim and its populate Job: the UID of the user's claim they fill.
+pub const POPULATE_FOR_LABEL: &str = "templatecache.io/populate-for";
+
+/// Annotation on a prime claim and its populate Job: `<namespace>/<name>` of the user's claim.
+pub const POPULATE_FOR_ANNOTATION: &str = "templatecache.io/populate-for";
+
+/// The annotation the scheduler puts on a claim of a `WaitForFirstConsumer` class once its
+/// first Pod has a node; the prime claim carries the same so its volume is made there.
+pub const SELECTED_NODE_ANNOTATION: &str = "volume.kubernetes.io/selected-node";
+
 /// Label on a Pod that names the TemplateCache (in the Pod's namespace) it needs.
 pub const POD_CACHE_LABEL: &str = "templatecache.io/cache";
 

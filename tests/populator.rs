@@ -1,0 +1,323 @@
+//! The volume populator on the real node: a PersistentVolumeClaim whose `dataSourceRef` names a
+//! TemplateCache gets its own volume, provisioned by the controller manager's host-path
+//! provisioner, filled by a populate Job's Pod from the staged copy and bound to the claim by
+//! the real PV controller. The claim holds a reference on the cache until it is bound, never
+//! after; a claim smaller than the template is never filled; a claim made before its cache
+//! waits for it; a claim deleted during its fill leaves nothing behind.
+
+use templatecache_test_support as support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use support::eventually;
+use support::http_server::HttpServer;
+use support::rig::{Rig, random_bytes, sha256};
+use templatecache_api::TemplateCache;
+use templatecache_api::names::{POPULATE_FOR_LABEL, POPULATED_FROM_ANNOTATION, PVC_REF_PREFIX};
+
+const MIB: usize = 1 << 20;
+
+/// A StorageClass of the controller manager's host-path provisioner (node mode turns it on),
+/// deleted when dropped.
+struct HostPathClass {
+    name: String,
+}
+
+impl HostPathClass {
+    async fn new(rig: &Rig) -> Self {
+        let name = format!("{}-hostpath", rig.ns.name);
+        let class: StorageClass = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "provisioner": "kubernetes.io/host-path",
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": "Immediate"
+        }))
+        .expect("class");
+        Api::<StorageClass>::all(rig.client().clone())
+            .create(&PostParams::default(), &class)
+            .await
+            .expect("create the StorageClass");
+        Self { name }
+    }
+}
+
+impl Drop for HostPathClass {
+    fn drop(&mut self) {
+        let mut delete = support::kubectl();
+        delete.args(["delete", "storageclass", &self.name, "--wait=false"]);
+        let _ = support::tools::run(delete);
+    }
+}
+
+/// The rig of a populator test: the caches' namespace, and the operator's own (where prime
+/// claims and populate Jobs go) as a second rig.
+struct Populating {
+    rig: Rig,
+    home: Rig,
+    class: HostPathClass,
+    server: HttpServer,
+}
+
+impl Populating {
+    async fn new(prefix: &str) -> Self {
+        let home = Rig::builder(&format!("{prefix}-home")).start().await;
+        let home_name = home.ns.name.clone();
+        let rig = Rig::builder(prefix)
+            .store("1Gi")
+            .configured(move |config| {
+                config.operator_namespace = home_name;
+                // The host-path provisioner makes root-owned folders (mode 0750).
+                config.populate_as_root = true;
+            })
+            .runs_jobs()
+            .start()
+            .await;
+        let class = HostPathClass::new(&rig).await;
+        Self {
+            rig,
+            home,
+            class,
+            server: HttpServer::start().await,
+        }
+    }
+
+    /// A Ready cache `name` of `size` random bytes; its bytes.
+    async fn ready_cache(&self, name: &str, size: usize) -> Vec<u8> {
+        let bytes = random_bytes(size);
+        self.server.put(name, &bytes);
+        self.rig
+            .create(
+                name,
+                json!({"source": {"http": {"url": self.server.url(name)}}}),
+            )
+            .await;
+        self.rig.assert_copied(name, &bytes).await;
+        bytes
+    }
+
+    /// A claim `name` of `storage` to be filled from cache `cache`.
+    async fn claim(&self, name: &str, cache: &str, storage: &str) -> PersistentVolumeClaim {
+        self.rig
+            .ns
+            .create::<PersistentVolumeClaim>(json!({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": self.class.name,
+                    "resources": {"requests": {"storage": storage}},
+                    "dataSourceRef": {"apiGroup": "templatecache.io", "kind": "TemplateCache",
+                                      "name": cache}
+                }
+            }))
+            .await
+    }
+
+    /// The claim `name` once the PV controller has bound it, and its volume.
+    async fn bound(&self, name: &str) -> (PersistentVolumeClaim, PersistentVolume) {
+        let claims: Api<PersistentVolumeClaim> = self.rig.ns.api();
+        let claim = eventually(
+            &format!("claim {name} is filled and bound"),
+            Duration::from_secs(180),
+            || async {
+                let claim = claims.get(name).await.ok()?;
+                let phase = claim.status.as_ref()?.phase.clone();
+                (phase.as_deref() == Some("Bound")).then_some(claim)
+            },
+        )
+        .await;
+        let volume_name = claim.spec.as_ref().and_then(|s| s.volume_name.clone());
+        let volumes: Api<PersistentVolume> = Api::all(self.rig.client().clone());
+        let volume = volumes
+            .get(&volume_name.expect("bound to a volume"))
+            .await
+            .expect("the volume");
+        (claim, volume)
+    }
+
+    /// Waits until nothing the populator made for `claim` is left in the operator's namespace
+    /// and the cache holds no volume reference.
+    async fn assert_nothing_left(&self, claim: &PersistentVolumeClaim, cache: &str) {
+        let uid = claim.uid().expect("uid");
+        let selector = ListParams::default().labels(&format!("{POPULATE_FOR_LABEL}={uid}"));
+        let (primes, jobs) = (
+            self.home.ns.api::<PersistentVolumeClaim>(),
+            self.home.ns.api::<Job>(),
+        );
+        let caches = self.rig.ns.api::<TemplateCache>();
+        eventually(
+            "the prime claim, the Job and the reference are gone",
+            Duration::from_secs(90),
+            || async {
+                let primes = primes.list(&selector).await.ok()?.items;
+                let jobs = jobs.list(&selector).await.ok()?.items;
+                let cache = caches.get(cache).await.ok()?;
+                let held = cache
+                    .finalizers()
+                    .iter()
+                    .any(|f| f.starts_with(PVC_REF_PREFIX));
+                (primes.is_empty() && jobs.is_empty() && !held).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// The reasons of the Events on claim `name`.
+    async fn event_reasons(&self, name: &str) -> Vec<String> {
+        let events: Api<Event> = self.rig.ns.api();
+        let selector =
+            format!("involvedObject.name={name},involvedObject.kind=PersistentVolumeClaim");
+        let listed = events
+            .list(&ListParams::default().fields(&selector))
+            .await
+            .expect("events");
+        listed.items.into_iter().filter_map(|e| e.reason).collect()
+    }
+}
+
+/// The bytes at `disk.img` of a host-path volume (this machine is the node).
+fn disk_image(volume: &PersistentVolume) -> Vec<u8> {
+    let path = volume
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_path.as_ref())
+        .map(|h| h.path.clone())
+        .expect("a host-path volume");
+    std::fs::read(std::path::Path::new(&path).join("disk.img")).expect("disk.img")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_gets_its_own_volume_filled_from_the_cache_and_releases_it_once_bound() {
+    let t = Populating::new("populate").await;
+    let bytes = t.ready_cache("img", 4 * MIB).await;
+    let claim = t.claim("vm-1-root", "img", "16Mi").await;
+    let (bound, volume) = t.bound("vm-1-root").await;
+    assert_eq!(
+        disk_image(&volume),
+        bytes,
+        "the claim's volume holds the template as disk.img"
+    );
+    let from = volume.annotations().get(POPULATED_FROM_ANNOTATION);
+    assert_eq!(
+        from,
+        Some(&format!("{}/img@{}", t.rig.ns.name, sha256(&bytes))),
+        "the volume says what it was filled from"
+    );
+    let claim_ref = volume
+        .spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.clone())
+        .expect("claimRef");
+    assert_eq!(
+        claim_ref.uid,
+        claim.uid(),
+        "bound to the user's claim by UID"
+    );
+    t.assert_nothing_left(&bound, "img").await;
+    let reasons = t.event_reasons("vm-1-root").await;
+    for reason in ["Populating", "Populated"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} in {reasons:?}"
+        );
+    }
+    // The cache is free again: the filled volume no longer needs it.
+    let cache: TemplateCache = t.rig.ns.api().get("img").await.expect("cache");
+    assert_eq!(cache.status.and_then(|s| s.ref_count), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_smaller_than_the_template_is_refused_and_one_before_its_cache_waits() {
+    let t = Populating::new("populate-wait").await;
+    // Before the cache exists: the claim waits and says why.
+    let early = t.claim("early", "later", "16Mi").await;
+    eventually(
+        "the early claim says its cache is missing",
+        Duration::from_secs(30),
+        || async {
+            let reasons = t.event_reasons("early").await;
+            reasons.iter().any(|r| r == "CacheNotFound").then_some(())
+        },
+    )
+    .await;
+    let bytes = t.ready_cache("later", 2 * MIB).await;
+    let (early_bound, volume) = t.bound("early").await;
+    assert_eq!(disk_image(&volume), bytes);
+    t.assert_nothing_left(&early_bound, "later").await;
+    assert_eq!(early_bound.uid(), early.uid());
+
+    // Smaller than the template: refused by an Event, nothing made.
+    let small = t.claim("small", "later", "1Mi").await;
+    eventually(
+        "the small claim is refused",
+        Duration::from_secs(30),
+        || async {
+            let reasons = t.event_reasons("small").await;
+            reasons.iter().any(|r| r == "VolumeTooSmall").then_some(())
+        },
+    )
+    .await;
+    let uid = small.uid().expect("uid");
+    let selector = ListParams::default().labels(&format!("{POPULATE_FOR_LABEL}={uid}"));
+    let primes = t
+        .home
+        .ns
+        .api::<PersistentVolumeClaim>()
+        .list(&selector)
+        .await;
+    assert!(
+        primes.expect("list").items.is_empty(),
+        "no prime claim for it"
+    );
+    let claim: PersistentVolumeClaim = t.rig.ns.api().get("small").await.expect("claim");
+    assert_ne!(
+        claim.status.and_then(|s| s.phase).as_deref(),
+        Some("Bound"),
+        "never bound"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_deleted_during_its_fill_leaves_nothing_behind() {
+    let t = Populating::new("populate-gone").await;
+    t.ready_cache("img", 8 * MIB).await;
+    let claim = t.claim("doomed", "img", "16Mi").await;
+    let uid = claim.uid().expect("uid");
+    let jobs = t.home.ns.api::<Job>();
+    eventually(
+        "the populate Job exists",
+        Duration::from_secs(60),
+        || async { jobs.get_opt(&format!("populate-{uid}")).await.ok()? },
+    )
+    .await;
+    t.rig
+        .ns
+        .api::<PersistentVolumeClaim>()
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete the claim");
+    t.assert_nothing_left(&claim, "img").await;
+    let volumes: Api<PersistentVolume> = Api::all(t.rig.client().clone());
+    eventually(
+        "no volume is left for it",
+        Duration::from_secs(90),
+        || async {
+            let listed = volumes.list(&ListParams::default()).await.ok()?;
+            let left = listed.items.iter().any(|v| {
+                let claim_ref = v.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+                claim_ref.is_some_and(|r| {
+                    r.uid.as_deref() == Some(uid.as_str())
+                        || r.name.as_deref() == Some(format!("prime-{uid}").as_str())
+                })
+            });
+            (!left).then_some(())
+        },
+    )
+    .await;
+}
