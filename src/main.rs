@@ -236,7 +236,7 @@ async fn main() -> ExitCode {
         Command::Remove(args) => templatecache_mover::run_remove(args)
             .await
             .map_err(|e| e.to_string()),
-        Command::Populate(args) => populate(args).await,
+        Command::Populate(args) => return populate(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -255,20 +255,33 @@ fn parse_rate(text: &str) -> Result<u64, String> {
     }
 }
 
-/// `templatecache populate`: file I/O only, on a blocking thread.
-async fn populate(args: templatecache_mover::PopulateArgs) -> Result<(), String> {
-    let filled = tokio::task::spawn_blocking(move || templatecache_mover::run_populate(&args))
-        .await
-        .map_err(|e| format!("the fill stopped: {e}"))?
-        .map_err(|e| e.to_string())?;
-    println!(
-        "filled {} with {} bytes, {} ({:.0} MiB/s with the read-back)",
-        filled.target.display(),
-        filled.bytes,
-        filled.checksum,
-        filled.bytes as f64 / f64::from(1 << 20) / filled.seconds.max(1e-9)
-    );
-    Ok(())
+/// `templatecache populate`: file I/O only, on a blocking thread. A failure another try would
+/// meet again exits with [`templatecache_mover::EXIT_FINAL`], which the Job does not retry.
+async fn populate(args: templatecache_mover::PopulateArgs) -> ExitCode {
+    let run = tokio::task::spawn_blocking(move || templatecache_mover::run_populate(&args)).await;
+    match run {
+        Ok(Ok(filled)) => {
+            println!(
+                "filled {} with {} bytes, {} ({:.0} MiB/s with the read-back)",
+                filled.target.display(),
+                filled.bytes,
+                filled.checksum,
+                filled.bytes as f64 / f64::from(1 << 20) / filled.seconds.max(1e-9)
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Err(error)) => {
+            eprintln!("error: {error}");
+            match templatecache_mover::is_final(&error) {
+                true => ExitCode::from(templatecache_mover::EXIT_FINAL),
+                false => ExitCode::FAILURE,
+            }
+        }
+        Err(stopped) => {
+            eprintln!("error: the fill stopped: {stopped}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn print_crds() -> Result<(), String> {

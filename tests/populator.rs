@@ -10,7 +10,8 @@ use templatecache_test_support as support;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -30,13 +31,13 @@ struct HostPathClass {
 }
 
 impl HostPathClass {
-    async fn new(rig: &Rig) -> Self {
+    async fn new(rig: &Rig, binding: &str) -> Self {
         let name = format!("{}-hostpath", rig.ns.name);
         let class: StorageClass = serde_json::from_value(json!({
             "metadata": {"name": name},
             "provisioner": "kubernetes.io/host-path",
             "reclaimPolicy": "Delete",
-            "volumeBindingMode": "Immediate"
+            "volumeBindingMode": binding
         }))
         .expect("class");
         Api::<StorageClass>::all(rig.client().clone())
@@ -66,6 +67,11 @@ struct Populating {
 
 impl Populating {
     async fn new(prefix: &str) -> Self {
+        Self::with_binding(prefix, "Immediate").await
+    }
+
+    /// A rig whose class binds volumes `mode` (`Immediate` or `WaitForFirstConsumer`).
+    async fn with_binding(prefix: &str, mode: &str) -> Self {
         let home = Rig::builder(&format!("{prefix}-home")).start().await;
         let home_name = home.ns.name.clone();
         let rig = Rig::builder(prefix)
@@ -78,7 +84,7 @@ impl Populating {
             .runs_jobs()
             .start()
             .await;
-        let class = HostPathClass::new(&rig).await;
+        let class = HostPathClass::new(&rig, mode).await;
         Self {
             rig,
             home,
@@ -170,14 +176,37 @@ impl Populating {
 
     /// The reasons of the Events on claim `name`.
     async fn event_reasons(&self, name: &str) -> Vec<String> {
+        let events = self.events(name).await;
+        events.into_iter().map(|(reason, _)| reason).collect()
+    }
+
+    /// The reasons and notes of the Events on claim `name`.
+    async fn events(&self, name: &str) -> Vec<(String, String)> {
         let events: Api<Event> = self.rig.ns.api();
-        let selector =
-            format!("involvedObject.name={name},involvedObject.kind=PersistentVolumeClaim");
+        let selector = format!("regarding.name={name},regarding.kind=PersistentVolumeClaim");
         let listed = events
             .list(&ListParams::default().fields(&selector))
             .await
             .expect("events");
-        listed.items.into_iter().filter_map(|e| e.reason).collect()
+        (listed.items.into_iter())
+            .filter_map(|e| Some((e.reason?, e.note.unwrap_or_default())))
+            .collect()
+    }
+
+    /// Waits for an Event `reason` on claim `name`; its note.
+    async fn event(&self, name: &str, reason: &str) -> String {
+        eventually(
+            &format!("{reason} on claim {name}"),
+            Duration::from_secs(120),
+            || async {
+                let events = self.events(name).await;
+                events
+                    .into_iter()
+                    .find(|(r, _)| r == reason)
+                    .map(|(_, note)| note)
+            },
+        )
+        .await
     }
 }
 
@@ -237,15 +266,7 @@ async fn a_claim_smaller_than_the_template_is_refused_and_one_before_its_cache_w
     let t = Populating::new("populate-wait").await;
     // Before the cache exists: the claim waits and says why.
     let early = t.claim("early", "later", "16Mi").await;
-    eventually(
-        "the early claim says its cache is missing",
-        Duration::from_secs(30),
-        || async {
-            let reasons = t.event_reasons("early").await;
-            reasons.iter().any(|r| r == "CacheNotFound").then_some(())
-        },
-    )
-    .await;
+    t.event("early", "CacheNotFound").await;
     let bytes = t.ready_cache("later", 2 * MIB).await;
     let (early_bound, volume) = t.bound("early").await;
     assert_eq!(disk_image(&volume), bytes);
@@ -254,15 +275,8 @@ async fn a_claim_smaller_than_the_template_is_refused_and_one_before_its_cache_w
 
     // Smaller than the template: refused by an Event, nothing made.
     let small = t.claim("small", "later", "1Mi").await;
-    eventually(
-        "the small claim is refused",
-        Duration::from_secs(30),
-        || async {
-            let reasons = t.event_reasons("small").await;
-            reasons.iter().any(|r| r == "VolumeTooSmall").then_some(())
-        },
-    )
-    .await;
+    let note = t.event("small", "VolumeTooSmall").await;
+    assert!(note.contains(&format!("{} bytes", 2 * MIB)), "{note}");
     let uid = small.uid().expect("uid");
     let selector = ListParams::default().labels(&format!("{POPULATE_FOR_LABEL}={uid}"));
     let primes = t
@@ -317,6 +331,106 @@ async fn a_claim_deleted_during_its_fill_leaves_nothing_behind() {
                 })
             });
             (!left).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_file_changed_after_the_copy_never_reaches_a_volume() {
+    let t = Populating::new("populate-tampered").await;
+    let bytes = t.ready_cache("img", 2 * MIB).await;
+    // Someone with write access to the store's folder swaps the bytes, keeping the size.
+    let mut other = random_bytes(bytes.len());
+    other[0] = bytes[0].wrapping_add(1);
+    std::fs::write(t.rig.data("img"), &other).expect("tamper with the staged file");
+    t.claim("vm-1-root", "img", "16Mi").await;
+    let note = t.event("vm-1-root", "PopulateFailed").await;
+    assert!(
+        note.contains("not the cache's") && note.contains(&sha256(&bytes)),
+        "the Event names the mismatch and the cache's checksum: {note}"
+    );
+    let claim: PersistentVolumeClaim = t.rig.ns.api().get("vm-1-root").await.expect("claim");
+    assert_ne!(
+        claim.status.and_then(|s| s.phase).as_deref(),
+        Some("Bound"),
+        "the claim is never bound to the volume"
+    );
+    // Failed at once (exit code 3, the Job's podFailurePolicy), not tried three more times.
+    let uid = claim.metadata.uid.expect("uid");
+    let pods = t.home.ns.api::<Pod>();
+    let selector = ListParams::default().labels(&format!("job-name=populate-{uid}"));
+    let tries = pods.list(&selector).await.expect("pods").items.len();
+    assert_eq!(tries, 1, "one Pod, no retry of a fill that cannot succeed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_deleted_during_a_fill_goes_only_once_the_volume_is_filled() {
+    let t = Populating::new("populate-delete").await;
+    let bytes = t.ready_cache("img", 4 * MIB).await;
+    let claim = t.claim("vm-1-root", "img", "16Mi").await;
+    let uid = claim.uid().expect("uid");
+    let caches = t.rig.ns.api::<TemplateCache>();
+    eventually(
+        "the claim's reference is on the cache",
+        Duration::from_secs(60),
+        || async {
+            let cache = caches.get("img").await.ok()?;
+            let reference = format!("{PVC_REF_PREFIX}{uid}");
+            cache.finalizers().contains(&reference).then_some(())
+        },
+    )
+    .await;
+    caches
+        .delete("img", &DeleteParams::default())
+        .await
+        .expect("delete the cache");
+    let (_, volume) = t.bound("vm-1-root").await;
+    assert_eq!(disk_image(&volume), bytes, "the fill read a whole cache");
+    support::jobs::wait_for_cache_gone(t.rig.client(), &t.rig.ns.name, "img").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_first_consumer_claim_fills_where_its_pod_is_scheduled_and_the_pod_reads_it() {
+    let t = Populating::with_binding("populate-wffc", "WaitForFirstConsumer").await;
+    let bytes = t.ready_cache("img", 2 * MIB).await;
+    t.claim("vm-1-root", "img", "16Mi").await;
+    t.event("vm-1-root", "WaitingForFirstConsumer").await;
+    let (_, images) = support::jobs_on_node().expect("the node");
+    // The host-path volume is root's (0750), so the reader runs as root in this
+    // unrestricted namespace.
+    t.rig
+        .ns
+        .create::<Pod>(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "vm-1"},
+            "spec": {
+                "restartPolicy": "Never",
+                "automountServiceAccountToken": false,
+                "containers": [{"name": "read", "image": images.consumer.pinned(),
+                    "command": ["sha256sum", "/disk/disk.img"],
+                    "securityContext": {"runAsUser": 0},
+                    "volumeMounts": [{"name": "root", "mountPath": "/disk"}]}],
+                "volumes": [{"name": "root", "persistentVolumeClaim": {"claimName": "vm-1-root"}}]
+            }
+        }))
+        .await;
+    let (claim, volume) = t.bound("vm-1-root").await;
+    assert_eq!(disk_image(&volume), bytes);
+    let node = claim
+        .annotations()
+        .get("volume.kubernetes.io/selected-node")
+        .cloned();
+    assert!(node.is_some(), "the scheduler chose the node first");
+    let pods = t.rig.ns.api::<Pod>();
+    let digest = sha256(&bytes);
+    let hex = digest.trim_start_matches("sha256:").to_owned();
+    eventually(
+        "the Pod read its volume",
+        Duration::from_secs(120),
+        || async {
+            let log = pods.logs("vm-1", &Default::default()).await.ok()?;
+            log.contains(&hex).then_some(())
         },
     )
     .await;

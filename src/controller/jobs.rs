@@ -484,6 +484,13 @@ pub fn populate_job(fill: &Fill, settings: &JobSettings) -> Result<Job, serde_js
         },
         "spec": {
             "backoffLimit": POPULATE_BACKOFF_LIMIT,
+            // A fill that would fail the same way again (the staged file is not the cache's,
+            // the volume is too small) fails the Job at once.
+            "podFailurePolicy": {"rules": [{
+                "action": "FailJob",
+                "onExitCodes": {"containerName": "populate", "operator": "In",
+                                "values": [templatecache_mover::EXIT_FINAL]}
+            }]},
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {

@@ -32,7 +32,9 @@ pub use args::{
 pub use error::CopyError;
 pub use folder::partial_name;
 pub use plan::{MIN_PARTS, Tuning};
-pub use populate::{DISK_IMAGE, Filled, PopulateArgs, VolumeMode, run_populate};
+pub use populate::{
+    DISK_IMAGE, EXIT_FINAL, Filled, PopulateArgs, VolumeMode, is_final, run_populate,
+};
 pub use run::{run_copy, run_remove};
 pub use transfer::Transferred;
 

@@ -27,6 +27,24 @@ use crate::folder::StoreFolder;
 use crate::transfer::hex;
 use crate::{CopyError, io_error};
 
+/// The exit code of a fill that failed in a way another try would meet again (a staged file
+/// that is not the cache's, a volume too small, a link in the store): the populate Job's
+/// podFailurePolicy fails the Job at once on it instead of retrying.
+pub const EXIT_FINAL: u8 = 3;
+
+/// Whether another try of the fill would fail the same way.
+pub fn is_final(error: &CopyError) -> bool {
+    matches!(
+        error,
+        CopyError::StagedFileChanged { .. }
+            | CopyError::FilledVolumeMismatch { .. }
+            | CopyError::VolumeTooSmall { .. }
+            | CopyError::LinkInStore { .. }
+            | CopyError::NotAFile { .. }
+            | CopyError::InvalidArguments(_)
+    )
+}
+
 /// The file a Filesystem volume gets, at its root: the name KubeVirt's disks read.
 pub const DISK_IMAGE: &str = "disk.img";
 

@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -68,6 +68,10 @@ pub async fn reconcile(
     match step {
         Step::Wait { reason, message } => {
             if let Some(reason) = reason {
+                let message = match reason {
+                    reason::POPULATE_FAILED => with_pod_message(&ctx, &uid, message).await,
+                    _ => message,
+                };
                 let type_ = match reason {
                     reason::POPULATING | reason::WAITING_FOR_CONSUMER | reason::CACHE_NOT_READY => {
                         EventType::Normal
@@ -118,6 +122,30 @@ pub async fn reconcile(
             Ok(Action::await_change())
         }
         Step::Done => Ok(Action::await_change()),
+    }
+}
+
+/// `message` and what the populate Job's last failed Pod said (its termination message, or the
+/// end of its log): the mover's own sentence, where the Job only says it gave up.
+async fn with_pod_message(ctx: &Context, uid: &str, message: String) -> String {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), populate_namespace(ctx));
+    let selector = format!("job-name={}", populate_job_name(uid));
+    let Ok(listed) = pods.list(&ListParams::default().labels(&selector)).await else {
+        return message;
+    };
+    let said = (listed.items.iter())
+        .filter_map(|pod| {
+            let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+            let ended = statuses
+                .iter()
+                .find_map(|c| c.state.as_ref()?.terminated.clone())?;
+            Some((ended.finished_at.map(|t| t.0), ended.message?))
+        })
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, said)| said.trim().to_owned());
+    match said {
+        Some(said) if !said.is_empty() => format!("{message}; its last Pod said: {said}"),
+        _ => message,
     }
 }
 

@@ -164,7 +164,14 @@ fn cache_not_usable(seen: &Seen) -> Option<Step> {
             format!("TemplateCache {name} failed and cannot fill the volume: {why}"),
         ));
     }
-    if status.phase != Some(Phase::Ready) || status.checksum.is_none() || status.size.is_none() {
+    // A cache being deleted keeps its data until its last reference goes: a fill that holds
+    // one finishes from it.
+    let usable = match status.phase {
+        Some(Phase::Ready) => true,
+        Some(Phase::Deleting) => referenced,
+        _ => false,
+    };
+    if !usable || status.checksum.is_none() || status.size.is_none() {
         return Some(Step::wait(
             reason::CACHE_NOT_READY,
             format!("TemplateCache {name} is not Ready yet; the fill starts once it is"),
@@ -441,6 +448,11 @@ mod tests {
             reason_of(&next_step(&seen(Some(&deleting)))),
             Some(reason::CACHE_DELETING)
         );
+        // A cache being deleted that holds this claim's reference keeps its data for it.
+        let mut held = ready_cache(true);
+        held.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        held.status.as_mut().expect("status").phase = Some(Phase::Deleting);
+        assert_eq!(next_step(&seen(Some(&held))), Step::CreatePrime);
     }
 
     #[test]
