@@ -55,6 +55,8 @@ fn render_with_every_option_on() -> Vec<serde_json::Value> {
         "metrics.serviceMonitor.enabled=true",
         "--set-json",
         r#"operator.allowInternalAddresses=["10.96.0.10:9000","fd00::/8"]"#,
+        "--api-versions",
+        "populator.storage.k8s.io/v1beta1/VolumePopulator",
     ])
     .expect("helm template renders");
     serde_yaml::Deserializer::from_str(&rendered)
@@ -81,6 +83,7 @@ fn assert_every_kind_rendered(objects: &[serde_json::Value]) {
         "PriorityLevelConfiguration",
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
+        "VolumePopulator",
     ] {
         assert!(
             kinds.contains(&kind),
