@@ -19,6 +19,7 @@ use serde_json::json;
 use support::eventually;
 use support::http_server::HttpServer;
 use support::rig::{Rig, random_bytes, sha256};
+use templatecache::controller::Config;
 use templatecache_api::TemplateCache;
 use templatecache_api::names::{POPULATE_FOR_LABEL, POPULATED_FROM_ANNOTATION, PVC_REF_PREFIX};
 
@@ -56,6 +57,13 @@ impl Drop for HostPathClass {
     }
 }
 
+/// The operator's settings for these tests: prime claims and populate Jobs in `home`, run as
+/// root, since the host-path provisioner makes root-owned folders (mode 0750).
+fn populating(config: &mut Config, home: String) {
+    config.operator_namespace = home;
+    config.populate_as_root = true;
+}
+
 /// The rig of a populator test: the caches' namespace, and the operator's own (where prime
 /// claims and populate Jobs go) as a second rig.
 struct Populating {
@@ -76,11 +84,7 @@ impl Populating {
         let home_name = home.ns.name.clone();
         let rig = Rig::builder(prefix)
             .store("1Gi")
-            .configured(move |config| {
-                config.operator_namespace = home_name;
-                // The host-path provisioner makes root-owned folders (mode 0750).
-                config.populate_as_root = true;
-            })
+            .configured(move |config| populating(config, home_name))
             .runs_jobs()
             .start()
             .await;
@@ -434,4 +438,75 @@ async fn a_wait_for_first_consumer_claim_fills_where_its_pod_is_scheduled_and_th
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_stopped_mid_fill_finishes_the_fill_when_it_is_back() {
+    let mut t = Populating::new("populate-restart").await;
+    let bytes = t.ready_cache("img", 4 * MIB).await;
+    let claim = t.claim("vm-1-root", "img", "16Mi").await;
+    let uid = claim.uid().expect("uid");
+    let jobs = t.home.ns.api::<Job>();
+    eventually(
+        "the populate Job exists",
+        Duration::from_secs(60),
+        || async { jobs.get_opt(&format!("populate-{uid}")).await.ok()? },
+    )
+    .await;
+    t.rig.stop_operators().await;
+    // The fill goes on without the operator; nothing hands the volume over meanwhile.
+    support::jobs::wait_until_complete(t.rig.client(), &t.home.ns.name, &format!("populate-{uid}"))
+        .await;
+    let claims: Api<PersistentVolumeClaim> = t.rig.ns.api();
+    let unbound = claims.get("vm-1-root").await.expect("claim");
+    assert_eq!(unbound.spec.and_then(|s| s.volume_name), None);
+    let mut config = t.rig.config();
+    populating(&mut config, t.home.ns.name.clone());
+    t.rig.start_operator(config).await;
+    let (bound, volume) = t.bound("vm-1-root").await;
+    assert_eq!(disk_image(&volume), bytes);
+    t.assert_nothing_left(&bound, "img").await;
+}
+
+/// The rollout the populator exists for: 50 claims of one template at once, one fetch.
+const CLAIMS: usize = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_claims_of_one_cache_are_one_fetch_and_fifty_fills() {
+    let t = Populating::new("populate-fifty").await;
+    let bytes = t.ready_cache("img", 2 * MIB).await;
+    let fetched = t.server.requests();
+    let started = std::time::Instant::now();
+    let names: Vec<String> = (0..CLAIMS).map(|i| format!("vm-{i}-root")).collect();
+    futures::future::join_all(names.iter().map(|name| t.claim(name, "img", "8Mi"))).await;
+    let mut claims = vec![];
+    for name in &names {
+        let (claim, volume) = t.bound(name).await;
+        assert_eq!(disk_image(&volume), bytes, "{name}");
+        claims.push(claim);
+    }
+    let filled = started.elapsed();
+    for claim in &claims {
+        t.assert_nothing_left(claim, "img").await;
+    }
+    let copies = t
+        .rig
+        .ns
+        .api::<Job>()
+        .list(&ListParams::default())
+        .await
+        .expect("jobs");
+    let copy_jobs: Vec<String> = copies.items.iter().map(|j| j.name_any()).collect();
+    assert_eq!(copy_jobs, ["img-copy-1"], "one fetch from the origin");
+    assert_eq!(
+        t.server.requests(),
+        fetched,
+        "the fills asked the origin for nothing: it served the template once, for the copy"
+    );
+    let cache: TemplateCache = t.rig.ns.api().get("img").await.expect("cache");
+    assert_eq!(cache.status.and_then(|s| s.ref_count), Some(0));
+    eprintln!(
+        "{CLAIMS} claims filled and bound {:.1} s after they were made",
+        filled.as_secs_f64()
+    );
 }
