@@ -510,3 +510,126 @@ async fn fifty_claims_of_one_cache_are_one_fetch_and_fifty_fills() {
         filled.as_secs_f64()
     );
 }
+
+/// A loop device over a file of `size` bytes, detached when dropped: a block volume.
+struct LoopDevice {
+    path: String,
+    _backing: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    fn new(size: u64) -> Self {
+        let backing = tempfile::tempdir().expect("backing folder");
+        let file = backing.path().join("device");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(size))
+            .expect("backing file");
+        let mut attach = std::process::Command::new("losetup");
+        attach.args(["--find", "--show"]).arg(&file);
+        let path = support::tools::run(attach)
+            .expect("losetup")
+            .trim()
+            .to_owned();
+        Self {
+            path,
+            _backing: backing,
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["--detach", &self.path])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_claim_gets_the_raw_template_from_offset_zero() {
+    let t = Populating::new("populate-block").await;
+    let bytes = t.ready_cache("img", 2 * MIB).await;
+    let device = LoopDevice::new(16 << 20);
+    // A class without a provisioner: the test provisions the prime claim's volume itself, a
+    // local block volume on the node pre-bound to the prime claim, as an admin would.
+    let class = format!("{}-local", t.rig.ns.name);
+    let storage_classes: Api<StorageClass> = Api::all(t.rig.client().clone());
+    let local: StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": class},
+        "provisioner": "kubernetes.io/no-provisioner",
+        "volumeBindingMode": "Immediate"
+    }))
+    .expect("class");
+    storage_classes
+        .create(&PostParams::default(), &local)
+        .await
+        .expect("create the class");
+    let claim: PersistentVolumeClaim = t
+        .rig
+        .ns
+        .create(json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "vm-1-root"},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
+                "storageClassName": class,
+                "resources": {"requests": {"storage": "16Mi"}},
+                "dataSourceRef": {"apiGroup": "templatecache.io", "kind": "TemplateCache",
+                                  "name": "img"}
+            }
+        }))
+        .await;
+    let prime = format!("prime-{}", claim.uid().expect("uid"));
+    let primes = t.home.ns.api::<PersistentVolumeClaim>();
+    let made = eventually("the prime claim", Duration::from_secs(60), || async {
+        primes.get_opt(&prime).await.ok()?
+    })
+    .await;
+    assert_eq!(
+        made.spec.and_then(|s| s.volume_mode).as_deref(),
+        Some("Block")
+    );
+    let (node, _) = support::jobs_on_node().expect("the node");
+    let volume_name = format!("{}-block", t.rig.ns.name);
+    let volumes: Api<PersistentVolume> = Api::all(t.rig.client().clone());
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": volume_name},
+        "spec": {
+            "capacity": {"storage": "16Mi"}, "accessModes": ["ReadWriteOnce"],
+            "volumeMode": "Block", "storageClassName": class,
+            "persistentVolumeReclaimPolicy": "Retain",
+            "local": {"path": device.path},
+            "claimRef": {"namespace": t.home.ns.name, "name": prime},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [{
+                "key": "kubernetes.io/hostname", "operator": "In", "values": [node.name]}]}]}}
+        }
+    }))
+    .expect("volume");
+    volumes
+        .create(&PostParams::default(), &volume)
+        .await
+        .expect("create the volume");
+    let (bound, _) = t.bound("vm-1-root").await;
+    assert_eq!(
+        bound.spec.as_ref().and_then(|s| s.volume_name.as_deref()),
+        Some(volume_name.as_str())
+    );
+    let written = std::fs::read(&device.path).expect("read the device");
+    assert_eq!(
+        &written[..bytes.len()],
+        &bytes[..],
+        "the template from offset 0"
+    );
+    t.assert_nothing_left(&bound, "img").await;
+    // Retained: the test's to delete, after its claim.
+    t.rig
+        .ns
+        .api::<PersistentVolumeClaim>()
+        .delete("vm-1-root", &DeleteParams::default())
+        .await
+        .expect("delete the claim");
+    let _ = volumes.delete(&volume_name, &DeleteParams::default()).await;
+    let _ = storage_classes
+        .delete(&class, &DeleteParams::default())
+        .await;
+}
