@@ -80,10 +80,16 @@ impl Populating {
 
     /// A rig whose class binds volumes `mode` (`Immediate` or `WaitForFirstConsumer`).
     async fn with_binding(prefix: &str, mode: &str) -> Self {
+        Self::start(prefix, mode, "1Gi", json!({})).await
+    }
+
+    /// A rig whose class binds volumes `mode`, with a store of `capacity` and `eviction`.
+    async fn start(prefix: &str, mode: &str, capacity: &str, eviction: serde_json::Value) -> Self {
         let home = Rig::builder(&format!("{prefix}-home")).start().await;
         let home_name = home.ns.name.clone();
         let rig = Rig::builder(prefix)
-            .store("1Gi")
+            .store(capacity)
+            .eviction(eviction)
             .configured(move |config| populating(config, home_name))
             .runs_jobs()
             .start()
@@ -109,6 +115,18 @@ impl Populating {
             .await;
         self.rig.assert_copied(name, &bytes).await;
         bytes
+    }
+
+    /// A cache `name` of 1 MiB, made and held by a TemplateCacheClaim through the client.
+    async fn held_cache(&self, name: &str) -> templatecache_client::Reference {
+        let bytes = random_bytes(MIB);
+        self.server.put(name, &bytes);
+        let url = self.server.url(name);
+        let spec = serde_json::from_value(json!({"source": {"http": {"url": url}}})).expect("spec");
+        let request = self.rig.ns.request(name, Some(spec));
+        templatecache_client::acquire(self.rig.client().clone(), &request, "holder")
+            .await
+            .expect("acquire")
     }
 
     /// A claim `name` of `storage` to be filled from cache `cache`.
@@ -632,4 +650,52 @@ async fn a_block_claim_gets_the_raw_template_from_offset_zero() {
     let _ = storage_classes
         .delete(&class, &DeleteParams::default())
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waiting_for_its_fill_holds_its_cache_against_eviction() {
+    // Room for 3 MiB; over 90 % the store evicts unheld caches down to 70 %.
+    let eviction =
+        json!({"highWatermarkPercent": 90, "lowWatermarkPercent": 70, "minUnusedSeconds": 0});
+    let t = Populating::start("populate-evict", "WaitForFirstConsumer", "3Mi", eviction).await;
+    let bytes = t.ready_cache("img", 2 * MIB).await;
+    // No Pod uses the claim: it waits for its fill, holding its reference.
+    t.claim("vm-1-root", "img", "16Mi").await;
+    t.event("vm-1-root", "WaitingForFirstConsumer").await;
+    // A held 1 MiB cache fills the store; a third one finds no room, since the only other
+    // cache is held by the waiting claim.
+    let other = t.held_cache("other").await;
+    other
+        .wait_ready(Duration::from_secs(120))
+        .await
+        .expect("other Ready");
+    let more = t.held_cache("more").await;
+    let reason_of = |c: &TemplateCache| {
+        let status = c.status.as_ref()?;
+        templatecache_api::conditions::find(
+            &status.conditions,
+            templatecache_api::conditions::READY,
+        )
+        .map(|r| r.reason.clone())
+    };
+    support::jobs::wait_for_cache(t.rig.client(), &t.rig.ns.name, "more", "StoreFull", |c| {
+        reason_of(c).as_deref() == Some("StoreFull")
+    })
+    .await;
+    t.rig.assert_copied("img", &bytes).await;
+    // Once the claim goes, so does its reference: the cache is evicted and the third copied.
+    t.rig
+        .ns
+        .api::<PersistentVolumeClaim>()
+        .delete("vm-1-root", &DeleteParams::default())
+        .await
+        .expect("delete the claim");
+    more.wait_ready(Duration::from_secs(120))
+        .await
+        .expect("more Ready");
+    let img: TemplateCache = t.rig.ns.api().get("img").await.expect("img");
+    assert_eq!(
+        img.status.and_then(|s| s.phase),
+        Some(templatecache_api::Phase::Evicted)
+    );
 }

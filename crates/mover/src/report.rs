@@ -83,6 +83,13 @@ impl Reporter {
             match api.get(&name).await {
                 Ok(cache) => {
                     let answer = self.room_answer(&cache)?;
+                    if requested && !shows_request(&cache, self.attempt(), bytes) {
+                        // Written but not there as written (a write lost to an API server
+                        // restart, a failure report of a replaced Pod of the same attempt
+                        // since): the store grants only a clean request, so ask again.
+                        warn!("the cache does not show this copy's request for room; asking again");
+                        requested = false;
+                    }
                     if let Some(granted) = answer.as_ref().filter(|a| a.admitted) {
                         return covers(granted, bytes);
                     }
@@ -197,12 +204,19 @@ impl Reporter {
         let Some((api, name)) = &self.target else {
             return Ok(());
         };
-        let patch = json!({"status": {"progress": self.report}});
+        // The whole report replaces the field, never merges into it: what another Pod of the
+        // same attempt wrote there (a Pod of a Job the operator replaced, stopped by SIGTERM,
+        // reports an error) must not stay beside this Pod's request for room, where the store
+        // would read the attempt as failed and never grant it.
+        let patch: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "add", "path": "/status/progress", "value": self.report}
+        ]))
+        .expect("a JSON patch");
         let params = PatchParams {
             field_manager: Some(COPY_MANAGER.to_owned()),
             ..PatchParams::default()
         };
-        api.patch_status(name, &params, &Patch::Merge(&patch))
+        api.patch_status(name, &params, &Patch::<()>::Json(patch))
             .await
             .map(drop)
     }
@@ -229,6 +243,15 @@ fn final_reason(error: &CopyError) -> Option<&'static str> {
     }
 }
 
+/// Whether the cache's status shows this attempt's request for `bytes` of room, and no failure
+/// beside it.
+fn shows_request(cache: &TemplateCache, attempt: u32, bytes: u64) -> bool {
+    let progress = cache.status.as_ref().and_then(|s| s.progress.as_ref());
+    progress.is_some_and(|p| {
+        p.attempt == Some(attempt) && p.total_bytes == Some(bytes) && p.error.is_none()
+    })
+}
+
 /// `42%`, when the total is known.
 fn percent(bytes: u64, total: Option<u64>) -> Option<String> {
     let total = total.filter(|t| *t > 0)?;
@@ -247,6 +270,30 @@ mod tests {
             message: None,
             reason: None,
         }
+    }
+
+    #[test]
+    fn a_request_for_room_shows_only_with_its_attempt_and_size_and_no_failure_beside_it() {
+        let cache = |progress: serde_json::Value| -> TemplateCache {
+            serde_json::from_value(json!({
+                "apiVersion": "templatecache.io/v1alpha1", "kind": "TemplateCache",
+                "metadata": {"name": "c"},
+                "spec": {"source": {"http": {"url": "http://example/x"}}},
+                "status": {"attempt": 2, "progress": progress}
+            }))
+            .expect("cache")
+        };
+        let asked = cache(json!({"attempt": 2, "bytesCopied": 0, "totalBytes": 10}));
+        assert!(shows_request(&asked, 2, 10));
+        assert!(!shows_request(&asked, 3, 10), "another attempt's");
+        assert!(!shows_request(&asked, 2, 11), "another size");
+        let failed = cache(json!({"attempt": 2, "bytesCopied": 0, "totalBytes": 10,
+                                  "error": "stopped by SIGTERM"}));
+        assert!(
+            !shows_request(&failed, 2, 10),
+            "a replaced Pod's failure beside it"
+        );
+        assert!(!shows_request(&cache(serde_json::Value::Null), 2, 10));
     }
 
     #[test]

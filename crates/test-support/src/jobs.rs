@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::{ListParams, LogParams, Patch, PatchParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, Client};
 use serde_json::json;
@@ -235,6 +236,13 @@ pub async fn describe_jobs(client: &Client, namespace: &str, names: &[String]) -
         let listed = pods.list(&ListParams::default().labels(&selector)).await;
         for pod in listed.map(|l| l.items).unwrap_or_default() {
             lines.push(format!("  {}", pod_state(&pod)));
+            let tail = LogParams {
+                tail_lines: Some(15),
+                ..LogParams::default()
+            };
+            if let Ok(log) = pods.logs(&pod.name_any(), &tail).await {
+                lines.extend(log.lines().map(|line| format!("    | {line}")));
+            }
         }
     }
     lines.join("\n")
