@@ -183,14 +183,19 @@ impl Populating {
             "the prime claim, the Job and the reference are gone",
             Duration::from_secs(90),
             || async {
-                let primes = primes.list(&selector).await.ok()?.items;
-                let jobs = jobs.list(&selector).await.ok()?.items;
-                let cache = caches.get(cache).await.ok()?;
+                let listed = (primes.list(&selector).await, jobs.list(&selector).await);
+                let (Ok(primes), Ok(jobs)) = listed else {
+                    return Err("no answer from the API server".to_owned());
+                };
+                let cache = caches.get(cache).await.map_err(|e| e.to_string())?;
                 let held = cache
                     .finalizers()
                     .iter()
                     .any(|f| f.starts_with(PVC_REF_PREFIX));
-                (primes.is_empty() && jobs.is_empty() && !held).then_some(())
+                match (primes.items.len(), jobs.items.len(), held) {
+                    (0, 0, false) => Ok(()),
+                    left => Err(format!("prime claims, Jobs, reference held: {left:?}")),
+                }
             },
         )
         .await;
@@ -698,4 +703,34 @@ async fn a_claim_waiting_for_its_fill_holds_its_cache_against_eviction() {
         img.status.and_then(|s| s.phase),
         Some(templatecache_api::Phase::Evicted)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_deleted_while_the_operator_is_down_leaves_nothing_behind() {
+    let mut t = Populating::new("populate-orphan").await;
+    t.ready_cache("img", 4 * MIB).await;
+    let claim = t.claim("doomed", "img", "16Mi").await;
+    let uid = claim.uid().expect("uid");
+    let jobs = t.home.ns.api::<Job>();
+    eventually(
+        "the populate Job exists",
+        Duration::from_secs(60),
+        || async { jobs.get_opt(&format!("populate-{uid}")).await.ok()? },
+    )
+    .await;
+    // Gone for good before any operator sees it being deleted: no reconcile of it will come.
+    t.rig.stop_operators().await;
+    let claims: Api<PersistentVolumeClaim> = t.rig.ns.api();
+    claims
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete the claim");
+    eventually("the claim is gone", Duration::from_secs(60), || async {
+        claims.get_opt("doomed").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let mut config = t.rig.config();
+    populating(&mut config, t.home.ns.name.clone());
+    t.rig.start_operator(config).await;
+    t.assert_nothing_left(&claim, "img").await;
 }

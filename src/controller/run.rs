@@ -151,6 +151,10 @@ pub async fn run_with(
         )
         .reconcile_on(volume_wakeups)
         .with_config(ControllerConfig::default().concurrency(ctx.config.concurrency));
+    let orphans = Controller::new(
+        Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), populate_namespace),
+        watcher::Config::default().labels(POPULATE_FOR_LABEL),
+    );
 
     futures::join!(
         drive("TemplateCache", cache_watch, shutdown.clone()),
@@ -182,6 +186,13 @@ pub async fn run_with(
             "populator",
             populator,
             populator::reconcile,
+            ctx.clone(),
+            shutdown.clone()
+        ),
+        run_controller(
+            "populator_orphans",
+            orphans,
+            populator::collect_orphan,
             ctx.clone(),
             shutdown.clone()
         ),

@@ -35,7 +35,7 @@ use super::writes::Answer;
 use plan::{Seen, Step, prime_claim, prime_name, reason};
 use templatecache_api::TemplateCache;
 use templatecache_api::names::{
-    OPERATOR_MANAGER, POPULATE_FOR_ANNOTATION, POPULATED_FROM_ANNOTATION,
+    OPERATOR_MANAGER, POPULATE_FOR_ANNOTATION, POPULATE_FOR_LABEL, POPULATED_FROM_ANNOTATION,
 };
 
 /// How often a claim waiting on something no watch of the populator shows (the PV controller's
@@ -333,6 +333,33 @@ async fn clean_up(made: &Made, uid: &str) -> Result<(), Error> {
             .unless_gone()?;
     }
     Ok(())
+}
+
+/// Deletes a prime claim (and its populate Job) whose user claim is gone. A claim deleted
+/// without a finalizer may leave no trace the populator's reconcile sees (the controller does
+/// not reconcile an object that is no longer there), and what the populator made lives in
+/// another namespace, where no owner reference can collect it: the prime claim's own watch does.
+pub async fn collect_orphan(
+    prime: Arc<PersistentVolumeClaim>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let (Some(user), Some(uid)) = (
+        user_claim_of(&*prime),
+        prime.labels().get(POPULATE_FOR_LABEL).cloned(),
+    ) else {
+        return Ok(Action::await_change());
+    };
+    let namespace = user.namespace.clone().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let current = claims.get_opt(&user.name).await?;
+    if current.and_then(|c| c.uid()).as_deref() == Some(uid.as_str()) {
+        // Its claim is there: the populator's reconcile of it decides.
+        return Ok(Action::await_change());
+    }
+    let made = Made::read(&ctx, &uid).await?;
+    clean_up(&made, &uid).await?;
+    info!(claim = %format!("{namespace}/{}", user.name), "user claim gone: prime claim and populate Job deleted");
+    Ok(Action::await_change())
 }
 
 /// The user claim a prime claim or populate Job was made for, from its annotation.
