@@ -20,6 +20,8 @@ use support::eventually;
 use support::http_server::HttpServer;
 use support::rig::{Rig, random_bytes, sha256};
 use templatecache::controller::Config;
+use templatecache::controller::jobs::populate_job_name;
+use templatecache::controller::populator::plan::prime_name;
 use templatecache_api::TemplateCache;
 use templatecache_api::names::{POPULATE_FOR_LABEL, POPULATED_FROM_ANNOTATION, PVC_REF_PREFIX};
 
@@ -127,6 +129,25 @@ impl Populating {
         templatecache_client::acquire(self.rig.client().clone(), &request, "holder")
             .await
             .expect("acquire")
+    }
+
+    /// Waits until the populate Job of the claim with `uid` exists.
+    async fn populate_job_started(&self, uid: &str) {
+        let jobs = self.home.ns.api::<Job>();
+        let name = populate_job_name(uid);
+        eventually(
+            "the populate Job exists",
+            Duration::from_secs(60),
+            || async { jobs.get_opt(&name).await.ok()? },
+        )
+        .await;
+    }
+
+    /// Starts an operator again after `stop_operators`, with the same settings.
+    async fn restart_operator(&mut self) {
+        let mut config = self.rig.config();
+        populating(&mut config, self.home.ns.name.clone());
+        self.rig.start_operator(config).await;
     }
 
     /// A claim `name` of `storage` to be filled from cache `cache`.
@@ -330,13 +351,7 @@ async fn a_claim_deleted_during_its_fill_leaves_nothing_behind() {
     t.ready_cache("img", 8 * MIB).await;
     let claim = t.claim("doomed", "img", "16Mi").await;
     let uid = claim.uid().expect("uid");
-    let jobs = t.home.ns.api::<Job>();
-    eventually(
-        "the populate Job exists",
-        Duration::from_secs(60),
-        || async { jobs.get_opt(&format!("populate-{uid}")).await.ok()? },
-    )
-    .await;
+    t.populate_job_started(&uid).await;
     t.rig
         .ns
         .api::<PersistentVolumeClaim>()
@@ -354,7 +369,7 @@ async fn a_claim_deleted_during_its_fill_leaves_nothing_behind() {
                 let claim_ref = v.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
                 claim_ref.is_some_and(|r| {
                     r.uid.as_deref() == Some(uid.as_str())
-                        || r.name.as_deref() == Some(format!("prime-{uid}").as_str())
+                        || r.name.as_deref() == Some(prime_name(&uid).as_str())
                 })
             });
             (!left).then_some(())
@@ -386,7 +401,7 @@ async fn a_staged_file_changed_after_the_copy_never_reaches_a_volume() {
     // Failed at once (exit code 3, the Job's podFailurePolicy), not tried three more times.
     let uid = claim.metadata.uid.expect("uid");
     let pods = t.home.ns.api::<Pod>();
-    let selector = ListParams::default().labels(&format!("job-name=populate-{uid}"));
+    let selector = ListParams::default().labels(&format!("job-name={}", populate_job_name(&uid)));
     let tries = pods.list(&selector).await.expect("pods").items.len();
     assert_eq!(tries, 1, "one Pod, no retry of a fill that cannot succeed");
 }
@@ -469,23 +484,15 @@ async fn an_operator_stopped_mid_fill_finishes_the_fill_when_it_is_back() {
     let bytes = t.ready_cache("img", 4 * MIB).await;
     let claim = t.claim("vm-1-root", "img", "16Mi").await;
     let uid = claim.uid().expect("uid");
-    let jobs = t.home.ns.api::<Job>();
-    eventually(
-        "the populate Job exists",
-        Duration::from_secs(60),
-        || async { jobs.get_opt(&format!("populate-{uid}")).await.ok()? },
-    )
-    .await;
+    t.populate_job_started(&uid).await;
     t.rig.stop_operators().await;
     // The fill goes on without the operator; nothing hands the volume over meanwhile.
-    support::jobs::wait_until_complete(t.rig.client(), &t.home.ns.name, &format!("populate-{uid}"))
+    support::jobs::wait_until_complete(t.rig.client(), &t.home.ns.name, &populate_job_name(&uid))
         .await;
     let claims: Api<PersistentVolumeClaim> = t.rig.ns.api();
     let unbound = claims.get("vm-1-root").await.expect("claim");
     assert_eq!(unbound.spec.and_then(|s| s.volume_name), None);
-    let mut config = t.rig.config();
-    populating(&mut config, t.home.ns.name.clone());
-    t.rig.start_operator(config).await;
+    t.restart_operator().await;
     let (bound, volume) = t.bound("vm-1-root").await;
     assert_eq!(disk_image(&volume), bytes);
     t.assert_nothing_left(&bound, "img").await;
@@ -602,7 +609,7 @@ async fn a_block_claim_gets_the_raw_template_from_offset_zero() {
             }
         }))
         .await;
-    let prime = format!("prime-{}", claim.uid().expect("uid"));
+    let prime = prime_name(&claim.uid().expect("uid"));
     let primes = t.home.ns.api::<PersistentVolumeClaim>();
     let made = eventually("the prime claim", Duration::from_secs(60), || async {
         primes.get_opt(&prime).await.ok()?
@@ -711,13 +718,7 @@ async fn a_claim_deleted_while_the_operator_is_down_leaves_nothing_behind() {
     t.ready_cache("img", 4 * MIB).await;
     let claim = t.claim("doomed", "img", "16Mi").await;
     let uid = claim.uid().expect("uid");
-    let jobs = t.home.ns.api::<Job>();
-    eventually(
-        "the populate Job exists",
-        Duration::from_secs(60),
-        || async { jobs.get_opt(&format!("populate-{uid}")).await.ok()? },
-    )
-    .await;
+    t.populate_job_started(&uid).await;
     // Gone for good before any operator sees it being deleted: no reconcile of it will come.
     t.rig.stop_operators().await;
     let claims: Api<PersistentVolumeClaim> = t.rig.ns.api();
@@ -729,8 +730,6 @@ async fn a_claim_deleted_while_the_operator_is_down_leaves_nothing_behind() {
         claims.get_opt("doomed").await.ok()?.is_none().then_some(())
     })
     .await;
-    let mut config = t.rig.config();
-    populating(&mut config, t.home.ns.name.clone());
-    t.rig.start_operator(config).await;
+    t.restart_operator().await;
     t.assert_nothing_left(&claim, "img").await;
 }

@@ -511,15 +511,8 @@ pub fn populate_job(fill: &Fill, settings: &JobSettings) -> Result<Job, serde_js
                         "volumeMounts": mounts,
                         "volumeDevices": volume_devices,
                         "terminationMessagePolicy": "FallbackToLogsOnError",
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "capabilities": {"drop": ["ALL"]}
-                        },
-                        "resources": {
-                            "requests": {"cpu": "100m", "memory": "64Mi"},
-                            "limits": {"memory": "128Mi"}
-                        }
+                        "securityContext": container_security(),
+                        "resources": mover_resources()
                     }],
                     "volumes": [
                         store_volume(&fill.store.spec.volume),
@@ -530,6 +523,23 @@ pub fn populate_job(fill: &Fill, settings: &JobSettings) -> Result<Job, serde_js
             }
         }
     }))
+}
+
+/// The container settings of every operator Job: the `restricted` Pod Security Standard.
+fn container_security() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]}
+    })
+}
+
+/// What a mover container asks for: it streams, so it needs little memory whatever the size.
+fn mover_resources() -> Value {
+    json!({
+        "requests": {"cpu": "100m", "memory": "64Mi"},
+        "limits": {"memory": "128Mi"}
+    })
 }
 
 /// The pod volume for a store.
@@ -601,15 +611,8 @@ fn build_job(
                             "mountPath": STORE_MOUNT,
                             "subPath": cache.metadata.namespace,
                         }],
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "capabilities": {"drop": ["ALL"]}
-                        },
-                        "resources": {
-                            "requests": {"cpu": "100m", "memory": "64Mi"},
-                            "limits": {"memory": "128Mi"}
-                        }
+                        "securityContext": container_security(),
+                        "resources": mover_resources()
                     }],
                     "volumes": [store_volume(&store.spec.volume)]
                 }
